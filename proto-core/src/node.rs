@@ -1,0 +1,926 @@
+//! The node state machine: every client record and every protocol rule of PROTOCOL.md 4 and 8.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+
+use foldhash::fast::FixedState;
+use hashbrown::HashMap;
+
+use crate::codec::{
+    DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushMsg, PushReject,
+    PushReply, PushRequest, Uuid,
+};
+use crate::config::{Config, ConfigError, ReplyPolicy};
+use crate::limits::{Limited, Limiter};
+use crate::output::{CloseReason, Dest, Event, Payload, Stats, Transmit, Transport};
+use crate::record::{flag, Record, K_NOTIFY, K_PAYLOAD};
+use crate::registry::Registry;
+use crate::state::{Change, Pending, RecordState};
+use crate::stream::{Decoded, StreamDecoder};
+use crate::time::{secs32, Time};
+use crate::wheel::Wheel;
+use crate::ConnId;
+
+/// Which listening port a TCP connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Port {
+    /// Port 9966: a device stream.
+    Device,
+    /// Port 9999: an app server's push stream.
+    Push,
+}
+
+impl Port {
+    fn idx(self) -> usize {
+        match self {
+            Port::Device => 0,
+            Port::Push => 1,
+        }
+    }
+}
+
+/// Where a device packet came from, and so where its answers go.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Udp(SocketAddr),
+    Tcp(ConnId),
+}
+
+struct Conn {
+    port: Port,
+    ip: IpAddr,
+    /// `None` only while its frames are being processed.
+    decoder: Option<StreamDecoder>,
+    last_active: Time,
+    /// Records this connection is attached to (normally one).
+    attached: Vec<u32>,
+}
+
+/// How often the expiry sweep runs, and the least records it visits per run.
+const SWEEP_EVERY_MS: u64 = 1000;
+const SWEEP_MIN_CHUNK: usize = 4096;
+/// A full expiry pass takes about this many sweeps on a large node.
+const SWEEP_PASS: usize = 3600;
+
+/// The whole server behaviour of DDPush v1, as a deterministic state machine.
+///
+/// See the crate docs for the call order. Every `handle_*` takes the current time; outputs
+/// accumulate until drained by the `poll_*` methods.
+pub struct Node {
+    cfg: Config,
+    window_s: u32,
+    horizon_s: u32,
+    reg: Registry,
+    wheel: Wheel,
+    limiter: Limiter,
+    conns: HashMap<ConnId, Conn, FixedState>,
+    conns_per_ip: HashMap<(IpAddr, Port), u32, FixedState>,
+    idle: BinaryHeap<Reverse<(Time, ConnId)>>,
+    transmits: VecDeque<Transmit>,
+    closes: VecDeque<ConnId>,
+    events: VecDeque<Event>,
+    changes: VecDeque<Change>,
+    stats: Stats,
+    now: Time,
+    sweep_cursor: usize,
+    next_sweep: Time,
+    scratch: Vec<u32>,
+    limit_logged: [bool; 3],
+    capacity_logged: bool,
+}
+
+impl Node {
+    /// A node with no clients.
+    pub fn new(cfg: Config) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let window_s = secs32(cfg.online_window());
+        let seed = cfg.hash_seed;
+        Ok(Node {
+            window_s,
+            horizon_s: secs32(cfg.ack_horizon),
+            reg: Registry::new(seed),
+            wheel: Wheel::new(window_s + 1),
+            limiter: Limiter::new(cfg.limits.clone(), seed),
+            conns: HashMap::with_hasher(FixedState::with_seed(seed ^ 7)),
+            conns_per_ip: HashMap::with_hasher(FixedState::with_seed(seed ^ 8)),
+            idle: BinaryHeap::new(),
+            transmits: VecDeque::new(),
+            closes: VecDeque::new(),
+            events: VecDeque::new(),
+            changes: VecDeque::new(),
+            stats: Stats::default(),
+            now: Time::ZERO,
+            sweep_cursor: 0,
+            next_sweep: Time::ZERO,
+            scratch: Vec::new(),
+            limit_logged: [false; 3],
+            capacity_logged: false,
+            cfg,
+        })
+    }
+
+    /// The configuration this node runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Number of client records.
+    pub fn len(&self) -> usize {
+        self.reg.len()
+    }
+
+    /// True when no client record exists.
+    pub fn is_empty(&self) -> bool {
+        self.reg.len() == 0
+    }
+
+    /// Approximate heap bytes of the client state, for memory figures.
+    pub fn heap_bytes(&self) -> usize {
+        self.reg.heap_bytes() + self.wheel.heap_bytes()
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Inputs
+    // ----------------------------------------------------------------------------------------
+
+    /// A datagram arrived on the device UDP port.
+    pub fn handle_udp(&mut self, now: Time, from: SocketAddr, data: &[u8]) {
+        self.advance(now);
+        if !self.limiter.on_datagram(self.now, from.ip(), data.len()) {
+            self.limited(Limited::SourceRate);
+            return;
+        }
+        match DevicePacket::decode(data) {
+            Ok(p) => self.on_device(p, Via::Udp(from)),
+            Err(e) => self.invalid(e, Transport::Udp),
+        }
+    }
+
+    /// A TCP connection was accepted. Returns false if it is refused (too many in all or from
+    /// its IP); the adapter then closes it without calling [`Node::handle_tcp_close`].
+    ///
+    /// `conn` must be unique for the life of the node.
+    pub fn handle_tcp_open(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        port: Port,
+        peer: SocketAddr,
+    ) -> bool {
+        self.advance(now);
+        let lim = self.limiter.config();
+        let per_ip = self
+            .conns_per_ip
+            .get(&(peer.ip(), port))
+            .copied()
+            .unwrap_or(0);
+        if lim.enabled
+            && (self.conns.len() as u64 >= u64::from(lim.max_conns) || per_ip >= lim.conns_per_ip)
+        {
+            self.stats.conns_refused += 1;
+            self.events.push_back(Event::Closed {
+                conn,
+                reason: CloseReason::Refused,
+            });
+            return false;
+        }
+        let decoder = match port {
+            Port::Device => StreamDecoder::device(),
+            Port::Push => StreamDecoder::new(self.cfg.max_content),
+        };
+        self.conns.insert(
+            conn,
+            Conn {
+                port,
+                ip: peer.ip(),
+                decoder: Some(decoder),
+                last_active: self.now,
+                attached: Vec::new(),
+            },
+        );
+        *self.conns_per_ip.entry((peer.ip(), port)).or_insert(0) += 1;
+        self.stats.conns[port.idx()] += 1;
+        self.idle
+            .push(Reverse((self.now + self.idle_timeout(port), conn)));
+        true
+    }
+
+    /// Bytes arrived on a TCP connection, in any split. Every whole frame is processed in order;
+    /// a frame that cannot be delimited closes the connection ([`Node::poll_close`]).
+    pub fn handle_tcp_data(&mut self, now: Time, conn: ConnId, data: &[u8]) {
+        self.advance(now);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.last_active = self.now;
+        let port = c.port;
+        let Some(mut dec) = c.decoder.take() else {
+            return;
+        };
+        let mut input = data;
+        let mut failed = false;
+        loop {
+            match dec.decode(&mut input) {
+                Ok(Decoded::NeedMore) => break,
+                Ok(Decoded::Frame(f)) => match port {
+                    Port::Device => match DevicePacket::from_parts(&f.header, f.content) {
+                        Ok(p) => self.on_device(p, Via::Tcp(conn)),
+                        Err(e) => self.invalid(e, Transport::Tcp),
+                    },
+                    Port::Push => {
+                        let reply = match PushRequest::from_parts(&f.header, f.content) {
+                            Ok(req) => self.push(req),
+                            Err(r) => self.reject(r),
+                        };
+                        self.transmits.push_back(Transmit {
+                            dest: Dest::Tcp(conn),
+                            payload: Payload::Reply(reply),
+                        });
+                    }
+                },
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            self.stats.conns_framing += 1;
+            self.close(conn, CloseReason::Framing);
+        } else if let Some(c) = self.conns.get_mut(&conn) {
+            c.decoder = Some(dec);
+        }
+    }
+
+    /// The peer or the adapter closed a connection.
+    pub fn handle_tcp_close(&mut self, now: Time, conn: ConnId) {
+        self.advance(now);
+        self.drop_conn(conn);
+    }
+
+    /// A push request from an app server or an operator tool, answered at once.
+    ///
+    /// A 0x20 payload longer than `max_content` is rejected here; on port 9999 such a request
+    /// never gets this far (its connection is closed at the header).
+    pub fn handle_push(&mut self, now: Time, req: PushRequest) -> PushReply {
+        self.advance(now);
+        if let PushMsg::Payload(p) = &req.msg {
+            if p.is_empty() || p.len() > usize::from(self.cfg.max_content) {
+                return self.reject(PushReject::Length);
+            }
+        }
+        self.push(req)
+    }
+
+    /// Time passed: offline detection, idle connections, expiry. Call at
+    /// [`Node::poll_timeout`]; calling it early or often is harmless.
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.advance(now);
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Outputs
+    // ----------------------------------------------------------------------------------------
+
+    /// The next packet or reply to send. Send them in the order returned.
+    ///
+    /// Before sending any transmit of a turn, make that turn's [`Node::poll_change`]s durable:
+    /// a `0x00` reply promises the push survives a crash.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// A connection the adapter must close (after flushing what was queued for it).
+    #[must_use]
+    pub fn poll_close(&mut self) -> Option<ConnId> {
+        self.closes.pop_front()
+    }
+
+    /// The next event for logs and tests.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next durable change for the journal.
+    #[must_use]
+    pub fn poll_change(&mut self) -> Option<Change> {
+        self.changes.pop_front()
+    }
+
+    /// When [`Node::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let wheel = self.wheel.next_due().map(|s| Time::from_secs(u64::from(s)));
+        let idle = self.idle.peek().map(|Reverse((t, _))| *t);
+        let sweep = (self.reg.len() > 0).then_some(self.next_sweep);
+        [wheel, idle, sweep].into_iter().flatten().min()
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // State export and import
+    // ----------------------------------------------------------------------------------------
+
+    /// Every record, in slot order, for a snapshot.
+    pub fn records(&self) -> impl Iterator<Item = RecordState> + '_ {
+        self.reg.live_slots().map(|s| self.state_of(s))
+    }
+
+    /// One record, for operators.
+    pub fn record(&self, uuid: &Uuid) -> Option<RecordState> {
+        self.reg.find(uuid).map(|s| self.state_of(s))
+    }
+
+    /// Whether the client is online at the node's current time.
+    pub fn is_online(&self, uuid: &Uuid) -> bool {
+        self.reg
+            .find(uuid)
+            .is_some_and(|s| self.reg.rec(s).has(flag::ONLINE))
+    }
+
+    /// The durable part of every record, sorted by uuid: what restore + replay must reproduce.
+    pub fn pending(&self) -> Vec<Pending> {
+        let mut v: Vec<Pending> = self
+            .reg
+            .live_slots()
+            .map(|s| {
+                let r = self.reg.rec(s);
+                Pending {
+                    uuid: r.uuid,
+                    notify: r.has(flag::NOTIFY),
+                    bits: r.mask(),
+                    payload: self.reg.payloads.get(&s).map(|p| p.to_vec()),
+                }
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Loads one record from a snapshot (or an upstream import). A record whose last
+    /// heartbeat is within the online window of `now` starts online; its address must be
+    /// confirmed again for `sa_changed`. Acks in flight across the restart cannot clear
+    /// anything for `ack_horizon`.
+    pub fn restore(&mut self, now: Time, st: RecordState) {
+        self.now = self.now.max(now);
+        let now_s = self.now.secs32();
+        if let Some(old) = self.reg.find(&st.uuid) {
+            self.remove_slot(old);
+        }
+        let mut rec = Record::new(st.uuid, st.last_active.secs32());
+        if let Some(hb) = st.last_heartbeat {
+            rec.last_hb = hb.secs32().max(rec.last_hb);
+            rec.set(flag::HAS_HB, true);
+        }
+        rec.last_push = st.last_push.map_or(0, Time::secs32);
+        rec.set_mask(st.bits);
+        rec.set(flag::NOTIFY, st.notify);
+        rec.set(flag::PAYLOAD, st.payload.is_some());
+        rec.guard = [now_s.saturating_add(self.horizon_s); 2];
+        let slot = self.reg.insert(rec);
+        if let Some(p) = st.payload {
+            self.reg.payloads.insert(slot, p);
+        }
+        if let Some(a) = st.addr {
+            self.reg.set_addr(slot, a);
+        }
+        self.stats.clients += 1;
+        self.count_pending(slot, 1);
+        let r = self.reg.rec(slot);
+        if r.has(flag::HAS_HB) && now_s <= r.last_hb.saturating_add(self.window_s) {
+            let due = r.last_hb.saturating_add(self.window_s) + 1;
+            self.reg.rec_mut(slot).set(flag::ONLINE, true);
+            self.stats.online += 1;
+            self.wheel.schedule(slot, due);
+        }
+    }
+
+    /// Replays one journaled change on top of a restored snapshot.
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Created { uuid, at } => {
+                if self.reg.find(uuid).is_none() {
+                    self.create(*uuid, *at);
+                }
+            }
+            Change::Pushed { uuid, at, msg } => {
+                let slot = match self.reg.find(uuid) {
+                    Some(s) => s,
+                    None => self.create(*uuid, *at),
+                };
+                self.store(slot, *at, msg);
+            }
+            Change::Cleared { uuid, kind, bits } => {
+                if let Some(slot) = self.reg.find(uuid) {
+                    self.clear(slot, *kind, *bits);
+                }
+            }
+            Change::Removed { uuid } => {
+                if let Some(slot) = self.reg.find(uuid) {
+                    self.remove_slot(slot);
+                }
+            }
+        }
+    }
+
+    /// Removes a record (operator action); journaled like an expiry.
+    pub fn remove(&mut self, now: Time, uuid: &Uuid) -> bool {
+        self.advance(now);
+        match self.reg.find(uuid) {
+            Some(slot) => {
+                self.remove_slot(slot);
+                self.changes.push_back(Change::Removed { uuid: *uuid });
+                true
+            }
+            None => false,
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Rules
+    // ----------------------------------------------------------------------------------------
+
+    fn idle_timeout(&self, port: Port) -> std::time::Duration {
+        match port {
+            Port::Device => self.cfg.device_tcp_idle,
+            Port::Push => self.cfg.push_tcp_idle,
+        }
+    }
+
+    fn state_of(&self, slot: u32) -> RecordState {
+        let r = self.reg.rec(slot);
+        RecordState {
+            uuid: r.uuid,
+            last_heartbeat: r
+                .has(flag::HAS_HB)
+                .then(|| Time::from_secs(u64::from(r.last_hb))),
+            last_active: Time::from_secs(u64::from(r.last_hb)),
+            last_push: (r.last_push != 0).then(|| Time::from_secs(u64::from(r.last_push))),
+            addr: self.reg.addr(slot),
+            notify: r.has(flag::NOTIFY),
+            bits: r.mask(),
+            payload: self.reg.payloads.get(&slot).cloned(),
+        }
+    }
+
+    fn invalid(&mut self, e: InvalidPacket, t: Transport) {
+        let k = InvalidPacket::ALL.iter().position(|x| *x == e).unwrap_or(0);
+        self.stats.invalid[t.idx()][k] += 1;
+        self.events.push_back(Event::Invalid {
+            reason: e,
+            transport: t,
+        });
+    }
+
+    fn limited(&mut self, l: Limited) {
+        let k = Limited::ALL.iter().position(|x| *x == l).unwrap_or(0);
+        self.stats.limited[k] += 1;
+        if !self.limit_logged[k] {
+            self.limit_logged[k] = true;
+            self.events.push_back(Event::Limited { limit: l });
+        }
+    }
+
+    fn reject(&mut self, r: PushReject) -> PushReply {
+        let k = PushReject::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        self.stats.pushes_rejected[k] += 1;
+        self.events.push_back(Event::PushRejected { reason: r });
+        PushReply::Rejected
+    }
+
+    fn capacity_refused(&mut self) {
+        self.stats.capacity_refused += 1;
+        if !self.capacity_logged {
+            self.capacity_logged = true;
+            self.events.push_back(Event::CapacityReached);
+        }
+    }
+
+    fn create(&mut self, uuid: Uuid, at: Time) -> u32 {
+        self.stats.clients += 1;
+        self.stats.created += 1;
+        self.reg.insert(Record::new(uuid, at.secs32()))
+    }
+
+    fn on_device(&mut self, p: DevicePacket, via: Via) {
+        match p.msg {
+            DeviceMsg::Heartbeat => self.heartbeat(p.app_id, p.uuid, via),
+            DeviceMsg::AckNotify => self.ack(p.uuid, Kind::Notify, 0),
+            DeviceMsg::AckBits(m) => self.ack(p.uuid, Kind::Bits, m),
+            DeviceMsg::AckPayload => self.ack(p.uuid, Kind::Payload, 0),
+        }
+    }
+
+    /// Marks the client alive now; the first sign of life after the window starts a new
+    /// online period with one wheel entry.
+    fn touch(&mut self, slot: u32) {
+        let now_s = self.now.secs32();
+        let window = self.window_s;
+        let r = self.reg.rec_mut(slot);
+        r.last_hb = r.last_hb.max(now_s);
+        r.set(flag::HAS_HB, true);
+        if !r.has(flag::ONLINE) {
+            r.set(flag::ONLINE, true);
+            let uuid = r.uuid;
+            self.stats.online += 1;
+            self.events.push_back(Event::Online { uuid });
+            self.wheel.schedule(slot, now_s.saturating_add(window) + 1);
+        }
+    }
+
+    fn heartbeat(&mut self, app_id: u8, uuid: Uuid, via: Via) {
+        self.stats.heartbeats += 1;
+        let slot = match self.reg.find(&uuid) {
+            Some(s) => s,
+            None => {
+                if !self.cfg.create_on_heartbeat {
+                    self.stats.unknown_heartbeats += 1;
+                    return;
+                }
+                if self.reg.len() >= self.cfg.max_clients {
+                    self.stats.unknown_heartbeats += 1;
+                    self.capacity_refused();
+                    return;
+                }
+                let s = self.create(uuid, self.now);
+                self.changes
+                    .push_back(Change::Created { uuid, at: self.now });
+                self.events.push_back(Event::Created { uuid });
+                s
+            }
+        };
+        self.touch(slot);
+        let addr_changed = match via {
+            Via::Udp(a) => {
+                let r = self.reg.rec(slot);
+                let changed = !r.has(flag::SA_KNOWN) || self.reg.addr(slot) != Some(a);
+                if changed {
+                    self.reg.set_addr(slot, a);
+                    self.reg.rec_mut(slot).set(flag::SA_KNOWN, true);
+                }
+                changed
+            }
+            Via::Tcp(c) => {
+                self.attach(slot, c);
+                false
+            }
+        };
+        if !self.limiter.answer_uuid(self.now, slot) {
+            self.limited(Limited::UuidRate);
+            return;
+        }
+        let r = self.reg.rec(slot);
+        let mut out: [Option<DownMsg>; 3] = [None, None, None];
+        if r.has(flag::NOTIFY) {
+            out[0] = Some(DownMsg::Notify);
+        }
+        if r.mask() != 0 {
+            out[1] = Some(DownMsg::Bits(r.mask()));
+        }
+        if let Some(p) = self.reg.payloads.get(&slot) {
+            out[2] = Some(DownMsg::Payload(p.clone()));
+        }
+        let resend = out.iter().any(Option::is_some);
+        if !resend {
+            let reply = match (self.cfg.reply_policy, via) {
+                (_, Via::Tcp(_)) | (ReplyPolicy::Never, _) => false,
+                (ReplyPolicy::Always, _) => true,
+                (ReplyPolicy::SaChanged, _) => addr_changed,
+            };
+            if !reply {
+                return;
+            }
+            out[0] = Some(DownMsg::HeartbeatReply);
+        }
+        let dest = match via {
+            Via::Udp(a) => {
+                let bytes: usize = out
+                    .iter()
+                    .flatten()
+                    .map(|m| {
+                        DownPacket {
+                            app_id,
+                            msg: m.clone(),
+                        }
+                        .encoded_len()
+                    })
+                    .sum();
+                if !self.limiter.spend(self.now, a.ip(), bytes) {
+                    self.limited(Limited::Amplification);
+                    return;
+                }
+                Dest::Udp(a)
+            }
+            Via::Tcp(c) => Dest::Tcp(c),
+        };
+        let now_s = self.now.secs32();
+        for msg in out.into_iter().flatten() {
+            let kind = match &msg {
+                DownMsg::HeartbeatReply => None,
+                DownMsg::Notify => Some(Kind::Notify),
+                DownMsg::Bits(_) => Some(Kind::Bits),
+                DownMsg::Payload(_) => Some(Kind::Payload),
+            };
+            match kind {
+                Some(k) => {
+                    self.note_send(slot, k, now_s);
+                    self.stats.resends += 1;
+                    self.events.push_back(Event::Resent { uuid, kind: k });
+                }
+                None => self.stats.heartbeat_replies += 1,
+            }
+            self.transmits.push_back(Transmit {
+                dest,
+                payload: Payload::Down(DownPacket { app_id, msg }),
+            });
+        }
+    }
+
+    fn note_send(&mut self, slot: u32, k: Kind, now_s: u32) {
+        let r = self.reg.rec_mut(slot);
+        match k {
+            Kind::Notify => r.note_send(K_NOTIFY, now_s),
+            Kind::Payload => r.note_send(K_PAYLOAD, now_s),
+            Kind::Bits => {}
+        }
+    }
+
+    fn attach(&mut self, slot: u32, conn: ConnId) {
+        if self.reg.tcp.get(&slot) == Some(&conn) {
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.attached.contains(&slot) {
+            c.attached.push(slot);
+        }
+        self.reg.tcp.insert(slot, conn);
+        self.reg.rec_mut(slot).set(flag::TCP, true);
+    }
+
+    fn ack(&mut self, uuid: Uuid, kind: Kind, bits: u64) {
+        let Some(slot) = self.reg.find(&uuid) else {
+            self.stats.acks_unknown += 1;
+            return;
+        };
+        self.stats.acks += 1;
+        // The SDK counts its heartbeat interval from the last packet it sent, acks included,
+        // so an ack is a sign of life or the client would flap offline.
+        self.touch(slot);
+        let now_s = self.now.secs32();
+        let r = self.reg.rec_mut(slot);
+        let (may_clear, has) = match kind {
+            Kind::Notify => (r.note_ack(K_NOTIFY, now_s), r.has(flag::NOTIFY)),
+            Kind::Payload => (r.note_ack(K_PAYLOAD, now_s), r.has(flag::PAYLOAD)),
+            Kind::Bits => (true, r.mask() & bits != 0),
+        };
+        let cleared = may_clear && has;
+        if cleared {
+            let bits = if kind == Kind::Bits {
+                r.mask() & bits
+            } else {
+                0
+            };
+            self.clear(slot, kind, bits);
+            self.changes.push_back(Change::Cleared { uuid, kind, bits });
+            self.stats.acks_cleared += 1;
+        }
+        self.events.push_back(Event::Acked {
+            uuid,
+            kind,
+            cleared,
+        });
+    }
+
+    /// Applies a cleared item (live and in replay).
+    fn clear(&mut self, slot: u32, kind: Kind, bits: u64) {
+        self.count_pending(slot, -1);
+        let r = self.reg.rec_mut(slot);
+        match kind {
+            Kind::Notify => r.set(flag::NOTIFY, false),
+            Kind::Bits => r.set_mask(r.mask() & !bits),
+            Kind::Payload => {
+                r.set(flag::PAYLOAD, false);
+                self.reg.payloads.remove(&slot);
+            }
+        }
+        self.count_pending(slot, 1);
+    }
+
+    /// Adds (`sign` = 1) or removes (-1) the record's items from the pending gauges.
+    fn count_pending(&mut self, slot: u32, sign: i64) {
+        let r = self.reg.rec(slot);
+        let items = [r.has(flag::NOTIFY), r.mask() != 0, r.has(flag::PAYLOAD)];
+        for (g, on) in self.stats.pending.iter_mut().zip(items) {
+            if on {
+                *g = g.wrapping_add_signed(sign);
+            }
+        }
+    }
+
+    fn push(&mut self, req: PushRequest) -> PushReply {
+        let slot = match self.reg.find(&req.uuid) {
+            Some(s) => s,
+            None => {
+                if self.reg.len() >= self.cfg.max_clients {
+                    self.capacity_refused();
+                    return self.reject(PushReject::Capacity);
+                }
+                self.create(req.uuid, self.now)
+            }
+        };
+        self.store(slot, self.now, &req.msg);
+        self.changes.push_back(Change::Pushed {
+            uuid: req.uuid,
+            at: self.now,
+            msg: req.msg.clone(),
+        });
+        self.stats.pushes_accepted += 1;
+
+        let r = self.reg.rec(slot);
+        let msg = match &req.msg {
+            PushMsg::Notify => Some(DownMsg::Notify),
+            // The whole mask goes out; a push of 0 onto an empty mask sends nothing.
+            PushMsg::Bits(_) => (r.mask() != 0).then(|| DownMsg::Bits(r.mask())),
+            PushMsg::Payload(p) => Some(DownMsg::Payload(p.clone())),
+        };
+        let mut sent = 0u8;
+        if let Some(msg) = msg {
+            let online = r.has(flag::ONLINE);
+            let udp = online.then(|| self.reg.addr(slot)).flatten();
+            let tcp = self.reg.tcp.get(&slot).copied();
+            let kind = req.msg.kind();
+            let now_s = self.now.secs32();
+            for dest in [udp.map(Dest::Udp), tcp.map(Dest::Tcp)]
+                .into_iter()
+                .flatten()
+            {
+                self.note_send(slot, kind, now_s);
+                self.transmits.push_back(Transmit {
+                    dest,
+                    payload: Payload::Down(DownPacket {
+                        app_id: 0,
+                        msg: msg.clone(),
+                    }),
+                });
+                sent += 1;
+            }
+        }
+        self.stats.deliveries += u64::from(sent);
+        self.events.push_back(Event::PushAccepted {
+            uuid: req.uuid,
+            kind: req.msg.kind(),
+            sent,
+        });
+        PushReply::Accepted
+    }
+
+    /// Stores a push into a record (live and in replay).
+    fn store(&mut self, slot: u32, at: Time, msg: &PushMsg) {
+        let now_s = at.secs32();
+        let horizon = self.horizon_s;
+        self.count_pending(slot, -1);
+        let r = self.reg.rec_mut(slot);
+        match msg {
+            PushMsg::Notify => {
+                r.note_push(K_NOTIFY, now_s, horizon);
+                r.set(flag::NOTIFY, true);
+            }
+            PushMsg::Bits(b) => r.set_mask(r.mask() | b),
+            PushMsg::Payload(p) => {
+                r.note_push(K_PAYLOAD, now_s, horizon);
+                r.set(flag::PAYLOAD, true);
+                self.reg.payloads.insert(slot, p.clone());
+            }
+        }
+        let r = self.reg.rec_mut(slot);
+        r.last_push = r.last_push.max(now_s);
+        self.count_pending(slot, 1);
+    }
+
+    fn remove_slot(&mut self, slot: u32) {
+        let r = self.reg.rec(slot);
+        if r.has(flag::ONLINE) {
+            self.stats.online -= 1;
+        }
+        self.count_pending(slot, -1);
+        self.stats.clients -= 1;
+        self.reg.remove(slot);
+    }
+
+    fn close(&mut self, conn: ConnId, reason: CloseReason) {
+        if self.drop_conn(conn) {
+            self.closes.push_back(conn);
+            self.events.push_back(Event::Closed { conn, reason });
+        }
+    }
+
+    fn drop_conn(&mut self, conn: ConnId) -> bool {
+        let Some(c) = self.conns.remove(&conn) else {
+            return false;
+        };
+        for slot in c.attached {
+            if self.reg.tcp.get(&slot) == Some(&conn) {
+                self.reg.tcp.remove(&slot);
+                self.reg.rec_mut(slot).set(flag::TCP, false);
+            }
+        }
+        if let Some(n) = self.conns_per_ip.get_mut(&(c.ip, c.port)) {
+            *n -= 1;
+            if *n == 0 {
+                self.conns_per_ip.remove(&(c.ip, c.port));
+            }
+        }
+        self.stats.conns[c.port.idx()] -= 1;
+        true
+    }
+
+    /// Moves the clock forward and runs everything that became due.
+    fn advance(&mut self, now: Time) {
+        self.now = self.now.max(now);
+        let now = self.now;
+        let now_s = now.secs32();
+
+        let mut due = std::mem::take(&mut self.scratch);
+        self.wheel.expire(now_s, &mut due);
+        for &slot in &due {
+            let Some(r) = self.reg.get(slot) else {
+                continue;
+            };
+            if !r.has(flag::ONLINE) {
+                continue;
+            }
+            let deadline = r.last_hb.saturating_add(self.window_s) + 1;
+            if deadline <= now_s {
+                let uuid = r.uuid;
+                self.reg.rec_mut(slot).set(flag::ONLINE, false);
+                self.stats.online -= 1;
+                self.events.push_back(Event::Offline { uuid });
+            } else {
+                self.wheel.schedule(slot, deadline);
+            }
+        }
+        due.clear();
+        self.scratch = due;
+
+        while let Some(Reverse((t, conn))) = self.idle.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.idle.pop();
+            let Some(c) = self.conns.get(&conn) else {
+                continue;
+            };
+            let deadline = c.last_active + self.idle_timeout(c.port);
+            if deadline <= now {
+                self.stats.conns_idle += 1;
+                self.close(conn, CloseReason::Idle);
+            } else {
+                self.idle.push(Reverse((deadline, conn)));
+            }
+        }
+
+        if now >= self.next_sweep {
+            self.next_sweep = Time(now.0 + SWEEP_EVERY_MS);
+            self.sweep(now_s);
+        }
+    }
+
+    /// Visits a slice of the slots and removes expired records (PROTOCOL.md 8.7).
+    fn sweep(&mut self, now_s: u32) {
+        let n = self.reg.slot_count();
+        if n == 0 {
+            return;
+        }
+        let chunk = (n / SWEEP_PASS).max(SWEEP_MIN_CHUNK).min(n);
+        let idle_s = secs32(self.cfg.idle_expiry);
+        let ttl_s = secs32(self.cfg.pending_ttl);
+        for _ in 0..chunk {
+            if self.sweep_cursor >= n {
+                self.sweep_cursor = 0;
+            }
+            let slot = self.sweep_cursor as u32;
+            self.sweep_cursor += 1;
+            let Some(r) = self.reg.get(slot) else {
+                continue;
+            };
+            let idle = now_s.saturating_sub(r.last_hb) >= idle_s;
+            let stale = !r.pending() || now_s.saturating_sub(r.last_push) >= ttl_s;
+            if idle && stale && !r.has(flag::TCP) {
+                let uuid = r.uuid;
+                self.remove_slot(slot);
+                self.stats.expired += 1;
+                self.changes.push_back(Change::Removed { uuid });
+                self.events.push_back(Event::Expired { uuid });
+            }
+        }
+    }
+}

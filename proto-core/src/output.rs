@@ -1,0 +1,228 @@
+//! What the node hands back to its adapter: transmits, closes, events and counters.
+
+use std::net::SocketAddr;
+
+use bytes::BufMut;
+
+use crate::codec::{DownPacket, InvalidPacket, Kind, PushReject, PushReply, Uuid};
+use crate::limits::Limited;
+use crate::ConnId;
+
+/// Where a transmit goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dest {
+    /// A UDP datagram to this address (from the device socket).
+    Udp(SocketAddr),
+    /// Bytes appended to this TCP connection's write queue.
+    Tcp(ConnId),
+}
+
+/// The bytes of a transmit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// A packet for a device.
+    Down(DownPacket),
+    /// The one-byte answer to a push request.
+    Reply(PushReply),
+}
+
+/// One thing to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub dest: Dest,
+    /// What.
+    pub payload: Payload,
+}
+
+impl Transmit {
+    /// Encodes the bytes to send; for UDP this is exactly one datagram.
+    pub fn encode<B: BufMut>(&self, out: &mut B) {
+        match &self.payload {
+            Payload::Down(p) => p.encode(out),
+            Payload::Reply(r) => out.put_u8(r.byte()),
+        }
+    }
+
+    /// Encoded size.
+    pub fn len(&self) -> usize {
+        match &self.payload {
+            Payload::Down(p) => p.encoded_len(),
+            Payload::Reply(_) => 1,
+        }
+    }
+
+    /// Never empty; present for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// The transport an input arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP on the device port.
+    Udp,
+    /// TCP on the device port.
+    Tcp,
+    /// TCP on the push port.
+    Push,
+}
+
+impl Transport {
+    /// Index for counter arrays.
+    pub(crate) fn idx(self) -> usize {
+        match self {
+            Transport::Udp => 0,
+            Transport::Tcp => 1,
+            Transport::Push => 2,
+        }
+    }
+
+    /// A short stable label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Push => "push",
+        }
+    }
+}
+
+/// Why a TCP connection was closed by the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// A frame announced more content than the port allows.
+    Framing,
+    /// No bytes for longer than the idle timeout.
+    Idle,
+    /// Refused at open: too many connections in all or from this IP.
+    Refused,
+}
+
+/// What happened, for logs and tests. Counters for metrics are in [`Stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A record was created by a heartbeat.
+    Created {
+        /// The client.
+        uuid: Uuid,
+    },
+    /// A client's heartbeat arrived while it was offline.
+    Online {
+        /// The client.
+        uuid: Uuid,
+    },
+    /// The online window passed without a heartbeat.
+    Offline {
+        /// The client.
+        uuid: Uuid,
+    },
+    /// A push was stored (and `sent` packets went out at once).
+    PushAccepted {
+        /// The client.
+        uuid: Uuid,
+        /// The message kind.
+        kind: Kind,
+        /// Immediate sends (UDP and/or TCP).
+        sent: u8,
+    },
+    /// A push got `0x01`.
+    PushRejected {
+        /// Why.
+        reason: PushReject,
+    },
+    /// A pending item went out in answer to a heartbeat.
+    Resent {
+        /// The client.
+        uuid: Uuid,
+        /// The message kind.
+        kind: Kind,
+    },
+    /// An ack arrived for a known client.
+    Acked {
+        /// The client.
+        uuid: Uuid,
+        /// The message kind.
+        kind: Kind,
+        /// Whether it cleared anything (see the ack rule in `record`).
+        cleared: bool,
+    },
+    /// An input was dropped.
+    Invalid {
+        /// Why.
+        reason: InvalidPacket,
+        /// Where it came from.
+        transport: Transport,
+    },
+    /// An abuse limit held something back (logged once per kind by adapters).
+    Limited {
+        /// Which limit.
+        limit: Limited,
+    },
+    /// A record was removed by expiry.
+    Expired {
+        /// The client.
+        uuid: Uuid,
+    },
+    /// A new uuid was refused because `max_clients` records exist.
+    CapacityReached,
+    /// The node closed a connection.
+    Closed {
+        /// The connection.
+        conn: ConnId,
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+/// Monotonic counters and gauges, read by the adapter's metrics and shutdown log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Records held (gauge).
+    pub clients: u64,
+    /// Clients online (gauge).
+    pub online: u64,
+    /// Pending items by kind [0x10, 0x11, 0x20] (gauge).
+    pub pending: [u64; 3],
+    /// Heartbeats processed.
+    pub heartbeats: u64,
+    /// Pushes accepted.
+    pub pushes_accepted: u64,
+    /// Pushes rejected, by [`PushReject::ALL`] order.
+    pub pushes_rejected: [u64; 4],
+    /// Packets sent at once on a push.
+    pub deliveries: u64,
+    /// Packets re-sent in answer to heartbeats.
+    pub resends: u64,
+    /// Heartbeat replies (`0x00`) sent.
+    pub heartbeat_replies: u64,
+    /// Acks from known clients.
+    pub acks: u64,
+    /// Acks that cleared something.
+    pub acks_cleared: u64,
+    /// Acks from unknown uuids (ignored).
+    pub acks_unknown: u64,
+    /// Invalid inputs by transport [udp, tcp, push] and [`InvalidPacket::ALL`] order.
+    pub invalid: [[u64; 5]; 3],
+    /// Inputs held back by [`Limited::ALL`] order.
+    pub limited: [u64; 3],
+    /// Records removed by expiry.
+    pub expired: u64,
+    /// Records created.
+    pub created: u64,
+    /// New uuids refused for capacity (pushes and heartbeats).
+    pub capacity_refused: u64,
+    /// Heartbeats from unknown uuids dropped (creation off or capacity).
+    pub unknown_heartbeats: u64,
+    /// Open TCP connections [device, push] (gauge).
+    pub conns: [u64; 2],
+    /// TCP connections refused at open.
+    pub conns_refused: u64,
+    /// TCP connections closed for framing errors.
+    pub conns_framing: u64,
+    /// TCP connections closed for idleness.
+    pub conns_idle: u64,
+}
