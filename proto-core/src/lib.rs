@@ -39,6 +39,7 @@ mod record;
 mod registry;
 pub mod state;
 pub mod stream;
+pub mod testing;
 pub mod time;
 pub mod upstream;
 mod wheel;
