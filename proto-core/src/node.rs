@@ -369,7 +369,9 @@ impl Node {
     /// confirmed again for `sa_changed`. Acks in flight across the restart cannot clear
     /// anything for `ack_horizon`.
     pub fn restore(&mut self, now: Time, st: RecordState) {
-        self.now = self.now.max(now);
+        // Bring the wheel's cursor up to `now` first: a fresh node's wheel starts at second 0
+        // and cannot hold a deadline more than one window ahead of its cursor.
+        self.advance(now);
         let now_s = self.now.secs32();
         if let Some(old) = self.reg.find(&st.uuid) {
             self.remove_slot(old);
