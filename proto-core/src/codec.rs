@@ -52,6 +52,12 @@ impl Uuid {
         Some(Uuid(out))
     }
 
+    /// The uuid the DDPush SDKs use for a user name: MD5 of its UTF-8 bytes.
+    pub fn from_user(name: &str) -> Self {
+        use md5::{Digest, Md5};
+        Uuid(Md5::digest(name.as_bytes()).into())
+    }
+
     /// Lowercase hex, as upstream writes it.
     pub fn to_hex(&self) -> String {
         let mut s = String::with_capacity(32);
@@ -582,6 +588,15 @@ mod tests {
         assert_eq!(Uuid::from_hex("2E72361924EF37A6166E0B228D1CBBB0"), Some(u));
         assert_eq!(Uuid::from_hex("2e72361924ef37a6166e0b228d1cbbbg"), None);
         assert_eq!(Uuid::from_hex("2e72"), None);
+    }
+
+    #[test]
+    fn user_uuid_is_md5_of_the_name() {
+        // PROTOCOL.md section 7: uuid = MD5("user100001").
+        assert_eq!(
+            Uuid::from_user("user100001").to_hex(),
+            "2e72361924ef37a6166e0b228d1cbbb0"
+        );
     }
 
     #[test]

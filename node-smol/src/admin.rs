@@ -1,0 +1,310 @@
+//! The admin HTTP endpoint: `/metrics`, `/status`, `/clients/{uuid}`, `POST /push`,
+//! `POST /clients/{uuid}/clear`.
+//!
+//! Connection tasks parse requests (httparse) and check the bearer token; the request then
+//! goes to the event loop, which owns the node, and the answer comes back once the turn's
+//! journal write is done, so a push reported "accepted" here is as durable as a `0x00` on 9999.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_channel::Sender;
+use async_io::{Async, Timer};
+use base64::Engine;
+use bytes::Bytes;
+use ddpush_proto::{Node, PushMsg, PushReply, PushRequest, RecordState, Time, Uuid};
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::metrics::Metrics;
+use crate::server::Msg;
+
+/// Largest request (headers and body) read.
+const MAX_REQUEST: usize = 1 << 20;
+/// A client must send its whole request within this time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A parsed request on its way to the loop.
+pub(crate) struct AdminRequest {
+    method: String,
+    path: String,
+    body: Vec<u8>,
+    pub(crate) reply: Sender<Response>,
+}
+
+/// Status code, content type, body.
+pub(crate) struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn json(status: u16, v: Value) -> Self {
+        Response {
+            status,
+            content_type: "application/json",
+            body: v.to_string(),
+        }
+    }
+
+    fn error(status: u16, msg: &str) -> Self {
+        Self::json(status, json!({ "error": msg }))
+    }
+}
+
+pub(crate) async fn serve(l: Async<TcpListener>, tx: Sender<Msg>, token: Option<String>) {
+    let token: Arc<Option<String>> = Arc::new(token);
+    loop {
+        let Ok((stream, _)) = l.accept().await else {
+            Timer::after(Duration::from_millis(50)).await;
+            continue;
+        };
+        let tx = tx.clone();
+        let token = token.clone();
+        smol::spawn(async move {
+            let resp = future::or(
+                async { request(&stream, &tx, token.as_deref()).await },
+                async {
+                    Timer::after(REQUEST_TIMEOUT).await;
+                    Response::error(408, "request timeout")
+                },
+            )
+            .await;
+            let reason = match resp.status {
+                200 => "OK",
+                400 => "Bad Request",
+                401 => "Unauthorized",
+                404 => "Not Found",
+                405 => "Method Not Allowed",
+                408 => "Request Timeout",
+                413 => "Payload Too Large",
+                _ => "Error",
+            };
+            let head = format!(
+                "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                resp.status,
+                resp.content_type,
+                resp.body.len()
+            );
+            let mut s = &stream;
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(resp.body.as_bytes()).await;
+            let _ = s.flush().await;
+        })
+        .detach();
+    }
+}
+
+async fn request(
+    stream: &Async<std::net::TcpStream>,
+    tx: &Sender<Msg>,
+    token: Option<&str>,
+) -> Response {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let mut s = stream;
+    loop {
+        let n = match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Response::error(400, "connection closed mid-request"),
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST {
+            return Response::error(413, "request too large");
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Response::error(400, &format!("bad request: {e}")),
+        };
+        let mut content_length = 0usize;
+        let mut auth = None;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                match std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                {
+                    Some(n) => content_length = n,
+                    None => return Response::error(400, "bad content-length"),
+                }
+            } else if h.name.eq_ignore_ascii_case("authorization") {
+                auth = std::str::from_utf8(h.value).ok().map(str::to_string);
+            }
+        }
+        if head_len + content_length > MAX_REQUEST {
+            return Response::error(413, "request too large");
+        }
+        if buf.len() < head_len + content_length {
+            continue;
+        }
+        if let Some(t) = token {
+            let given = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), t.as_bytes())) {
+                return Response::error(401, "missing or wrong bearer token");
+            }
+        }
+        let (rtx, rrx) = async_channel::bounded(1);
+        let r = AdminRequest {
+            method: req.method.unwrap_or("").to_string(),
+            path: req.path.unwrap_or("").to_string(),
+            body: buf[head_len..head_len + content_length].to_vec(),
+            reply: rtx,
+        };
+        if tx.send(Msg::Admin(r)).await.is_err() {
+            return Response::error(503, "shutting down");
+        }
+        return rrx
+            .recv()
+            .await
+            .unwrap_or_else(|_| Response::error(503, "shutting down"));
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One push in `POST /push`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushItem {
+    uuid: Option<String>,
+    user: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    bits: Option<u64>,
+    text: Option<String>,
+    base64: Option<String>,
+}
+
+fn parse_item(it: PushItem) -> Result<PushRequest, String> {
+    let uuid = match (it.uuid, it.user) {
+        (Some(h), None) => Uuid::from_hex(&h).ok_or("uuid must be 32 hex digits")?,
+        (None, Some(u)) => Uuid::from_user(&u),
+        _ => return Err("give exactly one of uuid or user".into()),
+    };
+    let msg = match it.kind.as_str() {
+        "notify" | "0x10" => PushMsg::Notify,
+        "bits" | "0x11" => PushMsg::Bits(it.bits.ok_or("type bits needs \"bits\"")?),
+        "payload" | "0x20" => match (it.text, it.base64) {
+            (Some(t), None) => PushMsg::Payload(Bytes::from(t.into_bytes())),
+            (None, Some(b)) => PushMsg::Payload(Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| format!("base64: {e}"))?,
+            )),
+            _ => return Err("type payload needs exactly one of text or base64".into()),
+        },
+        other => return Err(format!("unknown type {other:?} (notify, bits, payload)")),
+    };
+    Ok(PushRequest {
+        app_id: 0,
+        uuid,
+        msg,
+    })
+}
+
+fn record_json(r: &RecordState, online: bool) -> Value {
+    let ms = |t: Option<Time>| t.map(|t| t.as_millis());
+    json!({
+        "uuid": r.uuid.to_hex(),
+        "online": online,
+        "last_heartbeat_ms": ms(r.last_heartbeat),
+        "last_push_ms": ms(r.last_push),
+        "addr": r.addr.map(|a| a.to_string()),
+        "pending": {
+            "notify": r.notify,
+            "bits": r.bits,
+            "payload_base64": r.payload.as_ref().map(|p| base64::engine::general_purpose::STANDARD.encode(p)),
+        }
+    })
+}
+
+/// Answers one request on the loop; the caller sends the response after journaling.
+pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics) -> Response {
+    let path = req.path.split('?').next().unwrap_or("");
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["metrics"]) => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: m.render(node.stats()),
+        },
+        ("GET", ["status"]) => {
+            let s = node.stats();
+            Response::json(
+                200,
+                json!({
+                    "clients": s.clients,
+                    "online": s.online,
+                    "pending": { "0x10": s.pending[0], "0x11": s.pending[1], "0x20": s.pending[2] },
+                    "pushes_accepted": s.pushes_accepted,
+                    "heartbeats": s.heartbeats,
+                    "resends": s.resends,
+                    "acks": s.acks,
+                    "tcp_connections": { "device": s.conns[0], "push": s.conns[1] },
+                    "memory_bytes": node.heap_bytes(),
+                }),
+            )
+        }
+        ("GET", ["clients", hex]) => match Uuid::from_hex(hex) {
+            None => Response::error(400, "uuid must be 32 hex digits"),
+            Some(u) => match node.record(&u) {
+                Some(r) => Response::json(200, record_json(&r, node.is_online(&u))),
+                None => Response::error(404, "unknown uuid"),
+            },
+        },
+        ("POST", ["clients", hex, "clear"]) => match Uuid::from_hex(hex) {
+            None => Response::error(400, "uuid must be 32 hex digits"),
+            Some(u) if node.remove(now, &u) => Response::json(200, json!({ "removed": true })),
+            Some(_) => Response::error(404, "unknown uuid"),
+        },
+        ("POST", ["push"]) => {
+            let v: Value = match serde_json::from_slice(&req.body) {
+                Ok(v) => v,
+                Err(e) => return Response::error(400, &format!("JSON: {e}")),
+            };
+            let batch = v.is_array();
+            let items = match v {
+                Value::Array(a) => a,
+                one => vec![one],
+            };
+            let results: Vec<Value> = items
+                .into_iter()
+                .map(|it| {
+                    match serde_json::from_value::<PushItem>(it)
+                        .map_err(|e| e.to_string())
+                        .and_then(parse_item)
+                    {
+                        Err(e) => json!({ "result": "invalid", "error": e }),
+                        Ok(p) => {
+                            let uuid = p.uuid.to_hex();
+                            match node.handle_push(now, p) {
+                                PushReply::Accepted => {
+                                    json!({ "result": "accepted", "uuid": uuid })
+                                }
+                                _ => json!({ "result": "rejected", "uuid": uuid }),
+                            }
+                        }
+                    }
+                })
+                .collect();
+            let body = if batch {
+                json!({ "results": results })
+            } else {
+                results.into_iter().next().unwrap_or(Value::Null)
+            };
+            Response::json(200, body)
+        }
+        (_, ["metrics" | "status" | "push"]) | (_, ["clients", ..]) => {
+            Response::error(405, "method not allowed")
+        }
+        _ => Response::error(404, "no such endpoint"),
+    }
+}

@@ -1,0 +1,244 @@
+//! Adapter-side metrics and the Prometheus rendering of everything, core counters included.
+//!
+//! The core counts protocol facts in [`Stats`]; the adapter adds what only it sees (fsync
+//! latency, snapshot size, refused push connections). `/metrics` renders both through
+//! prometheus-client so the exposition format is not hand-written.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ddpush_proto::{InvalidPacket, Limited, PushReject, Stats, Transport};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Counters kept by the adapter.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Journal frames written (one per turn with changes).
+    pub journal_writes: AtomicU64,
+    /// Push connections closed for coming from outside `--push-allow`.
+    pub push_denied: AtomicU64,
+    /// Connections closed because they stopped reading their replies.
+    pub stalled_closed: AtomicU64,
+    /// UDP sends that failed.
+    pub udp_send_errors: AtomicU64,
+    /// Last snapshot duration in ms and size in bytes.
+    pub snapshot_ms: AtomicU64,
+    /// Last snapshot size.
+    pub snapshot_bytes: AtomicU64,
+    /// Snapshots written.
+    pub snapshots: AtomicU64,
+    fsync_seconds: Histogram,
+    push_to_ack_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            journal_writes: AtomicU64::new(0),
+            push_denied: AtomicU64::new(0),
+            stalled_closed: AtomicU64::new(0),
+            udp_send_errors: AtomicU64::new(0),
+            snapshot_ms: AtomicU64::new(0),
+            snapshot_bytes: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
+            fsync_seconds: Histogram::new(
+                [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0].into_iter(),
+            ),
+            push_to_ack_seconds: Histogram::new(
+                [0.01, 0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0].into_iter(),
+            ),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records an fsync's latency.
+    pub fn fsync_done(&self, d: Duration) {
+        self.fsync_seconds.observe(d.as_secs_f64());
+    }
+
+    /// Records a finished snapshot.
+    pub fn snapshot_done(&self, d: Duration, size: usize) {
+        self.snapshot_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
+        self.snapshot_bytes.store(size as u64, Ordering::Relaxed);
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the time from a push to the ack that cleared it.
+    pub fn push_acked(&self, d: Duration) {
+        self.push_to_ack_seconds.observe(d.as_secs_f64());
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self, s: &Stats) -> String {
+        let mut r = Registry::with_prefix("ddpush");
+        let c = |v: u64| ConstCounter::new(v);
+        let g = |v: u64| ConstGauge::new(v as i64);
+        r.register("clients", "Client records held", g(s.clients));
+        r.register(
+            "clients_online",
+            "Clients within the online window",
+            g(s.online),
+        );
+        let pending = Family::<Vec<(String, String)>, Gauge>::default();
+        for (kind, v) in ["0x10", "0x11", "0x20"].iter().zip(s.pending) {
+            pending
+                .get_or_create(&vec![("type".into(), kind.to_string())])
+                .set(v as i64);
+        }
+        r.register(
+            "pending_items",
+            "Undelivered items by message type",
+            pending,
+        );
+        r.register("heartbeats", "Heartbeats processed", c(s.heartbeats));
+        r.register(
+            "pushes_accepted",
+            "Pushes answered 0x00",
+            c(s.pushes_accepted),
+        );
+        let rejected = Family::<Vec<(String, String)>, Counter>::default();
+        for (reason, v) in PushReject::ALL.iter().zip(s.pushes_rejected) {
+            rejected
+                .get_or_create(&vec![("reason".into(), reason.label().into())])
+                .inc_by(v);
+        }
+        r.register("pushes_rejected", "Pushes answered 0x01", rejected);
+        r.register(
+            "deliveries",
+            "Packets sent at once on a push",
+            c(s.deliveries),
+        );
+        r.register(
+            "resends",
+            "Pending items sent in answer to heartbeats",
+            c(s.resends),
+        );
+        r.register(
+            "heartbeat_replies",
+            "Heartbeat replies sent",
+            c(s.heartbeat_replies),
+        );
+        r.register("acks", "Acks from known clients", c(s.acks));
+        r.register(
+            "acks_cleared",
+            "Acks that cleared an item",
+            c(s.acks_cleared),
+        );
+        r.register("acks_unknown", "Acks from unknown uuids", c(s.acks_unknown));
+        let invalid = Family::<Vec<(String, String)>, Counter>::default();
+        for t in [Transport::Udp, Transport::Tcp, Transport::Push] {
+            let row = match t {
+                Transport::Udp => 0,
+                Transport::Tcp => 1,
+                Transport::Push => 2,
+            };
+            for (k, v) in InvalidPacket::ALL.iter().zip(s.invalid[row]) {
+                invalid
+                    .get_or_create(&vec![
+                        ("transport".into(), t.label().into()),
+                        ("kind".into(), k.label().into()),
+                    ])
+                    .inc_by(v);
+            }
+        }
+        r.register("invalid_packets", "Dropped malformed packets", invalid);
+        let limited = Family::<Vec<(String, String)>, Counter>::default();
+        for (l, v) in Limited::ALL.iter().zip(s.limited) {
+            limited
+                .get_or_create(&vec![("limit".into(), l.label().into())])
+                .inc_by(v);
+        }
+        r.register(
+            "limited",
+            "Inputs or answers held back by abuse limits",
+            limited,
+        );
+        r.register("expired", "Records removed by expiry", c(s.expired));
+        r.register("created", "Records created", c(s.created));
+        r.register(
+            "capacity_refused",
+            "New uuids refused at max-clients",
+            c(s.capacity_refused),
+        );
+        r.register(
+            "unknown_heartbeats",
+            "Heartbeats from unknown uuids dropped",
+            c(s.unknown_heartbeats),
+        );
+        let conns = Family::<Vec<(String, String)>, Gauge>::default();
+        for (port, v) in ["device", "push"].iter().zip(s.conns) {
+            conns
+                .get_or_create(&vec![("port".into(), port.to_string())])
+                .set(v as i64);
+        }
+        r.register("tcp_connections", "Open TCP connections", conns);
+        r.register(
+            "tcp_refused",
+            "TCP connections refused at the limits",
+            c(s.conns_refused),
+        );
+        r.register(
+            "tcp_closed_framing",
+            "TCP connections closed for framing errors",
+            c(s.conns_framing),
+        );
+        r.register(
+            "tcp_closed_idle",
+            "TCP connections closed for idleness",
+            c(s.conns_idle),
+        );
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        r.register(
+            "push_denied",
+            "Push connections outside --push-allow",
+            c(ld(&self.push_denied)),
+        );
+        r.register(
+            "tcp_closed_stalled",
+            "Connections closed for not reading",
+            c(ld(&self.stalled_closed)),
+        );
+        r.register(
+            "udp_send_errors",
+            "UDP sends that failed",
+            c(ld(&self.udp_send_errors)),
+        );
+        r.register(
+            "journal_writes",
+            "Journal frames written",
+            c(ld(&self.journal_writes)),
+        );
+        r.register("snapshots", "Snapshots written", c(ld(&self.snapshots)));
+        r.register(
+            "snapshot_duration_ms",
+            "Last snapshot duration",
+            g(ld(&self.snapshot_ms)),
+        );
+        r.register(
+            "snapshot_bytes",
+            "Last snapshot size",
+            g(ld(&self.snapshot_bytes)),
+        );
+        r.register(
+            "journal_fsync_seconds",
+            "Journal fsync latency",
+            self.fsync_seconds.clone(),
+        );
+        r.register(
+            "push_to_ack_seconds",
+            "Time from a push to the ack that cleared it (1 s resolution)",
+            self.push_to_ack_seconds.clone(),
+        );
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &r);
+        out
+    }
+}
