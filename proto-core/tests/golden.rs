@@ -115,7 +115,10 @@ fn heartbeat_answer_vectors_back_to_back_on_tcp() {
     let mut h = default_harness();
     pushed_offline(&mut h, uuid);
     let conn = h.tcp_open(Port::Device, addr(1, 40_001)).unwrap();
-    h.tcp_data(conn, &unhex(s(&row(&g, "device_to_server", "heartbeat").clone(), "hex")));
+    h.tcp_data(
+        conn,
+        &unhex(s(&row(&g, "device_to_server", "heartbeat").clone(), "hex")),
+    );
     assert_eq!(
         hex::encode(h.take_tcp(conn)),
         s(&g, "tcp_stream_on_heartbeat_app_1")
@@ -131,7 +134,10 @@ fn heartbeat_reply_vector_under_policy_always() {
         reply_policy: ReplyPolicy::Always,
         ..Config::default()
     });
-    h.udp(dev, &unhex(s(row(&g, "device_to_server", "heartbeat"), "hex")));
+    h.udp(
+        dev,
+        &unhex(s(row(&g, "device_to_server", "heartbeat"), "hex")),
+    );
     let want = unhex(s(
         row(&g, "server_to_device_on_heartbeat_app_1", "heartbeat_reply"),
         "hex",
@@ -208,11 +214,17 @@ fn offline_sequence_exactly() {
     assert_eq!(pushes.len(), 5);
     for p in pushes {
         assert_eq!(h.push(uuid, p).byte(), 0x00);
-        assert!(h.take_transmits().is_empty(), "client never seen: nothing sent");
+        assert!(
+            h.take_transmits().is_empty(),
+            "client never seen: nothing sent"
+        );
         h.advance(secs(1));
     }
     let expect = |k: &str| -> Vec<Vec<u8>> {
-        rows(seq, k).iter().map(|x| unhex(x.as_str().unwrap())).collect()
+        rows(seq, k)
+            .iter()
+            .map(|x| unhex(x.as_str().unwrap()))
+            .collect()
     };
 
     h.advance(secs(5));
@@ -233,7 +245,11 @@ fn offline_sequence_exactly() {
 
     h.advance(millis(300));
     h.take_events();
-    for a in [DeviceMsg::AckNotify, DeviceMsg::AckBits(4), DeviceMsg::AckPayload] {
+    for a in [
+        DeviceMsg::AckNotify,
+        DeviceMsg::AckBits(4),
+        DeviceMsg::AckPayload,
+    ] {
         h.ack(dev, 7, uuid, a);
     }
     let cleared: Vec<bool> = h
@@ -275,13 +291,19 @@ fn node_status_example_parses_and_reencodes() {
     let recs = read_node_status(&bytes).unwrap();
     assert_eq!(recs.len(), 1);
     let r = &recs[0];
-    assert_eq!(r.uuid, Uuid::from_hex("a1b08cc23373ccc669456c34517e59e8").unwrap());
+    assert_eq!(
+        r.uuid,
+        Uuid::from_hex("a1b08cc23373ccc669456c34517e59e8").unwrap()
+    );
     assert_eq!(r.last_heartbeat, Some(Time::from_millis(last_hb)));
     assert_eq!(r.last_active, Time::from_millis(last_hb));
     assert!(!r.notify);
     assert_eq!(r.bits, 0);
     assert_eq!(r.payload, None);
-    assert_eq!(r.last_push, None, "nothing pending, so no push time matters");
+    assert_eq!(
+        r.last_push, None,
+        "nothing pending, so no push time matters"
+    );
     assert_eq!(r.addr, None);
 
     // The example keeps the times of a 0x10 and a 0x11 that were pushed and acked since.

@@ -43,7 +43,11 @@ fn notify_pushes_merge_and_one_ack_clears() {
     assert_eq!(h.take_changes().len(), 2, "both pushes are journaled");
     h.advance(secs(5));
     h.heartbeat(dev, 3, u);
-    assert_eq!(h.take_udp(dev), vec![down(3, DownMsg::Notify)], "merged: sent once");
+    assert_eq!(
+        h.take_udp(dev),
+        vec![down(3, DownMsg::Notify)],
+        "merged: sent once"
+    );
     h.advance(secs(1));
     h.ack(dev, 3, u, DeviceMsg::AckNotify);
     assert_eq!(acked(&mut h), vec![(Kind::Notify, true)]);
@@ -455,8 +459,14 @@ fn idle_records_expire_and_pending_ones_wait_for_pending_ttl() {
     h.advance(secs(99));
     assert_eq!(h.node.len(), 2);
     h.advance(secs(2));
-    assert!(h.node.record(&idle).is_none(), "idle 100 s with nothing pending");
-    assert!(h.node.record(&pending).is_some(), "pending items survive idle expiry");
+    assert!(
+        h.node.record(&idle).is_none(),
+        "idle 100 s with nothing pending"
+    );
+    assert!(
+        h.node.record(&pending).is_some(),
+        "pending items survive idle expiry"
+    );
     assert_eq!(h.take_changes(), vec![Change::Removed { uuid: idle }]);
     assert!(h.take_events().contains(&Event::Expired { uuid: idle }));
     h.advance_to(Time::from_secs(1999));
@@ -509,9 +519,16 @@ fn tcp_validates_like_udp() {
     for (frame, why) in &bad {
         let before = invalid_count(&h, Transport::Tcp, *why);
         h.tcp_data(conn, frame);
-        assert_eq!(invalid_count(&h, Transport::Tcp, *why), before + 1, "{why:?}");
+        assert_eq!(
+            invalid_count(&h, Transport::Tcp, *why),
+            before + 1,
+            "{why:?}"
+        );
         assert!(h.take_tcp(conn).is_empty(), "{why:?}: not answered");
-        assert!(h.take_closes().is_empty(), "{why:?}: delimitable, connection stays");
+        assert!(
+            h.take_closes().is_empty(),
+            "{why:?}: delimitable, connection stays"
+        );
     }
     assert!(h.take_changes().is_empty(), "nothing cleared");
     let r = h.node.record(&u).unwrap();
@@ -619,7 +636,11 @@ fn frames_split_byte_by_byte() {
     );
     // Push streams too.
     let pc = h.tcp_open(Port::Push, addr(9, 1)).unwrap();
-    let reqs = [push_bytes(u, payload(b"abc")), push_bytes(u, PushMsg::Notify)].concat();
+    let reqs = [
+        push_bytes(u, payload(b"abc")),
+        push_bytes(u, PushMsg::Notify),
+    ]
+    .concat();
     let mut replies = Vec::new();
     for b in &reqs {
         h.tcp_data(pc, std::slice::from_ref(b));
@@ -781,7 +802,11 @@ fn spoofed_heartbeat_flood_is_bounded_by_amplification() {
             received += hb.len() as u64;
             h.udp(victim, &hb);
         }
-        sent += h.take_udp(victim).iter().map(|d| d.len() as u64).sum::<u64>();
+        sent += h
+            .take_udp(victim)
+            .iter()
+            .map(|d| d.len() as u64)
+            .sum::<u64>();
         h.advance(secs(1));
     }
     assert!(h.take_transmits().is_empty());
