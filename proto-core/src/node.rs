@@ -88,6 +88,12 @@ pub struct Node {
     scratch: Vec<u32>,
     limit_logged: [bool; 3],
     capacity_logged: bool,
+    /// Set by [`Node::apply`]: the next input starts the restart guard.
+    replayed: bool,
+    /// Seconds: until then no 0x10/0x20 ack clears anything, because acks of sends made
+    /// before a restart may still arrive (records restored from a snapshot carry the same
+    /// guard; records rebuilt by replay alone have no send history to guard them).
+    restart_guard: u32,
 }
 
 impl Node {
@@ -116,6 +122,8 @@ impl Node {
             scratch: Vec::new(),
             limit_logged: [false; 3],
             capacity_logged: false,
+            replayed: false,
+            restart_guard: 0,
             cfg,
         })
     }
@@ -397,7 +405,7 @@ impl Node {
         self.count_pending(slot, 1);
         let r = self.reg.rec(slot);
         if r.has(flag::HAS_HB) && now_s <= r.last_hb.saturating_add(self.window_s) {
-            let due = r.last_hb.saturating_add(self.window_s) + 1;
+            let due = r.last_hb.saturating_add(self.window_s).saturating_add(1);
             self.reg.rec_mut(slot).set(flag::ONLINE, true);
             self.stats.online += 1;
             self.wheel.schedule(slot, due);
@@ -406,6 +414,7 @@ impl Node {
 
     /// Replays one journaled change on top of a restored snapshot.
     pub fn apply(&mut self, change: &Change) {
+        self.replayed = true;
         match change {
             Change::Created { uuid, at } => {
                 if self.reg.find(uuid).is_none() {
@@ -533,7 +542,7 @@ impl Node {
             let uuid = r.uuid;
             self.stats.online += 1;
             self.events.push_back(Event::Online { uuid });
-            self.wheel.schedule(slot, now_s.saturating_add(window) + 1);
+            self.wheel.schedule(slot, now_s.saturating_add(window).saturating_add(1));
         }
     }
 
@@ -679,9 +688,10 @@ impl Node {
         self.touch(slot);
         let now_s = self.now.secs32();
         let r = self.reg.rec_mut(slot);
+        let started = now_s >= self.restart_guard;
         let (may_clear, has) = match kind {
-            Kind::Notify => (r.note_ack(K_NOTIFY, now_s), r.has(flag::NOTIFY)),
-            Kind::Payload => (r.note_ack(K_PAYLOAD, now_s), r.has(flag::PAYLOAD)),
+            Kind::Notify => (r.note_ack(K_NOTIFY, now_s) && started, r.has(flag::NOTIFY)),
+            Kind::Payload => (r.note_ack(K_PAYLOAD, now_s) && started, r.has(flag::PAYLOAD)),
             Kind::Bits => (true, r.mask() & bits != 0),
         };
         let cleared = may_clear && has;
@@ -850,6 +860,10 @@ impl Node {
         self.now = self.now.max(now);
         let now = self.now;
         let now_s = now.secs32();
+        if self.replayed {
+            self.replayed = false;
+            self.restart_guard = now_s.saturating_add(self.horizon_s);
+        }
 
         let mut due = std::mem::take(&mut self.scratch);
         self.wheel.expire(now_s, &mut due);
@@ -860,7 +874,7 @@ impl Node {
             if !r.has(flag::ONLINE) {
                 continue;
             }
-            let deadline = r.last_hb.saturating_add(self.window_s) + 1;
+            let deadline = r.last_hb.saturating_add(self.window_s).saturating_add(1);
             if deadline <= now_s {
                 let uuid = r.uuid;
                 self.reg.rec_mut(slot).set(flag::ONLINE, false);
@@ -891,7 +905,7 @@ impl Node {
         }
 
         if now >= self.next_sweep {
-            self.next_sweep = Time(now.0 + SWEEP_EVERY_MS);
+            self.next_sweep = Time(now.0.saturating_add(SWEEP_EVERY_MS));
             self.sweep(now_s);
         }
     }
