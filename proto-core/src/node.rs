@@ -414,7 +414,14 @@ impl Node {
 
     /// Replays one journaled change on top of a restored snapshot.
     pub fn apply(&mut self, change: &Change) {
-        self.replayed = true;
+        if self.now > Time::ZERO {
+            // `restore` told us the time: guard from now.
+            let until = self.now.secs32().saturating_add(self.horizon_s);
+            self.restart_guard = self.restart_guard.max(until);
+        } else {
+            // No time yet (empty snapshot): guard from the first input.
+            self.replayed = true;
+        }
         match change {
             Change::Created { uuid, at } => {
                 if self.reg.find(uuid).is_none() {
@@ -542,7 +549,8 @@ impl Node {
             let uuid = r.uuid;
             self.stats.online += 1;
             self.events.push_back(Event::Online { uuid });
-            self.wheel.schedule(slot, now_s.saturating_add(window).saturating_add(1));
+            self.wheel
+                .schedule(slot, now_s.saturating_add(window).saturating_add(1));
         }
     }
 
@@ -691,7 +699,10 @@ impl Node {
         let started = now_s >= self.restart_guard;
         let (may_clear, has) = match kind {
             Kind::Notify => (r.note_ack(K_NOTIFY, now_s) && started, r.has(flag::NOTIFY)),
-            Kind::Payload => (r.note_ack(K_PAYLOAD, now_s) && started, r.has(flag::PAYLOAD)),
+            Kind::Payload => (
+                r.note_ack(K_PAYLOAD, now_s) && started,
+                r.has(flag::PAYLOAD),
+            ),
             Kind::Bits => (true, r.mask() & bits != 0),
         };
         let cleared = may_clear && has;

@@ -180,7 +180,12 @@ impl World {
             match (via, conn, port) {
                 (Via::Tcp, Some(c), _) => {
                     let mut b = Vec::new();
-                    ddpush_proto::DevicePacket { app_id: 1, uuid: u, msg }.encode(&mut b);
+                    ddpush_proto::DevicePacket {
+                        app_id: 1,
+                        uuid: u,
+                        msg,
+                    }
+                    .encode(&mut b);
                     self.h.tcp_data(c, &b);
                 }
                 (_, _, Some(p)) => self.h.ack(dev_addr(d, p), 1, u, msg),
@@ -343,16 +348,25 @@ impl World {
                 port,
                 lose: false,
             });
-            self.apply(&Op::FlushAcks { dev: d, lose: false });
+            self.apply(&Op::FlushAcks {
+                dev: d,
+                lose: false,
+            });
         }
         self.apply(&Op::Step { ms: 1_000 });
-        assert!(self.h.node.pending().iter().all(|p| !p.notify
-            && p.bits == 0
-            && p.payload.is_none()));
+        assert!(self
+            .h
+            .node
+            .pending()
+            .iter()
+            .all(|p| !p.notify && p.bits == 0 && p.payload.is_none()));
         for d in 0..DEVICES {
             let dev = &self.devs[usize::from(d)];
             if let Some(last) = &dev.last_payload {
-                assert!(dev.seen_payloads.contains(last), "dev {d}: last payload seen");
+                assert!(
+                    dev.seen_payloads.contains(last),
+                    "dev {d}: last payload seen"
+                );
             }
             let port = dev.port.unwrap_or(0);
             self.h.heartbeat(dev_addr(d, port), 1, dev_uuid(d));
@@ -363,7 +377,11 @@ impl World {
         }
         self.collect();
         let node = self.restored();
-        assert_eq!(node.pending(), self.h.node.pending(), "restore + replay at the end");
+        assert_eq!(
+            node.pending(),
+            self.h.node.pending(),
+            "restore + replay at the end"
+        );
     }
 }
 
@@ -397,9 +415,15 @@ fn model_catches_the_classic_race() {
             port: 0,
             lose: false,
         },
-        Op::PushPayload { dev: 0, lose: false },
+        Op::PushPayload {
+            dev: 0,
+            lose: false,
+        },
         Op::PushPayload { dev: 0, lose: true },
-        Op::FlushAcks { dev: 0, lose: false },
+        Op::FlushAcks {
+            dev: 0,
+            lose: false,
+        },
         Op::Step { ms: 50_000 },
         Op::Restart,
         // Acks right after a restart are not trusted for ack_horizon.
@@ -409,13 +433,16 @@ fn model_catches_the_classic_race() {
             port: 1,
             lose: false,
         },
-        Op::FlushAcks { dev: 0, lose: false },
+        Op::FlushAcks {
+            dev: 0,
+            lose: false,
+        },
     ];
     let mut w = World::new();
     for op in &ops {
         w.apply(op);
     }
     assert!(w.h.node.record(&dev_uuid(0)).unwrap().payload.is_none());
-    assert!(w.devs[0].seen_payloads.contains(&b"payload-2"[..].to_vec()));
+    assert!(w.devs[0].seen_payloads.contains(b"payload-2".as_slice()));
     w.finish();
 }

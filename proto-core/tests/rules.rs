@@ -866,3 +866,42 @@ fn per_uuid_answer_rate_limits_a_hot_uuid() {
     assert_eq!(answered, Limits::default().uuid_burst as usize);
     assert_eq!(h.node.stats().limited[1], 100 - answered as u64);
 }
+
+// ------------------------------------------------------------------------------------------
+// Persistence: snapshot + change stream
+// ------------------------------------------------------------------------------------------
+
+/// A record created after the last snapshot is rebuilt from the journal alone; an ack of a
+/// send made before the restart must not clear the newer push that followed it.
+#[test]
+fn acks_in_flight_across_a_restart_do_not_clear_replayed_records() {
+    let (u, dev) = (uuid(1), addr(1, 4000));
+    let mut h = default_harness();
+    h.push(u, PushMsg::Notify);
+    h.heartbeat(dev, 1, u);
+    assert_eq!(h.take_udp(dev), vec![down(1, DownMsg::Notify)]);
+    h.push(u, PushMsg::Notify); // immediate send lost; then the server crashes
+    let journal = h.take_changes();
+    assert_eq!(
+        journal.len(),
+        2,
+        "two pushes; heartbeats of known records are not journaled"
+    );
+    let mut node = ddpush_proto::Node::new(h.node.config().clone()).unwrap();
+    for c in &journal {
+        node.apply(c);
+    }
+    assert_eq!(node.pending(), h.node.pending());
+    let mut h2 = Harness::with_node(node, h.now());
+    h2.advance(secs(1));
+    h2.ack(dev, 1, u, DeviceMsg::AckNotify); // the ack of the pre-crash send
+    assert!(
+        h2.node.record(&u).unwrap().notify,
+        "not cleared by an old ack"
+    );
+    h2.advance(secs(50));
+    h2.heartbeat(dev, 1, u);
+    assert_eq!(h2.take_udp(dev), vec![down(1, DownMsg::Notify)]);
+    h2.ack(dev, 1, u, DeviceMsg::AckNotify);
+    assert!(!h2.node.record(&u).unwrap().notify);
+}

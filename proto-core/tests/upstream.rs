@@ -1,7 +1,9 @@
 //! Reading upstream's nodeStatus.dat: every error names the offset of the bad record.
 
 use bytes::Bytes;
-use ddpush_proto::upstream::{read_node_status, write_node_status, UpstreamError, RECORD_FIXED_LEN};
+use ddpush_proto::upstream::{
+    read_node_status, write_node_status, UpstreamError, RECORD_FIXED_LEN,
+};
 use ddpush_proto::{RecordState, Time, Uuid};
 
 fn rec(n: u8, payload: Option<&[u8]>) -> RecordState {
@@ -20,7 +22,11 @@ fn rec(n: u8, payload: Option<&[u8]>) -> RecordState {
 }
 
 fn file() -> (Vec<RecordState>, Vec<u8>) {
-    let recs = vec![rec(1, Some(b"hello")), rec(2, None), rec(3, Some(&[0xAA; 300]))];
+    let recs = vec![
+        rec(1, Some(b"hello")),
+        rec(2, None),
+        rec(3, Some(&[0xAA; 300])),
+    ];
     let mut out = Vec::new();
     write_node_status(&recs, &mut out);
     (recs, out)
