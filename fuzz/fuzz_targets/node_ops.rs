@@ -1,0 +1,752 @@
+//! Target 4: the node state machine under an arbitrary list of operations.
+//!
+//! Operations: pushes (direct and framed on port 9999), heartbeats and acks over UDP and TCP
+//! from a small pool of uuids and addresses, raw datagrams and raw TCP bytes, TCP
+//! open/close, time steps (ms to years), operator removal, snapshot, restart from
+//! snapshot + journal, and a restore+replay check that keeps the live node.
+//!
+//! Invariants checked after every operation:
+//! 1. **No accepted push is lost unless superseded.** A model built from the reply bytes (and
+//!    the contract's own framing of the bytes sent) holds what must be pending; the node's
+//!    pending state equals it for every uuid. The model only forgets an item on a `Cleared`
+//!    change that an ack in the same operation justifies, or on `Removed` (expiry/operator).
+//! 2. **0x11 bits are cleared only by acks that carry them**; 0x10/0x20 only by an ack of the
+//!    same kind from the same uuid. A well-behaved ack (one ack per send, within
+//!    `ack_horizon` of it, which is what the node promises to handle) must never clear a
+//!    newer version than the one that send carried (PROTOCOL.md 8.2).
+//! 3. **restore(snapshot) + replay(journal) equals the live state**, and restoring emits no
+//!    changes; a restart continues from the restored node.
+//! 4. **Outputs are well-formed**: every packet decodes and re-encodes to the same bytes; 0x11
+//!    carries a non-zero mask equal to the pending mask; 0x20 carries the pending payload;
+//!    replies go only to push connections, one per request, equal to the contract's rule;
+//!    device packets go only to device connections or to UDP; heartbeat answers carry the
+//!    heartbeat's appId and go back where it came from, pushes carry appId 0; the change stream
+//!    holds exactly the accepted pushes, in order.
+#![no_main]
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use arbitrary::Arbitrary;
+use bytes::Bytes;
+use ddpush_fuzz::{contract_device, contract_reply, UP};
+use ddpush_proto::codec::DownPacket;
+use ddpush_proto::{
+    Change, Config, ConnId, DeviceMsg, DevicePacket, Dest, DownMsg, Event, Kind, Limits, Node,
+    Payload, Pending, Port, PushMsg, PushReply, PushRequest, RecordState, ReplyPolicy, Time,
+    Transmit, Uuid,
+};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    cfg: Cfg,
+    start_ms: u32,
+    ops: Vec<Op>,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Cfg {
+    policy: u8,
+    limits: bool,
+    horizon_s: u8,
+    max_clients: u8,
+    create_on_heartbeat: bool,
+    interval_s: u8,
+    idle_expiry_s: u16,
+    pending_ttl_s: u16,
+    max_content: u16,
+    device_idle_s: u16,
+    push_idle_s: u16,
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+enum Msg {
+    Notify,
+    Bits(u64),
+    Payload(Vec<u8>),
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum AckKind {
+    Notify,
+    Bits(u64),
+    Payload,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Push { who: u8, app_id: u8, msg: Msg },
+    PushTcp { conn: u8, who: u8, app_id: u8, msg: Msg },
+    Heartbeat { who: u8, from: u8, app_id: u8 },
+    HeartbeatTcp { conn: u8, who: u8, app_id: u8 },
+    Ack { who: u8, from: u8, kind: AckKind },
+    AckOf { send: u16, tcp: bool },
+    Udp { from: u8, data: Vec<u8> },
+    TcpOpen { push: bool, from: u8 },
+    TcpData { conn: u8, data: Vec<u8> },
+    TcpClose { conn: u8 },
+    Step { ms: u16 },
+    StepSecs { s: u16 },
+    Jump { s: u32 },
+    Remove { who: u8 },
+    Snapshot,
+    Restart,
+    CheckReplay,
+}
+
+fn uuid(who: u8) -> Uuid {
+    let mut u = [0u8; 16];
+    u[0] = 0xC0;
+    u[15] = who % 5;
+    Uuid(u)
+}
+
+fn addr(from: u8) -> SocketAddr {
+    let i = from % 6;
+    let ip = if i < 4 {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + i % 2))
+    } else {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(i)))
+    };
+    SocketAddr::new(ip, 40000 + u16::from(i))
+}
+
+fn config(c: &Cfg) -> Config {
+    Config {
+        reply_policy: match c.policy % 3 {
+            0 => ReplyPolicy::Never,
+            1 => ReplyPolicy::Always,
+            _ => ReplyPolicy::SaChanged,
+        },
+        heartbeat_interval: Duration::from_secs(1 + u64::from(c.interval_s % 60)),
+        online_grace: Duration::from_secs(10),
+        max_content: 1 + c.max_content % 600,
+        max_clients: if c.max_clients == 0 { 10_000 } else { 1 + usize::from(c.max_clients % 6) },
+        create_on_heartbeat: c.create_on_heartbeat,
+        idle_expiry: Duration::from_secs(u64::from(c.idle_expiry_s % 4000)),
+        pending_ttl: Duration::from_secs(u64::from(c.pending_ttl_s % 4000)),
+        ack_horizon: Duration::from_secs(u64::from(c.horizon_s % 31)),
+        device_tcp_idle: Duration::from_secs(1 + u64::from(c.device_idle_s % 900)),
+        push_tcp_idle: Duration::from_secs(1 + u64::from(c.push_idle_s % 900)),
+        hash_seed: 0x5eed,
+        limits: if c.limits {
+            Limits { table_size: 64, ..Limits::default() }
+        } else {
+            Limits { enabled: false, ..Limits::default() }
+        },
+    }
+}
+
+fn push_msg(m: &Msg) -> PushMsg {
+    match m {
+        Msg::Notify => PushMsg::Notify,
+        Msg::Bits(b) => PushMsg::Bits(*b),
+        Msg::Payload(p) => PushMsg::Payload(Bytes::copy_from_slice(p)),
+    }
+}
+
+/// What must be pending for one client.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Model {
+    notify: bool,
+    bits: u64,
+    payload: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Debug)]
+struct Send {
+    uuid: Uuid,
+    kind: Kind,
+    version: u64,
+    bits: u64,
+    at: Time,
+    dest: Dest,
+    acked: bool,
+}
+
+struct ConnState {
+    id: ConnId,
+    port: Port,
+    /// Bytes the contract framer has not yet delimited.
+    pending: Vec<u8>,
+    /// The contract framer saw a header with N > max: the node must close the connection.
+    failed: bool,
+}
+
+/// One delimited frame from the contract's point of view.
+enum Framed {
+    Device(Option<DevicePacket>),
+    Push([u8; 16], Option<PushMsg>, u8),
+}
+
+struct Harness {
+    cfg: Config,
+    node: Node,
+    now: Time,
+    next_conn: ConnId,
+    conns: Vec<ConnState>,
+    snapshot: Vec<RecordState>,
+    journal: Vec<Change>,
+    model: BTreeMap<Uuid, Model>,
+    versions: BTreeMap<(Uuid, u8), u64>,
+    sends: Vec<Send>,
+    tainted: HashSet<(Uuid, u8)>,
+}
+
+fn kidx(k: Kind) -> u8 {
+    match k {
+        Kind::Notify => 0,
+        Kind::Bits => 1,
+        Kind::Payload => 2,
+    }
+}
+
+/// What an operation fed in, for judging what came out.
+#[derive(Default)]
+struct Ctx {
+    /// Acks the contract says were delivered: (uuid, kind, bits).
+    acks: Vec<(Uuid, Kind, u64)>,
+    /// Pushes answered 0x00, in order.
+    accepted: Vec<(Uuid, PushMsg)>,
+    /// Index of the send a well-behaved ack answers.
+    ack_of: Option<usize>,
+    /// A single heartbeat: (uuid, app id, where answers go).
+    heartbeat: Option<(Uuid, u8, Dest)>,
+    /// A single push: its uuid.
+    push: Option<Uuid>,
+    /// Reply bytes expected on each push connection, in order (None: capacity may refuse).
+    replies: Vec<(ConnId, u8, [u8; 16], Option<PushMsg>)>,
+}
+
+impl Harness {
+    fn new(cfg: Config, now: Time) -> Self {
+        Harness {
+            node: Node::new(cfg.clone()).expect("valid config"),
+            cfg,
+            now,
+            next_conn: 1,
+            conns: Vec::new(),
+            snapshot: Vec::new(),
+            journal: Vec::new(),
+            model: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            sends: Vec::new(),
+            tainted: HashSet::new(),
+        }
+    }
+
+    fn conn(&self, i: u8, port: Port) -> Option<usize> {
+        let idx: Vec<usize> = (0..self.conns.len()).filter(|&c| self.conns[c].port == port).collect();
+        (!idx.is_empty()).then(|| idx[usize::from(i) % idx.len()])
+    }
+
+    /// Feeds bytes to a connection and to the contract framer; returns the frames delimited.
+    fn tcp_bytes(&mut self, ci: usize, data: &[u8], ctx: &mut Ctx) {
+        let id = self.conns[ci].id;
+        let port = self.conns[ci].port;
+        let max = match port {
+            Port::Device => 8,
+            Port::Push => self.cfg.max_content,
+        };
+        self.node.handle_tcp_data(self.now, id, data);
+        let c = &mut self.conns[ci];
+        c.pending.extend_from_slice(data);
+        let mut frames = Vec::new();
+        let mut used = 0;
+        loop {
+            let rest = &c.pending[used..];
+            if rest.len() < UP {
+                break;
+            }
+            let n = u16::from_be_bytes([rest[19], rest[20]]);
+            if n > max {
+                // The node must close this connection; checked in `finish` via poll_close.
+                c.failed = true;
+                break;
+            }
+            let total = UP + usize::from(n);
+            if rest.len() < total {
+                break;
+            }
+            let f = &rest[..total];
+            frames.push(match port {
+                Port::Device => Framed::Device(DevicePacket::decode(f).ok()),
+                Port::Push => {
+                    let u: [u8; 16] = f[3..19].try_into().unwrap();
+                    let reply = contract_reply(f, max).unwrap();
+                    let msg = (reply == 0).then(|| match f[2] {
+                        0x10 => PushMsg::Notify,
+                        0x11 => PushMsg::Bits(u64::from_be_bytes(f[21..29].try_into().unwrap())),
+                        _ => PushMsg::Payload(Bytes::copy_from_slice(&f[21..])),
+                    });
+                    Framed::Push(u, msg, reply)
+                }
+            });
+            used += total;
+        }
+        c.pending.drain(..used);
+        for f in frames {
+            match f {
+                Framed::Device(Some(p)) => note_device(&p, ctx),
+                Framed::Device(None) => {}
+                Framed::Push(u, msg, reply) => ctx.replies.push((id, reply, u, msg)),
+            }
+        }
+    }
+
+    fn run(&mut self, op: &Op) {
+        let mut ctx = Ctx::default();
+        let before: BTreeMap<Uuid, Pending> =
+            self.node.pending().into_iter().map(|p| (p.uuid, p)).collect();
+        let conns_before: Vec<(ConnId, Port)> = self.conns.iter().map(|c| (c.id, c.port)).collect();
+        match op {
+            Op::Push { who, app_id, msg } => {
+                let req = PushRequest { app_id: *app_id, uuid: uuid(*who), msg: push_msg(msg) };
+                let r = self.node.handle_push(self.now, req.clone());
+                let valid = match &req.msg {
+                    PushMsg::Payload(p) => !p.is_empty() && p.len() <= usize::from(self.cfg.max_content),
+                    _ => true,
+                };
+                let known = self.model.contains_key(&req.uuid);
+                let full = !known && self.model.len() >= self.cfg.max_clients;
+                if !valid {
+                    assert_eq!(r, PushReply::Rejected, "direct push {req:?}");
+                } else if !full {
+                    // (When full, the sweep inside handle_push may make room; `finish` checks
+                    // that an accepted push was stored and the node stays within capacity.)
+                    assert_eq!(r, PushReply::Accepted, "direct push {req:?}");
+                }
+                if r == PushReply::Accepted {
+                    ctx.accepted.push((req.uuid, req.msg));
+                    ctx.push = Some(req.uuid);
+                }
+            }
+            Op::PushTcp { conn, who, app_id, msg } => {
+                let Some(ci) = self.conn(*conn, Port::Push) else { return self.finish(ctx, before, conns_before) };
+                let (cmd, content) = match msg {
+                    Msg::Notify => (0x10u8, Vec::new()),
+                    Msg::Bits(b) => (0x11, b.to_be_bytes().to_vec()),
+                    Msg::Payload(p) => (0x20, p.clone()),
+                };
+                let mut f = vec![1, *app_id, cmd];
+                f.extend_from_slice(&uuid(*who).0);
+                f.extend_from_slice(&(content.len() as u16).to_be_bytes());
+                f.extend_from_slice(&content);
+                if self.conns[ci].pending.is_empty() {
+                    ctx.push = Some(uuid(*who));
+                }
+                self.tcp_bytes(ci, &f, &mut ctx);
+            }
+            Op::Heartbeat { who, from, app_id } => {
+                let p = DevicePacket { app_id: *app_id, uuid: uuid(*who), msg: DeviceMsg::Heartbeat };
+                let mut b = Vec::new();
+                p.encode(&mut b);
+                self.node.handle_udp(self.now, addr(*from), &b);
+                ctx.heartbeat = Some((p.uuid, *app_id, Dest::Udp(addr(*from))));
+            }
+            Op::HeartbeatTcp { conn, who, app_id } => {
+                let Some(ci) = self.conn(*conn, Port::Device) else { return self.finish(ctx, before, conns_before) };
+                let p = DevicePacket { app_id: *app_id, uuid: uuid(*who), msg: DeviceMsg::Heartbeat };
+                let mut b = Vec::new();
+                p.encode(&mut b);
+                if self.conns[ci].pending.is_empty() {
+                    ctx.heartbeat = Some((p.uuid, *app_id, Dest::Tcp(self.conns[ci].id)));
+                }
+                self.tcp_bytes(ci, &b, &mut ctx);
+            }
+            Op::Ack { who, from, kind } => {
+                let msg = match kind {
+                    AckKind::Notify => DeviceMsg::AckNotify,
+                    AckKind::Bits(b) => DeviceMsg::AckBits(*b),
+                    AckKind::Payload => DeviceMsg::AckPayload,
+                };
+                let p = DevicePacket { app_id: 1, uuid: uuid(*who), msg };
+                let mut b = Vec::new();
+                p.encode(&mut b);
+                self.node.handle_udp(self.now, addr(*from), &b);
+                note_device(&p, &mut ctx);
+            }
+            Op::AckOf { send, tcp } => {
+                if self.sends.is_empty() {
+                    return self.finish(ctx, before, conns_before);
+                }
+                let i = usize::from(*send) % self.sends.len();
+                let s = self.sends[i].clone();
+                let horizon = self.cfg.ack_horizon;
+                let late = self.now >= s.at + horizon;
+                if s.acked || late {
+                    // Beyond what the node promises to disambiguate: the device acked twice,
+                    // or the ack took longer than the horizon. Loss is then by design.
+                    self.tainted.insert((s.uuid, kidx(s.kind)));
+                } else {
+                    ctx.ack_of = Some(i);
+                }
+                self.sends[i].acked = true;
+                let msg = match s.kind {
+                    Kind::Notify => DeviceMsg::AckNotify,
+                    Kind::Bits => DeviceMsg::AckBits(s.bits),
+                    Kind::Payload => DeviceMsg::AckPayload,
+                };
+                let p = DevicePacket { app_id: 1, uuid: s.uuid, msg };
+                let mut b = Vec::new();
+                p.encode(&mut b);
+                let via_tcp = match s.dest {
+                    Dest::Tcp(id) if *tcp => self
+                        .conns
+                        .iter()
+                        .position(|c| c.id == id && c.pending.is_empty()),
+                    _ => None,
+                };
+                match (via_tcp, s.dest) {
+                    (Some(ci), _) => self.tcp_bytes(ci, &b, &mut ctx),
+                    (None, Dest::Udp(a)) => {
+                        self.node.handle_udp(self.now, a, &b);
+                        note_device(&p, &mut ctx);
+                    }
+                    (None, Dest::Tcp(_)) => {
+                        self.node.handle_udp(self.now, addr(0), &b);
+                        note_device(&p, &mut ctx);
+                    }
+                }
+            }
+            Op::Udp { from, data } => {
+                self.node.handle_udp(self.now, addr(*from), data);
+                if let Some(p) = contract_device(data).and_then(|_| DevicePacket::decode(data).ok()) {
+                    note_device(&p, &mut ctx);
+                }
+            }
+            Op::TcpOpen { push, from } => {
+                let port = if *push { Port::Push } else { Port::Device };
+                let id = self.next_conn;
+                self.next_conn += 1;
+                if self.node.handle_tcp_open(self.now, id, port, addr(*from)) {
+                    self.conns.push(ConnState { id, port, pending: Vec::new(), failed: false });
+                }
+            }
+            Op::TcpData { conn, data } => {
+                if self.conns.is_empty() {
+                    return self.finish(ctx, before, conns_before);
+                }
+                let ci = usize::from(*conn) % self.conns.len();
+                self.tcp_bytes(ci, data, &mut ctx);
+            }
+            Op::TcpClose { conn } => {
+                if self.conns.is_empty() {
+                    return self.finish(ctx, before, conns_before);
+                }
+                let ci = usize::from(*conn) % self.conns.len();
+                let c = self.conns.remove(ci);
+                self.node.handle_tcp_close(self.now, c.id);
+            }
+            Op::Step { ms } => {
+                self.now = Time(self.now.0 + u64::from(*ms));
+                self.node.handle_timeout(self.now);
+            }
+            Op::StepSecs { s } => {
+                self.now = self.now + Duration::from_secs(u64::from(*s));
+                self.node.handle_timeout(self.now);
+            }
+            Op::Jump { s } => {
+                self.now = self.now + Duration::from_secs(u64::from(*s));
+                self.node.handle_timeout(self.now);
+            }
+            Op::Remove { who } => {
+                let u = uuid(*who);
+                let had = self.node.remove(self.now, &u);
+                // The sweep inside `remove` may have expired it first.
+                assert!(!had || self.model.contains_key(&u));
+            }
+            Op::Snapshot => {
+                self.snapshot = self.node.records().collect();
+                self.journal.clear();
+            }
+            Op::Restart | Op::CheckReplay => {
+                let mut restored = Node::new(self.cfg.clone()).unwrap();
+                for r in &self.snapshot {
+                    restored.restore(self.now, r.clone());
+                }
+                for c in &self.journal {
+                    restored.apply(c);
+                }
+                assert_eq!(restored.poll_change(), None, "restore and replay must not journal");
+                assert_eq!(
+                    restored.pending(),
+                    self.node.pending(),
+                    "restore(snapshot) + replay(journal) differs from the live node"
+                );
+                assert_eq!(restored.len(), self.node.len());
+                if matches!(op, Op::Restart) {
+                    // A crash: connections are gone, the process starts from the files.
+                    while restored.poll_transmit().is_some() {}
+                    while restored.poll_event().is_some() {}
+                    self.node = restored;
+                    self.conns.clear();
+                    self.node.handle_timeout(self.now);
+                }
+            }
+        }
+        self.finish(ctx, before, conns_before)
+    }
+
+    fn finish(&mut self, ctx: Ctx, before: BTreeMap<Uuid, Pending>, conns_before: Vec<(ConnId, Port)>) {
+        // Pushes framed on port 9999 count as accepted when their reply byte says so.
+        let transmits: Vec<Transmit> = std::iter::from_fn(|| self.node.poll_transmit()).collect();
+        let mut accepted_list = ctx.accepted.clone();
+        {
+            let mut replies = ctx.replies.iter();
+            for t in &transmits {
+                if let Payload::Reply(r) = &t.payload {
+                    let (_, _, u, msg) = replies.next().expect("a reply nobody asked for");
+                    if *r == PushReply::Accepted {
+                        let m = msg.clone().expect("0x00 for a request the contract rejects");
+                        accepted_list.push((Uuid(*u), m));
+                    }
+                }
+            }
+        }
+
+        // --- the change stream, replayed against the model ---
+        let mut accepted = accepted_list.iter();
+        let mut cleared_any = false;
+        while let Some(ch) = self.node.poll_change() {
+            self.journal.push(ch.clone());
+            match &ch {
+                Change::Created { uuid, at } => {
+                    assert!(self.cfg.create_on_heartbeat, "heartbeat created a record with creation off");
+                    assert!(*at <= self.now);
+                    assert!(!self.model.contains_key(uuid), "Created for an existing record");
+                    self.model.insert(*uuid, Model::default());
+                }
+                Change::Pushed { uuid, at, msg } => {
+                    assert_eq!(*at, self.now);
+                    let (u, m) = accepted
+                        .next()
+                        .unwrap_or_else(|| panic!("Pushed {ch:?} without a 0x00 reply"));
+                    assert_eq!((u, m), (uuid, msg), "journal order differs from replies");
+                    let e = self.model.entry(*uuid).or_default();
+                    match msg {
+                        PushMsg::Notify => e.notify = true,
+                        PushMsg::Bits(b) => e.bits |= b,
+                        PushMsg::Payload(p) => e.payload = Some(p.to_vec()),
+                    }
+                    if !matches!(msg, PushMsg::Bits(_)) {
+                        *self.versions.entry((*uuid, kidx(msg.kind()))).or_default() += 1;
+                    }
+                }
+                Change::Cleared { uuid, kind, bits } => {
+                    cleared_any = true;
+                    let acks: Vec<_> = ctx.acks.iter().filter(|a| a.0 == *uuid && a.1 == *kind).collect();
+                    assert!(!acks.is_empty(), "{ch:?} without an ack of that kind from that uuid");
+                    let e = self.model.get_mut(uuid).expect("Cleared for an unknown record");
+                    match kind {
+                        Kind::Notify => {
+                            assert!(e.notify, "cleared a 0x10 that was not pending");
+                            e.notify = false;
+                        }
+                        Kind::Payload => {
+                            assert!(e.payload.is_some(), "cleared a 0x20 that was not pending");
+                            e.payload = None;
+                        }
+                        Kind::Bits => {
+                            let carried = acks.iter().fold(0u64, |m, a| m | a.2);
+                            assert_ne!(*bits, 0, "empty Cleared of 0x11");
+                            assert_eq!(bits & !carried, 0, "cleared 0x11 bits no ack carried");
+                            assert_eq!(bits & !e.bits, 0, "cleared 0x11 bits that were not pending");
+                            e.bits &= !bits;
+                        }
+                    }
+                    if let Some(i) = ctx.ack_of {
+                        let s = &self.sends[i];
+                        if s.uuid == *uuid && s.kind == *kind && *kind != Kind::Bits
+                            && !self.tainted.contains(&(s.uuid, kidx(s.kind)))
+                        {
+                            let v = self.versions.get(&(s.uuid, kidx(s.kind))).copied().unwrap_or(0);
+                            assert_eq!(
+                                v, s.version,
+                                "the ack of a send of version {} cleared the newer version {v} \
+                                 (sent at {:?}, acked at {:?}, horizon {:?})",
+                                s.version, s.at, self.now, self.cfg.ack_horizon
+                            );
+                        }
+                    }
+                }
+                Change::Removed { uuid } => {
+                    assert!(self.model.remove(uuid).is_some(), "Removed an unknown record");
+                }
+            }
+        }
+        assert!(accepted.next().is_none(), "a push answered 0x00 was not journaled");
+        let _ = cleared_any;
+
+        // Every other ack in this op makes later checks of that (uuid, kind) unreliable only if
+        // it was not a well-behaved ack; raw and spurious acks taint.
+        let events: Vec<Event> = std::iter::from_fn(|| self.node.poll_event()).collect();
+        for ev in &events {
+            if let Event::Acked { uuid, kind, .. } = ev {
+                let wb = ctx.ack_of.is_some_and(|i| self.sends[i].uuid == *uuid && self.sends[i].kind == *kind);
+                if !wb {
+                    self.tainted.insert((*uuid, kidx(*kind)));
+                }
+            }
+        }
+
+        // --- the node's pending state equals the model ---
+        let pending: BTreeMap<Uuid, Pending> =
+            self.node.pending().into_iter().map(|p| (p.uuid, p)).collect();
+        assert_eq!(
+            pending.keys().collect::<Vec<_>>(),
+            self.model.keys().collect::<Vec<_>>(),
+            "records differ from the model"
+        );
+        for (u, m) in &self.model {
+            let p = &pending[u];
+            assert_eq!(
+                (p.notify, p.bits, &p.payload),
+                (m.notify, m.bits, &m.payload),
+                "pending state of {u} differs from the model (accepted push lost?)"
+            );
+        }
+        assert!(self.node.len() <= self.cfg.max_clients);
+        let _ = before;
+
+        // --- outputs ---
+        let closes: Vec<ConnId> = std::iter::from_fn(|| self.node.poll_close()).collect();
+        let mut all_conns = conns_before.clone();
+        all_conns.extend(self.conns.iter().map(|c| (c.id, c.port)));
+        let port_of = |id: ConnId| all_conns.iter().find(|c| c.0 == id).map(|c| c.1);
+        let mut replies = ctx.replies.iter();
+        let mut hb_kinds = Vec::new();
+        for t in &transmits {
+            match (&t.payload, t.dest) {
+                (Payload::Reply(r), Dest::Tcp(id)) => {
+                    assert_eq!(port_of(id), Some(Port::Push), "reply to a non-push connection");
+                    let (cid, want, u, _) = replies.next().expect("a reply nobody asked for");
+                    assert_eq!(*cid, id, "replies out of order");
+                    if r.byte() != *want {
+                        // Only a capacity refusal may differ from the header rule.
+                        assert!(
+                            *want == 0x00 && r.byte() == 0x01
+                                && !self.model.contains_key(&Uuid(*u))
+                                && self.model.len() >= self.cfg.max_clients,
+                            "reply {:02x} where the contract says {want:02x}",
+                            r.byte()
+                        );
+                    }
+                }
+                (Payload::Reply(_), Dest::Udp(_)) => panic!("a reply byte sent over UDP"),
+                (Payload::Down(p), dest) => {
+                    if let Dest::Tcp(id) = dest {
+                        assert_eq!(port_of(id), Some(Port::Device), "device packet to a push connection");
+                    }
+                    let bytes = p.to_vec();
+                    assert_eq!(DownPacket::decode(&bytes).as_ref(), Ok(p), "malformed output {bytes:02x?}");
+                    let who = ctx.heartbeat.map(|h| h.0).or(ctx.push);
+                    match &p.msg {
+                        DownMsg::Bits(m) => assert_ne!(*m, 0, "0x11 with an empty mask"),
+                        DownMsg::Payload(b) => {
+                            assert!(!b.is_empty() && b.len() <= usize::from(self.cfg.max_content))
+                        }
+                        _ => {}
+                    }
+                    if let Some(u) = who {
+                        let m = &self.model[&u];
+                        match &p.msg {
+                            DownMsg::Notify => assert!(m.notify, "0x10 sent but not pending"),
+                            DownMsg::Bits(b) => assert_eq!(*b, m.bits, "0x11 must carry the whole mask"),
+                            DownMsg::Payload(b) => assert_eq!(Some(b.to_vec()), m.payload),
+                            DownMsg::HeartbeatReply => {
+                                assert!(ctx.heartbeat.is_some(), "heartbeat reply to a push")
+                            }
+                        }
+                        if let Some((_, app, hdest)) = ctx.heartbeat {
+                            assert_eq!(p.app_id, app, "heartbeat answer with another appId");
+                            assert_eq!(dest, hdest, "heartbeat answered elsewhere");
+                            hb_kinds.push(p.msg.clone());
+                        } else {
+                            assert_eq!(p.app_id, 0, "immediate push with appId != 0");
+                        }
+                        let kind = match &p.msg {
+                            DownMsg::Notify => Some(Kind::Notify),
+                            DownMsg::Bits(_) => Some(Kind::Bits),
+                            DownMsg::Payload(_) => Some(Kind::Payload),
+                            DownMsg::HeartbeatReply => None,
+                        };
+                        if let Some(kind) = kind {
+                            self.sends.push(Send {
+                                uuid: u,
+                                kind,
+                                version: self.versions.get(&(u, kidx(kind))).copied().unwrap_or(0),
+                                bits: if let DownMsg::Bits(b) = &p.msg { *b } else { 0 },
+                                at: self.now,
+                                dest,
+                                acked: false,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        assert!(replies.next().is_none(), "a push request got no reply");
+
+        // A heartbeat with limits off answers with exactly what is pending, in order.
+        if let Some((u, _, dest)) = ctx.heartbeat {
+            if !self.cfg.limits.enabled {
+                if let Some(m) = self.model.get(&u) {
+                    let mut want = Vec::new();
+                    if m.notify {
+                        want.push(DownMsg::Notify);
+                    }
+                    if m.bits != 0 {
+                        want.push(DownMsg::Bits(m.bits));
+                    }
+                    if let Some(p) = &m.payload {
+                        want.push(DownMsg::Payload(Bytes::from(p.clone())));
+                    }
+                    if want.is_empty() {
+                        match (self.cfg.reply_policy, dest) {
+                            (_, Dest::Tcp(_)) | (ReplyPolicy::Never, _) => {}
+                            (ReplyPolicy::Always, _) => want.push(DownMsg::HeartbeatReply),
+                            (ReplyPolicy::SaChanged, _) => {
+                                if hb_kinds.len() == 1 {
+                                    want.push(DownMsg::HeartbeatReply);
+                                }
+                            }
+                        }
+                    }
+                    assert_eq!(hb_kinds, want, "heartbeat answer differs from the pending items");
+                }
+            }
+        }
+
+        for id in closes {
+            let before_len = self.conns.len();
+            self.conns.retain(|c| c.id != id);
+            assert!(self.conns.len() < before_len || conns_before.iter().any(|c| c.0 == id),
+                "closed a connection that was not open");
+        }
+        // A framing error the contract predicts must have closed its connection.
+        for c in &self.conns {
+            assert!(!c.failed, "frame with N > max did not close connection {}", c.id);
+        }
+    }
+}
+
+fn note_device(p: &DevicePacket, ctx: &mut Ctx) {
+    match p.msg {
+        DeviceMsg::Heartbeat => {}
+        DeviceMsg::AckNotify => ctx.acks.push((p.uuid, Kind::Notify, 0)),
+        DeviceMsg::AckBits(b) => ctx.acks.push((p.uuid, Kind::Bits, b)),
+        DeviceMsg::AckPayload => ctx.acks.push((p.uuid, Kind::Payload, 0)),
+    }
+}
+
+fuzz_target!(|input: Input| {
+    let cfg = config(&input.cfg);
+    let now = Time::from_millis(u64::from(input.start_ms) * 1000 / 7);
+    let mut h = Harness::new(cfg, now);
+    for op in input.ops.iter().take(300) {
+        h.run(op);
+    }
+});

@@ -1,0 +1,153 @@
+//! Oracles shared by the fuzz targets.
+//!
+//! Each oracle is an independent, deliberately naive reading of PROTOCOL.md, written without
+//! looking at how `ddpush-proto` does it, so a target can compare the core against the contract
+//! rather than against itself.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Upstream header size (device -> server, app server -> server).
+pub const UP: usize = 21;
+
+/// What the contract says a device datagram is (PROTOCOL.md 2.1): `(app_id, uuid, cmd, mask)`.
+pub fn contract_device(buf: &[u8]) -> Option<(u8, [u8; 16], u8, Option<u64>)> {
+    if buf.len() < UP || buf[0] != 1 {
+        return None;
+    }
+    let n = u16::from_be_bytes([buf[19], buf[20]]) as usize;
+    if buf.len() != UP + n {
+        return None;
+    }
+    let need = match buf[2] {
+        0x00 | 0x10 | 0x20 => 0,
+        0x11 => 8,
+        _ => return None,
+    };
+    if n != need {
+        return None;
+    }
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&buf[3..19]);
+    let mask = (n == 8).then(|| u64::from_be_bytes(buf[21..29].try_into().unwrap()));
+    Some((buf[1], uuid, buf[2], mask))
+}
+
+/// The reply byte the contract requires for a delimited push request (PROTOCOL.md 2.2), given
+/// its 21-byte header and content length; `None` means "no reply, connection closed"
+/// (N > `max_content`). Capacity refusals (`0x01` for a well-formed request) are the node's
+/// business and are checked by the callers that know the client count.
+pub fn contract_reply(header: &[u8], max_content: u16) -> Option<u8> {
+    let n = u16::from_be_bytes([header[19], header[20]]);
+    if n > max_content {
+        return None;
+    }
+    if header[0] != 1 {
+        return Some(0x01);
+    }
+    let ok = match header[2] {
+        0x10 => n == 0,
+        0x11 => n == 8,
+        0x20 => n >= 1,
+        _ => false,
+    };
+    Some(if ok { 0x00 } else { 0x01 })
+}
+
+/// A naive TCP framer: whole stream in, frames (header + content) out, or the point where the
+/// stream cannot be delimited. `Err(frames)` = frames before a header announcing N > max.
+pub fn contract_frames(stream: &[u8], max_content: u16) -> Result<Vec<Vec<u8>>, Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut rest = stream;
+    while rest.len() >= UP {
+        let n = u16::from_be_bytes([rest[19], rest[20]]);
+        if n > max_content {
+            return Err(out);
+        }
+        let total = UP + n as usize;
+        if rest.len() < total {
+            break;
+        }
+        out.push(rest[..total].to_vec());
+        rest = &rest[total..];
+    }
+    Ok(out)
+}
+
+/// Cuts `data` into pieces at positions chosen by `seed` bytes (each byte is a piece length,
+/// 0 meaning "an empty read"), the remainder forming the last piece.
+pub fn split<'a>(data: &'a [u8], seed: &[u8]) -> Vec<&'a [u8]> {
+    let mut pieces = Vec::new();
+    let mut rest = data;
+    for &s in seed {
+        let n = usize::from(s).min(rest.len());
+        pieces.push(&rest[..n]);
+        rest = &rest[n..];
+        if rest.is_empty() {
+            break;
+        }
+    }
+    pieces.push(rest);
+    pieces
+}
+
+/// A global allocator that remembers the largest single allocation and the peak of live bytes,
+/// so persistence targets can assert that corrupt input never causes an allocation out of
+/// proportion to its size. Install with `#[global_allocator]` in a target.
+pub struct TrackingAlloc;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK_LIVE: AtomicUsize = AtomicUsize::new(0);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for TrackingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note_alloc(layout.size());
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note_alloc(layout.size());
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        note_alloc(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+fn note_alloc(size: usize) {
+    let live = LIVE.fetch_add(size, Ordering::Relaxed) + size;
+    PEAK_LIVE.fetch_max(live, Ordering::Relaxed);
+    LARGEST.fetch_max(size, Ordering::Relaxed);
+}
+
+/// Allocation figures since the last [`alloc_reset`]: (largest single allocation, peak live
+/// bytes above the live bytes at reset).
+pub fn alloc_stats() -> (usize, usize) {
+    (
+        LARGEST.load(Ordering::Relaxed),
+        PEAK_LIVE.load(Ordering::Relaxed).saturating_sub(BASE.load(Ordering::Relaxed)),
+    )
+}
+
+static BASE: AtomicUsize = AtomicUsize::new(0);
+
+/// Starts a new measurement.
+pub fn alloc_reset() {
+    let live = LIVE.load(Ordering::Relaxed);
+    BASE.store(live, Ordering::Relaxed);
+    PEAK_LIVE.store(live, Ordering::Relaxed);
+    LARGEST.store(0, Ordering::Relaxed);
+}
+
+/// The allocation budget for decoding `input_len` bytes of a persistence file: a constant
+/// factor of the input plus a fixed allowance. Anything above it is "unbounded" in the sense of
+/// the task: driven by a length field rather than by the bytes actually present.
+pub fn alloc_budget(input_len: usize) -> usize {
+    64 * 1024 + 16 * input_len
+}
