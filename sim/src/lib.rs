@@ -1,1 +1,17 @@
-//! Simulation harness (see docs/SIMULATION.md).
+//! Deterministic `turmoil` simulation of ddpush-rs under loss, partitions and crashes.
+//!
+//! The real protocol core ([`ddpush_proto::Node`]) runs behind a thin turmoil adapter
+//! ([`server`]); simulated device SDKs ([`device`]) and an app server ([`app`]) speak the real
+//! wire format through the core's codecs. [`scenario`] builds a world from a seed, injects
+//! faults at seeded moments and checks the guarantees users rely on. See docs/SIMULATION.md.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod device;
+pub mod scenario;
+pub mod server;
+pub mod world;
+
+pub use scenario::{run, Kind, Params, Report};

@@ -1,0 +1,882 @@
+//! Scenarios: a world built from a seed, faults injected at seeded moments, guarantees checked.
+
+use std::fmt;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ddpush_proto::{Config, DownMsg, Event, Pending, PushMsg};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::app::{self, Planned};
+use crate::device::{self, Plan};
+use crate::server::{self, DEVICE_PORT, PUSH_PORT};
+use crate::world::{device_uuid, Shared};
+
+/// The scenarios of docs/SIMULATION.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// 1: UDP devices on links losing 5-30% (bursty and steady).
+    Lossy,
+    /// 2: devices go silent past the online window and return from a new port.
+    Offline,
+    /// 3: the server is cut off from device groups and the app server for minutes.
+    Partition,
+    /// 4: the server host crashes (also between journal and reply, and mid-snapshot).
+    Crash,
+    /// 5: TCP devices that lose their connection and reconnect.
+    Tcp,
+    /// 6: all of the above at once, with more devices.
+    Mixed,
+}
+
+impl Kind {
+    /// Every scenario.
+    pub const ALL: [Kind; 6] = [
+        Kind::Lossy,
+        Kind::Offline,
+        Kind::Partition,
+        Kind::Crash,
+        Kind::Tcp,
+        Kind::Mixed,
+    ];
+
+    /// Its command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Lossy => "lossy",
+            Kind::Offline => "offline",
+            Kind::Partition => "partition",
+            Kind::Crash => "crash",
+            Kind::Tcp => "tcp",
+            Kind::Mixed => "mixed",
+        }
+    }
+
+    /// Parses a command-line name.
+    pub fn from_name(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// The sizes and faults of one run. Build with [`Params::new`], then adjust.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Which scenario.
+    pub kind: Kind,
+    /// The seed of everything (turmoil's RNG and ours).
+    pub seed: u64,
+    /// UDP devices.
+    pub udp_devices: usize,
+    /// TCP devices.
+    pub tcp_devices: usize,
+    /// Hosts the UDP devices are spread over (each is one IP and one link to the server).
+    pub udp_hosts: usize,
+    /// Pushes per device, on average.
+    pub pushes_per_device: f64,
+    /// Length of the push phase (ms); faults happen in it.
+    pub push_phase: u64,
+    /// Lossy phase after the pushes (ms).
+    pub settle: u64,
+    /// Link loss on some hosts (turmoil, bursty) and in some devices (steady).
+    pub loss: bool,
+    /// Share of UDP devices that go silent past the online window and come back.
+    pub offline: f64,
+    /// Partitions of device hosts and the app server.
+    pub partitions: bool,
+    /// Server crashes.
+    pub crashes: usize,
+    /// TCP devices drop their connection and reconnect.
+    pub tcp_drops: bool,
+}
+
+/// Clean phase at the end: no loss, no faults; long enough for every record to drain.
+const CLEAN: u64 = 200_000;
+/// The last stretch of the clean phase in which no device may receive anything.
+const QUIET: u64 = 70_000;
+/// When pushes start (every device has sent its first heartbeat).
+const PUSH_START: u64 = 55_000;
+
+impl Params {
+    /// The CI-sized parameters of a scenario (`scale` 1); larger scales multiply devices.
+    pub fn new(kind: Kind, seed: u64, scale: usize) -> Params {
+        let s = scale.max(1);
+        let base = Params {
+            kind,
+            seed,
+            udp_devices: 0,
+            tcp_devices: 0,
+            udp_hosts: 4,
+            pushes_per_device: 3.0,
+            push_phase: 300_000,
+            settle: 0,
+            loss: false,
+            offline: 0.0,
+            partitions: false,
+            crashes: 0,
+            tcp_drops: false,
+        };
+        match kind {
+            Kind::Lossy => Params {
+                udp_devices: 300 * s,
+                udp_hosts: 6,
+                settle: 600_000,
+                loss: true,
+                ..base
+            },
+            Kind::Offline => Params {
+                udp_devices: 200 * s,
+                udp_hosts: 2,
+                offline: 0.4,
+                ..base
+            },
+            Kind::Partition => Params {
+                udp_devices: 200 * s,
+                partitions: true,
+                push_phase: 480_000,
+                ..base
+            },
+            Kind::Crash => Params {
+                udp_devices: 200 * s,
+                tcp_devices: 40 * s,
+                crashes: 8,
+                push_phase: 420_000,
+                ..base
+            },
+            Kind::Tcp => Params {
+                tcp_devices: 150 * s,
+                tcp_drops: true,
+                ..base
+            },
+            Kind::Mixed => Params {
+                udp_devices: 1600 * s,
+                tcp_devices: 400 * s,
+                udp_hosts: 8,
+                pushes_per_device: 2.0,
+                push_phase: 480_000,
+                settle: 300_000,
+                loss: true,
+                offline: 0.2,
+                partitions: true,
+                crashes: 6,
+                tcp_drops: true,
+                ..base
+            },
+        }
+    }
+
+    /// The command that replays this run.
+    pub fn replay(&self, scale: usize) -> String {
+        format!(
+            "cargo run -p ddpush-sim --release -- --scenario {} --seed {} --scale {}",
+            self.kind.name(),
+            self.seed,
+            scale
+        )
+    }
+}
+
+/// How the server's links to one UDP device host misbehave.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    /// No loss, never partitioned: the exact per-episode checks apply.
+    Clean,
+    /// turmoil's bursty loss at this fail rate.
+    Bursty(f64),
+    /// Steady random loss inside each device (5-30%).
+    Steady,
+    /// Partitioned from the server for minutes.
+    Cut,
+}
+
+fn roles(p: &Params) -> Vec<Role> {
+    let mut rng = SmallRng::seed_from_u64(p.seed ^ 0x5eed_0001);
+    let mut pattern = Vec::new();
+    if p.offline > 0.0 || p.crashes > 0 || !p.loss {
+        pattern.push(Role::Clean);
+    }
+    if p.loss {
+        pattern.push(Role::Bursty(0.0));
+        pattern.push(Role::Steady);
+    }
+    if p.partitions {
+        pattern.push(Role::Cut);
+    }
+    (0..p.udp_hosts)
+        .map(|h| match pattern[h % pattern.len()] {
+            Role::Bursty(_) => Role::Bursty(rng.random_range(0.05..0.25)),
+            r => r,
+        })
+        .collect()
+}
+
+/// A scheduled fault.
+#[derive(Clone, Debug)]
+enum Fault {
+    /// Crash now (how), restart after `down` ms.
+    Crash(CrashHow, u64),
+    Partition(Vec<String>, u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CrashHow {
+    AtRandom,
+    AfterJournal,
+    InSnapshot,
+}
+
+/// Measured results of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: &'static str,
+    /// Seed.
+    pub seed: u64,
+    /// Devices simulated.
+    pub devices: usize,
+    /// Simulated time (s).
+    pub sim_secs: u64,
+    /// Pushes answered 0x00.
+    pub accepted: usize,
+    /// Immediate (0 heartbeats) and later deliveries of 0x20 payloads, by heartbeats needed.
+    pub hb_histogram: Vec<usize>,
+    /// 0x20 payloads delivered, and the mean heartbeats they took.
+    pub hb_mean: f64,
+    /// Receipts of a 0x20 payload the device had already received.
+    pub duplicates: usize,
+    /// The most receipts of one payload after its first.
+    pub max_duplicates: usize,
+    /// Crashes and restarts.
+    pub crashes: usize,
+    /// Crash points: after journal, in snapshot.
+    pub crash_points: (usize, usize),
+    /// Snapshots written, and torn by a crash.
+    pub snapshots: (u64, u64),
+    /// App server reconnects.
+    pub app_reconnects: u32,
+    /// Offline transitions checked, and away/reconnect episodes checked.
+    pub offline_checked: usize,
+    /// Episodes whose return delivery was checked.
+    pub episodes_checked: usize,
+    /// Trace hash (same seed, same hash).
+    pub trace: u64,
+    /// Items in the trace.
+    pub trace_items: u64,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} seed={} devices={} sim={}s accepted={} payload-delivery-heartbeats={:?} mean={:.2} \
+             dups={} max-dups/item={} crashes={} (after-journal {}, in-snapshot {}) snapshots={}/{} torn \
+             app-reconnects={} offline-checked={} episodes-checked={} trace={:016x} ({} items)",
+            self.scenario,
+            self.seed,
+            self.devices,
+            self.sim_secs,
+            self.accepted,
+            self.hb_histogram,
+            self.hb_mean,
+            self.duplicates,
+            self.max_duplicates,
+            self.crashes,
+            self.crash_points.0,
+            self.crash_points.1,
+            self.snapshots.0,
+            self.snapshots.1,
+            self.app_reconnects,
+            self.offline_checked,
+            self.episodes_checked,
+            self.trace,
+            self.trace_items
+        )
+    }
+}
+
+fn core_config(seed: u64) -> Config {
+    let mut cfg = Config {
+        hash_seed: seed,
+        ..Config::default()
+    };
+    // Abuse limits off: each simulated device host stands for many real clients behind one
+    // IP (hundreds per host here), so the per-IP source rate and amplification budget, sized
+    // for one IP per client or a small NAT, would throttle legitimate re-sends and turn a
+    // delivery check into a test of the limiter. The limiter has its own tests in proto-core.
+    cfg.limits.enabled = false;
+    cfg
+}
+
+/// Runs one scenario; `Err` lists every violated guarantee.
+pub fn run(p: &Params) -> Result<Report, String> {
+    let mut rng = SmallRng::seed_from_u64(p.seed);
+    let n = p.udp_devices + p.tcp_devices;
+    let push_end = PUSH_START + p.push_phase;
+    let clean_at = push_end + p.settle;
+    let end = clean_at + CLEAN;
+    let roles = roles(p);
+    let tcp_hosts = p.tcp_devices.div_ceil(200);
+
+    // Devices: UDP ones first, spread round-robin over the hosts.
+    let mut host_of = Vec::with_capacity(n);
+    let mut plans = Vec::with_capacity(n);
+    for i in 0..n {
+        let tcp = i >= p.udp_devices;
+        let host = if tcp {
+            p.udp_hosts + (i - p.udp_devices) % tcp_hosts.max(1)
+        } else {
+            i % p.udp_hosts
+        };
+        let role = if tcp { Role::Clean } else { roles[host] };
+        let loss = if role == Role::Steady {
+            rng.random_range(0.05..0.30)
+        } else {
+            0.0
+        };
+        let mut away = Vec::new();
+        if tcp && p.tcp_drops {
+            let mut t = PUSH_START + 5_000;
+            for _ in 0..rng.random_range(1..=3) {
+                let from = rng.random_range(t..push_end - 30_000);
+                let until = from + rng.random_range(2_000..120_000);
+                if until + 10_000 > push_end {
+                    break;
+                }
+                away.push((from, until));
+                t = until + 5_000;
+                if t + 30_000 >= push_end {
+                    break;
+                }
+            }
+        } else if !tcp && role == Role::Clean && rng.random_bool(p.offline) {
+            let from = rng.random_range(PUSH_START..push_end - 250_000);
+            away.push((from, from + rng.random_range(90_000..240_000)));
+        }
+        host_of.push(host);
+        plans.push(Plan {
+            idx: i,
+            app_id: rng.random_range(1..=3),
+            tcp,
+            loss,
+            start: rng.random_range(0..50_000),
+            away,
+            end,
+            seed: rng.random(),
+        });
+    }
+
+    // Pushes at random times to random devices; payloads are unique so receipts can be traced.
+    let total = (n as f64 * p.pushes_per_device) as usize;
+    let mut pushes: Vec<Planned> = (0..total)
+        .map(|k| {
+            let device = rng.random_range(0..n);
+            let msg = match rng.random_range(0..3) {
+                0 => PushMsg::Notify,
+                1 => PushMsg::Bits(1u64 << rng.random_range(0..64)),
+                _ => {
+                    let len = rng.random_range(0..100);
+                    let mut s = format!("m{k}:");
+                    s.extend(std::iter::repeat_n('x', len));
+                    PushMsg::Payload(Bytes::from(s))
+                }
+            };
+            Planned {
+                at: rng.random_range(PUSH_START..push_end),
+                device,
+                msg,
+            }
+        })
+        .collect();
+    pushes.sort_by_key(|x| x.at);
+
+    // Faults.
+    let mut faults: Vec<(u64, Fault)> = Vec::new();
+    if p.partitions {
+        let cut: Vec<String> = roles
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| **r == Role::Cut)
+            .map(|(h, _)| format!("udp{h}"))
+            .collect();
+        let mut a = cut.clone();
+        a.push("app".into());
+        faults.push((
+            PUSH_START + rng.random_range(20_000..60_000),
+            Fault::Partition(a, rng.random_range(150_000..240_000)),
+        ));
+        faults.push((
+            push_end - rng.random_range(130_000..150_000),
+            Fault::Partition(vec!["app".into()], rng.random_range(60_000..120_000)),
+        ));
+    }
+    for k in 0..p.crashes {
+        let how = match k % 3 {
+            0 => CrashHow::AtRandom,
+            1 => CrashHow::AfterJournal,
+            _ => CrashHow::InSnapshot,
+        };
+        let at = rng.random_range(PUSH_START..push_end + p.settle / 2);
+        faults.push((at, Fault::Crash(how, rng.random_range(1_000..20_000))));
+    }
+    faults.sort_by_key(|f| f.0);
+
+    let uuids = (0..n).map(device_uuid).collect();
+    let sh = Shared::new(uuids);
+
+    let mut b = turmoil::Builder::new();
+    b.simulation_duration(Duration::from_millis(end + 120_000))
+        .tick_duration(Duration::from_millis(50))
+        .min_message_latency(Duration::from_millis(5))
+        .max_message_latency(Duration::from_millis(150))
+        .udp_capacity(1 << 16)
+        .tcp_capacity(1 << 16)
+        .rng_seed(p.seed);
+    let mut sim = b.build();
+
+    let cfg = core_config(p.seed);
+    {
+        let sh = sh.clone();
+        sim.host("server", move || server::run(sh.clone(), cfg.clone()));
+    }
+    let server_ip = sim.lookup("server");
+    let udp_addr = (server_ip, DEVICE_PORT).into();
+    for h in 0..p.udp_hosts + tcp_hosts {
+        let name = if h < p.udp_hosts {
+            format!("udp{h}")
+        } else {
+            format!("tcp{}", h - p.udp_hosts)
+        };
+        let mine: Vec<Plan> = plans
+            .iter()
+            .filter(|pl| host_of[pl.idx] == h)
+            .cloned()
+            .collect();
+        let sh = sh.clone();
+        sim.client(name.as_str(), async move {
+            let mut handles = Vec::new();
+            for pl in mine {
+                let sh = sh.clone();
+                handles.push(tokio::task::spawn_local(async move {
+                    if pl.tcp {
+                        device::tcp(sh, pl, udp_addr).await
+                    } else {
+                        device::udp(sh, pl, udp_addr).await
+                    }
+                }));
+            }
+            for h in handles {
+                h.await.map_err(|e| e.to_string())??;
+            }
+            Ok(())
+        });
+        if let Some(Role::Bursty(rate)) = roles.get(h) {
+            sim.set_link_fail_rate(name.as_str(), "server", *rate);
+        }
+    }
+    {
+        let sh = sh.clone();
+        let push_addr = (server_ip, PUSH_PORT).into();
+        sim.client("app", app::run(sh, pushes, push_addr, clean_at + CLEAN / 2));
+    }
+
+    // Drive.
+    let mut errors: Vec<String> = Vec::new();
+    let mut report = Report {
+        scenario: p.kind.name(),
+        seed: p.seed,
+        devices: n,
+        ..Report::default()
+    };
+    let mut next_fault = 0usize;
+    let mut repairs: Vec<(u64, Vec<String>)> = Vec::new();
+    let mut restart_at: Option<u64> = None;
+    let mut armed: Option<CrashHow> = None;
+    let mut pre_crash: Option<Vec<Pending>> = None;
+    let mut downtimes: Vec<(u64, u64)> = Vec::new();
+    let mut cuts: Vec<(u64, u64)> = Vec::new();
+    let mut pending_down = 0u64;
+    let mut clean_done = false;
+    loop {
+        let done = sim.step().map_err(|e| format!("simulation error: {e}"))?;
+        let now = sim.elapsed().as_millis() as u64;
+
+        // A restart finished restoring: the durable state must equal the state at the crash.
+        let restored = sh.faults.borrow_mut().restored.take();
+        if let Some(r) = restored {
+            let pre = pre_crash.take().unwrap_or_default();
+            if r != pre {
+                let lost = pre.iter().filter(|x| !r.contains(x)).count();
+                errors.push(format!(
+                    "restart at {now} ms: restored state differs from the state at the crash \
+                     ({lost} of {} records differ)",
+                    pre.len()
+                ));
+            }
+        }
+
+        let crash_now = sh.faults.borrow().halted
+            || (armed == Some(CrashHow::AtRandom) && restart_at.is_none());
+        if crash_now && restart_at.is_none() {
+            let how = armed.take().unwrap_or(CrashHow::AtRandom);
+            match how {
+                CrashHow::AfterJournal => report.crash_points.0 += 1,
+                CrashHow::InSnapshot => report.crash_points.1 += 1,
+                CrashHow::AtRandom => {}
+            }
+            pre_crash = sh.node.borrow().as_ref().map(|n| n.pending());
+            sim.crash("server");
+            *sh.node.borrow_mut() = None;
+            {
+                let mut f = sh.faults.borrow_mut();
+                f.halted = false;
+                f.crash_after_journal = false;
+                f.crash_in_snapshot = false;
+            }
+            report.crashes += 1;
+            restart_at = Some(now + pending_down);
+            downtimes.push((now, now + pending_down));
+        }
+        if let Some(t) = restart_at {
+            if now >= t {
+                sh.faults.borrow_mut().want_restored = true;
+                sim.bounce("server");
+                restart_at = None;
+            }
+        }
+
+        while next_fault < faults.len() && faults[next_fault].0 <= now {
+            match &faults[next_fault].1 {
+                Fault::Crash(how, down) => {
+                    if armed.is_some() || restart_at.is_some() {
+                        break; // one crash at a time; this one waits
+                    }
+                    armed = Some(*how);
+                    pending_down = *down;
+                    let mut f = sh.faults.borrow_mut();
+                    f.crash_after_journal = *how == CrashHow::AfterJournal;
+                    f.crash_in_snapshot = *how == CrashHow::InSnapshot;
+                }
+                Fault::Partition(hosts, dur) => {
+                    for h in hosts {
+                        sim.partition("server", h.as_str());
+                    }
+                    repairs.push((now + dur, hosts.clone()));
+                    cuts.push((now, now + dur));
+                }
+            }
+            next_fault += 1;
+        }
+        repairs.retain(|(t, hosts)| {
+            if now >= *t {
+                for h in hosts {
+                    sim.repair("server", h.as_str());
+                }
+                false
+            } else {
+                true
+            }
+        });
+
+        if !clean_done && now >= clean_at {
+            // The clean phase: no loss anywhere, every fault healed, nothing armed.
+            clean_done = true;
+            sh.faults.borrow_mut().loss_off = true;
+            for (h, r) in roles.iter().enumerate() {
+                if let Role::Bursty(_) = r {
+                    sim.set_link_fail_rate(format!("udp{h}").as_str(), "server", 0.0);
+                }
+            }
+            if armed.take().is_some() {
+                let mut f = sh.faults.borrow_mut();
+                f.crash_after_journal = false;
+                f.crash_in_snapshot = false;
+            }
+            next_fault = faults.len();
+        }
+        if done {
+            break;
+        }
+    }
+    report.sim_secs = sim.elapsed().as_secs();
+
+    check(
+        p,
+        &sh,
+        &host_of,
+        &roles,
+        end,
+        &downtimes,
+        &cuts,
+        &mut report,
+        &mut errors,
+    );
+    let tr = sh.trace.borrow();
+    report.trace = tr.hash();
+    report.trace_items = tr.items;
+    let st = sh.store.borrow();
+    report.snapshots = (st.snapshots, st.torn);
+    report.app_reconnects = sh.app.borrow().reconnects;
+    if errors.is_empty() {
+        Ok(report)
+    } else {
+        let more = errors.len().saturating_sub(20);
+        errors.truncate(20);
+        if more > 0 {
+            errors.push(format!("... and {more} more"));
+        }
+        Err(format!("{}\n{report}", errors.join("\n")))
+    }
+}
+
+/// What the app server was told was accepted, folded per device as the protocol stores it.
+#[derive(Default, Clone)]
+struct Expected {
+    notify_last_sent: Option<u64>,
+    bits: u64,
+    payload: Option<(Bytes, u64)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    p: &Params,
+    sh: &Rc<Shared>,
+    host_of: &[usize],
+    roles: &[Role],
+    end: u64,
+    downtimes: &[(u64, u64)],
+    cuts: &[(u64, u64)],
+    report: &mut Report,
+    errors: &mut Vec<String>,
+) {
+    let app = sh.app.borrow();
+    if app.unanswered > 0 {
+        errors.push(format!("{} pushes never answered", app.unanswered));
+    }
+    let n = sh.devices.len();
+    let mut exp = vec![Expected::default(); n];
+    for a in &app.answered {
+        if a.reply != 0 {
+            errors.push(format!(
+                "push to device {} answered {:#04x}",
+                a.device, a.reply
+            ));
+            continue;
+        }
+        report.accepted += 1;
+        let e = &mut exp[a.device];
+        match &a.msg {
+            PushMsg::Notify => e.notify_last_sent = Some(a.sent_at),
+            PushMsg::Bits(b) => e.bits |= b,
+            PushMsg::Payload(b) => e.payload = Some((b.clone(), a.sent_at)),
+        }
+    }
+
+    // The server ends with nothing pending: every item was delivered and acked.
+    match sh.node.borrow().as_ref() {
+        Some(node) => {
+            let left: Vec<_> = node
+                .pending()
+                .into_iter()
+                .filter(|x| x.notify || x.bits != 0 || x.payload.is_some())
+                .collect();
+            if !left.is_empty() {
+                errors.push(format!("{} records still pending at the end", left.len()));
+            }
+        }
+        None => errors.push("server down at the end".into()),
+    }
+
+    let overlaps = |a: u64, b: u64, spans: &[(u64, u64)]| {
+        spans.iter().any(|&(s, e)| a < e + 2_000 && s < b + 2_000)
+    };
+    let events = sh.events.borrow();
+    let mut hist: Vec<usize> = Vec::new();
+    let mut hb_sum = 0usize;
+    for (i, e) in exp.iter().enumerate() {
+        let log = sh.devices[i].borrow();
+        // Final state: exactly the last payload, the OR of the bits, the flag.
+        let mut bits = 0u64;
+        let mut last_payload: Option<&Bytes> = None;
+        let mut last_notify: Option<u64> = None;
+        let mut seen: std::collections::HashMap<&[u8], usize> = Default::default();
+        for r in &log.rx {
+            match &r.msg {
+                DownMsg::Notify => last_notify = Some(r.at),
+                DownMsg::Bits(b) => bits |= b,
+                DownMsg::Payload(b) => {
+                    last_payload = Some(b);
+                    *seen.entry(b.as_ref()).or_default() += 1;
+                }
+                DownMsg::HeartbeatReply => {}
+            }
+            if r.at + QUIET > end {
+                errors.push(format!(
+                    "device {i} received {:?} at {} ms, after everything was acked",
+                    r.msg, r.at
+                ));
+                break;
+            }
+        }
+        if bits != e.bits {
+            errors.push(format!("device {i}: bits {bits:#x}, pushed {:#x}", e.bits));
+        }
+        if last_payload.map(|b| b.as_ref()) != e.payload.as_ref().map(|(b, _)| b.as_ref()) {
+            errors.push(format!(
+                "device {i}: last payload {:?}, last pushed {:?}",
+                last_payload.map(|b| String::from_utf8_lossy(&b[..b.len().min(12)]).into_owned()),
+                e.payload
+                    .as_ref()
+                    .map(|(b, _)| String::from_utf8_lossy(&b[..b.len().min(12)]).into_owned())
+            ));
+        }
+        match (e.notify_last_sent, last_notify) {
+            (None, None) => {}
+            (Some(s), Some(r)) if r >= s => {}
+            (s, r) => errors.push(format!(
+                "device {i}: 0x10 pushed at {s:?}, last received at {r:?}"
+            )),
+        }
+        for (k, &c) in seen.iter() {
+            if c > 2 && std::env::var("SIM_DEBUG").is_ok() {
+                let times: Vec<u64> = log
+                    .rx
+                    .iter()
+                    .filter(|r| matches!(&r.msg, DownMsg::Payload(x) if x.as_ref() == *k))
+                    .map(|r| r.at)
+                    .collect();
+                let hbs: Vec<u64> = log
+                    .heartbeats
+                    .iter()
+                    .copied()
+                    .filter(|&t| t + 60_000 >= times[0] && t <= *times.last().unwrap())
+                    .collect();
+                eprintln!("dev {i} tcp={} payload {:?} rx at {times:?} hbs {hbs:?} downtimes {downtimes:?}", i >= p.udp_devices, String::from_utf8_lossy(&k[..k.len().min(8)]));
+            }
+            report.duplicates += c - 1;
+            report.max_duplicates = report.max_duplicates.max(c - 1);
+        }
+        // Heartbeats each payload took: heartbeats sent between its push and its first receipt.
+        for a in app.answered.iter().filter(|a| a.device == i) {
+            if let PushMsg::Payload(b) = &a.msg {
+                if let Some(r) = log
+                    .rx
+                    .iter()
+                    .find(|r| matches!(&r.msg, DownMsg::Payload(x) if x == b))
+                {
+                    let hbs = log
+                        .heartbeats
+                        .iter()
+                        .filter(|&&t| t >= a.sent_at && t <= r.at)
+                        .count();
+                    if hist.len() <= hbs {
+                        hist.resize(hbs + 1, 0);
+                    }
+                    hist[hbs] += 1;
+                    hb_sum += hbs;
+                }
+            }
+        }
+
+        // Away periods, where the exact rules apply (no loss, no crash or partition nearby).
+        let tcp = i >= p.udp_devices;
+        let exact = tcp || roles[host_of[i]] == Role::Clean;
+        let uuid = log.uuid;
+        for aw in &log.away {
+            if !exact || aw.back == u64::MAX || overlaps(aw.from, aw.back, downtimes) {
+                continue;
+            }
+            if !tcp && aw.back > aw.last_sent + 65_000 && !overlaps(aw.from, aw.back, cuts) {
+                // Offline on time, no immediate push while offline, nothing sent to it.
+                let off = events.iter().find(|l| {
+                    l.at > aw.last_sent
+                        && matches!(&l.event, Event::Offline { uuid: u } if *u == uuid)
+                });
+                match off {
+                    Some(l) if l.at >= aw.last_sent + 60_000 && l.at <= aw.last_sent + 62_100 => {
+                        report.offline_checked += 1;
+                        let sent_while_offline = events.iter().any(|x| {
+                            x.at > l.at
+                                && x.at < aw.back
+                                && matches!(&x.event,
+                                    Event::PushAccepted { uuid: u, sent, .. } if *u == uuid && *sent > 0)
+                        });
+                        if sent_while_offline {
+                            errors.push(format!("device {i}: immediate push while offline"));
+                        }
+                        if log.rx_away.iter().any(|&t| t > l.at + 1_000) {
+                            errors.push(format!("device {i}: received a packet while offline"));
+                        }
+                    }
+                    other => errors.push(format!(
+                        "device {i}: silent from {} ms (last sent {}), offline event at {:?}",
+                        aw.from,
+                        aw.last_sent,
+                        other.map(|l| l.at)
+                    )),
+                }
+            }
+            if overlaps(aw.from, aw.back, cuts) {
+                continue;
+            }
+            // Everything pushed while away arrives right after the first heartbeat back.
+            let next_hb = log
+                .heartbeats
+                .iter()
+                .copied()
+                .find(|&t| t > aw.back)
+                .unwrap_or(u64::MAX);
+            let got: Vec<&DownMsg> = log
+                .rx
+                .iter()
+                .filter(|r| r.at >= aw.back && r.at < next_hb)
+                .map(|r| &r.msg)
+                .collect();
+            let mut want_bits = 0u64;
+            let mut want_notify = false;
+            let mut want_payload: Option<(&Bytes, u64)> = None;
+            for a in app.answered.iter().filter(|a| {
+                a.device == i && a.reply == 0 && a.sent_at >= aw.from && a.replied_at < aw.back
+            }) {
+                match &a.msg {
+                    PushMsg::Notify => want_notify = true,
+                    PushMsg::Bits(b) => want_bits |= b,
+                    PushMsg::Payload(b) => want_payload = Some((b, a.sent_at)),
+                }
+            }
+            let got_bits = got.iter().fold(0u64, |acc, m| match m {
+                DownMsg::Bits(b) => acc | b,
+                _ => acc,
+            });
+            let got_notify = got.iter().any(|m| matches!(m, DownMsg::Notify));
+            let payload_ok = want_payload.is_none_or(|(w, sent)| {
+                got.iter().any(|m| match m {
+                    DownMsg::Payload(b) => {
+                        b == w
+                            || app.answered.iter().any(|a| {
+                                a.device == i
+                                    && a.sent_at > sent
+                                    && matches!(&a.msg, PushMsg::Payload(x) if x == b)
+                            })
+                    }
+                    _ => false,
+                })
+            });
+            if got_bits & want_bits != want_bits || (want_notify && !got_notify) || !payload_ok {
+                errors.push(format!(
+                    "device {i}: away {}..{} ms: first heartbeat back did not bring everything \
+                     (bits {got_bits:#x}/{want_bits:#x}, notify {got_notify}/{want_notify}, payload ok {payload_ok})",
+                    aw.from, aw.back
+                ));
+            }
+            report.episodes_checked += 1;
+        }
+    }
+    let delivered: usize = hist.iter().sum();
+    report.hb_mean = if delivered > 0 {
+        hb_sum as f64 / delivered as f64
+    } else {
+        0.0
+    };
+    report.hb_histogram = hist;
+}

@@ -1,0 +1,264 @@
+//! The turmoil binding of the core: a second, small adapter next to node-smol.
+//!
+//! It only moves bytes and time, in the order the core's crate docs give: read sockets, call
+//! `handle_*`, journal every `poll_change` before any `poll_transmit` leaves, send, close,
+//! log events, sleep until the next input or `poll_timeout`. No protocol rule lives here.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use ddpush_proto::{Change, Config, ConnId, Dest, Event, Node, Port, Time};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use turmoil::net::tcp::OwnedWriteHalf;
+use turmoil::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::world::{now_ms, Logged, Shared};
+
+/// Device port (UDP and TCP).
+pub const DEVICE_PORT: u16 = 9966;
+/// App server port.
+pub const PUSH_PORT: u16 = 9999;
+
+/// How often a snapshot is written, and how many records each simulated write step holds.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(45);
+const SNAPSHOT_CHUNK: usize = 256;
+
+enum Input {
+    Data(ConnId, Vec<u8>),
+    Closed(ConnId),
+}
+
+fn now() -> Time {
+    Time::from_millis(now_ms())
+}
+
+/// Builds the node from the store: restore the snapshot, then replay the journal.
+fn restore(sh: &Shared, cfg: &Config) -> Node {
+    let mut node = Node::new(cfg.clone()).expect("valid config");
+    let mut store = sh.store.borrow_mut();
+    if store.staging.take().is_some() {
+        store.torn += 1;
+    }
+    let t = now();
+    for st in store.snapshot.iter().cloned() {
+        node.restore(t, st);
+    }
+    for c in &store.journal {
+        node.apply(c);
+    }
+    node
+}
+
+/// The server host's software; turmoil calls it again on every restart.
+pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
+    let any = Ipv4Addr::UNSPECIFIED;
+    let udp = Rc::new(UdpSocket::bind((any, DEVICE_PORT)).await?);
+    let dev_l = TcpListener::bind((any, DEVICE_PORT)).await?;
+    let push_l = TcpListener::bind((any, PUSH_PORT)).await?;
+
+    let node = restore(&sh, &cfg);
+    {
+        let mut f = sh.faults.borrow_mut();
+        if f.want_restored {
+            f.want_restored = false;
+            f.restored = Some(node.pending());
+        }
+    }
+    *sh.node.borrow_mut() = Some(node);
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    let mut writers: BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)> =
+        BTreeMap::new();
+    let mut next_conn: ConnId = 1;
+    let mut next_snapshot = now_ms() + SNAPSHOT_EVERY.as_millis() as u64;
+    let snapshot_busy = Rc::new(std::cell::Cell::new(false));
+    let mut buf = vec![0u8; 2048];
+
+    loop {
+        let deadline = sh.node.borrow().as_ref().and_then(Node::poll_timeout);
+        let wait = deadline.map_or(Duration::from_secs(3600), |d| {
+            Duration::from_millis(d.as_millis().saturating_sub(now_ms()).max(1))
+        });
+        tokio::select! {
+            biased;
+            r = udp.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    sh.trace.borrow_mut().add(b'u', now_ms(), &buf[..n]);
+                    with_node(&sh, |node| node.handle_udp(now(), from, &buf[..n]));
+                }
+            }
+            r = dev_l.accept() => {
+                if let Ok((s, peer)) = r {
+                    open(&sh, s, peer, Port::Device, &mut next_conn, &tx, &mut writers);
+                }
+            }
+            r = push_l.accept() => {
+                if let Ok((s, peer)) = r {
+                    open(&sh, s, peer, Port::Push, &mut next_conn, &tx, &mut writers);
+                }
+            }
+            Some(input) = rx.recv() => match input {
+                Input::Data(id, data) => {
+                    sh.trace.borrow_mut().add(b't', now_ms(), &data);
+                    with_node(&sh, |node| node.handle_tcp_data(now(), id, &data));
+                }
+                Input::Closed(id) => {
+                    if let Some((_, reader)) = writers.remove(&id) {
+                        reader.abort();
+                        with_node(&sh, |node| node.handle_tcp_close(now(), id));
+                    }
+                }
+            },
+            _ = tokio::time::sleep(wait) => {
+                with_node(&sh, |node| node.handle_timeout(now()));
+            }
+        }
+        flush(&sh, &udp, &mut writers).await;
+
+        if now_ms() >= next_snapshot && !snapshot_busy.get() {
+            next_snapshot = now_ms() + SNAPSHOT_EVERY.as_millis() as u64;
+            let records: Vec<_> = sh.node.borrow().as_ref().expect("node").records().collect();
+            let mark = sh.store.borrow().journal.len();
+            snapshot_busy.set(true);
+            tokio::task::spawn_local(write_snapshot(
+                sh.clone(),
+                records,
+                mark,
+                snapshot_busy.clone(),
+            ));
+        }
+    }
+}
+
+fn with_node<R>(sh: &Shared, f: impl FnOnce(&mut Node) -> R) -> R {
+    f(sh.node.borrow_mut().as_mut().expect("node is up"))
+}
+
+fn open(
+    sh: &Shared,
+    s: TcpStream,
+    peer: SocketAddr,
+    port: Port,
+    next_conn: &mut ConnId,
+    tx: &mpsc::UnboundedSender<Input>,
+    writers: &mut BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
+) {
+    let id = *next_conn;
+    *next_conn += 1;
+    if !with_node(sh, |node| node.handle_tcp_open(now(), id, port, peer)) {
+        return; // refused: dropping the stream closes it
+    }
+    let (mut rd, wr) = s.into_split();
+    let tx = tx.clone();
+    let reader = tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Input::Closed(id));
+                    return;
+                }
+                Ok(n) => {
+                    let _ = tx.send(Input::Data(id, buf[..n].to_vec()));
+                }
+            }
+        }
+    });
+    writers.insert(id, (wr, reader));
+}
+
+/// One turn's outputs: journal first (the durability promise), then transmits, closes, events.
+async fn flush(
+    sh: &Shared,
+    udp: &UdpSocket,
+    writers: &mut BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
+) {
+    let mut pushed = false;
+    let mut out = Vec::new();
+    let mut closes = Vec::new();
+    {
+        let mut guard = sh.node.borrow_mut();
+        let node = guard.as_mut().expect("node is up");
+        let mut store = sh.store.borrow_mut();
+        while let Some(c) = node.poll_change() {
+            pushed |= matches!(c, Change::Pushed { .. });
+            store.journal.push(c);
+        }
+        while let Some(t) = node.poll_transmit() {
+            let mut bytes = Vec::with_capacity(t.len());
+            t.encode(&mut bytes);
+            out.push((t.dest, bytes));
+        }
+        while let Some(id) = node.poll_close() {
+            closes.push(id);
+        }
+        let at = now_ms();
+        let mut events = sh.events.borrow_mut();
+        while let Some(e) = node.poll_event() {
+            if matches!(
+                e,
+                Event::Online { .. } | Event::Offline { .. } | Event::PushAccepted { .. }
+            ) {
+                events.push(Logged { at, event: e });
+            }
+        }
+    }
+    if pushed && sh.faults.borrow().crash_after_journal {
+        // The turn is journaled but no reply has left: the driver crashes us here.
+        sh.faults.borrow_mut().halted = true;
+        std::future::pending::<()>().await;
+    }
+    for (dest, bytes) in out {
+        sh.trace.borrow_mut().add(b'o', now_ms(), &bytes);
+        match dest {
+            Dest::Udp(a) => {
+                let _ = udp.send_to(&bytes, a).await;
+            }
+            Dest::Tcp(id) => {
+                if let Some((w, _)) = writers.get_mut(&id) {
+                    // A failed write surfaces as a close from the reader.
+                    let _ = w.write_all(&bytes).await;
+                }
+            }
+        }
+    }
+    for id in closes {
+        if let Some((w, reader)) = writers.remove(&id) {
+            reader.abort();
+            drop(w);
+        }
+    }
+}
+
+/// Writes a snapshot aside in chunks (taking sim time), then swaps it in atomically and drops
+/// the journal prefix it covers.
+async fn write_snapshot(
+    sh: Rc<Shared>,
+    records: Vec<ddpush_proto::RecordState>,
+    mark: usize,
+    busy: Rc<std::cell::Cell<bool>>,
+) {
+    sh.store.borrow_mut().staging = Some(Vec::with_capacity(records.len()));
+    let chunks: Vec<_> = records.chunks(SNAPSHOT_CHUNK).collect();
+    let half = chunks.len() / 2;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        if i == half && sh.faults.borrow().crash_in_snapshot {
+            sh.faults.borrow_mut().halted = true;
+            std::future::pending::<()>().await;
+        }
+        if let Some(s) = sh.store.borrow_mut().staging.as_mut() {
+            s.extend_from_slice(chunk);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut store = sh.store.borrow_mut();
+    if let Some(s) = store.staging.take() {
+        store.snapshot = s;
+        store.journal.drain(..mark);
+        store.snapshots += 1;
+    }
+    busy.set(false);
+}
