@@ -12,7 +12,7 @@
 //! # Pushing
 //!
 //! ```no_run
-//! use ddpush_client::{Pusher, PushOutcome, PushRequest, Uuid};
+//! use ddpush_client::{Pusher, PushOutcome, PushRequest, PushRequestExt, Uuid};
 //!
 //! let mut pusher = Pusher::new("127.0.0.1:9999");
 //! let req = PushRequest::text(Uuid::from_user("alice"), "hello");

@@ -179,7 +179,6 @@ fn pusher_config(args: &PushArgs) -> PusherConfig {
         connect_timeout: t,
         io_timeout: t,
         window: args.window.max(1),
-        ..PusherConfig::default()
     }
 }
 

@@ -101,7 +101,6 @@ mod tests {
         p.on_replies(&[0x00, 0xFF], &mut rec).unwrap();
         assert!(p.done());
         assert!(p.on_replies(&[0], &mut rec).is_err(), "unsolicited byte");
-        drop(rec);
         assert_eq!(
             got,
             vec![

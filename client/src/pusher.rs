@@ -216,6 +216,27 @@ impl Pusher {
     }
 
     /// Sends one request and waits for its verdict.
+    ///
+    /// A server that closes the connection without answering gives
+    /// [`PushOutcome::Closed`], not success:
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// use ddpush_client::{PushOutcome, PushRequest, PushRequestExt, Pusher, Uuid};
+    ///
+    /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let addr = listener.local_addr()?.to_string();
+    /// let server = std::thread::spawn(move || {
+    ///     let (mut conn, _) = listener.accept().unwrap();
+    ///     let mut header = [0u8; 21];
+    ///     conn.read_exact(&mut header).unwrap(); // then close without a reply byte
+    /// });
+    /// let mut pusher = Pusher::new(addr);
+    /// let outcome = pusher.push(&PushRequest::notify(Uuid::from_user("alice")))?;
+    /// assert_eq!(outcome, PushOutcome::Closed);
+    /// server.join().unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn push(&mut self, req: &PushRequest) -> Result<PushOutcome, PushError> {
         let mut outcome = PushOutcome::Closed;
         self.push_many_with(std::slice::from_ref(req), |_, o| outcome = o)?;
