@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Uuid};
 
-use crate::downstream::DownStreamDecoder;
+use ddpush_proto::DownStreamDecoder;
 
 /// How long the worker waits at most before looking at its stop flag again.
 const TICK: Duration = Duration::from_millis(50);

@@ -5,9 +5,8 @@
 //! Every byte on the wire goes through the codecs of [`ddpush_proto`] (the core the server
 //! uses): requests are encoded with [`PushRequest::encode`], acks and heartbeats with
 //! [`DevicePacket::encode`](ddpush_proto::DevicePacket::encode), and messages to a device are
-//! decoded with [`DownPacket::decode`]. The only framing code here is
-//! [`DownStreamDecoder`], which delimits downstream packets on a device's TCP stream (the core
-//! only frames upstream streams).
+//! decoded with [`DownPacket::decode`]; a device's TCP stream is delimited by the core's
+//! [`DownStreamDecoder`].
 //!
 //! # Pushing
 //!
@@ -50,13 +49,12 @@
 mod async_pusher;
 pub mod batch;
 mod device;
-mod downstream;
 mod pipeline;
 mod pusher;
 
 pub use async_pusher::AsyncPusher;
+pub use ddpush_proto::DownStreamDecoder;
 pub use device::{Device, DeviceBuilder, DeviceEvent, Transport};
-pub use downstream::DownStreamDecoder;
 pub use pusher::{PushError, PushOutcome, PushRequestExt, Pusher, PusherConfig};
 
 pub use ddpush_proto::{DownMsg, DownPacket, PushMsg, PushRequest, Uuid};

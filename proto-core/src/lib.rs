@@ -53,7 +53,7 @@ pub use limits::{Limited, Limits};
 pub use node::{Node, Port};
 pub use output::{CloseReason, Dest, Event, Payload, Stats, Transmit, Transport};
 pub use state::{Change, Pending, RecordState};
-pub use stream::{Decoded, Frame, FramingError, StreamDecoder};
+pub use stream::{Decoded, DownStreamDecoder, Frame, FramingError, StreamDecoder};
 pub use time::Time;
 
 /// Identifies a TCP connection; chosen by the adapter, unique for the life of the node.

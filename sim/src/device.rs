@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket};
+use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket, DownStreamDecoder};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,8 +19,6 @@ use crate::world::{now_ms, Away, Rx, Shared};
 pub const HEARTBEAT: Duration = Duration::from_secs(50);
 /// The SDK's reconnect delay.
 pub const RETRY: Duration = Duration::from_secs(1);
-/// Downstream header length.
-const DOWN_HEADER: usize = 5;
 
 /// What one device will do, fixed by the scenario seed.
 #[derive(Clone, Debug)]
@@ -232,7 +230,7 @@ pub async fn tcp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
                 });
             }
         }
-        let mut acc: Vec<u8> = Vec::new();
+        let mut dec = DownStreamDecoder::new();
         let mut buf = vec![0u8; 2048];
         loop {
             let next_hb = d.last_sent + HEARTBEAT.as_millis() as u64;
@@ -248,15 +246,9 @@ pub async fn tcp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
                         }
                         Ok(n) => n,
                     };
-                    acc.extend_from_slice(&buf[..n]);
-                    // The SDK delimits downstream packets by the length at offset 3.
-                    while acc.len() >= DOWN_HEADER {
-                        let len = DOWN_HEADER + usize::from(u16::from_be_bytes([acc[3], acc[4]]));
-                        if acc.len() < len {
-                            break;
-                        }
-                        let frame: Vec<u8> = acc.drain(..len).collect();
-                        let Ok(p) = DownPacket::decode(&frame) else { continue };
+                    dec.extend(&buf[..n]);
+                    while let Some(p) = dec.next_packet() {
+                        let Ok(p) = p else { continue };
                         if let Some(ack) = d.receive(p) {
                             d.last_sent = now_ms();
                             if s.write_all(&d.packet(ack)).await.is_err() {
