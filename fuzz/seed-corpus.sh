@@ -13,7 +13,7 @@ command -v jq >/dev/null || { echo "seed-corpus: jq is required" >&2; exit 1; }
 command -v xxd >/dev/null || { echo "seed-corpus: xxd is required" >&2; exit 1; }
 
 c="$here/corpus"
-mkdir -p "$c"/{device_packet,push_request,stream_decoder,node_ops,node_status}
+mkdir -p "$c"/{device_packet,push_request,stream_decoder,node_ops,node_status,snapshot,journal}
 
 # put TARGET NAME HEX: writes one seed file.
 put() { printf '%s' "$3" | xxd -r -p > "$c/$1/seed-$2"; }
@@ -59,5 +59,20 @@ put node_status example "$ns"
 put node_status with-payload "$with_payload"
 put node_status two-records "$ns$with_payload"
 put node_status truncated "$ns${with_payload:0:100}"
+
+# snapshot / journal: mode byte 00 = raw file, 01 = arbitrary records/changes written by the
+# server's own writer and then damaged. Raw seeds: bare headers (an empty journal is valid);
+# structured seeds: golden-vector bytes read as arbitrary input.
+put snapshot raw-header-only "00$(printf DDPUSHSN | xxd -p)00000001"
+put journal raw-empty "00$(printf DDPUSHJN | xxd -p)000000010000000000000007"
+put journal raw-short-header "00$(printf DDPUSHJN | xxd -p)0000"
+while read -r name hex; do
+  put snapshot "structured-$name" "01$hex"
+  put journal "structured-$name" "01$hex"
+done <<< "$dev"
+put snapshot structured-push "01$all_push"
+put journal structured-push "01$all_push"
+put snapshot structured-node-status "01$ns"
+put journal structured-node-status "01$ns"
 
 echo "seed-corpus: wrote $(find "$c" -name 'seed-*' | wc -l) seed files under $c"

@@ -559,7 +559,12 @@ impl Harness {
                     }
                     if let Some(i) = ctx.ack_of {
                         let s = &self.sends[i];
-                        if s.uuid == *uuid && s.kind == *kind && *kind != Kind::Bits
+                        // Records keep u32 seconds: past 2106-02-07 (u32::MAX s of Unix
+                        // time) every time saturates and the ack rule cannot tell sends apart.
+                        // The node must still not panic there; the ordering promise is only
+                        // checked inside the representable range.
+                        let in_range = self.now.secs32() < u32::MAX - 4000;
+                        if in_range && s.uuid == *uuid && s.kind == *kind && *kind != Kind::Bits
                             && !self.tainted.contains(&(s.uuid, kidx(s.kind)))
                         {
                             let v = self.versions.get(&(s.uuid, kidx(s.kind))).copied().unwrap_or(0);

@@ -151,3 +151,156 @@ pub fn alloc_reset() {
 pub fn alloc_budget(input_len: usize) -> usize {
     64 * 1024 + 16 * input_len
 }
+
+/// Arbitrary-derived persisted state, for the snapshot and journal targets: structured input
+/// that the server's writer turns into a valid file, which the target then damages.
+pub mod persisted {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    use arbitrary::Arbitrary;
+    use bytes::Bytes;
+    use ddpush_proto::{Change, Kind, PushMsg, RecordState, Time, Uuid};
+
+    /// A client record.
+    #[derive(Arbitrary, Debug)]
+    pub struct Rec {
+        uuid: [u8; 16],
+        last_heartbeat: Option<u64>,
+        last_active: u64,
+        last_push: Option<u64>,
+        addr: Option<(bool, [u8; 16], u16)>,
+        notify: bool,
+        bits: u64,
+        payload: Option<Vec<u8>>,
+    }
+
+    impl Rec {
+        /// The record as the node exports it.
+        pub fn state(&self) -> RecordState {
+            RecordState {
+                uuid: Uuid(self.uuid),
+                last_heartbeat: self.last_heartbeat.map(Time),
+                last_active: Time(self.last_active),
+                last_push: self.last_push.map(Time),
+                addr: self.addr.map(|(v6, ip, port)| {
+                    if v6 {
+                        SocketAddr::new(Ipv6Addr::from(ip).into(), port)
+                    } else {
+                        SocketAddr::new(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into(), port)
+                    }
+                }),
+                notify: self.notify,
+                bits: self.bits,
+                payload: self.payload.clone().map(Bytes::from),
+            }
+        }
+    }
+
+    /// A journaled change.
+    #[derive(Arbitrary, Debug)]
+    pub enum Chg {
+        /// `Change::Created`.
+        Created([u8; 16], u64),
+        /// `Change::Pushed` of a 0x10.
+        Notify([u8; 16], u64),
+        /// `Change::Pushed` of a 0x11.
+        Bits([u8; 16], u64, u64),
+        /// `Change::Pushed` of a 0x20.
+        Payload([u8; 16], u64, Vec<u8>),
+        /// `Change::Cleared`.
+        Cleared([u8; 16], u8, u64),
+        /// `Change::Removed`.
+        Removed([u8; 16]),
+    }
+
+    impl Chg {
+        /// The change as the node emits it.
+        pub fn change(&self) -> Change {
+            match self {
+                Chg::Created(u, at) => Change::Created { uuid: Uuid(*u), at: Time(*at) },
+                Chg::Notify(u, at) => Change::Pushed { uuid: Uuid(*u), at: Time(*at), msg: PushMsg::Notify },
+                Chg::Bits(u, at, b) => Change::Pushed { uuid: Uuid(*u), at: Time(*at), msg: PushMsg::Bits(*b) },
+                Chg::Payload(u, at, p) => Change::Pushed {
+                    uuid: Uuid(*u),
+                    at: Time(*at),
+                    msg: PushMsg::Payload(Bytes::from(p.clone())),
+                },
+                Chg::Cleared(u, k, b) => Change::Cleared {
+                    uuid: Uuid(*u),
+                    kind: [Kind::Notify, Kind::Bits, Kind::Payload][usize::from(k % 3)],
+                    bits: *b,
+                },
+                Chg::Removed(u) => Change::Removed { uuid: Uuid(*u) },
+            }
+        }
+    }
+
+    /// Damage to apply to a valid file.
+    #[derive(Arbitrary, Debug)]
+    pub struct Damage {
+        /// (position, xor) byte flips; positions wrap around the file length.
+        pub flips: Vec<(u32, u8)>,
+        /// Cut the file to this length (modulo length + 1), if set.
+        pub truncate: Option<u32>,
+        /// Recompute every frame's CRC after the flips, so damage reaches the CBOR decoder.
+        pub fix_crc: bool,
+    }
+
+    impl Damage {
+        /// Applies the damage to a file whose frames start at `start`.
+        pub fn apply(&self, file: &mut Vec<u8>, start: usize) {
+            if file.is_empty() {
+                return;
+            }
+            for &(pos, x) in &self.flips {
+                let n = file.len();
+                file[pos as usize % n] ^= x;
+            }
+            if let Some(t) = self.truncate {
+                let n = file.len();
+                file.truncate(t as usize % (n + 1));
+            }
+            if self.fix_crc {
+                let mut off = start;
+                while off + 8 <= file.len() {
+                    let len = u32::from_be_bytes(file[off..off + 4].try_into().unwrap()) as usize;
+                    let Some(end) = off.checked_add(8 + len).filter(|&e| e <= file.len()) else {
+                        break;
+                    };
+                    let crc = crc32fast::hash(&file[off + 8..end]);
+                    file[off + 4..off + 8].copy_from_slice(&crc.to_be_bytes());
+                    off = end;
+                }
+            }
+        }
+    }
+
+    /// Appends one `u32 length, u32 CRC32, payload` frame.
+    pub fn frame(out: &mut Vec<u8>, payload: &[u8]) {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+
+    /// A journal file as the server writes it: magic, version 1, generation, one frame per
+    /// turn holding that turn's changes as a CBOR array.
+    pub fn journal(gen: u64, turns: &[Vec<ddpush_proto::Change>]) -> Vec<u8> {
+        let mut out = b"DDPUSHJN".to_vec();
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&gen.to_be_bytes());
+        for t in turns {
+            let mut p = Vec::new();
+            ciborium::into_writer(t, &mut p).expect("CBOR into memory");
+            frame(&mut out, &p);
+        }
+        out
+    }
+}
+
+/// The budget for the server's CBOR files. serde pre-allocates a sequence from its declared
+/// length, but "cautiously": at most 1 MiB per sequence, and our schema nests at most three
+/// sequences (a chunk of records or a turn of changes, each holding a payload). So a length
+/// field can cost a constant, never an amount that grows with it.
+pub fn alloc_budget_cbor(input_len: usize) -> usize {
+    4 * 1024 * 1024 + 16 * input_len
+}
