@@ -34,6 +34,116 @@ const WRITE_QUEUE: usize = 256;
 /// Bytes read from a TCP connection at a time.
 const READ_BUF: usize = 4096;
 
+/// Datagrams per `recvmmsg`/`sendmmsg` call. Batching only pays when datagrams queue up
+/// (under load); an idle server sees batches of one and costs the same as `recv_from`.
+const MMSG: usize = 64;
+/// Receive buffer per datagram: larger than any valid device packet, so an oversized one is
+/// still seen whole enough to be refused for what it is.
+const MMSG_BUF: usize = 2048;
+
+/// Batched UDP I/O on the device socket (Linux `recvmmsg`/`sendmmsg`).
+struct UdpBatch {
+    rx: Vec<[u8; MMSG_BUF]>,
+    rx_addr: Vec<libc::sockaddr_storage>,
+    /// Encoded datagrams of this turn, back to back, and (address, end offset) of each.
+    tx: Vec<u8>,
+    tx_dest: Vec<(socket2::SockAddr, usize)>,
+}
+
+impl UdpBatch {
+    fn new() -> Self {
+        UdpBatch {
+            rx: vec![[0u8; MMSG_BUF]; MMSG],
+            // SAFETY: all-zero is a valid (empty) sockaddr_storage.
+            rx_addr: vec![unsafe { std::mem::zeroed() }; MMSG],
+            tx: Vec::with_capacity(MMSG * 32),
+            tx_dest: Vec::with_capacity(MMSG),
+        }
+    }
+
+    /// Reads up to [`MMSG`] datagrams; calls `f` with each. Returns how many, or the error.
+    fn recv(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        mut f: impl FnMut(SocketAddr, &[u8]),
+    ) -> io::Result<usize> {
+        // SAFETY: zeroed iovec/mmsghdr arrays are valid; each header points at one iovec over
+        // our own buffer and at our own address slot, all alive across the call.
+        let mut iov: [libc::iovec; MMSG] = unsafe { std::mem::zeroed() };
+        let mut hdr: [libc::mmsghdr; MMSG] = unsafe { std::mem::zeroed() };
+        for i in 0..MMSG {
+            iov[i].iov_base = self.rx[i].as_mut_ptr().cast();
+            iov[i].iov_len = MMSG_BUF;
+            hdr[i].msg_hdr.msg_iov = &mut iov[i];
+            hdr[i].msg_hdr.msg_iovlen = 1;
+            hdr[i].msg_hdr.msg_name = (&mut self.rx_addr[i] as *mut libc::sockaddr_storage).cast();
+            hdr[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
+        }
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdr.as_mut_ptr(),
+                MMSG as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for i in 0..n {
+            let len = (hdr[i].msg_len as usize).min(MMSG_BUF);
+            // SAFETY: the kernel filled `rx_addr[i]` and wrote its length into msg_namelen.
+            let addr =
+                unsafe { socket2::SockAddr::new(self.rx_addr[i], hdr[i].msg_hdr.msg_namelen) };
+            if let Some(a) = addr.as_socket() {
+                f(a, &self.rx[i][..len]);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Sends the queued datagrams; returns how many the kernel refused.
+    fn flush(&mut self, fd: std::os::fd::RawFd) -> u64 {
+        let mut failed = 0u64;
+        let mut first = 0;
+        while first < self.tx_dest.len() {
+            let n = (self.tx_dest.len() - first).min(MMSG);
+            // SAFETY: as in `recv`; every pointer targets `self.tx` or `self.tx_dest`, which
+            // are not touched until the call returns.
+            let mut iov: [libc::iovec; MMSG] = unsafe { std::mem::zeroed() };
+            let mut hdr: [libc::mmsghdr; MMSG] = unsafe { std::mem::zeroed() };
+            for k in 0..n {
+                let i = first + k;
+                let start = if i == 0 { 0 } else { self.tx_dest[i - 1].1 };
+                let (addr, end) = &self.tx_dest[i];
+                iov[k].iov_base = self.tx[start..].as_ptr() as *mut libc::c_void;
+                iov[k].iov_len = end - start;
+                hdr[k].msg_hdr.msg_iov = &mut iov[k];
+                hdr[k].msg_hdr.msg_iovlen = 1;
+                hdr[k].msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+                hdr[k].msg_hdr.msg_namelen = addr.len();
+            }
+            let r = unsafe {
+                libc::sendmmsg(fd, hdr.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT)
+            };
+            if r <= 0 {
+                // The datagram at the head failed (full buffer, unreachable): skip it. UDP
+                // is lossy by contract: the item stays pending and goes out again on the
+                // next heartbeat.
+                failed += 1;
+                first += 1;
+            } else {
+                first += r as usize;
+            }
+        }
+        self.tx.clear();
+        self.tx_dest.clear();
+        failed
+    }
+}
+
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -297,7 +407,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         metrics,
         changes: Vec::new(),
         tcp_out: HashMap::new(),
-        send_buf: Vec::with_capacity(1024),
+        udp_batch: UdpBatch::new(),
         next_snapshot: Instant::now(),
         next_sync: Instant::now() + Duration::from_secs(1),
         snapshot_in_flight: false,
@@ -399,7 +509,7 @@ struct Loop {
     metrics: Arc<Metrics>,
     changes: Vec<Change>,
     tcp_out: HashMap<ConnId, Vec<u8>>,
-    send_buf: Vec<u8>,
+    udp_batch: UdpBatch,
     next_snapshot: Instant,
     next_sync: Instant,
     snapshot_in_flight: bool,
@@ -465,16 +575,28 @@ impl Loop {
         d
     }
 
-    fn drain_udp(&mut self, buf: &mut [u8]) {
-        for _ in 0..UDP_BATCH {
-            match self.udp.get_ref().recv_from(buf) {
-                Ok((n, from)) => {
-                    let now = self.clock.now();
-                    self.node.handle_udp(now, from, &buf[..n]);
+    fn drain_udp(&mut self, _buf: &mut [u8]) {
+        use std::os::fd::AsRawFd;
+        let fd = self.udp.get_ref().as_raw_fd();
+        let mut read = 0;
+        while read < UDP_BATCH {
+            let now = self.clock.now();
+            let node = &mut self.node;
+            match self
+                .udp_batch
+                .recv(fd, |from, data| node.handle_udp(now, from, data))
+            {
+                Ok(0) => break,
+                Ok(n) => {
+                    read += n;
+                    if n < MMSG {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // ICMP errors from earlier sends surface here on some systems: not ours to fix.
-                Err(_) => continue,
+                Err(_) => read += 1,
             }
         }
     }
@@ -595,6 +717,7 @@ impl Loop {
         while let Some(t) = self.node.poll_transmit() {
             self.send(t);
         }
+        self.send_udp();
         for (conn, bytes) in self.tcp_out.drain() {
             if let Some(h) = self.conns.get(&conn) {
                 match h.tx.try_send(bytes) {
@@ -621,15 +744,12 @@ impl Loop {
     fn send(&mut self, t: Transmit) {
         match t.dest {
             Dest::Udp(a) => {
-                self.send_buf.clear();
-                t.encode(&mut self.send_buf);
-                match self.udp.get_ref().send_to(&self.send_buf, a) {
-                    Ok(_) => {}
-                    Err(_) => {
-                        // UDP is lossy by contract: the item stays pending and goes out again
-                        // on the next heartbeat.
-                        self.metrics.udp_send_errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                // Queued for one `sendmmsg` at the end of the turn's transmits.
+                let b = &mut self.udp_batch;
+                t.encode(&mut b.tx);
+                b.tx_dest.push((socket2::SockAddr::from(a), b.tx.len()));
+                if b.tx_dest.len() >= MMSG {
+                    self.send_udp();
                 }
             }
             Dest::Tcp(c) => {
@@ -641,6 +761,18 @@ impl Loop {
                     _ => t.encode(out),
                 }
             }
+        }
+    }
+
+    /// Sends the queued datagrams. UDP is lossy by contract: one the kernel refuses stays
+    /// pending and goes out again on the next heartbeat.
+    fn send_udp(&mut self) {
+        use std::os::fd::AsRawFd;
+        let failed = self.udp_batch.flush(self.udp.get_ref().as_raw_fd());
+        if failed > 0 {
+            self.metrics
+                .udp_send_errors
+                .fetch_add(failed, Ordering::Relaxed);
         }
     }
 
