@@ -106,8 +106,8 @@ impl Receiver {
             return 0;
         }
         let n = r as usize;
-        for i in 0..n {
-            self.lens[i] = hdr[i].msg_len as usize;
+        for (len, h) in self.lens.iter_mut().zip(&hdr).take(n) {
+            *len = h.msg_len as usize;
         }
         n
     }

@@ -92,11 +92,10 @@ impl UdpBatch {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
-        for i in 0..n {
-            let len = (hdr[i].msg_len as usize).min(MMSG_BUF);
+        for (i, h) in hdr.iter().enumerate().take(n) {
+            let len = (h.msg_len as usize).min(MMSG_BUF);
             // SAFETY: the kernel filled `rx_addr[i]` and wrote its length into msg_namelen.
-            let addr =
-                unsafe { socket2::SockAddr::new(self.rx_addr[i], hdr[i].msg_hdr.msg_namelen) };
+            let addr = unsafe { socket2::SockAddr::new(self.rx_addr[i], h.msg_hdr.msg_namelen) };
             if let Some(a) = addr.as_socket() {
                 f(a, &self.rx[i][..len]);
             }
