@@ -88,6 +88,9 @@ pub struct Node {
     scratch: Vec<u32>,
     limit_logged: [bool; 3],
     capacity_logged: bool,
+    /// Guards of records removed while a send of theirs could still be acked, so a record
+    /// re-created within `ack_horizon` inherits them (see `remove_slot`). Pruned by the sweep.
+    tombstones: HashMap<Uuid, [u32; 2], FixedState>,
     /// Set by [`Node::apply`]: the next input starts the restart guard.
     replayed: bool,
     /// Seconds: until then no 0x10/0x20 ack clears anything, because acks of sends made
@@ -104,7 +107,11 @@ impl Node {
         let seed = cfg.hash_seed;
         Ok(Node {
             window_s,
-            horizon_s: secs32(cfg.ack_horizon),
+            // Records keep whole (truncated) seconds, so an ack that comes less than
+            // `ack_horizon` after its send can still land in second `sent + horizon`: round the
+            // horizon up and add a second so every guard covers it (found by fuzz/node_ops).
+            horizon_s: secs32(cfg.ack_horizon + std::time::Duration::from_millis(999))
+                .saturating_add(1),
             reg: Registry::new(seed),
             wheel: Wheel::new(window_s + 1),
             limiter: Limiter::new(cfg.limits.clone(), seed),
@@ -122,6 +129,7 @@ impl Node {
             scratch: Vec::new(),
             limit_logged: [false; 3],
             capacity_logged: false,
+            tombstones: HashMap::with_hasher(FixedState::with_seed(seed ^ 9)),
             replayed: false,
             restart_guard: 0,
             cfg,
@@ -524,7 +532,11 @@ impl Node {
     fn create(&mut self, uuid: Uuid, at: Time) -> u32 {
         self.stats.clients += 1;
         self.stats.created += 1;
-        self.reg.insert(Record::new(uuid, at.secs32()))
+        let mut rec = Record::new(uuid, at.secs32());
+        if let Some(g) = self.tombstones.remove(&uuid) {
+            rec.guard = g;
+        }
+        self.reg.insert(rec)
     }
 
     fn on_device(&mut self, p: DevicePacket, via: Via) {
@@ -831,6 +843,22 @@ impl Node {
 
     fn remove_slot(&mut self, slot: u32) {
         let r = self.reg.rec(slot);
+        // A device may still ack a send made just before the removal; if a push re-creates
+        // the uuid, that ack must not clear the new message. Keep the guard for a horizon.
+        let now_s = self.now.secs32();
+        let mut guard = [0u32; 2];
+        for (k, g) in guard.iter_mut().enumerate() {
+            let until = r.sent[k].saturating_add(self.horizon_s);
+            if r.outstanding[k] > 0 && now_s < until {
+                *g = until;
+            }
+            if r.guard[k] > now_s {
+                *g = (*g).max(r.guard[k]);
+            }
+        }
+        if guard != [0, 0] {
+            self.tombstones.insert(r.uuid, guard);
+        }
         if r.has(flag::ONLINE) {
             self.stats.online -= 1;
         }
@@ -923,6 +951,7 @@ impl Node {
 
     /// Visits a slice of the slots and removes expired records (PROTOCOL.md 8.7).
     fn sweep(&mut self, now_s: u32) {
+        self.tombstones.retain(|_, g| g[0] > now_s || g[1] > now_s);
         let n = self.reg.slot_count();
         if n == 0 {
             return;

@@ -139,10 +139,9 @@ fn ack_within_horizon_across_a_second_boundary_keeps_the_newer_push() {
 /// docs/FUZZING.md, open): a 0x10 is sent over TCP, an operator removes the record, a new 0x10
 /// push re-creates it, and the device's ack of the first send (well within `ack_horizon`)
 /// clears the new message. The re-created record has no send history, so nothing guards it.
-/// Ignored until the core keeps a short tombstone (or guards records created within
-/// `ack_horizon` of a removal of the same uuid); the fuzz target exempts this case meanwhile.
+/// Fixed: a removal keeps the record's guards as a tombstone for `ack_horizon`, and a record
+/// re-created within it inherits them.
 #[test]
-#[ignore = "open finding 3 in docs/FUZZING.md: acks of sends made before a removal"]
 fn ack_of_a_send_before_removal_keeps_the_push_after_it() {
     let mut node = Node::new(config()).unwrap();
     let uuid = Uuid([0xC0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4]);
@@ -161,7 +160,11 @@ fn ack_of_a_send_before_removal_keeps_the_push_after_it() {
     assert_eq!(node.handle_push(t, notify), PushReply::Accepted);
     drain(&mut node);
     // The device acks what it got before the removal.
-    node.handle_udp(t, "[fd00::5]:40005".parse().unwrap(), &device(1, 0x10, &uuid, &[]));
+    node.handle_udp(
+        t,
+        "[fd00::5]:40005".parse().unwrap(),
+        &device(1, 0x10, &uuid, &[]),
+    );
     drain(&mut node);
     assert!(
         node.record(&uuid).unwrap().notify,
