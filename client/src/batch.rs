@@ -143,7 +143,7 @@ pub fn parse_bits(s: &str) -> Result<u64, String> {
 
 /// Bytes from hex digits (either case, even count).
 pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
         return Err(format!("bad hex {s:?}"));
     }
     (0..s.len())

@@ -395,7 +395,7 @@ impl Worker {
             }
             let now = Instant::now();
             let kicked = self.shared.kick.swap(false, Ordering::AcqRel);
-            if kicked || last_sent.map_or(true, |t| now >= t + self.cfg.interval) {
+            if kicked || last_sent.is_none_or(|t| now >= t + self.cfg.interval) {
                 link.send(&heartbeat)?;
                 last_sent = Some(now);
                 self.shared.heartbeats.fetch_add(1, Ordering::AcqRel);

@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        None => ddpushd::server::run(cfg).map(|()| ()),
+        None => ddpushd::server::run(cfg),
         Some(Command::ImportDdpush { file }) => ddpushd::server::import(&cfg, &file).map(|n| {
             println!(
                 "imported {n} records from {} into {}",

@@ -679,9 +679,9 @@ mod tests {
             last_active: Time::from_secs(1000 + u64::from(i)),
             last_push: None,
             addr: Some("10.0.0.1:4000".parse().unwrap()),
-            notify: i % 2 == 0,
+            notify: i.is_multiple_of(2),
             bits: u64::from(i),
-            payload: (i % 3 == 0).then(|| Bytes::from(vec![i; 10])),
+            payload: i.is_multiple_of(3).then(|| Bytes::from(vec![i; 10])),
         }
     }
 

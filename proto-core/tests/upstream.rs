@@ -15,7 +15,7 @@ fn rec(n: u8, payload: Option<&[u8]>) -> RecordState {
         last_active: hb,
         last_push: Some(push),
         addr: None,
-        notify: n % 2 == 0,
+        notify: n.is_multiple_of(2),
         bits: u64::from(n) << 40 | 3,
         payload: payload.map(Bytes::copy_from_slice),
     }
