@@ -46,12 +46,12 @@ impl Default for Metrics {
             snapshot_ms: AtomicU64::new(0),
             snapshot_bytes: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
-            fsync_seconds: Histogram::new(
-                [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0],
-            ),
-            push_to_ack_seconds: Histogram::new(
-                [0.01, 0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0],
-            ),
+            fsync_seconds: Histogram::new([
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+            ]),
+            push_to_ack_seconds: Histogram::new([
+                0.01, 0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
+            ]),
         }
     }
 }
