@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::metrics::Metrics;
-use crate::server::Msg;
+use crate::server::{Executor, Msg};
 
 /// Largest request (headers and body) read.
 const MAX_REQUEST: usize = 1 << 20;
@@ -55,7 +55,12 @@ impl Response {
     }
 }
 
-pub(crate) async fn serve(l: Async<TcpListener>, tx: Sender<Msg>, token: Option<String>) {
+pub(crate) async fn serve(
+    ex: Executor,
+    l: Async<TcpListener>,
+    tx: Sender<Msg>,
+    token: Option<String>,
+) {
     let token: Arc<Option<String>> = Arc::new(token);
     loop {
         let Ok((stream, _)) = l.accept().await else {
@@ -64,7 +69,7 @@ pub(crate) async fn serve(l: Async<TcpListener>, tx: Sender<Msg>, token: Option<
         };
         let tx = tx.clone();
         let token = token.clone();
-        smol::spawn(async move {
+        ex.spawn(async move {
             let resp = future::or(
                 async { request(&stream, &tx, token.as_deref()).await },
                 async {

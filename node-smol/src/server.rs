@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -369,9 +370,15 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     let (tx, rx) = async_channel::bounded::<Msg>(8192);
     let next_id = Arc::new(AtomicU64::new(1));
     let udp = Async::new(udp)?;
+    // Everything runs on this one thread: the loop, the accept, read and write tasks. Handing a
+    // request from a reader to the loop to a writer is then a local wake-up, not a cross-thread
+    // one, which is what a one-request-at-a-time pusher waits for; the other core is left to
+    // the kernel's network stack.
+    let ex: Executor = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
     if let Some(l) = tcp {
-        tasks.push(smol::spawn(accept_loop(
+        tasks.push(ex.spawn(accept_loop(
+            ex.clone(),
             Async::new(l)?,
             Port::Device,
             tx.clone(),
@@ -380,7 +387,8 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
             metrics.clone(),
         )));
     }
-    tasks.push(smol::spawn(accept_loop(
+    tasks.push(ex.spawn(accept_loop(
+        ex.clone(),
         Async::new(push)?,
         Port::Push,
         tx.clone(),
@@ -389,7 +397,8 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         metrics.clone(),
     )));
     if let Some(l) = admin_l {
-        tasks.push(smol::spawn(admin::serve(
+        tasks.push(ex.spawn(admin::serve(
+            ex.clone(),
             Async::new(l)?,
             tx.clone(),
             cfg.admin_token.clone(),
@@ -412,14 +421,20 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
         snapshot_in_flight: false,
         journal_failed: false,
         admin_out: Vec::new(),
+        ex: None,
     };
     lp.next_snapshot = Instant::now() + lp.cfg.snapshot_interval;
-    smol::block_on(lp.run(rx, signals));
+    lp.ex = Some(ex.clone());
+    smol::block_on(ex.run(lp.run(rx, signals)));
     drop(tasks);
     lp.shutdown()
 }
 
+/// The single-threaded executor every task of the server runs on.
+pub(crate) type Executor = Rc<smol::LocalExecutor<'static>>;
+
 async fn accept_loop(
+    ex: Executor,
     l: Async<TcpListener>,
     port: Port,
     tx: Sender<Msg>,
@@ -460,7 +475,7 @@ async fn accept_loop(
         {
             return;
         }
-        smol::spawn(read_loop(conn, stream, tx.clone())).detach();
+        ex.spawn(read_loop(conn, stream, tx.clone())).detach();
     }
 }
 
@@ -498,6 +513,8 @@ enum Wake {
 }
 
 struct Loop {
+    /// Set before the loop runs; `None` only while it is being built.
+    ex: Option<Executor>,
     node: Node,
     store: Store,
     clock: Clock,
@@ -566,6 +583,12 @@ impl Loop {
         }
     }
 
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + 'static) {
+        if let Some(ex) = &self.ex {
+            ex.spawn(f).detach();
+        }
+    }
+
     fn deadline(&self) -> Instant {
         let mut d = self.next_snapshot.min(self.next_sync);
         if let Some(t) = self.node.poll_timeout() {
@@ -611,7 +634,7 @@ impl Loop {
             } => {
                 if self.node.handle_tcp_open(now, conn, port, peer) {
                     let (tx, rx) = async_channel::bounded(WRITE_QUEUE);
-                    smol::spawn(write_loop(stream.clone(), rx)).detach();
+                    self.spawn(write_loop(stream.clone(), rx));
                     self.conns.insert(conn, ConnHandle { tx, stream });
                 } else {
                     let _ = stream.get_ref().shutdown(Shutdown::Both);
@@ -668,15 +691,14 @@ impl Loop {
                     let dir = self.store.dir().to_path_buf();
                     let tx = self.tx.clone();
                     self.snapshot_in_flight = true;
-                    smol::spawn(async move {
+                    self.spawn(async move {
                         let size = bytes.len();
                         let result =
                             smol::unblock(move || persist::write_snapshot_file(&dir, &bytes))
                                 .await
                                 .map(|()| (t.elapsed(), size));
                         let _ = tx.send(Msg::SnapshotDone { gen, result }).await;
-                    })
-                    .detach();
+                    });
                 }
                 Err(e) => error!(error = %e, "journal rotation failed"),
             }
