@@ -566,10 +566,12 @@ impl Loop {
             .await;
             match wake {
                 Wake::Signal => return,
+                // A message wake skips the UDP drain: the race above polls the socket first on
+                // every turn, so pending datagrams win the next one, and a push round trip
+                // saves a syscall that would only say "would block".
                 Wake::Msg(m) => self.on_msg(m),
-                Wake::Udp | Wake::Timer => {}
+                Wake::Udp | Wake::Timer => self.drain_udp(&mut buf),
             }
-            self.drain_udp(&mut buf);
             for _ in 0..MSG_BATCH {
                 match rx.try_recv() {
                     Ok(m) => self.on_msg(m),
