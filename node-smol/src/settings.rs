@@ -197,6 +197,11 @@ pub struct Settings {
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub pending_ttl: Option<Duration>,
+    /// How long an ack of a 0x10/0x20 send may take to arrive; within it an ack cannot clear a
+    /// newer message pushed after that send (it is re-sent instead) [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub ack_horizon: Option<Duration>,
     /// Whether a heartbeat from an unknown uuid creates its record [default: true]
     #[arg(long, value_name = "BOOL")]
     pub create_on_heartbeat: Option<bool>,
@@ -297,7 +302,7 @@ impl Settings {
             create_on_heartbeat: pick!(create_on_heartbeat, base.create_on_heartbeat),
             idle_expiry: pick!(idle_expiry, base.idle_expiry),
             pending_ttl: pick!(pending_ttl, base.pending_ttl),
-            ack_horizon: base.ack_horizon,
+            ack_horizon: pick!(ack_horizon, base.ack_horizon),
             device_tcp_idle: pick!(device_tcp_idle, base.device_tcp_idle),
             push_tcp_idle: pick!(push_tcp_idle, base.push_tcp_idle),
             hash_seed: random_seed(),
