@@ -579,12 +579,8 @@ impl Harness {
                 }
                 Change::Removed { uuid } => {
                     assert!(self.model.remove(uuid).is_some(), "Removed an unknown record");
-                    // Known gap (docs/FUZZING.md, finding 3): a record re-created after removal
-                    // has no send history, so an ack of a send made before the removal can
-                    // clear a push made after it. Acks of such sends are not held to the rule.
-                    for s in self.sends.iter_mut().filter(|s| s.uuid == *uuid) {
-                        s.acked = true;
-                    }
+                    // Acks of sends made before a removal stay held to the ack rule: the node
+                    // keeps the removed record's guards as a tombstone (finding 3).
                 }
             }
         }
