@@ -32,6 +32,8 @@ const UDP_BATCH: usize = 4096;
 const MSG_BATCH: usize = 4096;
 /// Chunks queued for one connection before it counts as stalled and is closed.
 const WRITE_QUEUE: usize = 256;
+/// How long the loop keeps polling after a turn with connection traffic before it sleeps.
+const SPIN: Duration = Duration::from_micros(50);
 /// Bytes read from a TCP connection at a time.
 const READ_BUF: usize = 4096;
 
@@ -537,9 +539,10 @@ struct Loop {
 impl Loop {
     async fn run(&mut self, rx: Receiver<Msg>, mut signals: async_signal::Signals) {
         let mut buf = vec![0u8; 2048];
+        let mut spin_until = Instant::now();
         loop {
             let deadline = self.deadline();
-            let wake = future::or(
+            let race = future::or(
                 future::or(
                     async {
                         let _ = self.udp.readable().await;
@@ -562,8 +565,23 @@ impl Loop {
                         Wake::Signal
                     },
                 ),
-            )
-            .await;
+            );
+            // For a moment after a busy turn, poll every source without sleeping and yield to
+            // the connection tasks in between: the next request of a one-at-a-time pusher
+            // usually arrives within microseconds, and waking an idle core costs more than the
+            // spin. Every source stays in the race, so nothing is starved while spinning.
+            let wake = if Instant::now() < spin_until {
+                match future::poll_once(race).await {
+                    Some(w) => w,
+                    None => {
+                        future::yield_now().await;
+                        continue;
+                    }
+                }
+            } else {
+                race.await
+            };
+            let mut tcp_turn = matches!(wake, Wake::Msg(_));
             match wake {
                 Wake::Signal => return,
                 // A message wake skips the UDP drain: the race above polls the socket first on
@@ -574,7 +592,10 @@ impl Loop {
             }
             for _ in 0..MSG_BATCH {
                 match rx.try_recv() {
-                    Ok(m) => self.on_msg(m),
+                    Ok(m) => {
+                        self.on_msg(m);
+                        tcp_turn = true;
+                    }
                     Err(_) => break,
                 }
             }
@@ -582,6 +603,11 @@ impl Loop {
             self.node.handle_timeout(now);
             self.maintenance();
             self.flush();
+            // Only connection traffic (pushers waiting for their reply byte) earns the spin;
+            // heartbeats are fire-and-forget, so a UDP-only load sleeps between turns as before.
+            if tcp_turn {
+                spin_until = Instant::now() + SPIN;
+            }
         }
     }
 
