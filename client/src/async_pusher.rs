@@ -9,8 +9,8 @@ use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 
 use ddpush_proto::PushRequest;
 
-use crate::pipeline::Pipeline;
-use crate::pusher::{is_closed, is_timeout, resolve, PushError, PushOutcome, PusherConfig};
+use crate::pipeline::{on_write_error, Pipeline, ReadStep};
+use crate::pusher::{resolve, PushError, PushOutcome, PusherConfig};
 
 /// The async twin of [`Pusher`](crate::Pusher), with the same semantics: one reused
 /// connection, pipelining, timeouts, reconnect, and [`PushOutcome::Closed`] (never
@@ -110,11 +110,8 @@ impl AsyncPusher {
             pipe.fill(buf);
             let mut closed = false;
             if !buf.is_empty() {
-                match timed(io_timeout, conn.write_all(buf)).await {
-                    Ok(()) => {}
-                    Err(e) if is_closed(&e) => closed = true,
-                    Err(e) if is_timeout(&e) => return Err(PushError::Timeout),
-                    Err(e) => return Err(PushError::Io(e)),
+                if let Err(e) = timed(io_timeout, conn.write_all(buf)).await {
+                    closed = on_write_error(e)?;
                 }
             }
             loop {
@@ -122,24 +119,14 @@ impl AsyncPusher {
                 if want == 0 {
                     break;
                 }
-                match timed(io_timeout, conn.read(&mut rbuf[..want])).await {
-                    Ok(0) => {
+                let r = timed(io_timeout, conn.read(&mut rbuf[..want])).await;
+                match pipe.on_read(r, &rbuf, closed, on_result)? {
+                    ReadStep::More => {}
+                    ReadStep::Done => break,
+                    ReadStep::Closed => {
                         closed = true;
                         break;
                     }
-                    Ok(n) => {
-                        pipe.on_replies(&rbuf[..n], on_result)?;
-                        if !closed {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if is_closed(&e) => {
-                        closed = true;
-                        break;
-                    }
-                    Err(e) if is_timeout(&e) => return Err(PushError::Timeout),
-                    Err(e) => return Err(PushError::Io(e)),
                 }
             }
             if closed {

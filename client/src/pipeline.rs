@@ -6,9 +6,33 @@
 //! reported [`PushOutcome::Closed`] (it is the one the server stopped at, for example a
 //! payload over its maximum) and the ones after it are sent again on a new connection.
 
+use std::io;
+
 use ddpush_proto::PushRequest;
 
-use crate::pusher::{PushError, PushOutcome};
+use crate::pusher::{is_closed, is_timeout, PushError, PushOutcome};
+
+/// What one read on the push connection means for the pipeline.
+pub(crate) enum ReadStep {
+    /// Read again.
+    More,
+    /// Replies consumed; go back to sending.
+    Done,
+    /// The server closed the connection.
+    Closed,
+}
+
+/// What a write error means: `Ok(true)` the connection is closed (replies already sent are
+/// still read), otherwise the error to report.
+pub(crate) fn on_write_error(e: io::Error) -> Result<bool, PushError> {
+    if is_closed(&e) {
+        Ok(true)
+    } else if is_timeout(&e) {
+        Err(PushError::Timeout)
+    } else {
+        Err(PushError::Io(e))
+    }
+}
 
 pub(crate) struct Pipeline<'a> {
     reqs: &'a [PushRequest],
@@ -61,6 +85,32 @@ impl<'a> Pipeline<'a> {
             self.next_reply += 1;
         }
         Ok(())
+    }
+
+    /// Applies one read result, the same way for the blocking and the async pusher. After a
+    /// failed write (`closed`), replies already on the way are read until the close.
+    pub(crate) fn on_read(
+        &mut self,
+        r: io::Result<usize>,
+        rbuf: &[u8],
+        closed: bool,
+        on_result: &mut impl FnMut(usize, PushOutcome),
+    ) -> Result<ReadStep, PushError> {
+        match r {
+            Ok(0) => Ok(ReadStep::Closed),
+            Ok(n) => {
+                self.on_replies(&rbuf[..n], on_result)?;
+                Ok(if closed {
+                    ReadStep::More
+                } else {
+                    ReadStep::Done
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(ReadStep::More),
+            Err(e) if is_closed(&e) => Ok(ReadStep::Closed),
+            Err(e) if is_timeout(&e) => Err(PushError::Timeout),
+            Err(e) => Err(PushError::Io(e)),
+        }
     }
 
     /// The connection closed: the oldest request in flight gets `Closed`, later ones will be

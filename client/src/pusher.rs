@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ddpush_proto::{PushMsg, PushReply, PushRequest, Uuid};
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::{on_write_error, Pipeline, ReadStep};
 
 /// The server's verdict on one push request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -283,11 +283,8 @@ impl Pusher {
             pipe.fill(buf);
             let mut closed = false;
             if !buf.is_empty() {
-                match conn.write_all(buf) {
-                    Ok(()) => {}
-                    Err(e) if is_closed(&e) => closed = true,
-                    Err(e) if is_timeout(&e) => return Err(PushError::Timeout),
-                    Err(e) => return Err(PushError::Io(e)),
+                if let Err(e) = conn.write_all(buf) {
+                    closed = on_write_error(e)?;
                 }
             }
             // After a failed write, replies already received are still read before the close
@@ -297,24 +294,14 @@ impl Pusher {
                 if want == 0 {
                     break;
                 }
-                match conn.read(&mut rbuf[..want]) {
-                    Ok(0) => {
+                let r = conn.read(&mut rbuf[..want]);
+                match pipe.on_read(r, &rbuf, closed, on_result)? {
+                    ReadStep::More => {}
+                    ReadStep::Done => break,
+                    ReadStep::Closed => {
                         closed = true;
                         break;
                     }
-                    Ok(n) => {
-                        pipe.on_replies(&rbuf[..n], on_result)?;
-                        if !closed {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if is_closed(&e) => {
-                        closed = true;
-                        break;
-                    }
-                    Err(e) if is_timeout(&e) => return Err(PushError::Timeout),
-                    Err(e) => return Err(PushError::Io(e)),
                 }
             }
             if closed {
