@@ -404,3 +404,37 @@ fn normal_traffic_is_untouched_by_default_limits() {
         600.0
     );
 }
+
+#[test]
+fn expired_records_are_removed_on_time_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = admin_server(dir.path(), &["--idle-expiry", "1s", "--pending-ttl", "1h"]);
+    let a = srv.admin.unwrap();
+    // One idle client with nothing pending, one with a pending payload.
+    let d = srv.device();
+    d.send(&heartbeat(1)).unwrap();
+    let mut p = srv.pusher();
+    let mut other = up(1, 1, 0x20, b"keep");
+    other[3] = 0x77;
+    assert_eq!(push(&mut p, &other), Some(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    loop {
+        let (_, m) = http(a, "GET", "/metrics", None, "");
+        if metric(&m, "ddpush_expired_total") >= 1.0 {
+            assert_eq!(metric(&m, "ddpush_expired_total"), 1.0);
+            assert_eq!(
+                metric(&m, "ddpush_clients"),
+                1.0,
+                "the record with a pending item stays"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no expiry within 6 s:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (st, _) = http(a, "GET", &format!("/clients/{UUID_HEX}"), None, "");
+    assert_eq!(st, 404);
+}
