@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!((c, m), (cmd, mask));
             let mut out = Vec::new();
             p.encode(&mut out);
-            assert_eq!(out, data, "accepted packet does not re-encode to the same bytes");
+            assert_eq!(
+                out, data,
+                "accepted packet does not re-encode to the same bytes"
+            );
             assert_eq!(p.encoded_len(), data.len());
         }
         (Err(_), None) => {}
@@ -35,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
     }
 
     if let Ok(d) = DownPacket::decode(data) {
-        assert_eq!(d.to_vec(), data, "downstream packet does not re-encode to the same bytes");
+        assert_eq!(
+            d.to_vec(),
+            data,
+            "downstream packet does not re-encode to the same bytes"
+        );
         assert_eq!(d.encoded_len(), data.len());
     }
 });

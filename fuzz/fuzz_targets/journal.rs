@@ -11,7 +11,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use ddpush_fuzz::persisted::{journal, Chg, Damage};
-use ddpush_fuzz::{alloc_budget_cbor, alloc_reset, alloc_stats, TrackingAlloc};
+use ddpush_fuzz::{alloc_budget_cbor, within_budget, TrackingAlloc};
 use ddpush_proto::Change;
 use ddpushd::persist::{read_journal, Tail};
 use libfuzzer_sys::fuzz_target;
@@ -21,15 +21,9 @@ static ALLOC: TrackingAlloc = TrackingAlloc;
 
 fn read(buf: &[u8]) -> (Result<(u64, Tail), String>, Vec<Change>) {
     let mut out = Vec::new();
-    alloc_reset();
-    let r = read_journal("journal-1.log", buf, |c| out.push(c)).map_err(|e| e.to_string());
-    let (largest, peak) = alloc_stats();
-    let budget = alloc_budget_cbor(buf.len());
-    assert!(
-        largest <= budget && peak <= budget,
-        "reading {} bytes allocated {largest} at once, {peak} in all (budget {budget})",
-        buf.len()
-    );
+    let r = within_budget(buf.len(), alloc_budget_cbor(buf.len()), || {
+        read_journal("journal-1.log", buf, |c| out.push(c)).map_err(|e| e.to_string())
+    });
     (r, out)
 }
 
@@ -42,7 +36,10 @@ fuzz_target!(|data: &[u8]| {
         if let Ok((gen, _)) = r {
             let again = journal(gen, &[changes.clone()]);
             let (r2, changes2) = read(&again);
-            assert_eq!(r2.expect("re-encoded journal must read"), (gen, Tail::Clean));
+            assert_eq!(
+                r2.expect("re-encoded journal must read"),
+                (gen, Tail::Clean)
+            );
             assert_eq!(changes2, changes);
         }
         return;
@@ -53,7 +50,10 @@ fuzz_target!(|data: &[u8]| {
     else {
         return;
     };
-    let turns: Vec<Vec<Change>> = turns.iter().map(|t| t.iter().map(Chg::change).collect()).collect();
+    let turns: Vec<Vec<Change>> = turns
+        .iter()
+        .map(|t| t.iter().map(Chg::change).collect())
+        .collect();
     let mut file = journal(gen, &turns);
     let all: Vec<Change> = turns.concat();
     match (damage, cut) {
@@ -67,8 +67,14 @@ fuzz_target!(|data: &[u8]| {
             file.truncate(n);
             let (r, changes) = read(&file);
             let (_, tail) = r.unwrap_or_else(|e| panic!("a cut journal must read: {e}"));
-            assert!(all.starts_with(&changes), "cut journal read changes that were not written");
-            let whole_turns = turns.iter().scan(0, |n, t| { *n += t.len(); Some(*n) });
+            assert!(
+                all.starts_with(&changes),
+                "cut journal read changes that were not written"
+            );
+            let whole_turns = turns.iter().scan(0, |n, t| {
+                *n += t.len();
+                Some(*n)
+            });
             assert!(changes.is_empty() || whole_turns.clone().any(|k| k == changes.len()));
             if n == file.len() && tail == Tail::Clean {
                 assert!(n < 20 || changes.len() <= all.len());
@@ -76,7 +82,10 @@ fuzz_target!(|data: &[u8]| {
         }
         (None, None) => {
             let (r, changes) = read(&file);
-            assert_eq!(r.expect("an undamaged journal must read"), (gen, Tail::Clean));
+            assert_eq!(
+                r.expect("an undamaged journal must read"),
+                (gen, Tail::Clean)
+            );
             assert_eq!(changes, all);
         }
     }

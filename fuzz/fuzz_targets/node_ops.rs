@@ -33,7 +33,7 @@ use bytes::Bytes;
 use ddpush_fuzz::{contract_device, contract_reply, UP};
 use ddpush_proto::codec::DownPacket;
 use ddpush_proto::{
-    Change, Config, ConnId, DeviceMsg, DevicePacket, Dest, DownMsg, Event, Kind, Limits, Node,
+    Change, Config, ConnId, Dest, DeviceMsg, DevicePacket, DownMsg, Event, Kind, Limits, Node,
     Payload, Pending, Port, PushMsg, PushReply, PushRequest, RecordState, ReplyPolicy, Time,
     Transmit, Uuid,
 };
@@ -77,20 +77,63 @@ enum AckKind {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Push { who: u8, app_id: u8, msg: Msg },
-    PushTcp { conn: u8, who: u8, app_id: u8, msg: Msg },
-    Heartbeat { who: u8, from: u8, app_id: u8 },
-    HeartbeatTcp { conn: u8, who: u8, app_id: u8 },
-    Ack { who: u8, from: u8, kind: AckKind },
-    AckOf { send: u16, tcp: bool },
-    Udp { from: u8, data: Vec<u8> },
-    TcpOpen { push: bool, from: u8 },
-    TcpData { conn: u8, data: Vec<u8> },
-    TcpClose { conn: u8 },
-    Step { ms: u16 },
-    StepSecs { s: u16 },
-    Jump { s: u32 },
-    Remove { who: u8 },
+    Push {
+        who: u8,
+        app_id: u8,
+        msg: Msg,
+    },
+    PushTcp {
+        conn: u8,
+        who: u8,
+        app_id: u8,
+        msg: Msg,
+    },
+    Heartbeat {
+        who: u8,
+        from: u8,
+        app_id: u8,
+    },
+    HeartbeatTcp {
+        conn: u8,
+        who: u8,
+        app_id: u8,
+    },
+    Ack {
+        who: u8,
+        from: u8,
+        kind: AckKind,
+    },
+    AckOf {
+        send: u16,
+        tcp: bool,
+    },
+    Udp {
+        from: u8,
+        data: Vec<u8>,
+    },
+    TcpOpen {
+        push: bool,
+        from: u8,
+    },
+    TcpData {
+        conn: u8,
+        data: Vec<u8>,
+    },
+    TcpClose {
+        conn: u8,
+    },
+    Step {
+        ms: u16,
+    },
+    StepSecs {
+        s: u16,
+    },
+    Jump {
+        s: u32,
+    },
+    Remove {
+        who: u8,
+    },
     Snapshot,
     Restart,
     CheckReplay,
@@ -123,7 +166,11 @@ fn config(c: &Cfg) -> Config {
         heartbeat_interval: Duration::from_secs(1 + u64::from(c.interval_s % 60)),
         online_grace: Duration::from_secs(10),
         max_content: 1 + c.max_content % 600,
-        max_clients: if c.max_clients == 0 { 10_000 } else { 1 + usize::from(c.max_clients % 6) },
+        max_clients: if c.max_clients == 0 {
+            10_000
+        } else {
+            1 + usize::from(c.max_clients % 6)
+        },
         create_on_heartbeat: c.create_on_heartbeat,
         idle_expiry: Duration::from_secs(u64::from(c.idle_expiry_s % 4000)),
         pending_ttl: Duration::from_secs(u64::from(c.pending_ttl_s % 4000)),
@@ -132,9 +179,15 @@ fn config(c: &Cfg) -> Config {
         push_tcp_idle: Duration::from_secs(1 + u64::from(c.push_idle_s % 900)),
         hash_seed: 0x5eed,
         limits: if c.limits {
-            Limits { table_size: 64, ..Limits::default() }
+            Limits {
+                table_size: 64,
+                ..Limits::default()
+            }
         } else {
-            Limits { enabled: false, ..Limits::default() }
+            Limits {
+                enabled: false,
+                ..Limits::default()
+            }
         },
     }
 }
@@ -238,7 +291,9 @@ impl Harness {
     }
 
     fn conn(&self, i: u8, port: Port) -> Option<usize> {
-        let idx: Vec<usize> = (0..self.conns.len()).filter(|&c| self.conns[c].port == port).collect();
+        let idx: Vec<usize> = (0..self.conns.len())
+            .filter(|&c| self.conns[c].port == port)
+            .collect();
         (!idx.is_empty()).then(|| idx[usize::from(i) % idx.len()])
     }
 
@@ -298,15 +353,25 @@ impl Harness {
 
     fn run(&mut self, op: &Op) {
         let mut ctx = Ctx::default();
-        let before: BTreeMap<Uuid, Pending> =
-            self.node.pending().into_iter().map(|p| (p.uuid, p)).collect();
+        let before: BTreeMap<Uuid, Pending> = self
+            .node
+            .pending()
+            .into_iter()
+            .map(|p| (p.uuid, p))
+            .collect();
         let conns_before: Vec<(ConnId, Port)> = self.conns.iter().map(|c| (c.id, c.port)).collect();
         match op {
             Op::Push { who, app_id, msg } => {
-                let req = PushRequest { app_id: *app_id, uuid: uuid(*who), msg: push_msg(msg) };
+                let req = PushRequest {
+                    app_id: *app_id,
+                    uuid: uuid(*who),
+                    msg: push_msg(msg),
+                };
                 let r = self.node.handle_push(self.now, req.clone());
                 let valid = match &req.msg {
-                    PushMsg::Payload(p) => !p.is_empty() && p.len() <= usize::from(self.cfg.max_content),
+                    PushMsg::Payload(p) => {
+                        !p.is_empty() && p.len() <= usize::from(self.cfg.max_content)
+                    }
                     _ => true,
                 };
                 let known = self.model.contains_key(&req.uuid);
@@ -323,8 +388,15 @@ impl Harness {
                     ctx.push = Some(req.uuid);
                 }
             }
-            Op::PushTcp { conn, who, app_id, msg } => {
-                let Some(ci) = self.conn(*conn, Port::Push) else { return self.finish(ctx, before, conns_before) };
+            Op::PushTcp {
+                conn,
+                who,
+                app_id,
+                msg,
+            } => {
+                let Some(ci) = self.conn(*conn, Port::Push) else {
+                    return self.finish(ctx, before, conns_before);
+                };
                 let (cmd, content) = match msg {
                     Msg::Notify => (0x10u8, Vec::new()),
                     Msg::Bits(b) => (0x11, b.to_be_bytes().to_vec()),
@@ -340,15 +412,25 @@ impl Harness {
                 self.tcp_bytes(ci, &f, &mut ctx);
             }
             Op::Heartbeat { who, from, app_id } => {
-                let p = DevicePacket { app_id: *app_id, uuid: uuid(*who), msg: DeviceMsg::Heartbeat };
+                let p = DevicePacket {
+                    app_id: *app_id,
+                    uuid: uuid(*who),
+                    msg: DeviceMsg::Heartbeat,
+                };
                 let mut b = Vec::new();
                 p.encode(&mut b);
                 self.node.handle_udp(self.now, addr(*from), &b);
                 ctx.heartbeat = Some((p.uuid, *app_id, Dest::Udp(addr(*from))));
             }
             Op::HeartbeatTcp { conn, who, app_id } => {
-                let Some(ci) = self.conn(*conn, Port::Device) else { return self.finish(ctx, before, conns_before) };
-                let p = DevicePacket { app_id: *app_id, uuid: uuid(*who), msg: DeviceMsg::Heartbeat };
+                let Some(ci) = self.conn(*conn, Port::Device) else {
+                    return self.finish(ctx, before, conns_before);
+                };
+                let p = DevicePacket {
+                    app_id: *app_id,
+                    uuid: uuid(*who),
+                    msg: DeviceMsg::Heartbeat,
+                };
                 let mut b = Vec::new();
                 p.encode(&mut b);
                 if self.conns[ci].pending.is_empty() {
@@ -362,7 +444,11 @@ impl Harness {
                     AckKind::Bits(b) => DeviceMsg::AckBits(*b),
                     AckKind::Payload => DeviceMsg::AckPayload,
                 };
-                let p = DevicePacket { app_id: 1, uuid: uuid(*who), msg };
+                let p = DevicePacket {
+                    app_id: 1,
+                    uuid: uuid(*who),
+                    msg,
+                };
                 let mut b = Vec::new();
                 p.encode(&mut b);
                 self.node.handle_udp(self.now, addr(*from), &b);
@@ -389,7 +475,11 @@ impl Harness {
                     Kind::Bits => DeviceMsg::AckBits(s.bits),
                     Kind::Payload => DeviceMsg::AckPayload,
                 };
-                let p = DevicePacket { app_id: 1, uuid: s.uuid, msg };
+                let p = DevicePacket {
+                    app_id: 1,
+                    uuid: s.uuid,
+                    msg,
+                };
                 let mut b = Vec::new();
                 p.encode(&mut b);
                 let via_tcp = match s.dest {
@@ -413,7 +503,8 @@ impl Harness {
             }
             Op::Udp { from, data } => {
                 self.node.handle_udp(self.now, addr(*from), data);
-                if let Some(p) = contract_device(data).and_then(|_| DevicePacket::decode(data).ok()) {
+                if let Some(p) = contract_device(data).and_then(|_| DevicePacket::decode(data).ok())
+                {
                     note_device(&p, &mut ctx);
                 }
             }
@@ -422,7 +513,12 @@ impl Harness {
                 let id = self.next_conn;
                 self.next_conn += 1;
                 if self.node.handle_tcp_open(self.now, id, port, addr(*from)) {
-                    self.conns.push(ConnState { id, port, pending: Vec::new(), failed: false });
+                    self.conns.push(ConnState {
+                        id,
+                        port,
+                        pending: Vec::new(),
+                        failed: false,
+                    });
                 }
             }
             Op::TcpData { conn, data } => {
@@ -470,7 +566,11 @@ impl Harness {
                 for c in &self.journal {
                     restored.apply(c);
                 }
-                assert_eq!(restored.poll_change(), None, "restore and replay must not journal");
+                assert_eq!(
+                    restored.poll_change(),
+                    None,
+                    "restore and replay must not journal"
+                );
                 assert_eq!(
                     restored.pending(),
                     self.node.pending(),
@@ -490,7 +590,12 @@ impl Harness {
         self.finish(ctx, before, conns_before)
     }
 
-    fn finish(&mut self, ctx: Ctx, before: BTreeMap<Uuid, Pending>, conns_before: Vec<(ConnId, Port)>) {
+    fn finish(
+        &mut self,
+        ctx: Ctx,
+        before: BTreeMap<Uuid, Pending>,
+        conns_before: Vec<(ConnId, Port)>,
+    ) {
         // Pushes framed on port 9999 count as accepted when their reply byte says so.
         let transmits: Vec<Transmit> = std::iter::from_fn(|| self.node.poll_transmit()).collect();
         let mut accepted_list = ctx.accepted.clone();
@@ -500,7 +605,9 @@ impl Harness {
                 if let Payload::Reply(r) = &t.payload {
                     let (_, _, u, msg) = replies.next().expect("a reply nobody asked for");
                     if *r == PushReply::Accepted {
-                        let m = msg.clone().expect("0x00 for a request the contract rejects");
+                        let m = msg
+                            .clone()
+                            .expect("0x00 for a request the contract rejects");
                         accepted_list.push((Uuid(*u), m));
                     }
                 }
@@ -514,9 +621,15 @@ impl Harness {
             self.journal.push(ch.clone());
             match &ch {
                 Change::Created { uuid, at } => {
-                    assert!(self.cfg.create_on_heartbeat, "heartbeat created a record with creation off");
+                    assert!(
+                        self.cfg.create_on_heartbeat,
+                        "heartbeat created a record with creation off"
+                    );
                     assert!(*at <= self.now);
-                    assert!(!self.model.contains_key(uuid), "Created for an existing record");
+                    assert!(
+                        !self.model.contains_key(uuid),
+                        "Created for an existing record"
+                    );
                     self.model.insert(*uuid, Model::default());
                 }
                 Change::Pushed { uuid, at, msg } => {
@@ -537,9 +650,19 @@ impl Harness {
                 }
                 Change::Cleared { uuid, kind, bits } => {
                     cleared_any = true;
-                    let acks: Vec<_> = ctx.acks.iter().filter(|a| a.0 == *uuid && a.1 == *kind).collect();
-                    assert!(!acks.is_empty(), "{ch:?} without an ack of that kind from that uuid");
-                    let e = self.model.get_mut(uuid).expect("Cleared for an unknown record");
+                    let acks: Vec<_> = ctx
+                        .acks
+                        .iter()
+                        .filter(|a| a.0 == *uuid && a.1 == *kind)
+                        .collect();
+                    assert!(
+                        !acks.is_empty(),
+                        "{ch:?} without an ack of that kind from that uuid"
+                    );
+                    let e = self
+                        .model
+                        .get_mut(uuid)
+                        .expect("Cleared for an unknown record");
                     match kind {
                         Kind::Notify => {
                             assert!(e.notify, "cleared a 0x10 that was not pending");
@@ -553,7 +676,11 @@ impl Harness {
                             let carried = acks.iter().fold(0u64, |m, a| m | a.2);
                             assert_ne!(*bits, 0, "empty Cleared of 0x11");
                             assert_eq!(bits & !carried, 0, "cleared 0x11 bits no ack carried");
-                            assert_eq!(bits & !e.bits, 0, "cleared 0x11 bits that were not pending");
+                            assert_eq!(
+                                bits & !e.bits,
+                                0,
+                                "cleared 0x11 bits that were not pending"
+                            );
                             e.bits &= !bits;
                         }
                     }
@@ -564,10 +691,17 @@ impl Harness {
                         // The node must still not panic there; the ordering promise is only
                         // checked inside the representable range.
                         let in_range = self.now.secs32() < u32::MAX - 4000;
-                        if in_range && s.uuid == *uuid && s.kind == *kind && *kind != Kind::Bits
+                        if in_range
+                            && s.uuid == *uuid
+                            && s.kind == *kind
+                            && *kind != Kind::Bits
                             && !self.tainted.contains(&(s.uuid, kidx(s.kind)))
                         {
-                            let v = self.versions.get(&(s.uuid, kidx(s.kind))).copied().unwrap_or(0);
+                            let v = self
+                                .versions
+                                .get(&(s.uuid, kidx(s.kind)))
+                                .copied()
+                                .unwrap_or(0);
                             assert_eq!(
                                 v, s.version,
                                 "the ack of a send of version {} cleared the newer version {v} \
@@ -578,13 +712,19 @@ impl Harness {
                     }
                 }
                 Change::Removed { uuid } => {
-                    assert!(self.model.remove(uuid).is_some(), "Removed an unknown record");
+                    assert!(
+                        self.model.remove(uuid).is_some(),
+                        "Removed an unknown record"
+                    );
                     // Acks of sends made before a removal stay held to the ack rule: the node
                     // keeps the removed record's guards as a tombstone (finding 3).
                 }
             }
         }
-        assert!(accepted.next().is_none(), "a push answered 0x00 was not journaled");
+        assert!(
+            accepted.next().is_none(),
+            "a push answered 0x00 was not journaled"
+        );
         let _ = cleared_any;
 
         // Every other ack in this op makes later checks of that (uuid, kind) unreliable only if
@@ -592,7 +732,9 @@ impl Harness {
         let events: Vec<Event> = std::iter::from_fn(|| self.node.poll_event()).collect();
         for ev in &events {
             if let Event::Acked { uuid, kind, .. } = ev {
-                let wb = ctx.ack_of.is_some_and(|i| self.sends[i].uuid == *uuid && self.sends[i].kind == *kind);
+                let wb = ctx
+                    .ack_of
+                    .is_some_and(|i| self.sends[i].uuid == *uuid && self.sends[i].kind == *kind);
                 if !wb {
                     self.tainted.insert((*uuid, kidx(*kind)));
                 }
@@ -600,8 +742,12 @@ impl Harness {
         }
 
         // --- the node's pending state equals the model ---
-        let pending: BTreeMap<Uuid, Pending> =
-            self.node.pending().into_iter().map(|p| (p.uuid, p)).collect();
+        let pending: BTreeMap<Uuid, Pending> = self
+            .node
+            .pending()
+            .into_iter()
+            .map(|p| (p.uuid, p))
+            .collect();
         assert_eq!(
             pending.keys().collect::<Vec<_>>(),
             self.model.keys().collect::<Vec<_>>(),
@@ -628,13 +774,18 @@ impl Harness {
         for t in &transmits {
             match (&t.payload, t.dest) {
                 (Payload::Reply(r), Dest::Tcp(id)) => {
-                    assert_eq!(port_of(id), Some(Port::Push), "reply to a non-push connection");
+                    assert_eq!(
+                        port_of(id),
+                        Some(Port::Push),
+                        "reply to a non-push connection"
+                    );
                     let (cid, want, u, _) = replies.next().expect("a reply nobody asked for");
                     assert_eq!(*cid, id, "replies out of order");
                     if r.byte() != *want {
                         // Only a capacity refusal may differ from the header rule.
                         assert!(
-                            *want == 0x00 && r.byte() == 0x01
+                            *want == 0x00
+                                && r.byte() == 0x01
                                 && !self.model.contains_key(&Uuid(*u))
                                 && self.model.len() >= self.cfg.max_clients,
                             "reply {:02x} where the contract says {want:02x}",
@@ -645,10 +796,18 @@ impl Harness {
                 (Payload::Reply(_), Dest::Udp(_)) => panic!("a reply byte sent over UDP"),
                 (Payload::Down(p), dest) => {
                     if let Dest::Tcp(id) = dest {
-                        assert_eq!(port_of(id), Some(Port::Device), "device packet to a push connection");
+                        assert_eq!(
+                            port_of(id),
+                            Some(Port::Device),
+                            "device packet to a push connection"
+                        );
                     }
                     let bytes = p.to_vec();
-                    assert_eq!(DownPacket::decode(&bytes).as_ref(), Ok(p), "malformed output {bytes:02x?}");
+                    assert_eq!(
+                        DownPacket::decode(&bytes).as_ref(),
+                        Ok(p),
+                        "malformed output {bytes:02x?}"
+                    );
                     let who = ctx.heartbeat.map(|h| h.0).or(ctx.push);
                     match &p.msg {
                         DownMsg::Bits(m) => assert_ne!(*m, 0, "0x11 with an empty mask"),
@@ -661,7 +820,9 @@ impl Harness {
                         let m = &self.model[&u];
                         match &p.msg {
                             DownMsg::Notify => assert!(m.notify, "0x10 sent but not pending"),
-                            DownMsg::Bits(b) => assert_eq!(*b, m.bits, "0x11 must carry the whole mask"),
+                            DownMsg::Bits(b) => {
+                                assert_eq!(*b, m.bits, "0x11 must carry the whole mask")
+                            }
                             DownMsg::Payload(b) => assert_eq!(Some(b.to_vec()), m.payload),
                             DownMsg::HeartbeatReply => {
                                 assert!(ctx.heartbeat.is_some(), "heartbeat reply to a push")
@@ -722,7 +883,10 @@ impl Harness {
                             }
                         }
                     }
-                    assert_eq!(hb_kinds, want, "heartbeat answer differs from the pending items");
+                    assert_eq!(
+                        hb_kinds, want,
+                        "heartbeat answer differs from the pending items"
+                    );
                 }
             }
         }
@@ -730,12 +894,18 @@ impl Harness {
         for id in closes {
             let before_len = self.conns.len();
             self.conns.retain(|c| c.id != id);
-            assert!(self.conns.len() < before_len || conns_before.iter().any(|c| c.0 == id),
-                "closed a connection that was not open");
+            assert!(
+                self.conns.len() < before_len || conns_before.iter().any(|c| c.0 == id),
+                "closed a connection that was not open"
+            );
         }
         // A framing error the contract predicts must have closed its connection.
         for c in &self.conns {
-            assert!(!c.failed, "frame with N > max did not close connection {}", c.id);
+            assert!(
+                !c.failed,
+                "frame with N > max did not close connection {}",
+                c.id
+            );
         }
     }
 }

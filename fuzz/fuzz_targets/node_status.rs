@@ -7,7 +7,7 @@
 //! non-empty and present in the file.
 #![no_main]
 
-use ddpush_fuzz::{alloc_budget, alloc_reset, alloc_stats, TrackingAlloc};
+use ddpush_fuzz::{alloc_budget, within_budget, TrackingAlloc};
 use ddpush_proto::upstream::{read_node_status, write_node_status, UpstreamError};
 use libfuzzer_sys::fuzz_target;
 
@@ -15,15 +15,9 @@ use libfuzzer_sys::fuzz_target;
 static ALLOC: TrackingAlloc = TrackingAlloc;
 
 fuzz_target!(|data: &[u8]| {
-    alloc_reset();
-    let got = read_node_status(data);
-    let (largest, peak) = alloc_stats();
-    let budget = alloc_budget(data.len());
-    assert!(
-        largest <= budget && peak <= budget,
-        "reading {} bytes allocated {largest} at once, {peak} in all (budget {budget})",
-        data.len()
-    );
+    let got = within_budget(data.len(), alloc_budget(data.len()), || {
+        read_node_status(data)
+    });
     match got {
         Ok(records) => {
             let mut payload_bytes = 0;

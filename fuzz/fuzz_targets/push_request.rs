@@ -21,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&sel, stream)) = data.split_first() else {
         return;
     };
-    let max_content: u16 = if sel < 200 { 500 } else { 1 + u16::from(sel - 200) * 11 };
+    let max_content: u16 = if sel < 200 {
+        500
+    } else {
+        1 + u16::from(sel - 200) * 11
+    };
 
     // Whole-buffer decoding of the stream as one request.
     match PushRequest::decode(stream) {
@@ -35,7 +39,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(contract_reply(stream, u16::MAX), Some(0x01));
         }
         Err(PushDecodeError::Short) => {
-            assert!(stream.len() < 21 || stream.len() < 21 + u16::from_be_bytes([stream[19], stream[20]]) as usize);
+            assert!(
+                stream.len() < 21
+                    || stream.len() < 21 + u16::from_be_bytes([stream[19], stream[20]]) as usize
+            );
         }
         Err(PushDecodeError::Trailing) => {
             assert!(stream.len() > 21 + u16::from_be_bytes([stream[19], stream[20]]) as usize);
@@ -59,7 +66,11 @@ fuzz_target!(|data: &[u8]| {
         Ok(f) => (f, false),
         Err(f) => (f, true),
     };
-    assert_eq!(replies.len(), frames.len(), "one reply per delimited request");
+    assert_eq!(
+        replies.len(),
+        frames.len(),
+        "one reply per delimited request"
+    );
     assert_eq!(closed, if framing_error { vec![7] } else { vec![] });
     let mut known: Vec<[u8; 16]> = Vec::new();
     for (t, f) in replies.iter().zip(&frames) {

@@ -13,24 +13,23 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use ddpush_fuzz::persisted::{Damage, Rec};
-use ddpush_fuzz::{alloc_budget_cbor, alloc_reset, alloc_stats, TrackingAlloc};
+use ddpush_fuzz::{alloc_budget_cbor, within_budget, TrackingAlloc};
 use ddpushd::persist::{encode_snapshot, read_snapshot};
 use libfuzzer_sys::fuzz_target;
 
 #[global_allocator]
 static ALLOC: TrackingAlloc = TrackingAlloc;
 
-fn read(buf: &[u8]) -> (Result<ddpushd::persist::SnapHeader, String>, Vec<ddpush_proto::RecordState>) {
+fn read(
+    buf: &[u8],
+) -> (
+    Result<ddpushd::persist::SnapHeader, String>,
+    Vec<ddpush_proto::RecordState>,
+) {
     let mut recs = Vec::new();
-    alloc_reset();
-    let r = read_snapshot("snapshot.cbor", buf, |r| recs.push(r)).map_err(|e| e.to_string());
-    let (largest, peak) = alloc_stats();
-    let budget = alloc_budget_cbor(buf.len());
-    assert!(
-        largest <= budget && peak <= budget,
-        "reading {} bytes allocated {largest} at once, {peak} in all (budget {budget})",
-        buf.len()
-    );
+    let r = within_budget(buf.len(), alloc_budget_cbor(buf.len()), || {
+        read_snapshot("snapshot.cbor", buf, |r| recs.push(r)).map_err(|e| e.to_string())
+    });
     (r, recs)
 }
 

@@ -25,18 +25,18 @@ fn run(mut dec: StreamDecoder, pieces: &[&[u8]]) -> Outcome {
             match dec.decode(&mut input) {
                 Ok(Decoded::Frame(f)) => {
                     assert_eq!(f.content.len(), usize::from(f.header.len));
-                    let mut v = vec![
-                        f.header.version,
-                        f.header.app_id,
-                        f.header.cmd,
-                    ];
+                    let mut v = vec![f.header.version, f.header.app_id, f.header.cmd];
                     v.extend_from_slice(&f.header.uuid.0);
                     v.extend_from_slice(&f.header.len.to_be_bytes());
                     v.extend_from_slice(f.content);
                     frames.push(v);
                 }
                 Ok(Decoded::NeedMore) => {
-                    assert!(input.is_empty(), "NeedMore with {} bytes unread", input.len());
+                    assert!(
+                        input.is_empty(),
+                        "NeedMore with {} bytes unread",
+                        input.len()
+                    );
                     assert!(dec.buffered() <= bound);
                     break;
                 }
@@ -47,7 +47,11 @@ fn run(mut dec: StreamDecoder, pieces: &[&[u8]]) -> Outcome {
                 }
             }
             assert!(input.len() <= before);
-            assert!(dec.buffered() <= bound, "buffer {} past bound {bound}", dec.buffered());
+            assert!(
+                dec.buffered() <= bound,
+                "buffer {} past bound {bound}",
+                dec.buffered()
+            );
         }
     }
     (frames, err)
@@ -62,7 +66,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let nsplit = usize::from(nsplit).min(rest.len());
     let (seed, stream) = rest.split_at(nsplit);
-    let push_max: u16 = if sel < 128 { 500 } else { u16::from(sel - 127) * 3 };
+    let push_max: u16 = if sel < 128 {
+        500
+    } else {
+        u16::from(sel - 127) * 3
+    };
 
     for (dec, max) in [
         (StreamDecoder::device(), 8u16),

@@ -131,7 +131,9 @@ fn note_alloc(size: usize) {
 pub fn alloc_stats() -> (usize, usize) {
     (
         LARGEST.load(Ordering::Relaxed),
-        PEAK_LIVE.load(Ordering::Relaxed).saturating_sub(BASE.load(Ordering::Relaxed)),
+        PEAK_LIVE
+            .load(Ordering::Relaxed)
+            .saturating_sub(BASE.load(Ordering::Relaxed)),
     )
 }
 
@@ -143,6 +145,19 @@ pub fn alloc_reset() {
     BASE.store(live, Ordering::Relaxed);
     PEAK_LIVE.store(live, Ordering::Relaxed);
     LARGEST.store(0, Ordering::Relaxed);
+}
+
+/// Runs `read` and asserts that it stayed within `budget` bytes, both for its largest single
+/// allocation and for its peak live bytes: the readers' "no unbounded allocation" invariant.
+pub fn within_budget<T>(input_len: usize, budget: usize, read: impl FnOnce() -> T) -> T {
+    alloc_reset();
+    let out = read();
+    let (largest, peak) = alloc_stats();
+    assert!(
+        largest <= budget && peak <= budget,
+        "reading {input_len} bytes allocated {largest} at once, {peak} in all (budget {budget})"
+    );
+    out
 }
 
 /// The allocation budget for decoding `input_len` bytes of a persistence file: a constant
@@ -217,9 +232,20 @@ pub mod persisted {
         /// The change as the node emits it.
         pub fn change(&self) -> Change {
             match self {
-                Chg::Created(u, at) => Change::Created { uuid: Uuid(*u), at: Time(*at) },
-                Chg::Notify(u, at) => Change::Pushed { uuid: Uuid(*u), at: Time(*at), msg: PushMsg::Notify },
-                Chg::Bits(u, at, b) => Change::Pushed { uuid: Uuid(*u), at: Time(*at), msg: PushMsg::Bits(*b) },
+                Chg::Created(u, at) => Change::Created {
+                    uuid: Uuid(*u),
+                    at: Time(*at),
+                },
+                Chg::Notify(u, at) => Change::Pushed {
+                    uuid: Uuid(*u),
+                    at: Time(*at),
+                    msg: PushMsg::Notify,
+                },
+                Chg::Bits(u, at, b) => Change::Pushed {
+                    uuid: Uuid(*u),
+                    at: Time(*at),
+                    msg: PushMsg::Bits(*b),
+                },
                 Chg::Payload(u, at, p) => Change::Pushed {
                     uuid: Uuid(*u),
                     at: Time(*at),

@@ -53,6 +53,16 @@ struct Dev {
 }
 
 impl Dev {
+    fn new(sh: Rc<Shared>, plan: Plan) -> Self {
+        let rng = SmallRng::seed_from_u64(plan.seed);
+        Dev {
+            sh,
+            plan,
+            rng,
+            last_sent: 0,
+        }
+    }
+
     fn lost(&mut self) -> bool {
         self.plan.loss > 0.0
             && !self.sh.faults.borrow().loss_off
@@ -110,14 +120,8 @@ impl Dev {
 
 /// A UDP device, from `plan.start` to `plan.end`.
 pub async fn udp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Result {
-    let rng = SmallRng::seed_from_u64(plan.seed);
     let end = plan.end;
-    let mut d = Dev {
-        sh,
-        plan,
-        rng,
-        last_sent: 0,
-    };
+    let mut d = Dev::new(sh, plan);
     sleep_until_ms(d.plan.start).await;
     let mut sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     let mut buf = vec![0u8; 1024];
@@ -192,14 +196,8 @@ pub async fn udp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
 
 /// A TCP device: one long-lived stream to 9966, heartbeat at once after each connect.
 pub async fn tcp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Result {
-    let rng = SmallRng::seed_from_u64(plan.seed);
     let end = plan.end;
-    let mut d = Dev {
-        sh,
-        plan,
-        rng,
-        last_sent: 0,
-    };
+    let mut d = Dev::new(sh, plan);
     sleep_until_ms(d.plan.start).await;
     // A pending away record: (last packet sent, lost at).
     let mut lost_at: Option<(u64, u64)> = None;
