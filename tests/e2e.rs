@@ -9,6 +9,15 @@ use std::time::Duration;
 
 use server::*;
 
+/// A JSON array of hex strings from the golden vectors.
+fn hex_list(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .expect("an array of hex strings")
+        .iter()
+        .map(|h| h.as_str().expect("a hex string").to_string())
+        .collect()
+}
+
 fn hx(s: &str) -> Vec<u8> {
     hex::decode(s).unwrap()
 }
@@ -55,22 +64,12 @@ fn offline_sequence_and_golden_udp_vectors() {
     let d = srv.device();
     d.send(&heartbeat(7)).unwrap();
     let seq = &g["offline_sequence"];
-    let want: Vec<String> = seq["first_heartbeat_replies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let want = hex_list(&seq["first_heartbeat_replies"]);
     assert_eq!(recv_n(&d, 3), want);
     d.send(&up(1, 7, 0x11, &bits(1))).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     d.send(&heartbeat(7)).unwrap();
-    let want: Vec<String> = seq["after_ack_0x11_mask_1_next_heartbeat"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let want = hex_list(&seq["after_ack_0x11_mask_1_next_heartbeat"]);
     assert_eq!(recv_n(&d, 3), want);
     for ack in [
         up(1, 7, 0x10, &[]),
