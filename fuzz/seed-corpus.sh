@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Writes the seed corpora of every fuzz target from the golden vectors.
 #   bash fuzz/seed-corpus.sh [path/to/golden-vectors.json]
-# Default vectors: ../shared/golden-vectors.json relative to the repository root.
+# Default vectors: proto-core/tests/data/golden-vectors.json in this repository.
 # fuzz/corpus/ is gitignored; this script recreates the seed files (it never deletes what
 # the fuzzer added, so it is safe to run before every session).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-gv="${1:-$root/../shared/golden-vectors.json}"
+gv="${1:-$root/proto-core/tests/data/golden-vectors.json}"
 [ -f "$gv" ] || { echo "seed-corpus: $gv not found" >&2; exit 1; }
 command -v jq >/dev/null || { echo "seed-corpus: jq is required" >&2; exit 1; }
 command -v xxd >/dev/null || { echo "seed-corpus: xxd is required" >&2; exit 1; }

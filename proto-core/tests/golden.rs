@@ -1,4 +1,4 @@
-//! Byte-exact checks against /work/shared/golden-vectors.json (PROTOCOL.md section 7).
+//! Byte-exact checks against `tests/data/golden-vectors.json` (docs/PROTOCOL.md section 7).
 
 mod common;
 

@@ -15,9 +15,10 @@ pub fn golden_uuid() -> Uuid {
     Uuid::from_hex(GOLDEN_UUID).unwrap()
 }
 
-/// Loads /work/shared/golden-vectors.json; a missing file is a failure, never a skip.
+/// Loads `proto-core/tests/data/golden-vectors.json` (docs/PROTOCOL.md section 7); a missing
+/// file is a failure, never a skip.
 pub fn golden() -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden-vectors.json");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden-vectors.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "golden vectors are required: cannot read {}: {e}",

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Fails when a tracked file refers to a path outside the repository.
+
+The repository must carry everything its tests and docs need: a fresh clone into an empty folder
+has nothing beside it. Three kinds of reference are refused:
+  * absolute paths of a build machine (/work/..., /home/..., /root/..., /Users/..., C:\\...);
+  * the old location of the protocol contract, a `shared/` folder beside the checkout;
+  * relative paths whose `../` steps climb above the repository root from the file's folder
+    (Markdown links and scripts resolve against the file's folder).
+Prints every offending line as FILE:LINE: TEXT and exits 1 if there is any.
+"""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = subprocess.run(
+    ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+).stdout.strip()
+SELF = os.path.relpath(os.path.abspath(__file__), ROOT)
+
+ABSOLUTE = re.compile(r"(?<![\w.~-])(/work/|/home/\w|/root/|/Users/\w|[A-Z]:\\\\)")
+SHARED = re.compile(r"(\.\./)+shared/|(?<![\w-])shared/(PROTOCOL|golden-vectors|STYLE)")
+RELATIVE = re.compile(r"(?:\.\./)+")
+
+
+def escapes(rel_file: str, match: str) -> bool:
+    depth = rel_file.count("/")  # folders between the root and the file
+    return match.count("../") > depth
+
+
+def main() -> int:
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    bad = []
+    for f in files:
+        name = f.decode()
+        if not name or name == SELF or name == "Cargo.lock":
+            continue
+        try:
+            with open(os.path.join(ROOT, name), encoding="utf-8") as fh:
+                lines = fh.readlines()
+        except (UnicodeDecodeError, IsADirectoryError, FileNotFoundError):
+            continue  # binary files (screenshots) hold no paths
+        for no, line in enumerate(lines, 1):
+            hit = ABSOLUTE.search(line) or SHARED.search(line)
+            if not hit:
+                hit = next((m for m in RELATIVE.finditer(line) if escapes(name, m.group(0))), None)
+            if hit:
+                bad.append(f"{name}:{no}: {line.strip()}")
+    if bad:
+        print("tracked files refer to paths outside the repository:", file=sys.stderr)
+        for b in bad:
+            print("  " + b, file=sys.stderr)
+        return 1
+    print(f"no tracked file refers outside the repository ({len(files) - 1} files checked)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
