@@ -218,7 +218,8 @@ pub fn read_exact_hex(s: &mut TcpStream, n: usize) -> String {
 }
 
 pub fn golden() -> serde_json::Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto-core/tests/data/golden-vectors.json");
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto-core/tests/data/golden-vectors.json");
     let text = std::fs::read_to_string(&p)
         .unwrap_or_else(|e| panic!("golden vectors at {} are required: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
