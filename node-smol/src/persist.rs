@@ -594,11 +594,6 @@ impl Store {
         Ok(())
     }
 
-    /// A handle for syncing the journal off the event loop.
-    pub fn journal_handle(&self) -> io::Result<File> {
-        self.journal.try_clone()
-    }
-
     /// Starts a new journal and returns the generation a snapshot taken now must carry.
     /// Changes appended from now on go to the new journal.
     pub fn rotate(&mut self) -> Result<u64, PersistError> {

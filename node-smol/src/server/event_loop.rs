@@ -1,0 +1,307 @@
+//! The event loop: one task owns the [`Node`] and the [`Store`]; socket tasks only move bytes.
+//!
+//! Each turn: wake on the UDP socket, a message from a connection task, a timer or a signal;
+//! drain the UDP socket until it would block and the message queue; then journal the turn's
+//! changes (fsync under `--fsync always`) *before* sending its transmits, so a `0x00` reply
+//! always follows the write that makes its push survive a crash.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_channel::{Receiver, Sender};
+use async_io::{Async, Timer};
+use ddpush_proto::{Change, ConnId, Node};
+use futures_lite::{future, StreamExt};
+use tracing::{debug, error};
+
+use super::clock::Clock;
+use super::conn::{write_loop, ConnHandle, WRITE_QUEUE};
+use super::udp::{UdpBatch, MMSG};
+use super::{Executor, Msg};
+use crate::admin;
+use crate::metrics::Metrics;
+use crate::persist::{self, Fsync, Store};
+use crate::settings::ServerConfig;
+
+mod turn;
+
+/// Datagrams read per turn before other work gets a chance.
+const UDP_BATCH: usize = 4096;
+/// Messages queued from socket tasks before they wait for the loop.
+const MSG_QUEUE: usize = 8192;
+/// Messages from connection tasks handled per turn.
+const MSG_BATCH: usize = 4096;
+/// How long the loop keeps polling after a turn with connection traffic before it sleeps.
+const SPIN: Duration = Duration::from_micros(50);
+
+enum Wake {
+    Udp,
+    Msg(Msg),
+    Timer,
+    Signal,
+}
+
+/// The event loop's state: the node, its store, the sockets' loop-side halves.
+pub(super) struct Loop {
+    ex: Executor,
+    node: Node,
+    store: Store,
+    clock: Clock,
+    cfg: ServerConfig,
+    udp: Async<UdpSocket>,
+    conns: HashMap<ConnId, ConnHandle>,
+    tx: Sender<Msg>,
+    metrics: Arc<Metrics>,
+    changes: Vec<Change>,
+    tcp_out: HashMap<ConnId, Vec<u8>>,
+    udp_batch: UdpBatch,
+    next_snapshot: Instant,
+    next_sync: Instant,
+    snapshot_in_flight: bool,
+    journal_failed: bool,
+    /// Admin answers held until the turn's journal write, like push replies.
+    admin_out: Vec<(Sender<admin::Response>, admin::Response)>,
+}
+
+impl Loop {
+    /// A loop over a loaded node, and the receiving half of its message channel (for `run`).
+    pub(super) fn new(
+        ex: Executor,
+        node: Node,
+        store: Store,
+        clock: Clock,
+        cfg: ServerConfig,
+        udp: Async<UdpSocket>,
+    ) -> (Self, Receiver<Msg>) {
+        let (tx, rx) = async_channel::bounded::<Msg>(MSG_QUEUE);
+        let now = Instant::now();
+        let lp = Loop {
+            ex,
+            node,
+            store,
+            clock,
+            next_snapshot: now + cfg.snapshot_interval,
+            next_sync: now + Duration::from_secs(1),
+            cfg,
+            udp,
+            conns: HashMap::new(),
+            tx,
+            metrics: Arc::new(Metrics::default()),
+            changes: Vec::new(),
+            tcp_out: HashMap::new(),
+            udp_batch: UdpBatch::new(),
+            snapshot_in_flight: false,
+            journal_failed: false,
+            admin_out: Vec::new(),
+        };
+        (lp, rx)
+    }
+
+    /// A sender for the tasks that feed the loop.
+    pub(super) fn sender(&self) -> Sender<Msg> {
+        self.tx.clone()
+    }
+
+    /// The counters the loop and the socket tasks share.
+    pub(super) fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs turns until SIGTERM or SIGINT.
+    pub(super) async fn run(&mut self, rx: Receiver<Msg>, mut signals: async_signal::Signals) {
+        let mut spin_until = Instant::now();
+        loop {
+            let deadline = self.deadline();
+            let race = future::or(
+                future::or(
+                    async {
+                        let _ = self.udp.readable().await;
+                        Wake::Udp
+                    },
+                    async {
+                        match rx.recv().await {
+                            Ok(m) => Wake::Msg(m),
+                            // Cannot happen while `self.tx` is alive; never a reason to stop.
+                            Err(_) => future::pending().await,
+                        }
+                    },
+                ),
+                future::or(
+                    async {
+                        Timer::at(deadline).await;
+                        Wake::Timer
+                    },
+                    async {
+                        signals.next().await;
+                        Wake::Signal
+                    },
+                ),
+            );
+            // For a moment after a busy turn, poll every source without sleeping and yield to
+            // the connection tasks in between: the next request of a one-at-a-time pusher
+            // usually arrives within microseconds, and waking an idle core costs more than the
+            // spin. Every source stays in the race, so nothing is starved while spinning.
+            let wake = if Instant::now() < spin_until {
+                match future::poll_once(race).await {
+                    Some(w) => w,
+                    None => {
+                        future::yield_now().await;
+                        continue;
+                    }
+                }
+            } else {
+                race.await
+            };
+            let mut tcp_turn = matches!(wake, Wake::Msg(_));
+            match wake {
+                Wake::Signal => return,
+                // A message wake skips the UDP drain: the race above polls the socket first on
+                // every turn, so pending datagrams win the next one, and a push round trip
+                // saves a syscall that would only say "would block".
+                Wake::Msg(m) => self.on_msg(m),
+                Wake::Udp | Wake::Timer => self.drain_udp(),
+            }
+            for _ in 0..MSG_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        self.on_msg(m);
+                        tcp_turn = true;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let now = self.clock.now();
+            self.node.handle_timeout(now);
+            self.maintenance();
+            self.flush();
+            // Only connection traffic (pushers waiting for their reply byte) earns the spin;
+            // heartbeats are fire-and-forget, so a UDP-only load sleeps between turns as before.
+            if tcp_turn {
+                spin_until = Instant::now() + SPIN;
+            }
+        }
+    }
+
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + 'static) {
+        self.ex.spawn(f).detach();
+    }
+
+    fn deadline(&self) -> Instant {
+        let mut d = self.next_snapshot.min(self.next_sync);
+        if let Some(t) = self.node.poll_timeout() {
+            d = d.min(self.clock.instant(t));
+        }
+        d
+    }
+
+    fn drain_udp(&mut self) {
+        use std::os::fd::AsRawFd;
+        let fd = self.udp.get_ref().as_raw_fd();
+        let mut read = 0;
+        while read < UDP_BATCH {
+            let now = self.clock.now();
+            let node = &mut self.node;
+            match self
+                .udp_batch
+                .recv(fd, |from, data| node.handle_udp(now, from, data))
+            {
+                Ok(0) => break,
+                Ok(n) => {
+                    read += n;
+                    if n < MMSG {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ICMP errors from earlier sends surface here on some systems: not ours to fix.
+                Err(_) => read += 1,
+            }
+        }
+    }
+
+    fn on_msg(&mut self, m: Msg) {
+        let now = self.clock.now();
+        match m {
+            Msg::Open {
+                conn,
+                port,
+                peer,
+                stream,
+            } => {
+                if self.node.handle_tcp_open(now, conn, port, peer) {
+                    let (tx, rx) = async_channel::bounded(WRITE_QUEUE);
+                    self.spawn(write_loop(stream.clone(), rx));
+                    self.conns.insert(conn, ConnHandle { tx, stream });
+                } else {
+                    let _ = stream.get_ref().shutdown(Shutdown::Both);
+                }
+            }
+            Msg::Data { conn, bytes } => self.node.handle_tcp_data(now, conn, &bytes),
+            Msg::Closed { conn } => {
+                self.node.handle_tcp_close(now, conn);
+                self.conns.remove(&conn);
+            }
+            Msg::SnapshotDone { gen, result } => {
+                self.snapshot_in_flight = false;
+                match result {
+                    Ok((took, size)) => {
+                        self.store.snapshot_done(gen);
+                        self.metrics.snapshot_done(took, size);
+                        debug!(
+                            gen,
+                            size,
+                            took_ms = took.as_millis() as u64,
+                            "snapshot written"
+                        );
+                    }
+                    Err(e) => error!(error = %e, "snapshot failed; journals are kept"),
+                }
+            }
+            Msg::Admin(req) => {
+                let resp = admin::handle(&req, &mut self.node, now, &self.metrics);
+                self.admin_out.push((req.reply, resp));
+            }
+        }
+    }
+
+    fn maintenance(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_sync {
+            self.next_sync = now + Duration::from_secs(1);
+            if self.cfg.fsync == Fsync::Interval {
+                let t = Instant::now();
+                if let Err(e) = self.store.sync() {
+                    error!(error = %e, "journal fsync failed");
+                }
+                self.metrics.fsync_done(t.elapsed());
+            }
+        }
+        if now >= self.next_snapshot && !self.snapshot_in_flight {
+            self.next_snapshot = now + self.cfg.snapshot_interval;
+            self.flush();
+            match self.store.rotate() {
+                Ok(gen) => {
+                    let t = Instant::now();
+                    let bytes =
+                        persist::encode_snapshot(gen, self.clock.now().0, self.node.records());
+                    let dir = self.store.dir().to_path_buf();
+                    let tx = self.tx.clone();
+                    self.snapshot_in_flight = true;
+                    self.spawn(async move {
+                        let size = bytes.len();
+                        let result =
+                            smol::unblock(move || persist::write_snapshot_file(&dir, &bytes))
+                                .await
+                                .map(|()| (t.elapsed(), size));
+                        let _ = tx.send(Msg::SnapshotDone { gen, result }).await;
+                    });
+                }
+                Err(e) => error!(error = %e, "journal rotation failed"),
+            }
+        }
+    }
+}

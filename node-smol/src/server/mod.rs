@@ -1,0 +1,184 @@
+//! The server: binds the sockets, loads the state, and runs the event loop on one thread.
+//!
+//! Modules, by what they hold:
+//! - `bind`: listening sockets and the options set before `bind`;
+//! - `state`: loading the data directory, upstream imports, snapshots on demand;
+//! - `clock`: the wall clock the core's `Time` comes from;
+//! - `udp`: batched datagram I/O on the device socket;
+//! - `conn`: accept, read and write tasks of TCP connections;
+//! - `event_loop`: the loop that owns the node and the store, and its turn.
+
+mod bind;
+mod clock;
+mod conn;
+mod event_loop;
+mod state;
+mod udp;
+
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_io::Async;
+use ddpush_proto::{upstream, ConnId, Port};
+use tracing::info;
+
+use crate::admin::{self, AdminRequest};
+use crate::persist::PersistError;
+use crate::settings::{AdminListen, ServerConfig};
+use bind::{bind_tcp, bind_udp};
+use clock::Clock;
+use conn::accept_loop;
+use event_loop::Loop;
+pub use state::import;
+use state::load;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A socket could not be bound.
+    #[error("cannot bind {what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: io::Error,
+    },
+    /// State could not be loaded or saved.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    /// Other I/O.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Bad upstream file.
+    #[error("{file}: {source}")]
+    Import {
+        /// The file.
+        file: String,
+        /// The error.
+        source: upstream::UpstreamError,
+    },
+}
+
+/// Messages from socket tasks to the loop.
+pub(crate) enum Msg {
+    Open {
+        conn: ConnId,
+        port: Port,
+        peer: SocketAddr,
+        stream: Arc<Async<TcpStream>>,
+    },
+    Data {
+        conn: ConnId,
+        bytes: Vec<u8>,
+    },
+    Closed {
+        conn: ConnId,
+    },
+    SnapshotDone {
+        gen: u64,
+        result: Result<(Duration, usize), PersistError>,
+    },
+    Admin(AdminRequest),
+}
+
+/// Addresses actually bound (port 0 resolved), printed at start for tests and operators.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// Device UDP.
+    pub udp: SocketAddr,
+    /// Device TCP, if enabled.
+    pub tcp: Option<SocketAddr>,
+    /// Push TCP.
+    pub push: SocketAddr,
+    /// Admin HTTP, if enabled.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Runs the server until SIGTERM or SIGINT, then writes a snapshot and returns.
+pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
+    let clock = Clock::new();
+    let udp = bind_udp(cfg.listen, cfg.udp_buffer)?;
+    let udp_addr = udp.local_addr()?;
+    // With port 0 the TCP device port follows the UDP one, as both share 9966 in production.
+    let tcp_addr = SocketAddr::new(cfg.listen.ip(), udp_addr.port());
+    let tcp = if cfg.device_tcp {
+        Some(bind_tcp("device TCP", tcp_addr)?)
+    } else {
+        None
+    };
+    let push = bind_tcp("push TCP", cfg.push_listen)?;
+    let admin_l = match cfg.admin_listen {
+        AdminListen::Addr(a) => Some(bind_tcp("admin HTTP", a)?),
+        AdminListen::None => None,
+    };
+    // Signals are registered before loading so a SIGTERM during a long load is not lost.
+    let signals =
+        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
+    let (node, store) = load(&cfg, &clock)?;
+    let bound = Bound {
+        udp: udp_addr,
+        tcp: tcp.as_ref().map(|l| l.local_addr()).transpose()?,
+        push: push.local_addr()?,
+        admin: admin_l.as_ref().map(|l| l.local_addr()).transpose()?,
+    };
+    info!(
+        udp = %bound.udp,
+        tcp = %bound.tcp.map_or("off".to_string(), |a| a.to_string()),
+        push = %bound.push,
+        admin = %bound.admin.map_or("off".to_string(), |a| a.to_string()),
+        data_dir = %cfg.data_dir.display(),
+        fsync = ?cfg.fsync,
+        clients = node.len(),
+        "ddpushd listening"
+    );
+    let next_id = Arc::new(AtomicU64::new(1));
+    let udp = Async::new(udp)?;
+    // Everything runs on this one thread: the loop, the accept, read and write tasks. Handing a
+    // request from a reader to the loop to a writer is then a local wake-up, not a cross-thread
+    // one, which is what a one-request-at-a-time pusher waits for; the other core is left to
+    // the kernel's network stack.
+    let ex: Executor = Rc::new(smol::LocalExecutor::new());
+    let (mut lp, rx) = Loop::new(ex.clone(), node, store, clock, cfg.clone(), udp);
+    let (tx, metrics) = (lp.sender(), lp.metrics());
+    let mut tasks = Vec::new();
+    if let Some(l) = tcp {
+        tasks.push(ex.spawn(accept_loop(
+            ex.clone(),
+            Async::new(l)?,
+            Port::Device,
+            tx.clone(),
+            next_id.clone(),
+            cfg.clone(),
+            metrics.clone(),
+        )));
+    }
+    tasks.push(ex.spawn(accept_loop(
+        ex.clone(),
+        Async::new(push)?,
+        Port::Push,
+        tx.clone(),
+        next_id.clone(),
+        cfg.clone(),
+        metrics.clone(),
+    )));
+    if let Some(l) = admin_l {
+        tasks.push(ex.spawn(admin::serve(
+            ex.clone(),
+            Async::new(l)?,
+            tx.clone(),
+            cfg.admin_token.clone(),
+        )));
+    }
+    smol::block_on(ex.run(lp.run(rx, signals)));
+    drop(tasks);
+    lp.shutdown()
+}
+
+/// The single-threaded executor every task of the server runs on.
+pub(crate) type Executor = Rc<smol::LocalExecutor<'static>>;
