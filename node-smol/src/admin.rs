@@ -13,7 +13,7 @@ use async_channel::Sender;
 use async_io::{Async, Timer};
 use base64::Engine;
 use bytes::Bytes;
-use ddpush_proto::{Node, PushMsg, PushReply, PushRequest, RecordState, Time, Uuid};
+use ddpush_proto::{Kind, Node, Port, PushMsg, PushReply, PushRequest, RecordState, Time, Uuid};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -248,12 +248,19 @@ pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics
                 json!({
                     "clients": s.clients,
                     "online": s.online,
-                    "pending": { "0x10": s.pending[0], "0x11": s.pending[1], "0x20": s.pending[2] },
+                    "pending": {
+                        "0x10": s.pending.get(Kind::Notify),
+                        "0x11": s.pending.get(Kind::Bits),
+                        "0x20": s.pending.get(Kind::Payload),
+                    },
                     "pushes_accepted": s.pushes_accepted,
                     "heartbeats": s.heartbeats,
                     "resends": s.resends,
                     "acks": s.acks,
-                    "tcp_connections": { "device": s.conns[0], "push": s.conns[1] },
+                    "tcp_connections": {
+                        "device": s.conns.get(Port::Device),
+                        "push": s.conns.get(Port::Push),
+                    },
                     "memory_bytes": node.heap_bytes(),
                 }),
             )

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ddpush_proto::{InvalidPacket, Limited, PushReject, Stats, Transport};
+use ddpush_proto::Stats;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -87,9 +87,9 @@ impl Metrics {
             g(s.online),
         );
         let pending = Family::<Vec<(String, String)>, Gauge>::default();
-        for (kind, v) in ["0x10", "0x11", "0x20"].iter().zip(s.pending) {
+        for (kind, v) in s.pending.iter() {
             pending
-                .get_or_create(&vec![("type".into(), kind.to_string())])
+                .get_or_create(&vec![("type".into(), format!("0x{:02x}", kind.cmd()))])
                 .set(v as i64);
         }
         r.register(
@@ -104,7 +104,7 @@ impl Metrics {
             c(s.pushes_accepted),
         );
         let rejected = Family::<Vec<(String, String)>, Counter>::default();
-        for (reason, v) in PushReject::ALL.iter().zip(s.pushes_rejected) {
+        for (reason, v) in s.pushes_rejected.iter() {
             rejected
                 .get_or_create(&vec![("reason".into(), reason.label().into())])
                 .inc_by(v);
@@ -133,24 +133,17 @@ impl Metrics {
         );
         r.register("acks_unknown", "Acks from unknown uuids", c(s.acks_unknown));
         let invalid = Family::<Vec<(String, String)>, Counter>::default();
-        for t in [Transport::Udp, Transport::Tcp, Transport::Push] {
-            let row = match t {
-                Transport::Udp => 0,
-                Transport::Tcp => 1,
-                Transport::Push => 2,
-            };
-            for (k, v) in InvalidPacket::ALL.iter().zip(s.invalid[row]) {
-                invalid
-                    .get_or_create(&vec![
-                        ("transport".into(), t.label().into()),
-                        ("kind".into(), k.label().into()),
-                    ])
-                    .inc_by(v);
-            }
+        for ((t, k), v) in s.invalid.iter() {
+            invalid
+                .get_or_create(&vec![
+                    ("transport".into(), t.label().into()),
+                    ("kind".into(), k.label().into()),
+                ])
+                .inc_by(v);
         }
         r.register("invalid_packets", "Dropped malformed packets", invalid);
         let limited = Family::<Vec<(String, String)>, Counter>::default();
-        for (l, v) in Limited::ALL.iter().zip(s.limited) {
+        for (l, v) in s.limited.iter() {
             limited
                 .get_or_create(&vec![("limit".into(), l.label().into())])
                 .inc_by(v);
@@ -173,9 +166,9 @@ impl Metrics {
             c(s.unknown_heartbeats),
         );
         let conns = Family::<Vec<(String, String)>, Gauge>::default();
-        for (port, v) in ["device", "push"].iter().zip(s.conns) {
+        for (port, v) in s.conns.iter() {
             conns
-                .get_or_create(&vec![("port".into(), port.to_string())])
+                .get_or_create(&vec![("port".into(), port.label().into())])
                 .set(v as i64);
         }
         r.register("tcp_connections", "Open TCP connections", conns);

@@ -9,6 +9,8 @@ use std::fmt;
 use bytes::{BufMut, Bytes};
 use serde::{Deserialize, Serialize};
 
+use crate::counters::counter_key;
+
 /// The only protocol version DDPush v1 speaks.
 pub const VERSION: u8 = 0x01;
 /// Size of the upstream header (device -> server and app server -> server).
@@ -103,10 +105,14 @@ pub enum Kind {
     Payload,
 }
 
-impl Kind {
-    /// All kinds, in the order a heartbeat re-sends them.
-    pub const ALL: [Kind; 3] = [Kind::Notify, Kind::Bits, Kind::Payload];
+// `Kind::ALL` is also the order in which a heartbeat re-sends pending items.
+counter_key!(Kind {
+    Notify,
+    Bits,
+    Payload
+});
 
+impl Kind {
     /// The command byte of this kind.
     pub fn cmd(self) -> u8 {
         match self {
@@ -177,16 +183,15 @@ pub enum InvalidPacket {
     Length,
 }
 
-impl InvalidPacket {
-    /// Every variant, for metrics that want a zero for each label.
-    pub const ALL: [InvalidPacket; 5] = [
-        InvalidPacket::Short,
-        InvalidPacket::Trailing,
-        InvalidPacket::Version,
-        InvalidPacket::Command,
-        InvalidPacket::Length,
-    ];
+counter_key!(InvalidPacket {
+    Short,
+    Trailing,
+    Version,
+    Command,
+    Length
+});
 
+impl InvalidPacket {
     /// A short stable label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -463,15 +468,14 @@ pub enum PushReject {
     Capacity,
 }
 
-impl PushReject {
-    /// Every variant, for metrics that want a zero for each label.
-    pub const ALL: [PushReject; 4] = [
-        PushReject::Version,
-        PushReject::Command,
-        PushReject::Length,
-        PushReject::Capacity,
-    ];
+counter_key!(PushReject {
+    Version,
+    Command,
+    Length,
+    Capacity
+});
 
+impl PushReject {
     /// A short stable label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {

@@ -32,6 +32,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod counters;
 pub mod limits;
 mod node;
 pub mod output;
@@ -49,6 +50,7 @@ pub use codec::{
     PushReply, PushRequest, Uuid,
 };
 pub use config::{Config, ConfigError, ReplyPolicy};
+pub use counters::{CounterKey, Counters};
 pub use limits::{Limited, Limits};
 pub use node::{Node, Port};
 pub use output::{CloseReason, Dest, Event, Payload, Stats, Transmit, Transport};

@@ -12,6 +12,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::counters::counter_key;
 use crate::time::Time;
 
 /// Configurable abuse limits; the defaults leave normal traffic untouched.
@@ -121,14 +122,13 @@ pub enum Limited {
     Amplification,
 }
 
-impl Limited {
-    /// Every variant.
-    pub const ALL: [Limited; 3] = [
-        Limited::SourceRate,
-        Limited::UuidRate,
-        Limited::Amplification,
-    ];
+counter_key!(Limited {
+    SourceRate,
+    UuidRate,
+    Amplification
+});
 
+impl Limited {
     /// A short stable label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {

@@ -12,6 +12,7 @@ use crate::codec::{
     PushReply, PushRequest, Uuid,
 };
 use crate::config::{Config, ConfigError, ReplyPolicy};
+use crate::counters::{counter_key, CounterKey};
 use crate::limits::{Limited, Limiter};
 use crate::output::{CloseReason, Dest, Event, Payload, Stats, Transmit, Transport};
 use crate::record::{flag, Record, K_NOTIFY, K_PAYLOAD};
@@ -31,11 +32,14 @@ pub enum Port {
     Push,
 }
 
+counter_key!(Port { Device, Push });
+
 impl Port {
-    fn idx(self) -> usize {
+    /// A short stable label for logs and metrics.
+    pub fn label(self) -> &'static str {
         match self {
-            Port::Device => 0,
-            Port::Push => 1,
+            Port::Device => "device",
+            Port::Push => "push",
         }
     }
 }
@@ -86,7 +90,7 @@ pub struct Node {
     sweep_cursor: usize,
     next_sweep: Time,
     scratch: Vec<u32>,
-    limit_logged: [bool; 3],
+    limit_logged: [bool; Limited::COUNT],
     capacity_logged: bool,
     /// Guards of records removed while a send of theirs could still be acked, so a record
     /// re-created within `ack_horizon` inherits them (see `remove_slot`). Pruned by the sweep.
@@ -127,7 +131,7 @@ impl Node {
             sweep_cursor: 0,
             next_sweep: Time::ZERO,
             scratch: Vec::new(),
-            limit_logged: [false; 3],
+            limit_logged: [false; Limited::COUNT],
             capacity_logged: false,
             tombstones: HashMap::with_hasher(FixedState::with_seed(seed ^ 9)),
             replayed: false,
@@ -221,7 +225,7 @@ impl Node {
             },
         );
         *self.conns_per_ip.entry((peer.ip(), port)).or_insert(0) += 1;
-        self.stats.conns[port.idx()] += 1;
+        self.stats.conns.incr(port);
         self.idle
             .push(Reverse((self.now + self.idle_timeout(port), conn)));
         true
@@ -497,8 +501,7 @@ impl Node {
     }
 
     fn invalid(&mut self, e: InvalidPacket, t: Transport) {
-        let k = InvalidPacket::ALL.iter().position(|x| *x == e).unwrap_or(0);
-        self.stats.invalid[t.idx()][k] += 1;
+        self.stats.invalid.incr((t, e));
         self.events.push_back(Event::Invalid {
             reason: e,
             transport: t,
@@ -506,17 +509,15 @@ impl Node {
     }
 
     fn limited(&mut self, l: Limited) {
-        let k = Limited::ALL.iter().position(|x| *x == l).unwrap_or(0);
-        self.stats.limited[k] += 1;
-        if !self.limit_logged[k] {
-            self.limit_logged[k] = true;
+        self.stats.limited.incr(l);
+        if !self.limit_logged[l.index()] {
+            self.limit_logged[l.index()] = true;
             self.events.push_back(Event::Limited { limit: l });
         }
     }
 
     fn reject(&mut self, r: PushReject) -> PushReply {
-        let k = PushReject::ALL.iter().position(|x| *x == r).unwrap_or(0);
-        self.stats.pushes_rejected[k] += 1;
+        self.stats.pushes_rejected.incr(r);
         self.events.push_back(Event::PushRejected { reason: r });
         PushReply::Rejected
     }
@@ -753,10 +754,16 @@ impl Node {
     /// Adds (`sign` = 1) or removes (-1) the record's items from the pending gauges.
     fn count_pending(&mut self, slot: u32, sign: i64) {
         let r = self.reg.rec(slot);
-        let items = [r.has(flag::NOTIFY), r.mask() != 0, r.has(flag::PAYLOAD)];
-        for (g, on) in self.stats.pending.iter_mut().zip(items) {
-            if on {
-                *g = g.wrapping_add_signed(sign);
+        let items = [
+            (Kind::Notify, r.has(flag::NOTIFY)),
+            (Kind::Bits, r.mask() != 0),
+            (Kind::Payload, r.has(flag::PAYLOAD)),
+        ];
+        for (k, on) in items {
+            match (on, sign > 0) {
+                (false, _) => {}
+                (true, true) => self.stats.pending.add(k, sign.unsigned_abs()),
+                (true, false) => self.stats.pending.sub(k, sign.unsigned_abs()),
             }
         }
     }
@@ -890,7 +897,7 @@ impl Node {
                 self.conns_per_ip.remove(&(c.ip, c.port));
             }
         }
-        self.stats.conns[c.port.idx()] -= 1;
+        self.stats.conns.sub(c.port, 1);
         true
     }
 

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use bytes::BufMut;
 
 use crate::codec::{DownPacket, InvalidPacket, Kind, PushReject, PushReply, Uuid};
+use crate::counters::{counter_key, Counters};
 use crate::limits::Limited;
+use crate::node::Port;
 use crate::ConnId;
 
 /// Where a transmit goes.
@@ -69,16 +71,9 @@ pub enum Transport {
     Push,
 }
 
-impl Transport {
-    /// Index for counter arrays.
-    pub(crate) fn idx(self) -> usize {
-        match self {
-            Transport::Udp => 0,
-            Transport::Tcp => 1,
-            Transport::Push => 2,
-        }
-    }
+counter_key!(Transport { Udp, Tcp, Push });
 
+impl Transport {
     /// A short stable label.
     pub fn label(self) -> &'static str {
         match self {
@@ -185,14 +180,14 @@ pub struct Stats {
     pub clients: u64,
     /// Clients online (gauge).
     pub online: u64,
-    /// Pending items by kind [0x10, 0x11, 0x20] (gauge).
-    pub pending: [u64; 3],
+    /// Pending items by kind (gauge).
+    pub pending: Counters<Kind, 3>,
     /// Heartbeats processed.
     pub heartbeats: u64,
     /// Pushes accepted.
     pub pushes_accepted: u64,
-    /// Pushes rejected, by [`PushReject::ALL`] order.
-    pub pushes_rejected: [u64; 4],
+    /// Pushes rejected, by reason.
+    pub pushes_rejected: Counters<PushReject, 4>,
     /// Packets sent at once on a push.
     pub deliveries: u64,
     /// Packets re-sent in answer to heartbeats.
@@ -205,10 +200,10 @@ pub struct Stats {
     pub acks_cleared: u64,
     /// Acks from unknown uuids (ignored).
     pub acks_unknown: u64,
-    /// Invalid inputs by transport [udp, tcp, push] and [`InvalidPacket::ALL`] order.
-    pub invalid: [[u64; 5]; 3],
-    /// Inputs held back by [`Limited::ALL`] order.
-    pub limited: [u64; 3],
+    /// Invalid inputs by transport and reason.
+    pub invalid: Counters<(Transport, InvalidPacket), 15>,
+    /// Inputs held back, by limit.
+    pub limited: Counters<Limited, 3>,
     /// Records removed by expiry.
     pub expired: u64,
     /// Records created.
@@ -217,8 +212,8 @@ pub struct Stats {
     pub capacity_refused: u64,
     /// Heartbeats from unknown uuids dropped (creation off or capacity).
     pub unknown_heartbeats: u64,
-    /// Open TCP connections [device, push] (gauge).
-    pub conns: [u64; 2],
+    /// Open TCP connections by port (gauge).
+    pub conns: Counters<Port, 2>,
     /// TCP connections refused at open.
     pub conns_refused: u64,
     /// TCP connections closed for framing errors.

@@ -5,8 +5,8 @@ mod common;
 use common::*;
 use ddpush_proto::testing::Harness;
 use ddpush_proto::{
-    Change, CloseReason, Config, DeviceMsg, DownMsg, Event, InvalidPacket, Kind, Limits, Port,
-    PushMsg, ReplyPolicy, Time, Transport,
+    Change, CloseReason, Config, DeviceMsg, DownMsg, Event, InvalidPacket, Kind, Limited, Limits,
+    Port, PushMsg, PushReject, ReplyPolicy, Time, Transport,
 };
 
 fn acked(h: &mut Harness) -> Vec<(Kind, bool)> {
@@ -20,13 +20,7 @@ fn acked(h: &mut Harness) -> Vec<(Kind, bool)> {
 }
 
 fn invalid_count(h: &Harness, t: Transport, e: InvalidPacket) -> u64 {
-    let k = InvalidPacket::ALL.iter().position(|x| *x == e).unwrap();
-    let ti = match t {
-        Transport::Udp => 0,
-        Transport::Tcp => 1,
-        Transport::Push => 2,
-    };
-    h.node.stats().invalid[ti][k]
+    h.node.stats().invalid.get((t, e))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -128,7 +122,7 @@ fn payload_last_push_wins() {
     h.advance(secs(1));
     h.ack(dev, 2, u, DeviceMsg::AckPayload);
     assert_eq!(h.node.record(&u).unwrap().payload, None);
-    assert_eq!(h.node.stats().pending, [0, 0, 0]);
+    assert_eq!(h.node.stats().pending.total(), 0);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -197,7 +191,8 @@ fn push_to_unknown_uuid_creates_the_record() {
             msg: PushMsg::Bits(9)
         }]
     );
-    assert_eq!(h.node.stats().pending, [0, 1, 0]);
+    assert_eq!(h.node.stats().pending.get(Kind::Bits), 1);
+    assert_eq!(h.node.stats().pending.total(), 1);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -435,7 +430,11 @@ fn max_clients_rejects_new_uuids() {
     assert_eq!(h.node.len(), 2);
     assert_eq!(h.node.stats().unknown_heartbeats, 1);
     assert_eq!(h.node.stats().capacity_refused, 2);
-    assert_eq!(h.node.stats().pushes_rejected[3], 1, "capacity");
+    assert_eq!(
+        h.node.stats().pushes_rejected.get(PushReject::Capacity),
+        1,
+        "capacity"
+    );
     let ev = h.take_events();
     assert_eq!(
         ev.iter().filter(|e| **e == Event::CapacityReached).count(),
@@ -476,7 +475,7 @@ fn idle_records_expire_and_pending_ones_wait_for_pending_ttl() {
     assert_eq!(h.take_changes(), vec![Change::Removed { uuid: pending }]);
     assert_eq!(h.node.stats().expired, 2);
     assert_eq!(h.node.stats().clients, 0);
-    assert_eq!(h.node.stats().pending, [0, 0, 0]);
+    assert_eq!(h.node.stats().pending.total(), 0);
 }
 
 #[test]
@@ -556,7 +555,8 @@ fn device_frame_over_8_bytes_closes_the_connection() {
     let u = uuid(1);
     let mut h = default_harness();
     let conn = h.tcp_open(Port::Device, addr(1, 1)).unwrap();
-    assert_eq!(h.node.stats().conns, [1, 0]);
+    assert_eq!(h.node.stats().conns.get(Port::Device), 1);
+    assert_eq!(h.node.stats().conns.get(Port::Push), 0);
     // The header alone is enough: N = 9 cannot be a device packet.
     h.tcp_data(conn, &raw_up_len(1, 1, 0x20, u, 9, &[]));
     assert_eq!(h.take_closes(), vec![conn]);
@@ -564,7 +564,7 @@ fn device_frame_over_8_bytes_closes_the_connection() {
         conn,
         reason: CloseReason::Framing
     }));
-    assert_eq!(h.node.stats().conns, [0, 0]);
+    assert_eq!(h.node.stats().conns.total(), 0);
     assert_eq!(h.node.stats().conns_framing, 1);
     // Data after the close is ignored.
     h.tcp_data(conn, &raw_up(1, 1, 0, u, &[]));
@@ -600,7 +600,7 @@ fn coalesced_acks_all_take_effect() {
     );
     assert_eq!(h.take_changes().len(), 3);
     assert_eq!(h.node.pending()[0].bits, 0);
-    assert_eq!(h.node.stats().pending, [0, 0, 0]);
+    assert_eq!(h.node.stats().pending.total(), 0);
     h.advance(secs(50));
     h.tcp_data(conn, &raw_up(1, 1, 0, u, &[]));
     assert!(h.take_tcp(conn).is_empty());
@@ -684,7 +684,7 @@ fn idle_tcp_connections_close_on_time() {
         .collect();
     assert_eq!(idle.len(), 2);
     assert_eq!(h.node.stats().conns_idle, 2);
-    assert_eq!(h.node.stats().conns, [0, 0]);
+    assert_eq!(h.node.stats().conns.total(), 0);
     // A closed connection detaches: pushes go only to UDP now (none known), nothing sent.
     h.push(uuid(1), PushMsg::Notify);
     assert!(h.take_transmits().is_empty());
@@ -816,7 +816,10 @@ fn spoofed_heartbeat_flood_is_bounded_by_amplification() {
     // And the bound is tight enough to matter: without it this flood sends 5 MB.
     assert!(sent > 0);
     assert!(sent < 10_000 * 505 / 5, "sent {sent}");
-    assert!(h.node.stats().limited[2] > 0, "amplification limit counted");
+    assert!(
+        h.node.stats().limited.get(Limited::Amplification) > 0,
+        "amplification limit counted"
+    );
     assert!(h.take_events().contains(&Event::Limited {
         limit: ddpush_proto::Limited::Amplification
     }));
@@ -850,7 +853,7 @@ fn default_limits_leave_normal_devices_alone() {
         }
         h.advance(millis(1));
     }
-    assert_eq!(h.node.stats().limited, [0, 0, 0]);
+    assert_eq!(h.node.stats().limited.total(), 0);
 }
 
 #[test]
@@ -864,7 +867,10 @@ fn per_uuid_answer_rate_limits_a_hot_uuid() {
         answered += h.take_udp(dev).len();
     }
     assert_eq!(answered, Limits::default().uuid_burst as usize);
-    assert_eq!(h.node.stats().limited[1], 100 - answered as u64);
+    assert_eq!(
+        h.node.stats().limited.get(Limited::UuidRate),
+        100 - answered as u64
+    );
 }
 
 // ------------------------------------------------------------------------------------------
