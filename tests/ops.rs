@@ -21,8 +21,14 @@ fn http(
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    // State-changing requests carry what the admin port's cross-site rules ask for.
+    let write = if method == "GET" {
+        ""
+    } else {
+        "content-type: application/json\r\nx-ddpush-csrf: 1\r\n"
+    };
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}{write}content-length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).unwrap();

@@ -1,9 +1,12 @@
 //! The admin HTTP endpoint: `/metrics`, `/status`, `/clients/{uuid}`, `POST /push`,
-//! `POST /clients/{uuid}/clear`.
+//! `POST /clients/{uuid}/clear`, and the web console (`/`, `/console/...`, see [`console`]).
 //!
-//! Connection tasks parse requests (httparse) and check the bearer token; the request then
-//! goes to the event loop, which owns the node, and the answer comes back once the turn's
-//! journal write is done, so a push reported "accepted" here is as durable as a `0x00` on 9999.
+//! Connection tasks parse requests (httparse), apply the browser rules of [`guard`], serve the
+//! console's static files, and check the bearer token; the request then goes to the event
+//! loop, which owns the node, and the answer comes back once the turn's journal write is done,
+//! so a push reported "accepted" here is as durable as a `0x00` on 9999.
+//!
+//! [`console`]: crate::console
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::console::{assets, data, guard};
 use crate::metrics::Metrics;
 use crate::server::{Executor, Msg};
 
@@ -42,7 +46,7 @@ pub(crate) struct Response {
 }
 
 impl Response {
-    fn json(status: u16, v: Value) -> Self {
+    pub(crate) fn json(status: u16, v: Value) -> Self {
         Response {
             status,
             content_type: "application/json",
@@ -50,7 +54,7 @@ impl Response {
         }
     }
 
-    fn error(status: u16, msg: &str) -> Self {
+    pub(crate) fn error(status: u16, msg: &str) -> Self {
         Self::json(status, json!({ "error": msg }))
     }
 }
@@ -82,17 +86,21 @@ pub(crate) async fn serve(
                 200 => "OK",
                 400 => "Bad Request",
                 401 => "Unauthorized",
+                403 => "Forbidden",
                 404 => "Not Found",
                 405 => "Method Not Allowed",
                 408 => "Request Timeout",
                 413 => "Payload Too Large",
+                415 => "Unsupported Media Type",
+                503 => "Service Unavailable",
                 _ => "Error",
             };
             let head = format!(
-                "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}connection: close\r\n\r\n",
                 resp.status,
                 resp.content_type,
-                resp.body.len()
+                resp.body.len(),
+                guard::HEADERS,
             );
             let mut s = &stream;
             let _ = s.write_all(head.as_bytes()).await;
@@ -129,17 +137,24 @@ async fn request(
         };
         let mut content_length = 0usize;
         let mut auth = None;
+        let mut browser = guard::BrowserHeaders::default();
         for h in req.headers.iter() {
+            let value = std::str::from_utf8(h.value).ok().map(str::trim);
             if h.name.eq_ignore_ascii_case("content-length") {
-                match std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                {
+                match value.and_then(|v| v.parse().ok()) {
                     Some(n) => content_length = n,
                     None => return Response::error(400, "bad content-length"),
                 }
             } else if h.name.eq_ignore_ascii_case("authorization") {
-                auth = std::str::from_utf8(h.value).ok().map(str::to_string);
+                auth = value.map(str::to_string);
+            } else if h.name.eq_ignore_ascii_case("host") {
+                browser.host = value;
+            } else if h.name.eq_ignore_ascii_case("origin") {
+                browser.origin = value;
+            } else if h.name.eq_ignore_ascii_case("content-type") {
+                browser.content_type = value;
+            } else if h.name.eq_ignore_ascii_case(guard::CSRF_HEADER) {
+                browser.csrf = value.is_some_and(|v| !v.is_empty());
             }
         }
         if head_len + content_length > MAX_REQUEST {
@@ -147,6 +162,21 @@ async fn request(
         }
         if buf.len() < head_len + content_length {
             continue;
+        }
+        let method = req.method.unwrap_or("");
+        let path = req.path.unwrap_or("");
+        if let Err(r) = guard::check(method, &browser, token.is_some()) {
+            return Response::error(r.status, r.msg);
+        }
+        // The console's files hold no data: served without the token, so the page can ask.
+        if method == "GET" {
+            if let Some(a) = assets::get(path.split('?').next().unwrap_or("")) {
+                return Response {
+                    status: 200,
+                    content_type: a.content_type,
+                    body: a.body.to_string(),
+                };
+            }
         }
         if let Some(t) = token {
             let given = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
@@ -156,8 +186,8 @@ async fn request(
         }
         let (rtx, rrx) = async_channel::bounded(1);
         let r = AdminRequest {
-            method: req.method.unwrap_or("").to_string(),
-            path: req.path.unwrap_or("").to_string(),
+            method: method.to_string(),
+            path: path.to_string(),
             body: buf[head_len..head_len + content_length].to_vec(),
             reply: rtx,
         };
@@ -215,7 +245,7 @@ fn parse_item(it: PushItem) -> Result<PushRequest, String> {
     })
 }
 
-fn record_json(r: &RecordState, online: bool) -> Value {
+pub(crate) fn record_json(r: &RecordState, online: bool) -> Value {
     let ms = |t: Option<Time>| t.map(|t| t.as_millis());
     json!({
         "uuid": r.uuid.to_hex(),
@@ -233,9 +263,11 @@ fn record_json(r: &RecordState, online: bool) -> Value {
 
 /// Answers one request on the loop; the caller sends the response after journaling.
 pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics) -> Response {
-    let path = req.path.split('?').next().unwrap_or("");
+    let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["console", "data"]) => data::overview(node, now, m, query),
+        ("POST", ["console", "lookup"]) => data::lookup(node, now, &req.body),
         ("GET", ["metrics"]) => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -314,7 +346,7 @@ pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics
             };
             Response::json(200, body)
         }
-        (_, ["metrics" | "status" | "push"]) | (_, ["clients", ..]) => {
+        (_, ["metrics" | "status" | "push"]) | (_, ["clients" | "console", ..]) => {
             Response::error(405, "method not allowed")
         }
         _ => Response::error(404, "no such endpoint"),

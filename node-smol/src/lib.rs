@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod admin;
+mod console;
 pub mod metrics;
 pub mod persist;
 pub mod server;

@@ -4,16 +4,19 @@
 //! latency, snapshot size, refused push connections). `/metrics` renders both through
 //! prometheus-client so the exposition format is not hand-written.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use ddpush_proto::Stats;
+use ddpush_proto::{Stats, Time};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::console::history::{History, Latency, Rates};
 
 /// Counters kept by the adapter.
 #[derive(Debug)]
@@ -34,6 +37,22 @@ pub struct Metrics {
     pub snapshots: AtomicU64,
     fsync_seconds: Histogram,
     push_to_ack_seconds: Histogram,
+    /// The last journal write failed (pushes are answered 0xFF until one succeeds).
+    journal_failing: AtomicBool,
+    started: Instant,
+    last_snapshot: Mutex<Option<Instant>>,
+    /// Rates and latencies for the web console's charts (bounded; see its module).
+    history: Mutex<History>,
+}
+
+/// The storage facts the console shows.
+pub(crate) struct StorageView {
+    pub journal_failing: bool,
+    pub journal_writes: u64,
+    pub snapshots: u64,
+    pub snapshot_bytes: u64,
+    pub snapshot_ms: u64,
+    pub snapshot_age: Option<Duration>,
 }
 
 impl Default for Metrics {
@@ -52,6 +71,10 @@ impl Default for Metrics {
             push_to_ack_seconds: Histogram::new([
                 0.01, 0.1, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0, 86400.0,
             ]),
+            journal_failing: AtomicBool::new(false),
+            started: Instant::now(),
+            last_snapshot: Mutex::new(None),
+            history: Mutex::new(History::default()),
         }
     }
 }
@@ -68,11 +91,48 @@ impl Metrics {
             .store(d.as_millis() as u64, Ordering::Relaxed);
         self.snapshot_bytes.store(size as u64, Ordering::Relaxed);
         self.snapshots.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_snapshot) = Some(Instant::now());
     }
 
     /// Records the time from a push to the ack that cleared it.
     pub fn push_acked(&self, d: Duration) {
         self.push_to_ack_seconds.observe(d.as_secs_f64());
+        lock(&self.history).acked(Instant::now(), d);
+    }
+
+    /// Records whether the last journal write failed.
+    pub fn journal_state(&self, failing: bool) {
+        self.journal_failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Offers the core's counters to the console's history; the loop calls this about once a
+    /// second and the history keeps a sample every two.
+    pub fn sample_history(&self, now: Time, s: &Stats) {
+        lock(&self.history).sample(now, s);
+    }
+
+    /// Time since the server started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The console's chart points after `since`, and the latency percentiles at `now`.
+    pub(crate) fn console_history(&self, since: u64, now: Instant) -> (Rates, Latency) {
+        let mut h = lock(&self.history);
+        (h.rates(since), h.latency(now))
+    }
+
+    /// The storage facts the console shows.
+    pub(crate) fn storage(&self) -> StorageView {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StorageView {
+            journal_failing: self.journal_failing.load(Ordering::Relaxed),
+            journal_writes: ld(&self.journal_writes),
+            snapshots: ld(&self.snapshots),
+            snapshot_bytes: ld(&self.snapshot_bytes),
+            snapshot_ms: ld(&self.snapshot_ms),
+            snapshot_age: lock(&self.last_snapshot).map(|t| t.elapsed()),
+        }
     }
 
     /// Renders every metric in the Prometheus text format.
@@ -234,4 +294,10 @@ impl Metrics {
         let _ = encode(&mut out, &r);
         out
     }
+}
+
+/// Locks a mutex that only plain data sits behind: a panic elsewhere cannot leave it
+/// half-updated in a way that matters, so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -272,6 +272,8 @@ impl Loop {
         let now = Instant::now();
         if now >= self.next_sync {
             self.next_sync = now + Duration::from_secs(1);
+            self.metrics
+                .sample_history(self.clock.now(), self.node.stats());
             if self.cfg.fsync == Fsync::Interval {
                 let t = Instant::now();
                 if let Err(e) = self.store.sync() {

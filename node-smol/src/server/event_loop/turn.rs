@@ -34,6 +34,7 @@ impl Loop {
                 error!("journal write failed: accepted pushes are answered 0xFF until it recovers");
             }
             self.journal_failed = !ok;
+            self.metrics.journal_state(!ok);
             let now = self.clock.now();
             for c in &self.changes {
                 if let Change::Cleared { uuid, .. } = c {
