@@ -87,6 +87,11 @@ pub(crate) struct History {
 }
 
 impl History {
+    /// No sample yet.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
     /// Takes a sample if enough time has passed since the last one; returns whether it did.
     pub(crate) fn sample(&mut self, now: Time, stats: &Stats) -> bool {
         if let Some(last) = self.samples.back() {
