@@ -24,7 +24,7 @@ const EXIT_NETWORK: u8 = 3;
 #[derive(Parser)]
 #[command(
     name = "ddpush",
-    version,
+    version = env!("DDPUSH_VERSION"),
     about = "Push to a DDPush v1 server and watch pushes arrive"
 )]
 struct Cli {

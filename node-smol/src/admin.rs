@@ -1,5 +1,6 @@
 //! The admin HTTP endpoint: `/metrics`, `/status`, `/clients/{uuid}`, `POST /push`,
-//! `POST /clients/{uuid}/clear`, and the web console (`/`, `/console/...`, see [`console`]).
+//! `POST /clients/{uuid}/clear`, the probes `/healthz` and `/readyz`, and the web console
+//! (`/`, `/console/...`, see [`console`]).
 //!
 //! Connection tasks parse requests (httparse), apply the browser rules of [`guard`], serve the
 //! console's static files, and check the bearer token; the request then goes to the event
@@ -66,6 +67,9 @@ pub(crate) async fn serve(
     token: Option<String>,
 ) {
     let token: Arc<Option<String>> = Arc::new(token);
+    // Load balancers and orchestrators probe without credentials; that is safe only while
+    // nobody but this host can reach the port.
+    let open_probes = l.get_ref().local_addr().is_ok_and(|a| a.ip().is_loopback());
     loop {
         let Ok((stream, _)) = l.accept().await else {
             Timer::after(Duration::from_millis(50)).await;
@@ -75,7 +79,7 @@ pub(crate) async fn serve(
         let token = token.clone();
         ex.spawn(async move {
             let resp = future::or(
-                async { request(&stream, &tx, token.as_deref()).await },
+                async { request(&stream, &tx, token.as_deref(), open_probes).await },
                 async {
                     Timer::after(REQUEST_TIMEOUT).await;
                     Response::error(408, "request timeout")
@@ -115,6 +119,7 @@ async fn request(
     stream: &Async<std::net::TcpStream>,
     tx: &Sender<Msg>,
     token: Option<&str>,
+    open_probes: bool,
 ) -> Response {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
@@ -168,9 +173,10 @@ async fn request(
         if let Err(r) = guard::check(method, &browser, token.is_some()) {
             return Response::error(r.status, r.msg);
         }
+        let bare_path = path.split('?').next().unwrap_or("");
         // The console's files hold no data: served without the token, so the page can ask.
         if method == "GET" {
-            if let Some(a) = assets::get(path.split('?').next().unwrap_or("")) {
+            if let Some(a) = assets::get(bare_path) {
                 return Response {
                     status: 200,
                     content_type: a.content_type,
@@ -178,7 +184,8 @@ async fn request(
                 };
             }
         }
-        if let Some(t) = token {
+        let probe = method == "GET" && matches!(bare_path, "/healthz" | "/readyz");
+        if let Some(t) = token.filter(|_| !(probe && open_probes)) {
             let given = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
             if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), t.as_bytes())) {
                 return Response::error(401, "missing or wrong bearer token");
@@ -297,6 +304,22 @@ pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics
                 }),
             )
         }
+        // Liveness: answered by the event loop itself, so a wedged loop fails the probe.
+        ("GET", ["healthz"]) => Response::json(200, json!({ "status": "alive" })),
+        // Readiness: the loop runs only once the state is loaded and every listener is bound,
+        // so what is left to check is that the journal accepts writes.
+        ("GET", ["readyz"]) => {
+            let storage = !m.storage().journal_failing;
+            Response::json(
+                if storage { 200 } else { 503 },
+                json!({
+                    "ready": storage,
+                    "state_loaded": true,
+                    "listeners_bound": true,
+                    "storage_writable": storage,
+                }),
+            )
+        }
         ("GET", ["clients", hex]) => match Uuid::from_hex(hex) {
             None => Response::error(400, "uuid must be 32 hex digits"),
             Some(u) => match node.record(&u) {
@@ -346,9 +369,8 @@ pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics
             };
             Response::json(200, body)
         }
-        (_, ["metrics" | "status" | "push"]) | (_, ["clients" | "console", ..]) => {
-            Response::error(405, "method not allowed")
-        }
+        (_, ["metrics" | "status" | "push" | "healthz" | "readyz"])
+        | (_, ["clients" | "console", ..]) => Response::error(405, "method not allowed"),
         _ => Response::error(404, "no such endpoint"),
     }
 }

@@ -10,5 +10,6 @@ mod admin;
 mod console;
 pub mod metrics;
 pub mod persist;
+pub mod probe;
 pub mod server;
 pub mod settings;

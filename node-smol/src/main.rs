@@ -1,9 +1,10 @@
 //! `ddpushd`: see `ddpushd --help` and docs/OPERATIONS.md.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use ddpushd::settings::{Cli, Command, Settings};
+use ddpushd::settings::{Cli, Command, LogFormat, Settings};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -21,14 +22,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let file = match &cli.config {
         Some(p) => match Settings::from_file(p) {
             Ok(s) => s,
@@ -47,19 +40,62 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        None => ddpushd::server::run(cfg),
-        Some(Command::ImportDdpush { file }) => ddpushd::server::import(&cfg, &file).map(|n| {
-            println!(
-                "imported {n} records from {} into {}",
-                file.display(),
-                cfg.data_dir.display()
-            );
-        }),
+        // A probe prints its answer, not the server's log lines.
+        Some(Command::Probe { path, timeout }) => return probe(&cfg, &path, timeout),
+        None => {
+            init_logging(cfg.log_format);
+            ddpushd::server::run(cfg)
+        }
+        Some(Command::ImportDdpush { file }) => {
+            init_logging(cfg.log_format);
+            ddpushd::server::import(&cfg, &file).map(|n| {
+                println!(
+                    "imported {n} records from {} into {}",
+                    file.display(),
+                    cfg.data_dir.display()
+                );
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr (the service manager or container runtime collects them); `RUST_LOG`
+/// filters them, `info` by default. Both formats carry the same fields on every line.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
+    tracing::info!(
+        version = env!("DDPUSH_VERSION"),
+        pid = std::process::id(),
+        "ddpushd starting"
+    );
+}
+
+/// `ddpushd probe`: exit 0 and print the answer when the server says it is ready.
+fn probe(cfg: &ddpushd::settings::ServerConfig, path: &str, timeout: Duration) -> ExitCode {
+    match ddpushd::probe::probe(cfg, path, timeout) {
+        Ok(body) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("probe failed: {e}");
             ExitCode::FAILURE
         }
     }

@@ -14,7 +14,7 @@ use crate::persist::Fsync;
 
 /// ddpushd: a DDPush v1 push server (UDP and TCP 9966 for devices, TCP 9999 for app servers).
 #[derive(Debug, Parser)]
-#[command(name = "ddpushd", version, about, long_about = None)]
+#[command(name = "ddpushd", version = env!("DDPUSH_VERSION"), about, long_about = None)]
 pub struct Cli {
     /// Server settings (also accepted as keys of the --config file).
     #[command(flatten)]
@@ -35,6 +35,17 @@ pub enum Command {
     ImportDdpush {
         /// The upstream file.
         file: PathBuf,
+    },
+    /// Ask the running server's admin endpoint (the configured admin-listen, with the
+    /// configured token) whether it is ready; exit 0 if so, 1 with the reason if not. For
+    /// container health checks and scripts.
+    Probe {
+        /// Path to ask: /readyz (ready to serve) or /healthz (alive).
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = duration)]
+        timeout: Duration,
     },
 }
 
@@ -225,6 +236,10 @@ pub struct Settings {
     /// UDP socket send and receive buffer size in bytes [default: 33554432]
     #[arg(long, value_name = "BYTES")]
     pub udp_buffer: Option<usize>,
+    /// Log line format on stderr: text (for people) or json (one object per line, for log
+    /// shippers) [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Abuse limits on (datagram rate per IP, answer rate per uuid, amplification bound)
     /// [default: true]
     #[arg(long, value_name = "BOOL")]
@@ -238,6 +253,16 @@ pub struct Settings {
     /// Heartbeat-triggered bytes sent per byte received from an IP [default: 3]
     #[arg(long, value_name = "N")]
     pub limit_amplification: Option<u32>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// `tracing`'s human-readable lines, `key=value` fields.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`).
+    Json,
 }
 
 /// Everything the server needs, defaults applied.
@@ -263,6 +288,8 @@ pub struct ServerConfig {
     pub device_tcp: bool,
     /// UDP buffer size.
     pub udp_buffer: usize,
+    /// Log line format.
+    pub log_format: LogFormat,
     /// The core's configuration.
     pub core: Config,
 }
@@ -343,6 +370,7 @@ impl Settings {
             snapshot_interval: pick!(snapshot_interval, Duration::from_secs(60)),
             device_tcp: pick!(device_tcp, true),
             udp_buffer: pick!(udp_buffer, 32 << 20),
+            log_format: pick!(log_format, LogFormat::Text),
             core,
         })
     }

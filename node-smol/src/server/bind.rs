@@ -4,7 +4,42 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 
 use super::ServerError;
 
-pub(super) fn bind_udp(addr: SocketAddr, buf: usize) -> Result<UdpSocket, ServerError> {
+/// Attempts at finding a port number free for both UDP and TCP when the configuration says
+/// port 0 (tests, ad-hoc runs): the kernel picks the UDP port, and another process may hold
+/// the same number on TCP.
+const EPHEMERAL_ATTEMPTS: usize = 64;
+
+/// The device sockets: UDP and, if enabled, TCP on the same port number, as both share 9966 in
+/// production. With port 0 the TCP port follows the UDP one the kernel picked; if that number is
+/// taken on TCP, another UDP port is tried, so a busy machine never fails a start that asked for
+/// "any port".
+pub(super) fn bind_device(
+    addr: SocketAddr,
+    buf: usize,
+    tcp: bool,
+) -> Result<(UdpSocket, Option<TcpListener>), ServerError> {
+    let mut attempt = 0;
+    loop {
+        let udp = bind_udp(addr, buf)?;
+        if !tcp {
+            return Ok((udp, None));
+        }
+        let port = udp.local_addr().map_err(ServerError::Io)?.port();
+        match bind_tcp("device TCP", SocketAddr::new(addr.ip(), port)) {
+            Ok(l) => return Ok((udp, Some(l))),
+            Err(ServerError::Bind { source, .. })
+                if addr.port() == 0
+                    && source.kind() == std::io::ErrorKind::AddrInUse
+                    && attempt + 1 < EPHEMERAL_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn bind_udp(addr: SocketAddr, buf: usize) -> Result<UdpSocket, ServerError> {
     let err = |source| ServerError::Bind {
         what: "UDP",
         addr,

@@ -29,7 +29,7 @@ use tracing::info;
 use crate::admin::{self, AdminRequest};
 use crate::persist::PersistError;
 use crate::settings::{AdminListen, ServerConfig};
-use bind::{bind_tcp, bind_udp};
+use bind::{bind_device, bind_tcp};
 use clock::Clock;
 use conn::accept_loop;
 use event_loop::Loop;
@@ -103,15 +103,8 @@ pub struct Bound {
 /// Runs the server until SIGTERM or SIGINT, then writes a snapshot and returns.
 pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     let clock = Clock::new();
-    let udp = bind_udp(cfg.listen, cfg.udp_buffer)?;
+    let (udp, tcp) = bind_device(cfg.listen, cfg.udp_buffer, cfg.device_tcp)?;
     let udp_addr = udp.local_addr()?;
-    // With port 0 the TCP device port follows the UDP one, as both share 9966 in production.
-    let tcp_addr = SocketAddr::new(cfg.listen.ip(), udp_addr.port());
-    let tcp = if cfg.device_tcp {
-        Some(bind_tcp("device TCP", tcp_addr)?)
-    } else {
-        None
-    };
     let push = bind_tcp("push TCP", cfg.push_listen)?;
     let admin_l = match cfg.admin_listen {
         AdminListen::Addr(a) => Some(bind_tcp("admin HTTP", a)?),

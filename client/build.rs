@@ -1,0 +1,2 @@
+//! Build script: the version string `--version` prints.
+include!("../build-support/git_version.rs");
