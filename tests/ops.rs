@@ -237,7 +237,12 @@ fn amplification_toward_one_address_is_bounded() {
     let (mut sent, mut received) = (0usize, 0usize);
     let mut buf = [0u8; 2048];
     let mut i = 0u32;
-    while start.elapsed() < flood {
+    // On a loaded machine the sender gets less time: flood until both the time and the volume
+    // are reached (bounded), so the verdict never rests on too small a sample.
+    let enough = |sent: usize, start: Instant| {
+        start.elapsed() >= flood && sent > 320_000 || start.elapsed() > Duration::from_secs(60)
+    };
+    while !enough(sent, start) {
         // About 2,000 heartbeats a second, spread over the sockets and uuids.
         for _ in 0..20 {
             let s = &socks[(i % 16) as usize];
