@@ -29,15 +29,20 @@ fn shots() -> PathBuf {
     dir
 }
 
-/// A test device: its own UDP socket heartbeating with `uuid`.
+/// A heartbeat of `uuid`, appId 1.
+fn heartbeat_of(uuid: [u8; 16]) -> Vec<u8> {
+    let mut hb = vec![1u8, 1, 0x00];
+    hb.extend_from_slice(&uuid);
+    hb.extend_from_slice(&[0, 0]);
+    hb
+}
+
+/// A test device: its own UDP socket, after its first heartbeat with `uuid`.
 fn device(srv: &Server, uuid: [u8; 16]) -> UdpSocket {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.connect(srv.udp).unwrap();
-    let mut hb = vec![1u8, 1, 0x00];
-    hb.extend_from_slice(&uuid);
-    hb.extend_from_slice(&[0, 0]);
-    s.send(&hb).unwrap();
+    s.send(&heartbeat_of(uuid)).unwrap();
     s
 }
 
@@ -100,22 +105,27 @@ fn console_overview_push_lookup_remove_and_cluster_in_chromium() {
     let dir = shots();
     // Three devices heartbeat; user100001's uuid is MD5("user100001") (PROTOCOL.md example).
     let d = device(&r.srv, uuid());
-    let _a = device(&r.srv, OTHER_A);
-    let _b = device(&r.srv, OTHER_B);
+    let a = device(&r.srv, OTHER_A);
+    let c = device(&r.srv, OTHER_B);
 
     b.goto(&format!("{}/", r.base));
     b.wait_text("#ov-clients", |t| t == "3");
     assert_eq!(b.wait_text("#ov-online", |t| t == "3"), "3");
     assert!(!b.displayed("#login"), "no token configured: no login");
-    // The charts fill from the 2-second samples: wait for the heartbeat chart's first point.
-    b.wait("a heartbeat chart point", || {
-        let pts =
-            b.script("return document.getElementById('line-heartbeats-0').getAttribute('points')");
-        pts.as_str().filter(|p| !p.is_empty()).map(str::to_string)
+    // The charts fill from the 2-second samples: two devices keep heartbeating until the
+    // heartbeat chart has three points.
+    b.wait("three heartbeat chart points", || {
+        a.send(&heartbeat_of(OTHER_A)).unwrap();
+        c.send(&heartbeat_of(OTHER_B)).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let pts = b.script(
+            "return document.getElementById('line-heartbeats-0').getAttribute('points') || ''",
+        );
+        (pts.as_str()?.split(' ').filter(|p| !p.is_empty()).count() >= 3).then_some(())
     });
     assert_eq!(b.wait_text("#ov-storage", |t| !t.is_empty()), "OK");
     assert_eq!(b.text(&b.el("#ov-version")), env!("CARGO_PKG_VERSION"));
-    b.screenshot(&dir.join("overview.png"));
+    assert_eq!(b.text(&b.el("#ov-p50")), "no acks");
 
     // A push from the form reaches the device at once.
     b.click("#nav-push");
@@ -154,6 +164,13 @@ fn console_overview_push_lookup_remove_and_cluster_in_chromium() {
     );
     b.screenshot(&dir.join("clients.png"));
 
+    // The device acks the payload: the overview's push->ack percentiles get their sample.
+    d.send(&up(1, 1, 0x20, &[])).unwrap();
+    b.click("#nav-overview");
+    let p50 = b.wait_text("#ov-p50", |t| t.ends_with(" ms") || t.ends_with(" s"));
+    assert_eq!(b.text(&b.el("#ov-p99")), p50, "one sample: p50 = p99");
+    b.click("#nav-clients");
+
     // Removal asks first, then removes.
     b.click("#remove");
     assert!(b.displayed("#remove-confirm"));
@@ -175,6 +192,12 @@ fn console_overview_push_lookup_remove_and_cluster_in_chromium() {
         "single node"
     );
     b.screenshot(&dir.join("cluster.png"));
+
+    // The overview again, with the pushes and the ack in it.
+    b.click("#nav-overview");
+    let totals = b.wait_text("#ov-totals", |t| t.contains("2 pushes accepted"));
+    assert!(totals.contains("1 acks"), "{totals}");
+    b.screenshot(&dir.join("overview.png"));
 
     // A phone-sized window: the same overview, one chart per row.
     b.window(412, 915);

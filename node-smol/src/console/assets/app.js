@@ -460,7 +460,7 @@
       const label = { notify: "0x10", bits: "0x11", payload: "0x20" }[type];
       $("push-result").textContent =
         d.result === "accepted"
-          ? `Accepted: ${label} for uuid ${d.uuid}, stored durably; delivered now if the device is online, else on its next heartbeat.`
+          ? `Accepted: ${label} for uuid ${d.uuid} (journaled, like a 0x00 reply); sent now if the device is online, else on its next heartbeat.`
           : d.result === "rejected"
             ? `Rejected (reply 0x01): ${label} for uuid ${d.uuid}.`
             : `Invalid: ${d.error}`;
