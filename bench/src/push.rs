@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushReply, PushRequest};
+use ddpush_proto::{
+    Content, DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushReply, PushRequest,
+};
 use serde_json::{json, Value};
 
 use crate::devices::{heartbeat, uuid_of, Fleet, HB_LEN};
@@ -87,7 +88,7 @@ fn pusher(sh: &Shared, addr: SocketAddr, clients: u64, window: usize, until: Ins
             PushRequest {
                 app_id: 1,
                 uuid: uuid_of(dev),
-                msg: PushMsg::Payload(Bytes::from(p)),
+                msg: PushMsg::Payload(Content::new(p).expect("24 bytes")),
             }
             .encode(&mut out);
             inflight += 1;

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ddpush_proto::{RecordState, Time};
 use serde_json::{json, Value};
 
@@ -76,7 +75,7 @@ pub fn seed_bytes(n: u64) -> Vec<u8> {
         ))),
         notify: false,
         bits: 0,
-        payload: None::<Bytes>,
+        payload: None,
     });
     ddpushd::persist::encode_snapshot(1, now, recs)
 }

@@ -28,8 +28,7 @@
 //! assert_eq!(bad[0].line, 4);
 //! ```
 
-use bytes::Bytes;
-use ddpush_proto::{PushMsg, PushRequest, Uuid};
+use ddpush_proto::{check_payload_len, Content, PushMsg, PushRequest, Uuid};
 
 /// A line that could not be turned into a push.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +43,7 @@ pub struct BadLine {
 pub fn parse(
     input: &[u8],
     app_id: u8,
-    max_content: usize,
+    max_content: u16,
 ) -> (Vec<(usize, PushRequest)>, Vec<BadLine>) {
     let mut ok = Vec::new();
     let mut bad = Vec::new();
@@ -68,11 +67,7 @@ pub fn parse(
 }
 
 /// Parses one line; `Ok(None)` for a blank line or a comment.
-pub fn parse_line(
-    line: &str,
-    app_id: u8,
-    max_content: usize,
-) -> Result<Option<PushRequest>, String> {
+pub fn parse_line(line: &str, app_id: u8, max_content: u16) -> Result<Option<PushRequest>, String> {
     let line = line.strip_suffix('\r').unwrap_or(line);
     if line.trim().is_empty() || line.starts_with('#') {
         return Ok(None);
@@ -90,14 +85,11 @@ pub fn parse_line(
         "bits" | "0x11" => PushMsg::Bits(parse_bits(data.ok_or("bits needs a number")?.trim())?),
         "text" | "0x20" => {
             let text = data.unwrap_or_default();
-            PushMsg::Payload(check_len(
-                Bytes::copy_from_slice(text.as_bytes()),
-                max_content,
-            )?)
+            PushMsg::Payload(checked(text.as_bytes().to_vec(), max_content)?)
         }
         "hex" => {
             let bytes = parse_hex(data.unwrap_or_default().trim())?;
-            PushMsg::Payload(check_len(bytes.into(), max_content)?)
+            PushMsg::Payload(checked(bytes, max_content)?)
         }
         other => {
             return Err(format!(
@@ -108,17 +100,10 @@ pub fn parse_line(
     Ok(Some(PushRequest { app_id, uuid, msg }))
 }
 
-fn check_len(b: Bytes, max: usize) -> Result<Bytes, String> {
-    if b.is_empty() {
-        return Err("empty payload (the protocol needs 1 byte or more)".into());
-    }
-    if b.len() > max {
-        return Err(format!(
-            "payload of {} bytes is over the maximum of {max}",
-            b.len()
-        ));
-    }
-    Ok(b)
+/// The core's payload-length rule, so a batch line the server would refuse is reported here.
+fn checked(b: Vec<u8>, max: u16) -> Result<Content, String> {
+    check_payload_len(b.len(), max).map_err(|e| e.to_string())?;
+    Content::new(b).map_err(|e| e.to_string())
 }
 
 /// A batch target: 32 hex digits, `user:NAME`, or a user name.
@@ -168,11 +153,11 @@ mod tests {
         );
         assert_eq!(
             l("alice\ttext\ta\tb").unwrap().unwrap().msg,
-            PushMsg::Payload("a\tb".into())
+            PushMsg::Payload(Content::from_static(b"a\tb"))
         );
         assert_eq!(
             l("alice\thex\t00ff").unwrap().unwrap().msg,
-            PushMsg::Payload(vec![0, 0xff].into())
+            PushMsg::Payload(Content::from_static(&[0, 0xff]))
         );
         assert_eq!(l("  ").unwrap(), None);
         assert_eq!(l("# x").unwrap(), None);

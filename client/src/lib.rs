@@ -14,7 +14,7 @@
 //! use ddpush_client::{Pusher, PushOutcome, PushRequest, PushRequestExt, Uuid};
 //!
 //! let mut pusher = Pusher::new("127.0.0.1:9999");
-//! let req = PushRequest::text(Uuid::from_user("alice"), "hello");
+//! let req = PushRequest::text(Uuid::from_user("alice"), "hello")?;
 //! match pusher.push(&req)? {
 //!     PushOutcome::Accepted => println!("stored"),
 //!     other => println!("not stored: {other}"),
@@ -57,7 +57,7 @@ pub use ddpush_proto::DownStreamDecoder;
 pub use device::{Device, DeviceBuilder, DeviceEvent, Transport};
 pub use pusher::{PushError, PushOutcome, PushRequestExt, Pusher, PusherConfig};
 
-pub use ddpush_proto::{DownMsg, DownPacket, PushMsg, PushRequest, Uuid};
+pub use ddpush_proto::{Content, ContentTooLong, DownMsg, DownPacket, PushMsg, PushRequest, Uuid};
 
 /// Re-exported so callers need not depend on `ddpush-proto` for one trait.
 pub use ddpush_proto;

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ddpush_client::batch;
 use ddpush_client::{
-    Device, DeviceEvent, DownMsg, DownPacket, PushError, PushMsg, PushOutcome, PushRequest, Pusher,
-    PusherConfig, Uuid,
+    Content, Device, DeviceEvent, DownMsg, DownPacket, PushError, PushMsg, PushOutcome,
+    PushRequest, Pusher, PusherConfig, Uuid,
 };
 
 const EXIT_NOT_ACCEPTED: u8 = 1;
@@ -94,8 +94,8 @@ struct PushArgs {
     window: usize,
     /// Batch: longest payload accepted from a line; longer lines are reported as bad (the
     /// server closes the connection on them). Match the server's --max-content.
-    #[arg(long, value_name = "BYTES", default_value_t = 500)]
-    max_content: usize,
+    #[arg(long, value_name = "BYTES", default_value_t = ddpush_client::ddpush_proto::codec::DEFAULT_MAX_CONTENT)]
+    max_content: u16,
     /// Batch: progress display (auto: a bar on a terminal, plain lines otherwise)
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
@@ -193,10 +193,16 @@ fn push_one(args: PushArgs) -> ExitCode {
     } else if let Some(b) = args.bits {
         PushMsg::Bits(b)
     } else if let Some(t) = &args.text {
-        PushMsg::Payload(t.clone().into_bytes().into())
+        match Content::try_from(t.clone()) {
+            Ok(c) => PushMsg::Payload(c),
+            Err(e) => usage_error(&e.to_string()),
+        }
     } else if let Some(f) = &args.data_file {
         match read_input(f.to_str().unwrap_or_default(), f) {
-            Ok(d) => PushMsg::Payload(d.into()),
+            Ok(d) => match Content::new(d) {
+                Ok(c) => PushMsg::Payload(c),
+                Err(e) => usage_error(&format!("{}: {e}", f.display())),
+            },
             Err(e) => {
                 eprintln!("ddpush: cannot read {}: {e}", f.display());
                 return ExitCode::from(2);

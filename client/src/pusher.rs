@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ddpush_proto::{PushMsg, PushReply, PushRequest, Uuid};
+use ddpush_proto::{Content, ContentTooLong, PushMsg, PushReply, PushRequest, Uuid};
 
 use crate::pipeline::{on_write_error, Pipeline, ReadStep};
 
@@ -79,6 +79,9 @@ pub enum PushError {
     /// The server sent a byte that is not a reply the protocol defines.
     #[error("unexpected reply byte 0x{0:02x}")]
     BadReply(u8),
+    /// A payload no length field can announce (over 65,535 bytes); nothing was sent.
+    #[error(transparent)]
+    ContentTooLong(#[from] ContentTooLong),
     /// Any other I/O error.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
@@ -109,24 +112,31 @@ impl Default for PusherConfig {
 /// Convenience constructors for [`PushRequest`] (import the trait to use them). The appId is
 /// 1, as the Java `Pusher` sends; set the field to change it.
 ///
+/// A payload is refused here only when no 16-bit length field can announce it (over 65,535
+/// bytes): such a request has no correct encoding. One over the server's maximum (500 bytes
+/// by default) can be made and sent; the server decides, by closing the connection.
+///
 /// ```
-/// use ddpush_client::{PushMsg, PushRequest, PushRequestExt, Uuid};
+/// use ddpush_client::{Content, PushMsg, PushRequest, PushRequestExt, Uuid};
 ///
 /// let alice = Uuid::from_user("alice");
 /// assert_eq!(PushRequest::notify(alice).msg, PushMsg::Notify);
 /// assert_eq!(PushRequest::bits(alice, 5).msg, PushMsg::Bits(5));
-/// assert_eq!(PushRequest::text(alice, "hi").msg, PushMsg::Payload("hi".into()));
-/// assert_eq!(PushRequest::text(alice, "hi").to_vec().len(), 21 + 2);
+/// let hi = PushRequest::text(alice, "hi")?;
+/// assert_eq!(hi.msg, PushMsg::Payload(Content::from_static(b"hi")));
+/// assert_eq!(hi.to_vec().len(), 21 + 2);
+/// assert!(PushRequest::payload(alice, vec![0u8; 65_536]).is_err());
+/// # Ok::<(), ddpush_client::ContentTooLong>(())
 /// ```
-pub trait PushRequestExt {
+pub trait PushRequestExt: Sized {
     /// A 0x10 "you have news" push.
     fn notify(uuid: Uuid) -> Self;
     /// A 0x11 push of category bits.
     fn bits(uuid: Uuid, bits: u64) -> Self;
     /// A 0x20 push of UTF-8 text.
-    fn text(uuid: Uuid, text: &str) -> Self;
+    fn text(uuid: Uuid, text: &str) -> Result<Self, ContentTooLong>;
     /// A 0x20 push of arbitrary bytes.
-    fn payload(uuid: Uuid, data: impl Into<Bytes>) -> Self;
+    fn payload(uuid: Uuid, data: impl Into<Bytes>) -> Result<Self, ContentTooLong>;
 }
 
 impl PushRequestExt for PushRequest {
@@ -144,15 +154,15 @@ impl PushRequestExt for PushRequest {
             msg: PushMsg::Bits(bits),
         }
     }
-    fn text(uuid: Uuid, text: &str) -> Self {
+    fn text(uuid: Uuid, text: &str) -> Result<Self, ContentTooLong> {
         Self::payload(uuid, Bytes::copy_from_slice(text.as_bytes()))
     }
-    fn payload(uuid: Uuid, data: impl Into<Bytes>) -> Self {
-        PushRequest {
+    fn payload(uuid: Uuid, data: impl Into<Bytes>) -> Result<Self, ContentTooLong> {
+        Ok(PushRequest {
             app_id: 1,
             uuid,
-            msg: PushMsg::Payload(data.into()),
-        }
+            msg: PushMsg::Payload(Content::new(data)?),
+        })
     }
 }
 
@@ -168,9 +178,9 @@ impl PushRequestExt for PushRequest {
 /// use ddpush_client::{Pusher, PushRequest, PushRequestExt, Uuid};
 ///
 /// let mut pusher = Pusher::new("127.0.0.1:9999");
-/// let reqs: Vec<_> = (0..1000)
+/// let reqs = (0..1000)
 ///     .map(|i| PushRequest::text(Uuid::from_user(&format!("user{i}")), "hello"))
-///     .collect();
+///     .collect::<Result<Vec<_>, _>>()?;
 /// let outcomes = pusher.push_many(&reqs)?;
 /// let accepted = outcomes.iter().filter(|o| o.is_accepted()).count();
 /// println!("{accepted} of {} accepted", reqs.len());

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::{Server, STEP};
 use ddpush_client::{
-    AsyncPusher, Device, DeviceEvent, DownMsg, PushOutcome, PushRequest, PushRequestExt, Pusher,
-    PusherConfig, Uuid,
+    AsyncPusher, Content, Device, DeviceEvent, DownMsg, PushOutcome, PushRequest, PushRequestExt,
+    Pusher, PusherConfig, Uuid,
 };
 
 fn config() -> PusherConfig {
@@ -24,7 +24,7 @@ fn pusher_pipelines_over_one_connection() {
     let server = Server::start();
     let mut pusher = Pusher::with_config(server.push_addr(), config());
     let reqs: Vec<_> = (0..500)
-        .map(|i| PushRequest::text(Uuid::from_user(&format!("u{i}")), &format!("m{i}")))
+        .map(|i| PushRequest::text(Uuid::from_user(&format!("u{i}")), &format!("m{i}")).unwrap())
         .collect();
     let mut order = Vec::new();
     pusher
@@ -41,7 +41,7 @@ fn pusher_pipelines_over_one_connection() {
         .start()
         .unwrap();
     let p = d.recv(STEP).expect("payload");
-    assert_eq!(p.msg, DownMsg::Payload("m7".into()));
+    assert_eq!(p.msg, DownMsg::Payload(Content::from_static(b"m7")));
 }
 
 #[test]
@@ -49,7 +49,7 @@ fn pusher_reports_closed_never_accepted_and_recovers() {
     let server = Server::start();
     let u = Uuid::from_user("erin");
     let mut pusher = Pusher::with_config(server.push_addr(), config());
-    let over = PushRequest::payload(u, vec![b'x'; 501]);
+    let over = PushRequest::payload(u, vec![b'x'; 501]).unwrap();
     // Alone: the server closes at the header; no reply is ever read, so no success.
     assert_eq!(pusher.push(&over).unwrap(), PushOutcome::Closed);
     assert!(!pusher.is_connected());
@@ -60,13 +60,13 @@ fn pusher_reports_closed_never_accepted_and_recovers() {
     );
     // Pipelined: the oversized one is closed; the ones after it go out again on a new
     // connection and are accepted; a malformed one (0x20 with N = 0) is rejected.
-    let empty = PushRequest::payload(u, Vec::new());
+    let empty = PushRequest::payload(u, Vec::new()).unwrap();
     let reqs = vec![
         PushRequest::bits(u, 1),
         over.clone(),
         PushRequest::bits(u, 2),
         empty,
-        PushRequest::text(u, "after"),
+        PushRequest::text(u, "after").unwrap(),
     ];
     assert_eq!(
         pusher.push_many(&reqs).unwrap(),
@@ -81,7 +81,10 @@ fn pusher_reports_closed_never_accepted_and_recovers() {
     let d = Device::builder(server.udp, u).start().unwrap();
     assert_eq!(d.recv(STEP).unwrap().msg, DownMsg::Notify);
     assert_eq!(d.recv(STEP).unwrap().msg, DownMsg::Bits(3));
-    assert_eq!(d.recv(STEP).unwrap().msg, DownMsg::Payload("after".into()));
+    assert_eq!(
+        d.recv(STEP).unwrap().msg,
+        DownMsg::Payload(Content::from_static(b"after"))
+    );
 }
 
 #[test]
@@ -123,8 +126,8 @@ fn async_pusher_pipelines_and_reports_closed() {
         let mut reqs: Vec<_> = (0..200)
             .map(|i| PushRequest::bits(u, 1 << (i % 64)))
             .collect();
-        reqs.push(PushRequest::payload(u, vec![0; 501]));
-        reqs.push(PushRequest::text(u, "last"));
+        reqs.push(PushRequest::payload(u, vec![0; 501]).unwrap());
+        reqs.push(PushRequest::text(u, "last").unwrap());
         let many = pusher.push_many(&reqs).await.unwrap();
         let one = pusher.push(&PushRequest::notify(u)).await.unwrap();
         (many, one)
@@ -160,10 +163,13 @@ fn device_round_trip(tcp: bool) {
     assert_eq!(p.app_id, 0, "an immediate push has appId 0");
     assert_eq!(p.msg, DownMsg::Bits(5));
     assert!(pusher
-        .push(&PushRequest::text(u, "hi"))
+        .push(&PushRequest::text(u, "hi").unwrap())
         .unwrap()
         .is_accepted());
-    assert_eq!(d.recv(STEP).unwrap().msg, DownMsg::Payload("hi".into()));
+    assert_eq!(
+        d.recv(STEP).unwrap().msg,
+        DownMsg::Payload(Content::from_static(b"hi"))
+    );
     // Both were acked at once: a heartbeat now brings nothing pending back.
     wait_until(|| d.acks_sent() >= 2);
     std::thread::sleep(Duration::from_millis(200));
@@ -264,7 +270,7 @@ fn device_heartbeats_at_once_then_every_interval() {
     let u = Uuid::from_user("kim");
     let mut pusher = Pusher::with_config(server.push_addr(), config());
     assert!(pusher
-        .push(&PushRequest::text(u, "stored"))
+        .push(&PushRequest::text(u, "stored").unwrap())
         .unwrap()
         .is_accepted());
     let d = Device::builder(server.udp, u)
@@ -272,7 +278,10 @@ fn device_heartbeats_at_once_then_every_interval() {
         .start()
         .unwrap();
     // Delivered on the first heartbeat, sent right after start.
-    assert_eq!(d.recv(STEP).unwrap().msg, DownMsg::Payload("stored".into()));
+    assert_eq!(
+        d.recv(STEP).unwrap().msg,
+        DownMsg::Payload(Content::from_static(b"stored"))
+    );
     std::thread::sleep(Duration::from_millis(1000));
     let n = d.heartbeats_sent();
     assert!(

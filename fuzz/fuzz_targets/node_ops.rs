@@ -29,8 +29,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use bytes::Bytes;
-use ddpush_fuzz::{contract_device, contract_reply, UP};
+use ddpush_fuzz::{content, contract_device, contract_reply, UP};
 use ddpush_proto::codec::DownPacket;
 use ddpush_proto::{
     Change, Config, ConnId, Dest, DeviceMsg, DevicePacket, DownMsg, Event, Kind, Limits, Node,
@@ -196,7 +195,7 @@ fn push_msg(m: &Msg) -> PushMsg {
     match m {
         Msg::Notify => PushMsg::Notify,
         Msg::Bits(b) => PushMsg::Bits(*b),
-        Msg::Payload(p) => PushMsg::Payload(Bytes::copy_from_slice(p)),
+        Msg::Payload(p) => PushMsg::Payload(content(p)),
     }
 }
 
@@ -334,7 +333,7 @@ impl Harness {
                     let msg = (reply == 0).then(|| match f[2] {
                         0x10 => PushMsg::Notify,
                         0x11 => PushMsg::Bits(u64::from_be_bytes(f[21..29].try_into().unwrap())),
-                        _ => PushMsg::Payload(Bytes::copy_from_slice(&f[21..])),
+                        _ => PushMsg::Payload(content(&f[21..])),
                     });
                     Framed::Push(u, msg, reply)
                 }
@@ -870,7 +869,7 @@ impl Harness {
                         want.push(DownMsg::Bits(m.bits));
                     }
                     if let Some(p) = &m.payload {
-                        want.push(DownMsg::Payload(Bytes::from(p.clone())));
+                        want.push(DownMsg::Payload(content(p)));
                     }
                     if want.is_empty() {
                         match (self.cfg.reply_policy, dest) {

@@ -16,8 +16,9 @@ use std::time::Duration;
 use async_channel::Sender;
 use async_io::{Async, Timer};
 use base64::Engine;
-use bytes::Bytes;
-use ddpush_proto::{Kind, Node, Port, PushMsg, PushReply, PushRequest, RecordState, Time, Uuid};
+use ddpush_proto::{
+    Content, Kind, Node, Port, PushMsg, PushReply, PushRequest, RecordState, Time, Uuid,
+};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -235,12 +236,15 @@ fn parse_item(it: PushItem) -> Result<PushRequest, String> {
         "notify" | "0x10" => PushMsg::Notify,
         "bits" | "0x11" => PushMsg::Bits(it.bits.ok_or("type bits needs \"bits\"")?),
         "payload" | "0x20" => match (it.text, it.base64) {
-            (Some(t), None) => PushMsg::Payload(Bytes::from(t.into_bytes())),
-            (None, Some(b)) => PushMsg::Payload(Bytes::from(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b)
-                    .map_err(|e| format!("base64: {e}"))?,
-            )),
+            (Some(t), None) => PushMsg::Payload(Content::try_from(t).map_err(|e| e.to_string())?),
+            (None, Some(b)) => PushMsg::Payload(
+                Content::new(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b)
+                        .map_err(|e| format!("base64: {e}"))?,
+                )
+                .map_err(|e| e.to_string())?,
+            ),
             _ => return Err("type payload needs exactly one of text or base64".into()),
         },
         other => return Err(format!("unknown type {other:?} (notify, bits, payload)")),

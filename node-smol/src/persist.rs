@@ -18,7 +18,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use ddpush_proto::{Change, RecordState};
+use ddpush_proto::{Change, Content, RecordState};
 use serde::{Deserialize, Serialize};
 
 const SNAP_MAGIC: &[u8; 8] = b"DDPUSHSN";
@@ -304,10 +304,8 @@ fn put_record(out: &mut Vec<u8>, r: &RecordState) {
         None => {}
     }
     if let Some(p) = &r.payload {
-        // Payloads are bounded by --max-content (a u16) before they are stored.
-        let len = u16::try_from(p.len()).unwrap_or(u16::MAX);
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&p[..usize::from(len)]);
+        out.extend_from_slice(&p.len_u16().to_be_bytes());
+        out.extend_from_slice(p);
     }
 }
 
@@ -381,7 +379,7 @@ fn get_chunk(p: &[u8], on_record: &mut impl FnMut(RecordState)) -> Result<u64, S
             };
             let payload = if f & rflag::PAYLOAD != 0 {
                 let len = usize::from(u16::from_be_bytes(rd.arr()?));
-                Some(bytes::Bytes::copy_from_slice(rd.take(len)?))
+                Some(Content::copy_from_slice(rd.take(len)?).map_err(|e| e.to_string())?)
             } else {
                 None
             };
@@ -664,7 +662,6 @@ pub fn write_snapshot_file(dir: &Path, bytes: &[u8]) -> Result<(), PersistError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use ddpush_proto::{Kind, PushMsg, Time, Uuid};
 
     fn rec(i: u8) -> RecordState {
@@ -676,7 +673,9 @@ mod tests {
             addr: Some("10.0.0.1:4000".parse().unwrap()),
             notify: i.is_multiple_of(2),
             bits: u64::from(i),
-            payload: i.is_multiple_of(3).then(|| Bytes::from(vec![i; 10])),
+            payload: i
+                .is_multiple_of(3)
+                .then(|| Content::new(vec![i; 10]).unwrap()),
         }
     }
 
@@ -705,7 +704,7 @@ mod tests {
         recs[2].addr = None;
         recs[3].last_heartbeat = None;
         recs[4].last_push = Some(Time::from_millis(123_456));
-        recs[5].payload = Some(Bytes::from(vec![7u8; 500]));
+        recs[5].payload = Some(Content::new(vec![7u8; 500]).unwrap());
         let bytes = encode_snapshot(9, 1, recs.clone().into_iter());
         let mut back = Vec::new();
         read_snapshot("s", &bytes, |r| back.push(r)).unwrap();

@@ -5,9 +5,8 @@
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
 use ddpush_proto::{
-    Config, DeviceMsg, DevicePacket, Node, PushMsg, PushRequest, ReplyPolicy, Time, Uuid,
+    Config, Content, DeviceMsg, DevicePacket, Node, PushMsg, PushRequest, ReplyPolicy, Time, Uuid,
     RECORD_SIZE,
 };
 use divan::{black_box, Bencher};
@@ -93,7 +92,7 @@ fn heartbeat_nothing_pending(b: Bencher) {
 #[divan::bench]
 fn push_to_online_client(b: Bencher) {
     let mut n = node(ReplyPolicy::Never);
-    let payload = Bytes::from_static(b"hello, this is a push");
+    let payload = Content::from_static(b"hello, this is a push");
     let mut i = 0u64;
     let now = Time::from_secs(1_000_001);
     b.bench_local(|| {

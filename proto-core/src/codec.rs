@@ -3,6 +3,12 @@
 //! Decoding is strict: a packet is accepted only when it is exactly what the contract describes,
 //! because upstream's laxness on TCP (section 8.3) let malformed acks clear state. Encoding is the
 //! exact inverse of decoding, which the golden-vector and property tests hold us to.
+//!
+//! Encoders cannot write wrong bytes: every variable-length content is a [`Content`], which
+//! refuses more than the 65,535 bytes a 16-bit length field can announce when it is made, so
+//! an encoder never has to truncate a length (which would break TCP framing) or a payload.
+//! The one length rule of a 0x20 payload (1 to `max_content` bytes, 500 by default) is
+//! [`check_payload_len`], used by the node and by the clients.
 
 use std::fmt;
 
@@ -23,6 +29,207 @@ pub const DEVICE_MAX_CONTENT: usize = 8;
 pub const DEVICE_MAX_PACKET: usize = UP_HEADER_LEN + DEVICE_MAX_CONTENT;
 /// Upstream's default and our default limit on a 0x20 payload.
 pub const DEFAULT_MAX_CONTENT: u16 = 500;
+
+/// Why a 0x20 payload breaks the length rule of [`check_payload_len`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadLenError {
+    /// No bytes: the server answers `0x01`.
+    #[error("empty payload (the protocol needs 1 byte or more)")]
+    Empty,
+    /// More than the maximum: the server closes the push connection at the header.
+    #[error("payload of {len} bytes is over the maximum of {max}")]
+    TooLong {
+        /// The payload's length.
+        len: usize,
+        /// The maximum in force.
+        max: u16,
+    },
+}
+
+/// The length rule of a 0x20 payload (PROTOCOL.md 2.2): 1 to `max` bytes, where `max` is the
+/// server's `max_content` ([`DEFAULT_MAX_CONTENT`] unless configured).
+///
+/// ```
+/// use ddpush_proto::codec::{check_payload_len, PayloadLenError, DEFAULT_MAX_CONTENT};
+///
+/// assert_eq!(check_payload_len(500, DEFAULT_MAX_CONTENT), Ok(()));
+/// assert_eq!(check_payload_len(0, DEFAULT_MAX_CONTENT), Err(PayloadLenError::Empty));
+/// assert_eq!(
+///     check_payload_len(501, DEFAULT_MAX_CONTENT),
+///     Err(PayloadLenError::TooLong { len: 501, max: 500 })
+/// );
+/// ```
+pub fn check_payload_len(len: usize, max: u16) -> Result<(), PayloadLenError> {
+    if len == 0 {
+        Err(PayloadLenError::Empty)
+    } else if len > usize::from(max) {
+        Err(PayloadLenError::TooLong { len, max })
+    } else {
+        Ok(())
+    }
+}
+
+/// Content longer than a 16-bit length field can announce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("content of {0} bytes does not fit a 16-bit length field (at most 65535)")]
+pub struct ContentTooLong(pub usize);
+
+/// The content of a 0x20 packet: at most [`Content::MAX`] bytes, checked when it is made, so
+/// every encoder writes a length field that matches the bytes that follow.
+///
+/// It is a [`Bytes`] underneath (a re-send shares the stored buffer; [`Content::bytes`]) and
+/// dereferences to the byte slice.
+/// Whether a server accepts it is the separate rule of [`check_payload_len`]: an empty or an
+/// over-long (but encodable) payload is valid on the wire and gets its answer from the server.
+///
+/// ```
+/// use ddpush_proto::Content;
+///
+/// let c = Content::try_from("hello").unwrap();
+/// assert_eq!(&c[..], b"hello");
+/// assert!(Content::new(vec![0u8; 65_535]).is_ok());
+/// assert!(Content::new(vec![0u8; 65_536]).is_err());
+/// ```
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Content(Bytes);
+
+impl Content {
+    /// The most a 16-bit length field can announce.
+    pub const MAX: usize = u16::MAX as usize;
+
+    /// Takes `b` if it fits a length field.
+    pub fn new(b: impl Into<Bytes>) -> Result<Self, ContentTooLong> {
+        let b = b.into();
+        if b.len() > Self::MAX {
+            return Err(ContentTooLong(b.len()));
+        }
+        Ok(Content(b))
+    }
+
+    /// Copies `b` if it fits a length field.
+    pub fn copy_from_slice(b: &[u8]) -> Result<Self, ContentTooLong> {
+        if b.len() > Self::MAX {
+            return Err(ContentTooLong(b.len()));
+        }
+        Ok(Content(Bytes::copy_from_slice(b)))
+    }
+
+    /// A literal. Fails to compile when used in a `const` with more than [`Content::MAX`]
+    /// bytes; meant for literals in code, never for data from outside.
+    pub const fn from_static(b: &'static [u8]) -> Self {
+        assert!(b.len() <= Self::MAX, "content does not fit a 16-bit length");
+        Content(Bytes::from_static(b))
+    }
+
+    /// The length as the 16-bit field encodes it (exact, never truncated).
+    pub fn len_u16(&self) -> u16 {
+        // The constructors keep the length at or below u16::MAX.
+        u16::try_from(self.0.len()).unwrap_or(u16::MAX)
+    }
+
+    /// The underlying buffer.
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// Gives up the wrapper.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Content {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Content {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Content {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Content {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl PartialEq<Bytes> for Content {
+    fn eq(&self, other: &Bytes) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<[u8]> for Content {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&[u8]> for Content {
+    fn eq(&self, other: &&[u8]) -> bool {
+        self.0 == *other
+    }
+}
+
+impl TryFrom<Bytes> for Content {
+    type Error = ContentTooLong;
+    fn try_from(b: Bytes) -> Result<Self, ContentTooLong> {
+        Content::new(b)
+    }
+}
+
+impl TryFrom<Vec<u8>> for Content {
+    type Error = ContentTooLong;
+    fn try_from(b: Vec<u8>) -> Result<Self, ContentTooLong> {
+        Content::new(b)
+    }
+}
+
+impl TryFrom<&[u8]> for Content {
+    type Error = ContentTooLong;
+    fn try_from(b: &[u8]) -> Result<Self, ContentTooLong> {
+        Content::copy_from_slice(b)
+    }
+}
+
+impl TryFrom<String> for Content {
+    type Error = ContentTooLong;
+    fn try_from(s: String) -> Result<Self, ContentTooLong> {
+        Content::new(s.into_bytes())
+    }
+}
+
+impl TryFrom<&str> for Content {
+    type Error = ContentTooLong;
+    fn try_from(s: &str) -> Result<Self, ContentTooLong> {
+        Content::copy_from_slice(s.as_bytes())
+    }
+}
+
+/// Stored as the plain bytes (the same encoding `Bytes` has), and checked when read back, so
+/// a damaged file cannot make an unencodable payload.
+impl Serialize for Content {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let b = Bytes::deserialize(d)?;
+        Content::new(b).map_err(serde::de::Error::custom)
+    }
+}
 
 /// Command byte values shared by both directions.
 pub mod cmd {
@@ -294,6 +501,12 @@ impl DevicePacket {
     }
 }
 
+/// Content the caller has checked against [`Content::MAX`].
+fn content_of(b: &[u8]) -> Content {
+    debug_assert!(b.len() <= Content::MAX);
+    Content(Bytes::copy_from_slice(b))
+}
+
 fn be_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
@@ -309,8 +522,8 @@ pub enum DownMsg {
     Notify,
     /// 0x11: the whole pending mask.
     Bits(u64),
-    /// 0x20: the pending payload. `Bytes` so a re-send shares the stored buffer.
-    Payload(Bytes),
+    /// 0x20: the pending payload (shares the stored buffer).
+    Payload(Content),
 }
 
 /// A server -> device packet.
@@ -343,8 +556,7 @@ impl DownPacket {
             }
             DownMsg::Payload(p) => {
                 out.put_u8(cmd::PAYLOAD);
-                // Payloads are bounded by `max_content` (a u16) before they are stored.
-                out.put_u16(u16::try_from(p.len()).unwrap_or(u16::MAX));
+                out.put_u16(p.len_u16());
                 out.put_slice(p);
             }
         }
@@ -386,7 +598,7 @@ impl DownPacket {
             (cmd::HEARTBEAT, 0) => DownMsg::HeartbeatReply,
             (cmd::NOTIFY, 0) => DownMsg::Notify,
             (cmd::BITS, 8) => DownMsg::Bits(be_u64(content)),
-            (cmd::PAYLOAD, 1..) => DownMsg::Payload(Bytes::copy_from_slice(content)),
+            (cmd::PAYLOAD, 1..=Content::MAX) => DownMsg::Payload(content_of(content)),
             (cmd::HEARTBEAT | cmd::NOTIFY | cmd::BITS | cmd::PAYLOAD, _) => {
                 return Err(InvalidPacket::Length)
             }
@@ -436,7 +648,7 @@ pub enum PushMsg {
     /// 0x11: OR these bits into the pending mask.
     Bits(u64),
     /// 0x20: replace the pending payload.
-    Payload(Bytes),
+    Payload(Content),
 }
 
 impl PushMsg {
@@ -508,7 +720,7 @@ impl PushRequest {
         let msg = match (h.cmd, content.len()) {
             (cmd::NOTIFY, 0) => PushMsg::Notify,
             (cmd::BITS, 8) => PushMsg::Bits(be_u64(content)),
-            (cmd::PAYLOAD, 1..) => PushMsg::Payload(Bytes::copy_from_slice(content)),
+            (cmd::PAYLOAD, 1..=Content::MAX) => PushMsg::Payload(content_of(content)),
             (cmd::NOTIFY | cmd::BITS | cmd::PAYLOAD, _) => return Err(PushReject::Length),
             _ => return Err(PushReject::Command),
         };
@@ -535,14 +747,10 @@ impl PushRequest {
 
     /// Encodes the request as the Java `Pusher` does.
     pub fn encode<B: BufMut>(&self, out: &mut B) {
-        let (c, content): (u8, &[u8]) = match &self.msg {
-            PushMsg::Notify => (cmd::NOTIFY, &[]),
-            PushMsg::Bits(_) => (cmd::BITS, &[]),
-            PushMsg::Payload(p) => (cmd::PAYLOAD, p),
-        };
-        let len = match &self.msg {
-            PushMsg::Bits(_) => 8,
-            _ => u16::try_from(content.len()).unwrap_or(u16::MAX),
+        let (c, len) = match &self.msg {
+            PushMsg::Notify => (cmd::NOTIFY, 0),
+            PushMsg::Bits(_) => (cmd::BITS, 8),
+            PushMsg::Payload(p) => (cmd::PAYLOAD, p.len_u16()),
         };
         UpHeader {
             version: VERSION,
@@ -553,14 +761,25 @@ impl PushRequest {
         }
         .write(out);
         match &self.msg {
+            PushMsg::Notify => {}
             PushMsg::Bits(m) => out.put_u64(*m),
-            _ => out.put_slice(&content[..usize::from(len)]),
+            PushMsg::Payload(p) => out.put_slice(p),
         }
+    }
+
+    /// Encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        UP_HEADER_LEN
+            + match &self.msg {
+                PushMsg::Notify => 0,
+                PushMsg::Bits(_) => 8,
+                PushMsg::Payload(p) => p.len(),
+            }
     }
 
     /// Encodes into a fresh vector.
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(UP_HEADER_LEN + 8);
+        let mut v = Vec::with_capacity(self.encoded_len());
         self.encode(&mut v);
         v
     }

@@ -46,8 +46,8 @@ pub mod upstream;
 mod wheel;
 
 pub use codec::{
-    DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushMsg, PushReject,
-    PushReply, PushRequest, Uuid,
+    check_payload_len, Content, ContentTooLong, DeviceMsg, DevicePacket, DownMsg, DownPacket,
+    InvalidPacket, Kind, PayloadLenError, PushMsg, PushReject, PushReply, PushRequest, Uuid,
 };
 pub use config::{Config, ConfigError, ReplyPolicy};
 pub use counters::{CounterKey, Counters};

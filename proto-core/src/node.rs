@@ -8,8 +8,8 @@ use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
 use crate::codec::{
-    DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushMsg, PushReject,
-    PushReply, PushRequest, Uuid,
+    check_payload_len, DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushMsg,
+    PushReject, PushReply, PushRequest, Uuid,
 };
 use crate::config::{Config, ConfigError, ReplyPolicy};
 use crate::counters::{counter_key, CounterKey};
@@ -291,7 +291,7 @@ impl Node {
     pub fn handle_push(&mut self, now: Time, req: PushRequest) -> PushReply {
         self.advance(now);
         if let PushMsg::Payload(p) = &req.msg {
-            if p.is_empty() || p.len() > usize::from(self.cfg.max_content) {
+            if check_payload_len(p.len(), self.cfg.max_content).is_err() {
                 return self.reject(PushReject::Length);
             }
         }

@@ -4,11 +4,10 @@
 use std::hash::BuildHasher;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use bytes::Bytes;
 use foldhash::fast::FixedState;
 use hashbrown::{HashMap, HashTable};
 
-use crate::codec::Uuid;
+use crate::codec::{Content, Uuid};
 use crate::record::{flag, Record};
 use crate::ConnId;
 
@@ -17,7 +16,7 @@ pub(crate) struct Registry {
     free: Vec<u32>,
     index: HashTable<u32>,
     hasher: FixedState,
-    pub(crate) payloads: HashMap<u32, Bytes, FixedState>,
+    pub(crate) payloads: HashMap<u32, Content, FixedState>,
     v6: HashMap<u32, SocketAddrV6, FixedState>,
     pub(crate) tcp: HashMap<u32, ConnId, FixedState>,
 }

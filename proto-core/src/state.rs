@@ -11,10 +11,9 @@
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{Kind, PushMsg, Uuid};
+use crate::codec::{Content, Kind, PushMsg, Uuid};
 use crate::time::Time;
 
 /// One client record, as persisted.
@@ -35,7 +34,7 @@ pub struct RecordState {
     /// 0x11 pending mask.
     pub bits: u64,
     /// 0x20 pending payload.
-    pub payload: Option<Bytes>,
+    pub payload: Option<Content>,
 }
 
 /// One durable state change.

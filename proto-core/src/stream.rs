@@ -133,7 +133,7 @@ impl StreamDecoder {
 /// Incremental decoder for the bytes a device receives on TCP.
 ///
 /// ```
-/// use ddpush_proto::{DownMsg, DownStreamDecoder};
+/// use ddpush_proto::{Content, DownMsg, DownStreamDecoder};
 ///
 /// // Three packets back to back, as the server answers a heartbeat (PROTOCOL.md 7),
 /// // arriving split at arbitrary places.
@@ -149,7 +149,7 @@ impl StreamDecoder {
 /// dec.extend(b"hello");
 /// got.push(dec.next_packet().unwrap().unwrap());
 /// assert_eq!(got[1].msg, DownMsg::Bits(5));
-/// assert_eq!(got[2].msg, DownMsg::Payload("hello".into()));
+/// assert_eq!(got[2].msg, DownMsg::Payload(Content::from_static(b"hello")));
 /// # fn hex(s: &str) -> Vec<u8> {
 /// #     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 /// # }
@@ -206,7 +206,7 @@ impl DownStreamDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::DownMsg;
+    use crate::codec::{Content, DownMsg};
 
     fn frame(cmd: u8, content: &[u8]) -> Vec<u8> {
         let mut v = vec![1, 9, cmd];
@@ -276,7 +276,7 @@ mod tests {
         stream.extend(
             DownPacket {
                 app_id: 1,
-                msg: DownMsg::Payload("hi".into()),
+                msg: DownMsg::Payload(Content::from_static(b"hi")),
             }
             .to_vec(),
         );
@@ -291,7 +291,10 @@ mod tests {
         assert_eq!(got.len(), 3);
         assert_eq!(got[0].as_ref().unwrap().msg, DownMsg::Notify);
         assert!(got[1].is_err());
-        assert_eq!(got[2].as_ref().unwrap().msg, DownMsg::Payload("hi".into()));
+        assert_eq!(
+            got[2].as_ref().unwrap().msg,
+            DownMsg::Payload(Content::from_static(b"hi"))
+        );
         assert_eq!(dec.buffered(), 0);
     }
 }

@@ -3,9 +3,7 @@
 //! can (hex uuid, 0/1 flag, payload length within the file) and reports the byte offset of the
 //! first record it cannot read; a truncated tail is an error, never guessed.
 
-use bytes::Bytes;
-
-use crate::codec::Uuid;
+use crate::codec::{Content, Uuid};
 use crate::state::RecordState;
 use crate::time::Time;
 
@@ -80,7 +78,7 @@ fn read_one(b: &[u8], offset: usize) -> Result<(RecordState, usize), UpstreamErr
         return Err(malformed("negative payload length"));
     }
     let len = len as usize;
-    if len > u16::MAX as usize {
+    if len > Content::MAX {
         return Err(malformed("payload longer than 65535 bytes"));
     }
     let total = RECORD_FIXED_LEN + len;
@@ -91,7 +89,13 @@ fn read_one(b: &[u8], offset: usize) -> Result<(RecordState, usize), UpstreamErr
             have: b.len(),
         });
     }
-    let payload = (len > 0).then(|| Bytes::copy_from_slice(&b[RECORD_FIXED_LEN..total]));
+    let payload = match len {
+        0 => None,
+        _ => Some(
+            Content::copy_from_slice(&b[RECORD_FIXED_LEN..total])
+                .map_err(|_| malformed("payload longer than 65535 bytes"))?,
+        ),
+    };
     let pushes = [
         notify.then_some(t10),
         (bits != 0).then_some(t11),
@@ -124,7 +128,7 @@ pub fn write_node_status(records: &[RecordState], out: &mut Vec<u8>) {
         out.extend_from_slice(&ms(r.last_push.filter(|_| r.notify)).to_be_bytes());
         out.extend_from_slice(&r.bits.to_be_bytes());
         out.extend_from_slice(&ms(r.last_push.filter(|_| r.bits != 0)).to_be_bytes());
-        let p = r.payload.as_deref().unwrap_or(&[]);
+        let p: &[u8] = r.payload.as_ref().map_or(&[], |p| p.as_ref());
         out.extend_from_slice(&(p.len() as i32).to_be_bytes());
         out.extend_from_slice(&ms(r.last_push.filter(|_| !p.is_empty())).to_be_bytes());
         out.extend_from_slice(p);

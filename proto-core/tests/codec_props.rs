@@ -1,10 +1,9 @@
 //! Property tests for the codecs and the TCP stream decoder.
 
-use bytes::Bytes;
-use ddpush_proto::codec::UP_HEADER_LEN;
+use ddpush_proto::codec::{DOWN_HEADER_LEN, UP_HEADER_LEN};
 use ddpush_proto::{
-    Decoded, DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushRequest, StreamDecoder,
-    Uuid,
+    Content, Decoded, DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushRequest,
+    StreamDecoder, Uuid,
 };
 use proptest::prelude::*;
 
@@ -28,8 +27,9 @@ fn device_msg() -> impl Strategy<Value = DeviceMsg> {
     ]
 }
 
-fn payload_bytes() -> impl Strategy<Value = Bytes> {
-    proptest::collection::vec(any::<u8>(), 1..=500).prop_map(Bytes::from)
+fn payload_bytes() -> impl Strategy<Value = Content> {
+    proptest::collection::vec(any::<u8>(), 1..=500)
+        .prop_map(|v| Content::new(v).expect("500 bytes fit a length field"))
 }
 
 fn down_msg() -> impl Strategy<Value = DownMsg> {
@@ -126,6 +126,39 @@ proptest! {
         let p = PushRequest { app_id, uuid, msg };
         let out = p.to_vec();
         prop_assert_eq!(PushRequest::decode(&out), Ok(p));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Every encodable length, up to the 65,535 a length field holds, is written exactly: the
+    /// length field equals the bytes that follow, and the packet decodes back whole.
+    #[test]
+    fn length_fields_match_the_content(len in prop_oneof![0..=600usize, 65_000..=65_535usize], fill in any::<u8>()) {
+        let c = Content::new(vec![fill; len]).expect("at most 65535 bytes");
+        let req = PushRequest { app_id: 1, uuid: Uuid([3; 16]), msg: PushMsg::Payload(c.clone()) };
+        let up = req.to_vec();
+        prop_assert_eq!(up.len(), UP_HEADER_LEN + len);
+        prop_assert_eq!(usize::from(u16::from_be_bytes([up[19], up[20]])), len);
+        prop_assert_eq!(req.encoded_len(), up.len());
+        let down = DownPacket { app_id: 0, msg: DownMsg::Payload(c) };
+        let dv = down.to_vec();
+        prop_assert_eq!(dv.len(), DOWN_HEADER_LEN + len);
+        prop_assert_eq!(usize::from(u16::from_be_bytes([dv[3], dv[4]])), len);
+        prop_assert_eq!(down.encoded_len(), dv.len());
+        if len > 0 {
+            prop_assert_eq!(PushRequest::decode(&up), Ok(req));
+            prop_assert_eq!(DownPacket::decode(&dv), Ok(down));
+        }
+    }
+
+    /// Content that no length field can announce cannot be made, so it cannot be encoded.
+    #[test]
+    fn content_over_a_length_field_is_refused(extra in 1..=1024usize) {
+        let n = Content::MAX + extra;
+        prop_assert!(Content::new(vec![0u8; n]).is_err());
+        prop_assert!(Content::copy_from_slice(&vec![0u8; n]).is_err());
     }
 }
 

@@ -7,10 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use ddpush_proto::{
-    Config, DownMsg, Limits, Node, Payload, PushMsg, PushReply, PushRequest, RecordState, Time,
-    Transmit, Uuid,
+    Config, Content, DownMsg, Limits, Node, Payload, PushMsg, PushReply, PushRequest, RecordState,
+    Time, Transmit, Uuid,
 };
 
 fn config() -> Config {
@@ -62,7 +61,7 @@ fn heartbeat_after_u32_seconds_does_not_overflow() {
         PushRequest {
             app_id: 0,
             uuid,
-            msg: PushMsg::Payload(Bytes::from_static(b"hi")),
+            msg: PushMsg::Payload(Content::from_static(b"hi")),
         },
     );
     assert_eq!(reply, PushReply::Accepted);
@@ -71,7 +70,7 @@ fn heartbeat_after_u32_seconds_does_not_overflow() {
     let out = drain(&mut node);
     assert_eq!(
         downs(&out),
-        vec![DownMsg::Payload(Bytes::from_static(b"hi"))]
+        vec![DownMsg::Payload(Content::from_static(b"hi"))]
     );
     assert!(node.is_online(&uuid));
     // Time keeps moving, timeouts and restores keep working.

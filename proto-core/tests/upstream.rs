@@ -1,10 +1,9 @@
 //! Reading upstream's nodeStatus.dat: every error names the offset of the bad record.
 
-use bytes::Bytes;
 use ddpush_proto::upstream::{
     read_node_status, write_node_status, UpstreamError, RECORD_FIXED_LEN,
 };
-use ddpush_proto::{RecordState, Time, Uuid};
+use ddpush_proto::{Content, RecordState, Time, Uuid};
 
 fn rec(n: u8, payload: Option<&[u8]>) -> RecordState {
     let hb = Time::from_millis(1_700_000_000_000 + u64::from(n));
@@ -17,7 +16,7 @@ fn rec(n: u8, payload: Option<&[u8]>) -> RecordState {
         addr: None,
         notify: n.is_multiple_of(2),
         bits: u64::from(n) << 40 | 3,
-        payload: payload.map(Bytes::copy_from_slice),
+        payload: payload.map(|p| Content::copy_from_slice(p).expect("short test payload")),
     }
 }
 

@@ -4,8 +4,7 @@ use std::fmt;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use ddpush_proto::{Config, DownMsg, Event, Pending, PushMsg};
+use ddpush_proto::{Config, Content, DownMsg, Event, Pending, PushMsg};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -378,7 +377,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
                     let len = rng.random_range(0..100);
                     let mut s = format!("m{k}:");
                     s.extend(std::iter::repeat_n('x', len));
-                    PushMsg::Payload(Bytes::from(s))
+                    PushMsg::Payload(Content::try_from(s).expect("about 100 bytes"))
                 }
             };
             Planned {
@@ -631,7 +630,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
 struct Expected {
     notify_last_sent: Option<u64>,
     bits: u64,
-    payload: Option<(Bytes, u64)>,
+    payload: Option<(Content, u64)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -693,7 +692,7 @@ fn check(
         let log = sh.devices[i].borrow();
         // Final state: exactly the last payload, the OR of the bits, the flag.
         let mut bits = 0u64;
-        let mut last_payload: Option<&Bytes> = None;
+        let mut last_payload: Option<&Content> = None;
         let mut last_notify: Option<u64> = None;
         let mut seen: std::collections::HashMap<&[u8], usize> = Default::default();
         for r in &log.rx {
@@ -836,7 +835,7 @@ fn check(
                 .collect();
             let mut want_bits = 0u64;
             let mut want_notify = false;
-            let mut want_payload: Option<(&Bytes, u64)> = None;
+            let mut want_payload: Option<(&Content, u64)> = None;
             for a in app.answered.iter().filter(|a| {
                 a.device == i && a.reply == 0 && a.sent_at >= aw.from && a.replied_at < aw.back
             }) {

@@ -62,11 +62,18 @@ pub fn down(app_id: u8, msg: DownMsg) -> Vec<u8> {
 }
 
 pub fn payload(s: &[u8]) -> PushMsg {
-    PushMsg::Payload(bytes::Bytes::copy_from_slice(s))
+    PushMsg::Payload(
+        ddpush_proto::Content::copy_from_slice(s).expect("test payloads fit a length field"),
+    )
 }
 
 pub fn down_payload(app_id: u8, s: &[u8]) -> Vec<u8> {
-    down(app_id, DownMsg::Payload(bytes::Bytes::copy_from_slice(s)))
+    down(
+        app_id,
+        DownMsg::Payload(
+            ddpush_proto::Content::copy_from_slice(s).expect("test payloads fit a length field"),
+        ),
+    )
 }
 
 /// An encoded push request (app id 1), as a `Pusher` writes it on port 9999.
