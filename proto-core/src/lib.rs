@@ -38,6 +38,7 @@ mod node;
 pub mod output;
 mod record;
 mod registry;
+pub mod signed;
 pub mod state;
 pub mod stream;
 pub mod testing;

@@ -1,0 +1,333 @@
+//! Every signed-only uuid: its keys, its replay window, and the server's downstream nonces.
+//!
+//! The keyring is keyed by uuid, not by record slot: a key outlives its record (an expired or
+//! removed record does not make its uuid v1 again, which would reopen the hole the key
+//! closes). Only an explicit key removal does.
+
+use std::time::Duration;
+
+use foldhash::fast::FixedState;
+use hashbrown::HashMap;
+
+use crate::codec::{DevicePacket, DownPacket, Uuid};
+use crate::time::{secs32, Time};
+
+use super::codec::{Seal, SealedDown, SignedFrame};
+use super::keys::{KeyError, KeyState, KeyUpdate};
+use super::replay::ReplayWindow;
+use super::SignedDrop;
+
+struct Entry {
+    keys: KeyState,
+    replay: ReplayWindow,
+    /// The key id of the last verified packet: immediate pushes are sealed under it, because
+    /// that is the key the device is known to hold.
+    last_key_id: u8,
+}
+
+/// See the module docs.
+pub struct Keyring {
+    map: HashMap<Uuid, Entry, FixedState>,
+    window_s: u32,
+    /// Downstream nonces: a counter from a seed the adapter draws at start, so that pairs
+    /// `(ts, nonce)` do not repeat across restarts within a second.
+    next_nonce: u32,
+    /// Replay windows made after a restart refuse stamps up to this second.
+    restart_floor: u32,
+}
+
+/// A packet that passed every check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// The packet, as v1 would carry it.
+    pub packet: DevicePacket,
+    /// The key it verified under.
+    pub key_id: u8,
+}
+
+impl Keyring {
+    /// An empty keyring accepting timestamps within `window` of the node's clock.
+    pub fn new(window: Duration, seed: u64) -> Self {
+        Keyring {
+            map: HashMap::with_hasher(FixedState::with_seed(seed ^ 0x5157)),
+            window_s: secs32(window),
+            next_nonce: (seed >> 32) as u32 ^ seed as u32,
+            restart_floor: 0,
+        }
+    }
+
+    /// Number of signed-only uuids.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when no uuid has a key.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Whether `uuid` is signed-only.
+    pub fn contains(&self, uuid: &Uuid) -> bool {
+        !self.map.is_empty() && self.map.contains_key(uuid)
+    }
+
+    /// The key state of a uuid.
+    pub fn get(&self, uuid: &Uuid) -> Option<&KeyState> {
+        self.map.get(uuid).map(|e| &e.keys)
+    }
+
+    /// Every uuid with its keys, sorted by uuid (for snapshots: deterministic output).
+    pub fn iter_sorted(&self) -> Vec<(Uuid, KeyState)> {
+        let mut v: Vec<_> = self.map.iter().map(|(u, e)| (*u, e.keys.clone())).collect();
+        v.sort_by_key(|(u, _)| *u);
+        v
+    }
+
+    /// Approximate heap bytes, for the memory figures.
+    pub fn heap_bytes(&self) -> usize {
+        self.map.capacity() * (std::mem::size_of::<(Uuid, Entry)>() + 1)
+    }
+
+    /// From now on, windows of restored keys refuse stamps up to `now` (see [`Keyring::set`]).
+    pub fn restarted(&mut self, now: Time) {
+        self.restart_floor = now.secs32();
+    }
+
+    /// Provisions or rotates a key. On a rotation the old current key stays valid until
+    /// `until`.
+    pub fn update(
+        &mut self,
+        uuid: Uuid,
+        id: u8,
+        key: super::DeviceKey,
+        until: Time,
+    ) -> Result<KeyUpdate, KeyError> {
+        match self.map.get_mut(&uuid) {
+            Some(e) => e.keys.rotate(id, key, until),
+            None => {
+                self.set(uuid, KeyState::new(id, key));
+                Ok(KeyUpdate::Provisioned)
+            }
+        }
+    }
+
+    /// Installs a whole key state (restore, journal replay). The replay window starts at the
+    /// restart floor: pairs accepted before a restart are not known, so stamps up to the
+    /// restart second are refused.
+    pub fn set(&mut self, uuid: Uuid, keys: KeyState) {
+        let replay = ReplayWindow::refusing_until(self.restart_floor);
+        match self.map.get_mut(&uuid) {
+            Some(e) => e.keys = keys,
+            None => {
+                let last_key_id = keys.id;
+                self.map.insert(
+                    uuid,
+                    Entry {
+                        keys,
+                        replay,
+                        last_key_id,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Makes the uuid v1 again.
+    pub fn remove(&mut self, uuid: &Uuid) -> bool {
+        self.map.remove(uuid).is_some()
+    }
+
+    /// Checks a signed device packet: shape, key id, tag, time, then replay. Only a packet
+    /// that passes all five changes the replay window.
+    ///
+    /// The tag is checked before the time so that `Expired` counts only authentic packets: a
+    /// rising count means a real device's clock is off, not that someone sends garbage.
+    pub fn verify(&mut self, now: Time, buf: &[u8]) -> Result<Verified, SignedDrop> {
+        let f = SignedFrame::parse(buf)?;
+        let e = self
+            .map
+            .get_mut(&f.packet.uuid)
+            .ok_or(SignedDrop::UnknownKey)?;
+        let key = e
+            .keys
+            .key_for(f.seal.key_id, now)
+            .ok_or(SignedDrop::UnknownKey)?;
+        if !f.verify(key) {
+            return Err(SignedDrop::Tag);
+        }
+        let now_s = now.secs32();
+        if now_s.abs_diff(f.seal.ts) > self.window_s {
+            return Err(SignedDrop::Expired);
+        }
+        e.replay
+            .check(now_s, self.window_s, f.seal.ts, f.seal.nonce)
+            .map_err(|_| SignedDrop::Replayed)?;
+        e.last_key_id = f.seal.key_id;
+        e.keys.prune(now);
+        Ok(Verified {
+            packet: f.packet,
+            key_id: f.seal.key_id,
+        })
+    }
+
+    /// Seals a packet for a signed-only uuid under `key_id` (the key its heartbeat used) or,
+    /// when `None`, the key its last verified packet used. `None` if the uuid has no key or
+    /// that key is no longer valid.
+    pub fn seal(
+        &mut self,
+        uuid: &Uuid,
+        key_id: Option<u8>,
+        now: Time,
+        packet: DownPacket,
+    ) -> Option<SealedDown> {
+        let e = self.map.get(uuid)?;
+        let wanted = key_id.unwrap_or(e.last_key_id);
+        // The current key is always valid; a previous one only within its grace period.
+        let (id, key) = match e.keys.key_for(wanted, now) {
+            Some(k) => (wanted, k),
+            None => (e.keys.id, &e.keys.key),
+        };
+        let nonce = self.next_nonce;
+        self.next_nonce = self.next_nonce.wrapping_add(1);
+        let seal = Seal {
+            key_id: id,
+            ts: now.secs32(),
+            nonce,
+        };
+        Some(SealedDown::new(packet, seal, key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::DeviceMsg;
+    use crate::signed::{device_to_vec, DeviceKey};
+
+    const UUID: Uuid = Uuid([4; 16]);
+
+    fn key(b: u8) -> DeviceKey {
+        DeviceKey::new([b; 32])
+    }
+
+    fn hb(id: u8, k: &DeviceKey, ts: u32, nonce: u32) -> Vec<u8> {
+        let p = DevicePacket {
+            app_id: 1,
+            uuid: UUID,
+            msg: DeviceMsg::Heartbeat,
+        };
+        device_to_vec(
+            &p,
+            Seal {
+                key_id: id,
+                ts,
+                nonce,
+            },
+            k,
+        )
+    }
+
+    fn ring() -> Keyring {
+        let mut r = Keyring::new(Duration::from_secs(60), 0);
+        assert_eq!(
+            r.update(UUID, 1, key(1), Time::ZERO),
+            Ok(KeyUpdate::Provisioned)
+        );
+        r
+    }
+
+    #[test]
+    fn each_reason_is_told_apart() {
+        let mut r = ring();
+        let now = Time::from_secs(1000);
+        assert_eq!(
+            r.verify(now, &hb(1, &key(1), 1000, 1)).map(|v| v.key_id),
+            Ok(1)
+        );
+        assert_eq!(
+            r.verify(now, &hb(1, &key(1), 1000, 1)),
+            Err(SignedDrop::Replayed)
+        );
+        assert_eq!(
+            r.verify(now, &hb(1, &key(2), 1000, 2)),
+            Err(SignedDrop::Tag)
+        );
+        assert_eq!(
+            r.verify(now, &hb(2, &key(1), 1000, 3)),
+            Err(SignedDrop::UnknownKey)
+        );
+        assert_eq!(
+            r.verify(now, &hb(1, &key(1), 939, 4)),
+            Err(SignedDrop::Expired)
+        );
+        assert_eq!(
+            r.verify(now, &hb(1, &key(1), 1061, 5)),
+            Err(SignedDrop::Expired)
+        );
+        // Drift within the window is tolerated both ways.
+        assert!(r.verify(now, &hb(1, &key(1), 940, 6)).is_ok());
+        assert!(r.verify(now, &hb(1, &key(1), 1060, 7)).is_ok());
+        let mut short = hb(1, &key(1), 1000, 8);
+        short.pop();
+        assert_eq!(r.verify(now, &short), Err(SignedDrop::Length));
+        r.remove(&UUID);
+        assert_eq!(
+            r.verify(now, &hb(1, &key(1), 1000, 9)),
+            Err(SignedDrop::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn rotation_grace_then_only_the_new_key() {
+        let mut r = ring();
+        let t = Time::from_secs(1000);
+        assert_eq!(
+            r.update(UUID, 2, key(2), Time::from_secs(1100)),
+            Ok(KeyUpdate::Rotated)
+        );
+        assert!(r.verify(t, &hb(1, &key(1), 1000, 1)).is_ok());
+        assert!(r.verify(t, &hb(2, &key(2), 1000, 2)).is_ok());
+        let later = Time::from_secs(1100);
+        assert_eq!(
+            r.verify(later, &hb(1, &key(1), 1100, 3)),
+            Err(SignedDrop::UnknownKey)
+        );
+        assert!(r.verify(later, &hb(2, &key(2), 1100, 4)).is_ok());
+    }
+
+    #[test]
+    fn downstream_is_sealed_under_the_key_the_device_last_used() {
+        let mut r = ring();
+        r.update(UUID, 2, key(2), Time::from_secs(2000)).unwrap();
+        let t = Time::from_secs(1000);
+        r.verify(t, &hb(1, &key(1), 1000, 1)).unwrap();
+        let p = DownPacket {
+            app_id: 0,
+            msg: crate::codec::DownMsg::Notify,
+        };
+        let a = r.seal(&UUID, None, t, p.clone()).unwrap();
+        assert_eq!(a.seal.key_id, 1);
+        let b = r.seal(&UUID, None, t, p.clone()).unwrap();
+        assert_ne!(a.seal.nonce, b.seal.nonce, "nonces never repeat");
+        // Once the old key's grace is over, the current one is used.
+        let c = r.seal(&UUID, None, Time::from_secs(2000), p).unwrap();
+        assert_eq!(c.seal.key_id, 2);
+        assert!(SealedDown::open(&c.to_vec(), |id| r
+            .get(&UUID)
+            .and_then(|k| k.key_for(id, Time::from_secs(2000)).cloned()))
+        .is_ok());
+    }
+
+    #[test]
+    fn keys_restored_after_a_restart_refuse_older_stamps() {
+        let mut r = Keyring::new(Duration::from_secs(60), 0);
+        r.restarted(Time::from_secs(1000));
+        r.set(UUID, KeyState::new(1, key(1)));
+        let t = Time::from_secs(1001);
+        assert_eq!(
+            r.verify(t, &hb(1, &key(1), 1000, 1)),
+            Err(SignedDrop::Replayed)
+        );
+        assert!(r.verify(t, &hb(1, &key(1), 1001, 1)).is_ok());
+    }
+}
