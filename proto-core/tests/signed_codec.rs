@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
 use ddpush_proto::signed::{
     device_to_vec, DeviceKey, Keyring, Seal, SealedDown, SignedDrop, SignedFrame, TRAILER_LEN,
 };
-use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket, Time, Uuid};
+use ddpush_proto::{Content, DeviceMsg, DevicePacket, DownMsg, DownPacket, Time, Uuid};
 use proptest::prelude::*;
 
 fn vectors() -> serde_json::Value {
@@ -151,7 +150,7 @@ fn server_vectors_seal_byte_for_byte_and_open() {
             "0x10" => DownMsg::Notify,
             "0x11_mask_5" => DownMsg::Bits(num(r, "mask")),
             "0x20_hello" | "immediate_0x20_hello" => {
-                DownMsg::Payload(Bytes::from(str_of(r, "payload_utf8").to_string()))
+                DownMsg::Payload(Content::try_from(str_of(r, "payload_utf8")).unwrap())
             }
             "heartbeat_reply" => DownMsg::HeartbeatReply,
             other => panic!("unexpected vector {other}"),
@@ -195,7 +194,7 @@ fn down_msg() -> impl Strategy<Value = DownMsg> {
         Just(DownMsg::Notify),
         any::<u64>().prop_map(DownMsg::Bits),
         proptest::collection::vec(any::<u8>(), 1..=500)
-            .prop_map(|v| DownMsg::Payload(Bytes::from(v))),
+            .prop_map(|v| DownMsg::Payload(Content::try_from(v).unwrap())),
     ]
 }
 

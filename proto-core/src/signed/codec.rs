@@ -250,8 +250,7 @@ fn write_down_unsigned<B: BufMut>(p: &DownPacket, seal: Seal, out: &mut B) {
         }
         DownMsg::Payload(body) => {
             out.put_u8(cmd::PAYLOAD);
-            // Payloads are bounded by `max_content` (a u16) before they are stored.
-            out.put_u16(u16::try_from(body.len()).unwrap_or(u16::MAX));
+            out.put_u16(body.len_u16());
             out.put_slice(body);
         }
     }
