@@ -34,6 +34,7 @@
   let authed = false;
   let pollTimer = null;
   let seq = 0;
+  let lastUptime = 0;
   let points = { t: [], s: {} };
   let current = null; // the record shown by the lookup
 
@@ -194,11 +195,11 @@
 
   function resetHistory() {
     seq = 0;
+    lastUptime = 0;
     points = { t: [], s: {} };
   }
 
   function mergeRates(r) {
-    if (r.seq < seq) resetHistory(); // the server restarted: its numbering did too
     const first = r.seq - r.t_ms.length + 1;
     r.t_ms.forEach((t, i) => {
       if (first + i <= seq) return;
@@ -309,8 +310,14 @@
   async function poll() {
     if (document.hidden) return;
     try {
-      const r = await api("GET", "/console/data?since=" + seq);
+      let r = await api("GET", "/console/data?since=" + seq);
+      if (r.status === 200 && (r.data.rates.seq < seq || r.data.uptime_s < lastUptime)) {
+        // The server restarted: its chart numbering did too, so start over from its history.
+        resetHistory();
+        r = await api("GET", "/console/data?since=0");
+      }
       if (r.status !== 200) throw new Error((r.data && r.data.error) || `HTTP ${r.status}`);
+      lastUptime = r.data.uptime_s;
       if (!authed) signedIn();
       render(r.data);
       $("live").textContent = "live · updated " + new Date().toLocaleTimeString("en-GB");
