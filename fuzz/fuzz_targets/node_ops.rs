@@ -33,8 +33,8 @@ use ddpush_fuzz::{content, contract_device, contract_reply, UP};
 use ddpush_proto::codec::DownPacket;
 use ddpush_proto::{
     Change, Config, ConnId, Dest, DeviceMsg, DevicePacket, DownMsg, Event, Kind, Limits, Node,
-    Payload, Pending, Port, PushMsg, PushReply, PushRequest, RecordState, ReplyPolicy, Time,
-    Transmit, Uuid,
+    Payload, Pending, Port, PushMsg, PushReply, PushRequest, RecordState, Recovery, ReplyPolicy,
+    Time, Transmit, Uuid,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -558,13 +558,15 @@ impl Harness {
                 self.journal.clear();
             }
             Op::Restart | Op::CheckReplay => {
-                let mut restored = Node::new(self.cfg.clone()).unwrap();
+                // The core's own recovery, as every adapter runs it.
+                let mut rec = Recovery::new(self.cfg.clone(), self.now).unwrap();
                 for r in &self.snapshot {
-                    restored.restore(self.now, r.clone());
+                    rec.record(r.clone());
                 }
                 for c in &self.journal {
-                    restored.apply(c);
+                    rec.change(c);
                 }
+                let mut restored = rec.finish();
                 assert_eq!(
                     restored.poll_change(),
                     None,
@@ -595,6 +597,8 @@ impl Harness {
         before: BTreeMap<Uuid, Pending>,
         conns_before: Vec<(ConnId, Port)>,
     ) {
+        // The turn's changes are drained (committed) before any transmit, as the driver does.
+        let changes: Vec<Change> = std::iter::from_fn(|| self.node.poll_change()).collect();
         // Pushes framed on port 9999 count as accepted when their reply byte says so.
         let transmits: Vec<Transmit> = std::iter::from_fn(|| self.node.poll_transmit()).collect();
         let mut accepted_list = ctx.accepted.clone();
@@ -616,7 +620,7 @@ impl Harness {
         // --- the change stream, replayed against the model ---
         let mut accepted = accepted_list.iter();
         let mut cleared_any = false;
-        while let Some(ch) = self.node.poll_change() {
+        for ch in changes {
             self.journal.push(ch.clone());
             match &ch {
                 Change::Created { uuid, at } => {

@@ -60,6 +60,7 @@ fuzz_target!(|data: &[u8]| {
     let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     assert!(node.handle_tcp_open(Time::from_secs(1), 7, Port::Push, peer));
     node.handle_tcp_data(Time::from_secs(1), 7, stream);
+    while node.poll_change().is_some() {}
     let replies: Vec<Transmit> = std::iter::from_fn(|| node.poll_transmit()).collect();
     let closed: Vec<u64> = std::iter::from_fn(|| node.poll_close()).collect();
     let (frames, framing_error) = match contract_frames(stream, max_content) {

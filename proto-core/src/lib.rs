@@ -8,21 +8,24 @@
 //!
 //! # Call order for an adapter
 //!
-//! 1. Build the node with [`Node::new`]; restore a snapshot with [`Node::restore`] and replay
-//!    the journal with [`Node::apply`].
+//! The sequence is written once, in [`driver`]; every adapter (the server, the simulator, the
+//! fuzz targets, [`testing::Harness`]) follows it through a [`Driver`]:
+//!
+//! 1. Rebuild the node with [`Recovery`]: every snapshot record, then every journaled change.
 //! 2. Feed every input with the current [`Time`]: [`Node::handle_udp`] for datagrams,
 //!    [`Node::handle_tcp_open`] / [`Node::handle_tcp_data`] / [`Node::handle_tcp_close`] for
-//!    both TCP ports, [`Node::handle_push`] for pushes from other front ends, and
+//!    both TCP ports, [`Driver::handle_push`] for pushes from other front ends, and
 //!    [`Node::handle_timeout`] when the deadline from [`Node::poll_timeout`] passes.
-//! 3. After a batch of inputs (one loop turn), drain in this order:
-//!    1. [`Node::poll_change`] into the journal, and make it as durable as the fsync policy
-//!       says. A push's `0x00` reply is a promise that it survives a crash, so no transmit
-//!       of the turn may leave before its changes are written.
-//!    2. [`Node::poll_transmit`]: datagrams and TCP bytes, in order (per connection order is
-//!       what keeps pipelined push replies in request order).
-//!    3. [`Node::poll_close`]: connections to close once their queued bytes are flushed.
-//!    4. [`Node::poll_event`] for logs; counters are in [`Node::stats`].
-//! 4. Sleep until the next input or [`Node::poll_timeout`], then go to 2.
+//! 3. After a batch of inputs (one loop turn), [`Driver::commit`] with a function that writes
+//!    the turn's changes as the fsync policy requires. Its outcome decides every push of the
+//!    turn: written, they are accepted; not written, they are taken back and answered `0xFF`
+//!    (a debug build panics if a transmit is polled before this step).
+//! 4. Drain, in this order: [`Node::poll_transmit`] (datagrams and TCP bytes, in order: per
+//!    connection order is what keeps pipelined push replies in request order),
+//!    [`Node::poll_close`] (connections to close once their queued bytes are flushed),
+//!    [`Driver::poll_reply`] (replies to front-end pushes) and [`Node::poll_event`] for logs;
+//!    counters are in [`Node::stats`].
+//! 5. Sleep until the next input or [`Node::poll_timeout`], then go to 2.
 //!
 //! Snapshots come from [`Node::records`]; replaying the changes written after a snapshot on
 //! top of it reproduces every pending item ([`Node::pending`] compares them).
@@ -33,6 +36,7 @@
 pub mod codec;
 pub mod config;
 pub mod counters;
+pub mod driver;
 pub mod limits;
 mod node;
 pub mod output;
@@ -52,6 +56,7 @@ pub use codec::{
 };
 pub use config::{Config, ConfigError, ReplyPolicy};
 pub use counters::{CounterKey, Counters};
+pub use driver::{Commit, Driver, Recovery, Ticket};
 pub use limits::{Limited, Limits};
 pub use node::{Node, Port};
 pub use output::{CloseReason, Dest, Event, Payload, Stats, Transmit, Transport};

@@ -23,6 +23,8 @@ use crate::time::{secs32, Time};
 use crate::wheel::Wheel;
 use crate::ConnId;
 
+mod turn;
+
 /// Which listening port a TCP connection came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Port {
@@ -101,6 +103,9 @@ pub struct Node {
     /// before a restart may still arrive (records restored from a snapshot carry the same
     /// guard; records rebuilt by replay alone have no send history to guard them).
     restart_guard: u32,
+    /// What each push of the current turn changed, so a turn whose write fails can take its
+    /// pushes back (see [`crate::driver`]). Emptied once the turn's changes are drained.
+    undo: Vec<turn::Undo>,
 }
 
 impl Node {
@@ -136,6 +141,7 @@ impl Node {
             tombstones: HashMap::with_hasher(FixedState::with_seed(seed ^ 9)),
             replayed: false,
             restart_guard: 0,
+            undo: Vec::new(),
             cfg,
         })
     }
@@ -311,9 +317,14 @@ impl Node {
     /// The next packet or reply to send. Send them in the order returned.
     ///
     /// Before sending any transmit of a turn, make that turn's [`Node::poll_change`]s durable:
-    /// a `0x00` reply promises the push survives a crash.
+    /// a `0x00` reply promises the push survives a crash. [`crate::Driver::commit`] does that;
+    /// a debug build panics if a transmit is polled while changes are still queued.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        debug_assert!(
+            self.changes.is_empty(),
+            "a transmit was polled before its turn's changes were committed"
+        );
         self.transmits.pop_front()
     }
 
@@ -329,10 +340,15 @@ impl Node {
         self.events.pop_front()
     }
 
-    /// The next durable change for the journal.
+    /// The next durable change for the journal. Draining them all ends the turn: its pushes
+    /// count as written ([`crate::Driver::commit`] is the adapter's way to say otherwise).
     #[must_use]
     pub fn poll_change(&mut self) -> Option<Change> {
-        self.changes.pop_front()
+        let c = self.changes.pop_front();
+        if self.changes.is_empty() {
+            self.undo.clear();
+        }
+        c
     }
 
     /// When [`Node::handle_timeout`] should next be called.
@@ -769,16 +785,17 @@ impl Node {
     }
 
     fn push(&mut self, req: PushRequest) -> PushReply {
-        let slot = match self.reg.find(&req.uuid) {
-            Some(s) => s,
+        let (slot, created) = match self.reg.find(&req.uuid) {
+            Some(s) => (s, false),
             None => {
                 if self.reg.len() >= self.cfg.max_clients {
                     self.capacity_refused();
                     return self.reject(PushReject::Capacity);
                 }
-                self.create(req.uuid, self.now)
+                (self.create(req.uuid, self.now), true)
             }
         };
+        self.note_undo(slot, created, &req.msg);
         self.store(slot, self.now, &req.msg);
         self.changes.push_back(Change::Pushed {
             uuid: req.uuid,

@@ -123,6 +123,13 @@ pub enum Event {
         /// Immediate sends (UDP and/or TCP).
         sent: u8,
     },
+    /// A push was taken back and answered `0xFF` because its turn's write failed.
+    PushFailed {
+        /// The client.
+        uuid: Uuid,
+        /// The message kind.
+        kind: Kind,
+    },
     /// A push got `0x01`.
     PushRejected {
         /// Why.
@@ -186,6 +193,8 @@ pub struct Stats {
     pub heartbeats: u64,
     /// Pushes accepted.
     pub pushes_accepted: u64,
+    /// Pushes answered `0xFF` because their turn could not be written (see `Driver`).
+    pub pushes_failed: u64,
     /// Pushes rejected, by reason.
     pub pushes_rejected: Counters<PushReject, 4>,
     /// Packets sent at once on a push.

@@ -1,8 +1,9 @@
 //! An in-process driver for a [`Node`] with a fake clock, for tests and the simulator.
 //!
 //! Like quinn-proto's `tests/util.rs` `Pair`, [`Harness`] owns the node and the current
-//! [`Time`], feeds inputs, and after every input drains the outputs in the order an adapter
-//! must follow (changes, transmits, closes, events; see the crate docs). Time only moves when a
+//! [`Time`], feeds inputs, and after every input runs the turn through the same [`Driver`]
+//! every adapter uses: commit the changes (into [`Harness::changes`], or failing while
+//! [`Harness::fail_writes`] is set), then drain transmits, closes and events. Time only moves when a
 //! test calls [`Harness::advance`] or [`Harness::advance_to`], which on the way calls
 //! [`Node::handle_timeout`] at every deadline [`Node::poll_timeout`] reports, exactly as an
 //! adapter sleeping on that deadline would.
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use crate::codec::{DeviceMsg, DevicePacket, PushMsg, PushReply, PushRequest, Uuid};
 use crate::config::{Config, ConfigError};
+use crate::driver::{Commit, Driver};
 use crate::node::{Node, Port};
 use crate::output::{Dest, Event, Transmit};
 use crate::state::Change;
@@ -52,6 +54,12 @@ pub struct Harness {
     pub changes: Vec<Change>,
     /// Every output with the time it was drained, if enabled with [`Harness::with_trace`].
     pub trace: Option<Vec<(Time, Output)>>,
+    /// The turn driver (storage health, front-end push tickets).
+    pub driver: Driver,
+    /// While set, every commit fails, as a full disk would make it.
+    pub fail_writes: bool,
+    /// Turns whose write failed.
+    pub failed_turns: u64,
 }
 
 impl Harness {
@@ -66,6 +74,9 @@ impl Harness {
             events: Vec::new(),
             changes: Vec::new(),
             trace: None,
+            driver: Driver::new(),
+            fail_writes: false,
+            failed_turns: 0,
         })
     }
 
@@ -80,6 +91,9 @@ impl Harness {
             events: Vec::new(),
             changes: Vec::new(),
             trace: None,
+            driver: Driver::new(),
+            fail_writes: false,
+            failed_turns: 0,
         }
     }
 
@@ -128,9 +142,11 @@ impl Harness {
         self.device(from, DevicePacket { app_id, uuid, msg });
     }
 
-    /// A push through [`Node::handle_push`] (app id 1); returns the reply.
+    /// A push through [`Driver::handle_push`] (app id 1), as the admin API makes one;
+    /// returns the reply once its turn is committed.
     pub fn push(&mut self, uuid: Uuid, msg: PushMsg) -> PushReply {
-        let r = self.node.handle_push(
+        let t = self.driver.handle_push(
+            &mut self.node,
             self.now,
             PushRequest {
                 app_id: 1,
@@ -139,7 +155,13 @@ impl Harness {
             },
         );
         self.drain();
-        r
+        let mut reply = PushReply::Failed;
+        while let Some((got, r)) = self.driver.poll_reply() {
+            if got == t {
+                reply = r;
+            }
+        }
+        reply
     }
 
     /// Opens a TCP connection with a fresh id; `None` if the node refused it.
@@ -203,9 +225,22 @@ impl Harness {
     // Outputs
     // ---------------------------------------------------------------------------------------
 
-    /// Drains the node in the documented order: changes, transmits, closes, events.
+    /// Ends the turn in the documented order: commit the changes, then drain transmits,
+    /// closes, events.
     pub fn drain(&mut self) {
-        while let Some(c) = self.node.poll_change() {
+        let fail = self.fail_writes;
+        let mut written = Vec::new();
+        let outcome = self.driver.commit(&mut self.node, |changes| {
+            if fail {
+                return Err(());
+            }
+            written.extend_from_slice(changes);
+            Ok(())
+        });
+        if let Commit::Failed { .. } = outcome {
+            self.failed_turns += 1;
+        }
+        for c in written {
             self.log(Output::Change(c.clone()));
             self.changes.push(c);
         }

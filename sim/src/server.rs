@@ -1,15 +1,16 @@
 //! The turmoil binding of the core: a second, small adapter next to node-smol.
 //!
-//! It only moves bytes and time, in the order the core's crate docs give: read sockets, call
-//! `handle_*`, journal every `poll_change` before any `poll_transmit` leaves, send, close,
-//! log events, sleep until the next input or `poll_timeout`. No protocol rule lives here.
+//! It only moves bytes and time through the core's [`Driver`], the same turn the server runs:
+//! read sockets, call `handle_*`, commit the turn's changes to the simulated store, then send,
+//! close, log events, sleep until the next input or `poll_timeout`. Recovery after a crash is
+//! the core's [`Recovery`]. No protocol rule lives here.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ddpush_proto::{Change, Config, ConnId, Dest, Event, Node, Port, Time};
+use ddpush_proto::{Change, Config, ConnId, Dest, Driver, Event, Node, Port, Recovery, Time};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use turmoil::net::tcp::OwnedWriteHalf;
@@ -37,19 +38,18 @@ fn now() -> Time {
 
 /// Builds the node from the store: restore the snapshot, then replay the journal.
 fn restore(sh: &Shared, cfg: &Config) -> Node {
-    let mut node = Node::new(cfg.clone()).expect("valid config");
+    let mut rec = Recovery::new(cfg.clone(), now()).expect("valid config");
     let mut store = sh.store.borrow_mut();
     if store.staging.take().is_some() {
         store.torn += 1;
     }
-    let t = now();
     for st in store.snapshot.iter().cloned() {
-        node.restore(t, st);
+        rec.record(st);
     }
     for c in &store.journal {
-        node.apply(c);
+        rec.change(c);
     }
-    node
+    rec.finish()
 }
 
 /// The server host's software; turmoil calls it again on every restart.
@@ -76,6 +76,7 @@ pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
     let mut next_snapshot = now_ms() + SNAPSHOT_EVERY.as_millis() as u64;
     let snapshot_busy = Rc::new(std::cell::Cell::new(false));
     let mut buf = vec![0u8; 2048];
+    let mut driver = Driver::new();
 
     loop {
         let deadline = sh.node.borrow().as_ref().and_then(Node::poll_timeout);
@@ -116,7 +117,7 @@ pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
                 with_node(&sh, |node| node.handle_timeout(now()));
             }
         }
-        flush(&sh, &udp, &mut writers).await;
+        flush(&sh, &mut driver, &udp, &mut writers).await;
 
         if now_ms() >= next_snapshot && !snapshot_busy.get() {
             next_snapshot = now_ms() + SNAPSHOT_EVERY.as_millis() as u64;
@@ -170,9 +171,11 @@ fn open(
     writers.insert(id, (wr, reader));
 }
 
-/// One turn's outputs: journal first (the durability promise), then transmits, closes, events.
+/// One turn's outputs through the driver: commit first (the durability promise), then
+/// transmits, closes, events.
 async fn flush(
     sh: &Shared,
+    driver: &mut Driver,
     udp: &UdpSocket,
     writers: &mut BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
 ) {
@@ -183,10 +186,12 @@ async fn flush(
         let mut guard = sh.node.borrow_mut();
         let node = guard.as_mut().expect("node is up");
         let mut store = sh.store.borrow_mut();
-        while let Some(c) = node.poll_change() {
-            pushed |= matches!(c, Change::Pushed { .. });
-            store.journal.push(c);
-        }
+        // The simulated store never fails a write.
+        let _ = driver.commit(node, |changes| {
+            pushed = changes.iter().any(|c| matches!(c, Change::Pushed { .. }));
+            store.journal.extend_from_slice(changes);
+            Ok::<(), std::convert::Infallible>(())
+        });
         while let Some(t) = node.poll_transmit() {
             let mut bytes = Vec::with_capacity(t.len());
             t.encode(&mut bytes);

@@ -1,0 +1,147 @@
+//! The end of a turn: its changes as one batch, and taking its pushes back if the batch could
+//! not be written.
+//!
+//! A push changes the record at once (so later inputs of the same turn see it), but its reply
+//! is only a promise once the turn's changes are durable. When the write fails, the driver
+//! calls [`Node::end_turn`] with `written = false`: every push of the turn is undone from the
+//! undo log kept here, its deliveries are dropped before they leave, its `0x00` replies become
+//! `0xFF`, and its `PushAccepted` events become `PushFailed`. A refused push therefore leaves no
+//! trace a device or a later start could see. The turn's other effects (acks, heartbeat
+//! creations, expiry) stay in memory: losing them from the journal costs at most one duplicate
+//! delivery after a crash, never an item.
+
+use bytes::Bytes;
+
+use super::Node;
+use crate::codec::{DownMsg, Kind, PushMsg, PushReply, Uuid};
+use crate::output::{Dest, Event, Payload};
+use crate::record::flag;
+use crate::state::Change;
+
+/// What one push changed in its record.
+pub(super) struct Undo {
+    uuid: Uuid,
+    kind: Kind,
+    /// The push created the record.
+    created: bool,
+    /// 0x11 bits the push added (not already pending).
+    bits_added: u64,
+    /// 0x10 was already pending.
+    notify_was: bool,
+    /// The 0x20 payload before the push, and the one it stored.
+    payload_was: Option<Bytes>,
+    pushed: Option<Bytes>,
+    last_push_was: u32,
+}
+
+impl Node {
+    /// Notes what a push is about to change in `slot` (called before `store`).
+    pub(super) fn note_undo(&mut self, slot: u32, created: bool, msg: &PushMsg) {
+        let r = self.reg.rec(slot);
+        self.undo.push(Undo {
+            uuid: r.uuid,
+            kind: msg.kind(),
+            created,
+            bits_added: match msg {
+                PushMsg::Bits(b) => b & !r.mask(),
+                _ => 0,
+            },
+            notify_was: r.has(flag::NOTIFY),
+            payload_was: self.reg.payloads.get(&slot).cloned(),
+            pushed: match msg {
+                PushMsg::Payload(p) => Some(p.clone()),
+                _ => None,
+            },
+            last_push_was: r.last_push,
+        });
+    }
+
+    /// The changes of the turn so far, in order, for the adapter to write as one batch.
+    pub(crate) fn turn_changes(&mut self) -> &[Change] {
+        self.changes.make_contiguous()
+    }
+
+    /// Ends the turn once its changes were written (`written`) or could not be. Returns how
+    /// many pushes were taken back (0 when written).
+    pub(crate) fn end_turn(&mut self, written: bool) -> u64 {
+        self.changes.clear();
+        let undo = std::mem::take(&mut self.undo);
+        if written {
+            self.undo = undo;
+            self.undo.clear();
+            return 0;
+        }
+        // Destinations and kinds whose packets this turn must not send.
+        let mut silenced: Vec<(Dest, Kind)> = Vec::new();
+        for u in undo.iter().rev() {
+            let Some(slot) = self.reg.find(&u.uuid) else {
+                continue;
+            };
+            self.count_pending(slot, -1);
+            let r = self.reg.rec_mut(slot);
+            match u.kind {
+                Kind::Notify if !u.notify_was => r.set(flag::NOTIFY, false),
+                Kind::Notify => {}
+                Kind::Bits => r.set_mask(r.mask() & !u.bits_added),
+                Kind::Payload => {
+                    // Only if the turn's acks did not clear it since.
+                    if self.reg.payloads.get(&slot) == u.pushed.as_ref() {
+                        match &u.payload_was {
+                            Some(p) => {
+                                self.reg.payloads.insert(slot, p.clone());
+                            }
+                            None => {
+                                self.reg.payloads.remove(&slot);
+                            }
+                        }
+                        let has = u.payload_was.is_some();
+                        self.reg.rec_mut(slot).set(flag::PAYLOAD, has);
+                    }
+                }
+            }
+            self.reg.rec_mut(slot).last_push = u.last_push_was;
+            self.count_pending(slot, 1);
+            if let Some(a) = self.reg.addr(slot) {
+                silenced.push((Dest::Udp(a), u.kind));
+            }
+            if let Some(c) = self.reg.tcp.get(&slot) {
+                silenced.push((Dest::Tcp(*c), u.kind));
+            }
+            let r = self.reg.rec(slot);
+            if u.created && !r.has(flag::HAS_HB) && !r.pending() && !r.has(flag::TCP) {
+                // Nothing but the refused push ever knew this uuid.
+                self.remove_slot(slot);
+                self.stats.created -= 1;
+            }
+        }
+        let refused = undo.len() as u64;
+        self.stats.pushes_accepted -= refused;
+        self.stats.pushes_failed += refused;
+        self.transmits.retain_mut(|t| match &mut t.payload {
+            Payload::Reply(r) => {
+                if *r == PushReply::Accepted {
+                    *r = PushReply::Failed;
+                }
+                true
+            }
+            Payload::Down(p) => {
+                let kind = match p.msg {
+                    DownMsg::HeartbeatReply => return true,
+                    DownMsg::Notify => Kind::Notify,
+                    DownMsg::Bits(_) => Kind::Bits,
+                    DownMsg::Payload(_) => Kind::Payload,
+                };
+                !silenced.contains(&(t.dest, kind))
+            }
+        });
+        for e in self.events.iter_mut() {
+            if let Event::PushAccepted { uuid, kind, sent } = *e {
+                self.stats.deliveries -= u64::from(sent);
+                *e = Event::PushFailed { uuid, kind };
+            }
+        }
+        self.undo = undo;
+        self.undo.clear();
+        refused
+    }
+}
