@@ -17,7 +17,8 @@ use async_channel::Sender;
 use async_io::{Async, Timer};
 use base64::Engine;
 use ddpush_proto::{
-    Content, Kind, Node, Port, PushMsg, PushReply, PushRequest, RecordState, Time, Uuid,
+    Content, Driver, Kind, Node, Port, PushMsg, PushReply, PushRequest, RecordState, Ticket, Time,
+    Uuid,
 };
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use serde::Deserialize;
@@ -272,11 +273,65 @@ pub(crate) fn record_json(r: &RecordState, online: bool) -> Value {
     })
 }
 
-/// Answers one request on the loop; the caller sends the response after journaling.
-pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics) -> Response {
+/// The loop's answer to one request: now, or once the turn's commit decided its pushes.
+pub(crate) enum Answer {
+    /// Complete.
+    Now(Response),
+    /// A `POST /push` whose results depend on the turn's write (see [`Driver::commit`]).
+    AfterCommit(HeldPush),
+}
+
+/// A `POST /push` answer waiting for its turn's commit.
+pub(crate) struct HeldPush {
+    batch: bool,
+    /// Per item: its uuid and ticket, or why it was invalid.
+    items: Vec<Result<(String, Ticket), String>>,
+}
+
+impl HeldPush {
+    /// The response, given the driver's final replies of the turn. Any push the failed write
+    /// took back makes the whole answer a 503.
+    pub(crate) fn finish(self, replies: &[(Ticket, PushReply)]) -> Response {
+        let mut failed = false;
+        let results: Vec<Value> = self
+            .items
+            .into_iter()
+            .map(|it| match it {
+                Err(e) => json!({ "result": "invalid", "error": e }),
+                Ok((uuid, t)) => match replies.iter().find(|(got, _)| *got == t) {
+                    Some((_, PushReply::Accepted)) => json!({ "result": "accepted", "uuid": uuid }),
+                    Some((_, PushReply::Rejected)) => json!({ "result": "rejected", "uuid": uuid }),
+                    _ => {
+                        failed = true;
+                        json!({
+                            "result": "failed",
+                            "uuid": uuid,
+                            "error": "storage unavailable: the push was not written and is not stored",
+                        })
+                    }
+                },
+            })
+            .collect();
+        let body = if self.batch {
+            json!({ "results": results })
+        } else {
+            results.into_iter().next().unwrap_or(Value::Null)
+        };
+        Response::json(if failed { 503 } else { 200 }, body)
+    }
+}
+
+/// Answers one request on the loop; pushes are answered after the turn's commit.
+pub(crate) fn handle(
+    req: &AdminRequest,
+    node: &mut Node,
+    driver: &mut Driver,
+    now: Time,
+    m: &Metrics,
+) -> Answer {
     let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method.as_str(), parts.as_slice()) {
+    Answer::Now(match (req.method.as_str(), parts.as_slice()) {
         ("GET", ["console", "data"]) => data::overview(node, now, m, query),
         ("POST", ["console", "lookup"]) => data::lookup(node, now, &req.body),
         ("GET", ["metrics"]) => Response {
@@ -305,6 +360,8 @@ pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics
                         "push": s.conns.get(Port::Push),
                     },
                     "memory_bytes": node.heap_bytes(),
+                    "storage": if m.storage_ok() { "ok" } else { "degraded" },
+                    "degraded": !m.storage_ok(),
                 }),
             )
         }
@@ -339,42 +396,26 @@ pub(crate) fn handle(req: &AdminRequest, node: &mut Node, now: Time, m: &Metrics
         ("POST", ["push"]) => {
             let v: Value = match serde_json::from_slice(&req.body) {
                 Ok(v) => v,
-                Err(e) => return Response::error(400, &format!("JSON: {e}")),
+                Err(e) => return Answer::Now(Response::error(400, &format!("JSON: {e}"))),
             };
             let batch = v.is_array();
             let items = match v {
                 Value::Array(a) => a,
                 one => vec![one],
             };
-            let results: Vec<Value> = items
+            let items = items
                 .into_iter()
                 .map(|it| {
-                    match serde_json::from_value::<PushItem>(it)
+                    serde_json::from_value::<PushItem>(it)
                         .map_err(|e| e.to_string())
                         .and_then(parse_item)
-                    {
-                        Err(e) => json!({ "result": "invalid", "error": e }),
-                        Ok(p) => {
-                            let uuid = p.uuid.to_hex();
-                            match node.handle_push(now, p) {
-                                PushReply::Accepted => {
-                                    json!({ "result": "accepted", "uuid": uuid })
-                                }
-                                _ => json!({ "result": "rejected", "uuid": uuid }),
-                            }
-                        }
-                    }
+                        .map(|p| (p.uuid.to_hex(), driver.handle_push(node, now, p)))
                 })
                 .collect();
-            let body = if batch {
-                json!({ "results": results })
-            } else {
-                results.into_iter().next().unwrap_or(Value::Null)
-            };
-            Response::json(200, body)
+            return Answer::AfterCommit(HeldPush { batch, items });
         }
         (_, ["metrics" | "status" | "push" | "healthz" | "readyz"])
         | (_, ["clients" | "console", ..]) => Response::error(405, "method not allowed"),
         _ => Response::error(404, "no such endpoint"),
-    }
+    })
 }

@@ -39,7 +39,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let dir = cfg.data_dir.clone();
     let result = match cli.command {
+        Some(Command::Check { repair: false }) => return check(&dir),
+        Some(Command::Check { repair: true }) | Some(Command::Recover) => return recover(&dir),
         // A probe prints its answer, not the server's log lines.
         Some(Command::Probe { path, timeout }) => return probe(&cfg, &path, timeout),
         None => {
@@ -96,6 +99,50 @@ fn probe(cfg: &ddpushd::settings::ServerConfig, path: &str, timeout: Duration) -
         }
         Err(e) => {
             eprintln!("probe failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ddpushd check`: one line per file; exit 1 if start-up would refuse the directory.
+fn check(dir: &std::path::Path) -> ExitCode {
+    match ddpushd::persist::check::check(dir) {
+        Ok(files) => {
+            if files.is_empty() {
+                println!("{}: no snapshot or journal", dir.display());
+            }
+            for f in &files {
+                println!("{f}");
+            }
+            if files.iter().any(|f| f.damaged()) {
+                println!("start-up refuses this data directory: run `ddpushd recover`");
+                ExitCode::FAILURE
+            } else {
+                println!("start-up can load this data directory");
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ddpushd recover` (or `check --repair`): one line per file it rewrote.
+fn recover(dir: &std::path::Path) -> ExitCode {
+    match ddpushd::persist::check::recover(dir) {
+        Ok(done) => {
+            if done.is_empty() {
+                println!("{}: nothing damaged, nothing changed", dir.display());
+            }
+            for r in &done {
+                println!("{r}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

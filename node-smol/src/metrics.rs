@@ -35,6 +35,8 @@ pub struct Metrics {
     pub snapshot_bytes: AtomicU64,
     /// Snapshots written.
     pub snapshots: AtomicU64,
+    /// Writes to the data directory that failed (journal, fsync, rotation, snapshot).
+    pub storage_failed_writes: AtomicU64,
     fsync_seconds: Histogram,
     push_to_ack_seconds: Histogram,
     /// The last journal write failed (pushes are answered 0xFF until one succeeds).
@@ -65,6 +67,7 @@ impl Default for Metrics {
             snapshot_ms: AtomicU64::new(0),
             snapshot_bytes: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
+            storage_failed_writes: AtomicU64::new(0),
             fsync_seconds: Histogram::new([
                 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
             ]),
@@ -92,6 +95,11 @@ impl Metrics {
         self.snapshot_bytes.store(size as u64, Ordering::Relaxed);
         self.snapshots.fetch_add(1, Ordering::Relaxed);
         *lock(&self.last_snapshot) = Some(Instant::now());
+    }
+
+    /// Whether writes to the data directory currently succeed (not degraded).
+    pub fn storage_ok(&self) -> bool {
+        !self.journal_failing.load(Ordering::Relaxed)
     }
 
     /// Records the time from a push to the ack that cleared it.
@@ -276,6 +284,21 @@ impl Metrics {
             c(ld(&self.journal_writes)),
         );
         r.register("snapshots", "Snapshots written", c(ld(&self.snapshots)));
+        r.register(
+            "storage_ok",
+            "1 while writes to the data directory succeed, 0 while degraded (pushes refused)",
+            g(u64::from(self.storage_ok())),
+        );
+        r.register(
+            "storage_failed_writes",
+            "Writes to the data directory that failed (journal, fsync, rotation, snapshot)",
+            c(ld(&self.storage_failed_writes)),
+        );
+        r.register(
+            "pushes_failed",
+            "Pushes answered 0xFF or HTTP 503 because their write failed",
+            c(s.pushes_failed),
+        );
         r.register(
             "snapshot_duration_ms",
             "Last snapshot duration",

@@ -47,6 +47,16 @@ pub enum Command {
         #[arg(long, default_value = "3s", value_parser = duration)]
         timeout: Duration,
     },
+    /// Read every snapshot and journal in the data directory and report, per file, the whole
+    /// frames read and the first bad offset and what it means. Exits 1 if start-up would refuse.
+    Check {
+        /// Also do what `recover` does.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Keep every whole frame before the first damage of each damaged file, move the damaged
+    /// original aside (never deleted), and say how many frames were kept and bytes set aside.
+    Recover,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {

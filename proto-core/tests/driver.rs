@@ -3,12 +3,11 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 use ddpush_proto::testing::Harness;
 use ddpush_proto::{
-    Change, Commit, Config, DeviceMsg, DownMsg, Driver, Event, Node, Payload, Port, PushMsg,
-    PushReply, PushRequest, Recovery, Time,
+    Change, Commit, Config, Content, DeviceMsg, DownMsg, Driver, Event, Node, Payload, Port,
+    PushMsg, PushReply, PushRequest, Recovery, Time,
 };
 use proptest::prelude::*;
 
@@ -91,7 +90,7 @@ fn a_refused_payload_brings_back_the_one_it_replaced() {
     assert_eq!(h.push(u, payload(b"new")), PushReply::Failed);
     assert_eq!(
         h.node.record(&u).unwrap().payload,
-        Some(Bytes::from_static(b"old"))
+        Some(Content::from_static(b"old"))
     );
     assert_eq!(h.node.stats().pending.get(ddpush_proto::Kind::Payload), 1);
     assert_eq!(h.node.stats().pending.total(), 1);
@@ -215,8 +214,8 @@ proptest! {
         let mut accepted = [0u64; 3];
         let mut refused = [0u64; 3];
         let mut acked = [0u64; 3];
-        let mut ok_payloads: Vec<Bytes> = Vec::new();
-        let mut bad_payloads: Vec<Bytes> = Vec::new();
+        let mut ok_payloads: Vec<Content> = Vec::new();
+        let mut bad_payloads: Vec<Content> = Vec::new();
         let mut received = [0u64; 3];
         for op in &ops {
             match *op {
@@ -229,7 +228,7 @@ proptest! {
                     prop_assert_eq!(ok, !h.fail_writes);
                     if ok { accepted[d as usize] |= bit } else { refused[d as usize] |= bit }
                     if p {
-                        let body = Bytes::from(format!("p{next_bit}"));
+                        let body = Content::new(format!("p{next_bit}")).unwrap();
                         let ok = h.push(u, PushMsg::Payload(body.clone())) == PushReply::Accepted;
                         if ok { ok_payloads.push(body) } else { bad_payloads.push(body) }
                     }

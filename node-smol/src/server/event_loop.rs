@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
 use async_io::{Async, Timer};
-use ddpush_proto::{Change, ConnId, Node};
+use ddpush_proto::{ConnId, Driver, Node, Uuid};
 use futures_lite::{future, StreamExt};
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use super::clock::Clock;
 use super::conn::{write_loop, ConnHandle, WRITE_QUEUE};
@@ -34,6 +34,8 @@ const UDP_BATCH: usize = 4096;
 const MSG_QUEUE: usize = 8192;
 /// Messages from connection tasks handled per turn.
 const MSG_BATCH: usize = 4096;
+/// How soon a failed snapshot is tried again.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
 /// How long the loop keeps polling after a turn with connection traffic before it sleeps.
 const SPIN: Duration = Duration::from_micros(50);
 
@@ -55,15 +57,19 @@ pub(super) struct Loop {
     conns: HashMap<ConnId, ConnHandle>,
     tx: Sender<Msg>,
     metrics: Arc<Metrics>,
-    changes: Vec<Change>,
+    /// The core's turn: commit, then outputs; it decides every acceptance.
+    driver: Driver,
+    /// Records whose item an ack cleared this turn (for the push-to-ack histogram).
+    acked: Vec<Uuid>,
     tcp_out: HashMap<ConnId, Vec<u8>>,
     udp_batch: UdpBatch,
     next_snapshot: Instant,
     next_sync: Instant,
     snapshot_in_flight: bool,
-    journal_failed: bool,
-    /// Admin answers held until the turn's journal write, like push replies.
-    admin_out: Vec<(Sender<admin::Response>, admin::Response)>,
+    /// A snapshot failed and has not succeeded since (its failure was logged).
+    snapshot_failing: bool,
+    /// Admin answers held until the turn's commit, like push replies.
+    admin_out: Vec<(Sender<admin::Response>, admin::Answer)>,
 }
 
 impl Loop {
@@ -90,11 +96,12 @@ impl Loop {
             conns: HashMap::new(),
             tx,
             metrics: Arc::new(Metrics::default()),
-            changes: Vec::new(),
+            driver: Driver::new(),
+            acked: Vec::new(),
             tcp_out: HashMap::new(),
             udp_batch: UdpBatch::new(),
             snapshot_in_flight: false,
-            journal_failed: false,
+            snapshot_failing: false,
             admin_out: Vec::new(),
         };
         (lp, rx)
@@ -251,6 +258,9 @@ impl Loop {
                     Ok((took, size)) => {
                         self.store.snapshot_done(gen);
                         self.metrics.snapshot_done(took, size);
+                        if std::mem::take(&mut self.snapshot_failing) {
+                            info!(gen, size, "snapshot written again after failures");
+                        }
                         debug!(
                             gen,
                             size,
@@ -258,14 +268,26 @@ impl Loop {
                             "snapshot written"
                         );
                     }
-                    Err(e) => error!(error = %e, "snapshot failed; journals are kept"),
+                    Err(e) => self.snapshot_failed(&e),
                 }
             }
             Msg::Admin(req) => {
-                let resp = admin::handle(&req, &mut self.node, now, &self.metrics);
-                self.admin_out.push((req.reply, resp));
+                let ans = admin::handle(&req, &mut self.node, &mut self.driver, now, &self.metrics);
+                self.admin_out.push((req.reply, ans));
             }
         }
+    }
+
+    /// A failed snapshot leaves the previous one and every journal since in place; it is
+    /// retried soon (not only at the next interval), and logged once until one succeeds.
+    fn snapshot_failed(&mut self, e: &crate::persist::PersistError) {
+        self.metrics
+            .storage_failed_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !std::mem::replace(&mut self.snapshot_failing, true) {
+            error!(error = %e, "snapshot failed; the previous snapshot and its journals are kept, retrying every {}s", SNAPSHOT_RETRY.as_secs());
+        }
+        self.next_snapshot = self.next_snapshot.min(Instant::now() + SNAPSHOT_RETRY);
     }
 
     fn maintenance(&mut self) {
@@ -277,7 +299,13 @@ impl Loop {
             if self.cfg.fsync == Fsync::Interval {
                 let t = Instant::now();
                 if let Err(e) = self.store.sync() {
-                    error!(error = %e, "journal fsync failed");
+                    self.metrics
+                        .storage_failed_writes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if self.driver.write_failed() {
+                        error!(error = %e, "storage degraded: journal fsync failed; pushes are refused (0xFF / HTTP 503) until a write succeeds");
+                    }
+                    self.metrics.journal_state(true);
                 }
                 self.metrics.fsync_done(t.elapsed());
             }
@@ -291,18 +319,20 @@ impl Loop {
                     let bytes =
                         persist::encode_snapshot(gen, self.clock.now().0, self.node.records());
                     let dir = self.store.dir().to_path_buf();
+                    let disk = self.store.disk();
                     let tx = self.tx.clone();
                     self.snapshot_in_flight = true;
                     self.spawn(async move {
                         let size = bytes.len();
-                        let result =
-                            smol::unblock(move || persist::write_snapshot_file(&dir, &bytes))
-                                .await
-                                .map(|()| (t.elapsed(), size));
+                        let result = smol::unblock(move || {
+                            persist::write_snapshot_on(disk.as_ref(), &dir, &bytes)
+                        })
+                        .await
+                        .map(|()| (t.elapsed(), size));
                         let _ = tx.send(Msg::SnapshotDone { gen, result }).await;
                     });
                 }
-                Err(e) => error!(error = %e, "journal rotation failed"),
+                Err(e) => self.snapshot_failed(&e),
             }
         }
     }

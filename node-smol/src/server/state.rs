@@ -3,7 +3,7 @@
 use std::io;
 use std::time::Instant;
 
-use ddpush_proto::{upstream, Change, Node};
+use ddpush_proto::{upstream, Node, Recovery};
 use tracing::{info, warn};
 
 use super::clock::Clock;
@@ -11,25 +11,20 @@ use super::ServerError;
 use crate::persist::{self, PersistError, Store};
 use crate::settings::ServerConfig;
 
-/// Loads the data directory into a fresh node.
+/// Loads the data directory into a fresh node through the core's [`Recovery`].
 pub(crate) fn load(cfg: &ServerConfig, clock: &Clock) -> Result<(Node, Store), ServerError> {
-    let mut node = Node::new(cfg.core.clone())
+    let mut rec = Recovery::new(cfg.core.clone(), clock.now())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let now = clock.now();
     let t0 = Instant::now();
-    let mut changes: Vec<Change> = Vec::new();
-    let (store, report) =
-        Store::open(&cfg.data_dir, |r| node.restore(now, r), |c| changes.push(c))?;
-    for c in &changes {
-        node.apply(c);
-    }
+    let (store, report) = Store::open(&cfg.data_dir, &mut rec)?;
     for (file, off) in &report.torn {
         warn!(
             file,
             offset = off,
-            "dropped a torn last record left by a crash"
+            "dropped a torn last record left by a crash or a failed write"
         );
     }
+    let node = rec.finish();
     info!(
         snapshot_records = report.snapshot_records,
         replayed = report.replayed,
@@ -65,7 +60,7 @@ pub(super) fn snapshot_now(
 ) -> Result<usize, PersistError> {
     let gen = store.rotate()?;
     let bytes = persist::encode_snapshot(gen, clock.now().0, node.records());
-    persist::write_snapshot_file(store.dir(), &bytes)?;
+    persist::write_snapshot_on(store.disk().as_ref(), store.dir(), &bytes)?;
     store.snapshot_done(gen);
     Ok(bytes.len())
 }

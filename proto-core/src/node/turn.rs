@@ -10,7 +10,7 @@
 //! creations, expiry) stay in memory: losing them from the journal costs at most one duplicate
 //! delivery after a crash, never an item.
 
-use bytes::Bytes;
+use crate::codec::Content;
 
 use super::Node;
 use crate::codec::{DownMsg, Kind, PushMsg, PushReply, Uuid};
@@ -29,8 +29,8 @@ pub(super) struct Undo {
     /// 0x10 was already pending.
     notify_was: bool,
     /// The 0x20 payload before the push, and the one it stored.
-    payload_was: Option<Bytes>,
-    pushed: Option<Bytes>,
+    payload_was: Option<Content>,
+    pushed: Option<Content>,
     last_push_was: u32,
 }
 

@@ -1,14 +1,17 @@
-//! One turn's output, in the order that makes acceptance honest: journal the turn's changes
-//! (fsync under `--fsync always`), then release held admin answers, then transmits, closes
-//! and events. A `0x00` reply never leaves before the write that makes its push survive a crash.
+//! One turn's output through the core's [`ddpush_proto::Driver`]: commit the turn's changes
+//! (fsync under `--fsync always`), and only then release held admin answers, transmits, closes
+//! and events. The driver, not this file, decides whether a push was accepted: a failed write
+//! turns every push of the turn into `0xFF` / HTTP 503 before anything leaves.
 
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use async_channel::TrySendError;
-use ddpush_proto::{Change, Dest, Event, Payload, PushReply, Transmit};
+use ddpush_proto::{Change, Commit, Dest, Event, Transmit};
 use tracing::{debug, error, info, warn};
+
+use crate::admin;
 
 use super::super::state::snapshot_now;
 use super::super::udp::MMSG;
@@ -17,35 +20,57 @@ use super::Loop;
 use crate::persist::Fsync;
 
 impl Loop {
-    /// Journals the turn's changes, then sends its transmits, closes and events.
+    /// Ends the turn through the core's driver: commit the changes (the commit's outcome
+    /// decides every push of the turn), then release admin answers, transmits, closes, events.
     pub(super) fn flush(&mut self) {
-        while let Some(c) = self.node.poll_change() {
-            self.changes.push(c);
-        }
-        if !self.changes.is_empty() {
-            let t = Instant::now();
-            let mut ok = self.store.append(&self.changes).is_ok();
-            if ok && self.cfg.fsync == Fsync::Always {
-                ok = self.store.sync().is_ok();
-                self.metrics.fsync_done(t.elapsed());
-            }
-            self.metrics.journal_writes.fetch_add(1, Ordering::Relaxed);
-            if !ok && !self.journal_failed {
-                error!("journal write failed: accepted pushes are answered 0xFF until it recovers");
-            }
-            self.journal_failed = !ok;
-            self.metrics.journal_state(!ok);
-            let now = self.clock.now();
-            for c in &self.changes {
+        let t = Instant::now();
+        let always = self.cfg.fsync == Fsync::Always;
+        let (store, acked) = (&mut self.store, &mut self.acked);
+        let outcome = self.driver.commit(&mut self.node, |changes| {
+            for c in changes {
                 if let Change::Cleared { uuid, .. } = c {
-                    if let Some(t) = self.node.record(uuid).and_then(|r| r.last_push) {
-                        self.metrics.push_acked(now.since(t));
-                    }
+                    acked.push(*uuid);
                 }
             }
-            self.changes.clear();
+            store.commit(changes, always)
+        });
+        match outcome {
+            Commit::Nothing => {}
+            Commit::Written { recovered } => {
+                self.metrics.journal_writes.fetch_add(1, Ordering::Relaxed);
+                if always {
+                    self.metrics.fsync_done(t.elapsed());
+                }
+                if recovered {
+                    info!("storage recovered: journal writes succeed again; pushes are accepted");
+                }
+            }
+            Commit::Failed {
+                error,
+                first,
+                refused,
+            } => {
+                self.metrics
+                    .storage_failed_writes
+                    .fetch_add(1, Ordering::Relaxed);
+                if first {
+                    error!(error = %error, refused, "storage degraded: a journal write failed; pushes are refused (0xFF / HTTP 503) until a write succeeds");
+                }
+            }
         }
-        for (tx, resp) in self.admin_out.drain(..) {
+        self.metrics.journal_state(!self.driver.storage_ok());
+        let now = self.clock.now();
+        for uuid in self.acked.drain(..) {
+            if let Some(t) = self.node.record(&uuid).and_then(|r| r.last_push) {
+                self.metrics.push_acked(now.since(t));
+            }
+        }
+        let replies: Vec<_> = std::iter::from_fn(|| self.driver.poll_reply()).collect();
+        for (tx, ans) in self.admin_out.drain(..) {
+            let resp = match ans {
+                admin::Answer::Now(r) => r,
+                admin::Answer::AfterCommit(held) => held.finish(&replies),
+            };
             let _ = tx.try_send(resp);
         }
         while let Some(t) = self.node.poll_transmit() {
@@ -86,15 +111,7 @@ impl Loop {
                     self.send_udp();
                 }
             }
-            Dest::Tcp(c) => {
-                let out = self.tcp_out.entry(c).or_default();
-                match t.payload {
-                    Payload::Reply(PushReply::Accepted) if self.journal_failed => {
-                        out.push(PushReply::Failed.byte())
-                    }
-                    _ => t.encode(out),
-                }
-            }
+            Dest::Tcp(c) => t.encode(self.tcp_out.entry(c).or_default()),
         }
     }
 

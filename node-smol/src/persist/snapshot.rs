@@ -1,0 +1,368 @@
+//! The snapshot format (`snapshot.cbor`), versioned by hand.
+//!
+//! `DDPUSHSN` + u32 version, then frames: a [`SnapHeader`], chunks of records, a [`SnapEnd`].
+//!
+//! * Version 2 (written): record chunks in the fixed binary layout of [`put_record`]; header
+//!   and end frames are CBOR maps of the two small structs below, whose field names are pinned
+//!   with `serde(rename)` so a refactor cannot change them.
+//! * Version 1 (read only): record chunks were CBOR arrays of the core's `RecordState`.
+//!
+//! Golden files under `node-smol/tests/data/` pin the bytes of both versions.
+
+use ddpush_proto::{Content, RecordState};
+use serde::{Deserialize, Serialize};
+
+use super::frame::{cbor, decode, frame_into, frames, Tail, FRAME_HEAD};
+use super::journal::End;
+use super::PersistError;
+
+pub(crate) const SNAP_MAGIC: &[u8; 8] = b"DDPUSHSN";
+/// Version 1: CBOR record chunks (read only).
+const SNAP_V1: u32 = 1;
+/// Snapshot version 2: record chunks in a fixed binary layout ([`put_record`]) instead of CBOR,
+/// so a million records encode and decode in tens of milliseconds. Version 1 is still read.
+const SNAP_VERSION: u32 = 2;
+/// First byte of a version-2 record chunk (CBOR major type 0, so never taken for the end map).
+const CHUNK_TAG: u8 = 0x02;
+/// Records per snapshot frame.
+const CHUNK: usize = 4096;
+
+/// First frame of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapHeader {
+    /// Journals older than this generation are contained in the snapshot.
+    #[serde(rename = "gen")]
+    pub gen: u64,
+    /// Wall-clock ms when it was taken.
+    #[serde(rename = "taken_ms")]
+    pub taken_ms: u64,
+}
+
+/// Last frame of a snapshot: its presence and count prove the file is complete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapEnd {
+    /// Records written before it.
+    #[serde(rename = "records")]
+    pub records: u64,
+}
+
+/// What [`scan_snapshot`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapScan {
+    /// Format version (0 if the magic is wrong).
+    pub version: u32,
+    /// The header frame, if it was read.
+    pub header: Option<SnapHeader>,
+    /// Whole frames read (header and chunks; the end frame included when present).
+    pub frames: u64,
+    /// Records in the chunks read.
+    pub records: u64,
+    /// Byte offset just past the last whole record chunk (or the header frame).
+    pub good_len: u64,
+    /// `Clean` only with a valid end frame; a snapshot is whole or damaged, never torn.
+    pub end: End,
+}
+
+/// Reads a snapshot frame by frame, handing out the records of every whole chunk before the
+/// end or the first damage. Never fails: damage is reported in [`SnapScan::end`].
+pub fn scan_snapshot(buf: &[u8], mut on_record: impl FnMut(RecordState)) -> SnapScan {
+    let mut scan = SnapScan {
+        version: 0,
+        header: None,
+        frames: 0,
+        records: 0,
+        good_len: 0,
+        end: End::Clean,
+    };
+    let damaged = |offset: u64, what: String| End::Damaged { offset, what };
+    if buf.len() < 12 || &buf[..8] != SNAP_MAGIC {
+        scan.end = damaged(0, "not a ddpushd snapshot (bad magic)".into());
+        return scan;
+    }
+    let v = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
+    if v != SNAP_V1 && v != SNAP_VERSION {
+        scan.end = damaged(8, format!("unsupported snapshot version {v}"));
+        return scan;
+    }
+    scan.version = v;
+    scan.good_len = 12;
+    let mut header: Option<SnapHeader> = None;
+    let (mut seen, mut n_frames, mut good) = (0u64, 0u64, 12u64);
+    let mut ended = false;
+    let r = frames(buf, 12, |off, p| {
+        if ended {
+            return Err("data after the end frame".into());
+        }
+        let end_of_frame = off + (FRAME_HEAD + p.len()) as u64;
+        if header.is_none() {
+            header = Some(decode(p)?);
+        } else if p.first().is_some_and(|b| b >> 5 == 5) {
+            // A chunk is a CBOR array or a tagged binary chunk and the end frame a map: the
+            // first byte tells them apart, so neither decode is attempted twice.
+            let e: SnapEnd = decode(p)?;
+            if e.records != seen {
+                return Err(format!("end frame says {} records, read {seen}", e.records));
+            }
+            ended = true;
+            n_frames += 1;
+            return Ok(());
+        } else if v == SNAP_VERSION {
+            seen += get_chunk(p, &mut on_record)?;
+        } else {
+            let chunk: Vec<RecordState> = decode(p)?;
+            seen += chunk.len() as u64;
+            chunk.into_iter().for_each(&mut on_record);
+        }
+        n_frames += 1;
+        good = end_of_frame;
+        Ok(())
+    });
+    scan.header = header;
+    scan.frames = n_frames;
+    scan.records = seen;
+    scan.good_len = good;
+    scan.end = match r {
+        Err((o, w)) => damaged(o, w),
+        Ok(Tail::Torn(o)) => damaged(o, "truncated frame".into()),
+        Ok(Tail::Clean) if !ended || scan.header.is_none() => damaged(
+            buf.len() as u64,
+            "snapshot is incomplete (no end frame)".into(),
+        ),
+        Ok(Tail::Clean) => End::Clean,
+    };
+    scan
+}
+
+/// Reads a whole snapshot, handing each record to `on_record`. `name` labels errors.
+pub fn read_snapshot(
+    name: &str,
+    buf: &[u8],
+    on_record: impl FnMut(RecordState),
+) -> Result<SnapHeader, PersistError> {
+    let s = scan_snapshot(buf, on_record);
+    match (s.end, s.header) {
+        (End::Clean, Some(h)) => Ok(h),
+        (End::Damaged { offset, what }, _) => Err(PersistError::Corrupt {
+            file: name.to_string(),
+            offset,
+            what,
+        }),
+        (_, _) => Err(PersistError::Corrupt {
+            file: name.to_string(),
+            offset: buf.len() as u64,
+            what: "snapshot is incomplete".into(),
+        }),
+    }
+}
+
+/// The bytes of a snapshot that keeps the header and the whole chunks before `good_len` of
+/// `buf`, with a new end frame counting their `records` (for `ddpushd recover`).
+pub(crate) fn truncated_snapshot(buf: &[u8], good_len: u64, records: u64) -> Vec<u8> {
+    let mut out = buf[..good_len as usize].to_vec();
+    frame_into(&mut out, &cbor(&SnapEnd { records }));
+    out
+}
+
+/// Encodes a snapshot of `records` (an iterator, so a million records need not be collected
+/// first). The count goes in the end frame, so the header can be written before it is known.
+pub fn encode_snapshot(
+    gen: u64,
+    taken_ms: u64,
+    records: impl Iterator<Item = RecordState>,
+) -> Vec<u8> {
+    let (lower, _) = records.size_hint();
+    let mut out = Vec::with_capacity(64 + lower * 56);
+    out.extend_from_slice(SNAP_MAGIC);
+    out.extend_from_slice(&SNAP_VERSION.to_be_bytes());
+    frame_into(&mut out, &cbor(&SnapHeader { gen, taken_ms }));
+    let mut n = 0u64;
+    let mut in_chunk = 0u32;
+    let mut payload = Vec::with_capacity(CHUNK * 64);
+    let start_chunk = |payload: &mut Vec<u8>| {
+        payload.clear();
+        payload.push(CHUNK_TAG);
+        payload.extend_from_slice(&[0; 4]);
+    };
+    let end_chunk = |payload: &mut Vec<u8>, count: u32, out: &mut Vec<u8>| {
+        payload[1..5].copy_from_slice(&count.to_be_bytes());
+        frame_into(out, payload);
+    };
+    start_chunk(&mut payload);
+    for r in records {
+        put_record(&mut payload, &r);
+        n += 1;
+        in_chunk += 1;
+        if in_chunk as usize == CHUNK {
+            end_chunk(&mut payload, in_chunk, &mut out);
+            start_chunk(&mut payload);
+            in_chunk = 0;
+        }
+    }
+    if in_chunk > 0 {
+        end_chunk(&mut payload, in_chunk, &mut out);
+    }
+    frame_into(&mut out, &cbor(&SnapEnd { records: n }));
+    out
+}
+
+/// Bits of a version-2 record's flag byte.
+mod rflag {
+    pub const HB: u8 = 1 << 0;
+    pub const PUSH: u8 = 1 << 1;
+    pub const NOTIFY: u8 = 1 << 2;
+    pub const PAYLOAD: u8 = 1 << 3;
+    pub const V4: u8 = 1 << 4;
+    pub const V6: u8 = 1 << 5;
+}
+
+/// One record, version 2: uuid, flags u8, last_active u64 ms, [last_heartbeat u64],
+/// [last_push u64], bits u64, [IPv4 4 + port 2 | IPv6 16 + port 2 + flowinfo 4 + scope 4],
+/// [payload length u16 + payload]. Bracketed fields are present when their flag is set.
+fn put_record(out: &mut Vec<u8>, r: &RecordState) {
+    use std::net::SocketAddr;
+    let mut f = 0u8;
+    if r.last_heartbeat.is_some() {
+        f |= rflag::HB;
+    }
+    if r.last_push.is_some() {
+        f |= rflag::PUSH;
+    }
+    if r.notify {
+        f |= rflag::NOTIFY;
+    }
+    if r.payload.is_some() {
+        f |= rflag::PAYLOAD;
+    }
+    match r.addr {
+        Some(SocketAddr::V4(_)) => f |= rflag::V4,
+        Some(SocketAddr::V6(_)) => f |= rflag::V6,
+        None => {}
+    }
+    out.extend_from_slice(&r.uuid.0);
+    out.push(f);
+    out.extend_from_slice(&r.last_active.0.to_be_bytes());
+    if let Some(t) = r.last_heartbeat {
+        out.extend_from_slice(&t.0.to_be_bytes());
+    }
+    if let Some(t) = r.last_push {
+        out.extend_from_slice(&t.0.to_be_bytes());
+    }
+    out.extend_from_slice(&r.bits.to_be_bytes());
+    match r.addr {
+        Some(SocketAddr::V4(a)) => {
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Some(SocketAddr::V6(a)) => {
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+            out.extend_from_slice(&a.flowinfo().to_be_bytes());
+            out.extend_from_slice(&a.scope_id().to_be_bytes());
+        }
+        None => {}
+    }
+    if let Some(p) = &r.payload {
+        out.extend_from_slice(&p.len_u16().to_be_bytes());
+        out.extend_from_slice(p);
+    }
+}
+
+/// A cursor over a version-2 chunk; every read names what was cut short.
+struct Rd<'a>(&'a [u8]);
+
+impl<'a> Rd<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("record truncated inside its chunk".into());
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_be_bytes(self.arr()?))
+    }
+}
+
+/// Decodes a version-2 chunk; returns its record count.
+fn get_chunk(p: &[u8], on_record: &mut impl FnMut(RecordState)) -> Result<u64, String> {
+    use ddpush_proto::{Time, Uuid};
+    use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+    let mut rd = Rd(p);
+    if rd.take(1)?[0] != CHUNK_TAG {
+        return Err("not a record chunk".into());
+    }
+    let count = u32::from_be_bytes(rd.arr()?);
+    // Decoded whole before any record is handed out, so a reader never sees half a chunk.
+    let mut recs = Vec::with_capacity((count as usize).min(CHUNK));
+    for i in 0..count {
+        let rec = (|| {
+            let uuid = Uuid(rd.arr()?);
+            let f = rd.take(1)?[0];
+            if f & !0x3F != 0 || f & (rflag::V4 | rflag::V6) == (rflag::V4 | rflag::V6) {
+                return Err(format!("bad record flags {f:#04x}"));
+            }
+            let last_active = Time(rd.u64()?);
+            let last_heartbeat = if f & rflag::HB != 0 {
+                Some(Time(rd.u64()?))
+            } else {
+                None
+            };
+            let last_push = if f & rflag::PUSH != 0 {
+                Some(Time(rd.u64()?))
+            } else {
+                None
+            };
+            let bits = rd.u64()?;
+            let addr = if f & rflag::V4 != 0 {
+                let ip: [u8; 4] = rd.arr()?;
+                let port = u16::from_be_bytes(rd.arr()?);
+                Some(SocketAddr::V4(SocketAddrV4::new(ip.into(), port)))
+            } else if f & rflag::V6 != 0 {
+                let ip: [u8; 16] = rd.arr()?;
+                let port = u16::from_be_bytes(rd.arr()?);
+                let flow = u32::from_be_bytes(rd.arr()?);
+                let scope = u32::from_be_bytes(rd.arr()?);
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    ip.into(),
+                    port,
+                    flow,
+                    scope,
+                )))
+            } else {
+                None
+            };
+            let payload = if f & rflag::PAYLOAD != 0 {
+                let len = usize::from(u16::from_be_bytes(rd.arr()?));
+                Some(Content::copy_from_slice(rd.take(len)?).map_err(|e| e.to_string())?)
+            } else {
+                None
+            };
+            Ok(RecordState {
+                uuid,
+                last_heartbeat,
+                last_active,
+                last_push,
+                addr,
+                notify: f & rflag::NOTIFY != 0,
+                bits,
+                payload,
+            })
+        })()
+        .map_err(|e: String| format!("record {i} of the chunk: {e}"))?;
+        recs.push(rec);
+    }
+    if !rd.0.is_empty() {
+        return Err(format!(
+            "{} bytes after the chunk's last record",
+            rd.0.len()
+        ));
+    }
+    recs.into_iter().for_each(on_record);
+    Ok(u64::from(count))
+}
