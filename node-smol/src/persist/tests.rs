@@ -318,3 +318,433 @@ fn a_read_only_filesystem_is_named() {
         "data directory /data is on a read-only filesystem"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Golden files: the on-disk bytes, pinned. A change to the format must add a version (and
+// keep reading the old one); regenerate only then, with DDPUSH_WRITE_GOLDEN=1.
+// ---------------------------------------------------------------------------------------
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/persist")
+}
+
+/// Every change variant and message kind, in three turns.
+fn golden_turns() -> Vec<Vec<Change>> {
+    let u = |i: u8| Uuid([i; 16]);
+    vec![
+        vec![
+            Change::Created {
+                uuid: u(1),
+                at: Time::from_millis(1_700_000_000_123),
+            },
+            Change::Pushed {
+                uuid: u(1),
+                at: Time::from_millis(1_700_000_001_000),
+                msg: PushMsg::Notify,
+            },
+        ],
+        vec![
+            Change::Pushed {
+                uuid: u(2),
+                at: Time::from_millis(1_700_000_002_000),
+                msg: PushMsg::Bits(0x8000_0000_0000_0105),
+            },
+            Change::Pushed {
+                uuid: u(3),
+                at: Time::from_millis(1_700_000_003_000),
+                msg: PushMsg::Payload(Content::from_static(b"hello \x00\xff golden")),
+            },
+            Change::Cleared {
+                uuid: u(2),
+                kind: Kind::Bits,
+                bits: 0x105,
+            },
+        ],
+        vec![
+            Change::Cleared {
+                uuid: u(1),
+                kind: Kind::Notify,
+                bits: 0,
+            },
+            Change::Cleared {
+                uuid: u(3),
+                kind: Kind::Payload,
+                bits: 0,
+            },
+            Change::Removed { uuid: u(4) },
+        ],
+    ]
+}
+
+/// Records covering every optional field and both address families.
+fn golden_records(with_v6_extras: bool) -> Vec<RecordState> {
+    let mut v: Vec<RecordState> = (0..4).map(|i| rec(i * 3 + 1)).collect();
+    v[1].addr = Some(if with_v6_extras {
+        "[2001:db8::7%3]:9966".parse().unwrap()
+    } else {
+        "[2001:db8::7]:9966".parse().unwrap()
+    });
+    v[2].addr = None;
+    v[2].last_heartbeat = None;
+    v[3].last_push = Some(Time::from_millis(1_700_000_009_999));
+    v[3].payload = Some(Content::from_static(b"golden payload"));
+    v
+}
+
+fn journal_v2_bytes(gen: u64, turns: &[Vec<Change>]) -> Vec<u8> {
+    let mut out = journal::header(gen).to_vec();
+    let mut p = Vec::new();
+    for t in turns {
+        journal::encode_turn(&mut p, t);
+        frame_into(&mut out, &p);
+    }
+    out
+}
+
+fn journal_v1_bytes(gen: u64, turns: &[Vec<Change>]) -> Vec<u8> {
+    let mut out = b"DDPUSHJN".to_vec();
+    out.extend_from_slice(&1u32.to_be_bytes());
+    out.extend_from_slice(&gen.to_be_bytes());
+    for t in turns {
+        frame_into(&mut out, &cbor(t));
+    }
+    out
+}
+
+fn snapshot_v1_bytes(recs: &[RecordState]) -> Vec<u8> {
+    let mut v1 = SNAP_MAGIC.to_vec();
+    v1.extend_from_slice(&1u32.to_be_bytes());
+    frame_into(
+        &mut v1,
+        &cbor(&SnapHeader {
+            gen: 7,
+            taken_ms: 1_700_000_010_000,
+        }),
+    );
+    frame_into(&mut v1, &cbor(&recs.to_vec()));
+    frame_into(
+        &mut v1,
+        &cbor(&SnapEnd {
+            records: recs.len() as u64,
+        }),
+    );
+    v1
+}
+
+fn golden(name: &str, fresh: impl FnOnce() -> Vec<u8>) -> Vec<u8> {
+    let path = golden_dir().join(name);
+    if std::env::var_os("DDPUSH_WRITE_GOLDEN").is_some() {
+        fs::create_dir_all(golden_dir()).unwrap();
+        fs::write(&path, fresh()).unwrap();
+    }
+    fs::read(&path).unwrap_or_else(|e| panic!("golden file {} is required: {e}", path.display()))
+}
+
+#[test]
+fn golden_journal_v2_is_what_this_release_writes() {
+    let turns = golden_turns();
+    let file = golden("journal-v2.log", || journal_v2_bytes(5, &turns));
+    assert_eq!(
+        journal_v2_bytes(5, &turns),
+        file,
+        "the journal encoding changed: add a version instead"
+    );
+    // And the store itself writes exactly these bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut st, _) = Store::open(dir.path(), &mut recovery()).unwrap();
+    for t in &turns {
+        st.commit(t, false).unwrap();
+    }
+    let written = fs::read(journal_path(&st)).unwrap();
+    assert_eq!(written[20..], file[20..]);
+    let s = scan_journal(&file, |_| {});
+    assert_eq!((s.version, s.gen, s.frames), (2, 5, 3));
+    assert_eq!(
+        read_all(&golden_dir().join("journal-v2.log")).0,
+        turns.concat()
+    );
+}
+
+#[test]
+fn golden_journal_v1_from_earlier_releases_still_reads() {
+    let turns = golden_turns();
+    let file = golden("journal-v1.log", || journal_v1_bytes(4, &turns));
+    let mut got = Vec::new();
+    let (gen, tail) = read_journal("v1", &file, |c| got.push(c)).unwrap();
+    assert_eq!((gen, tail), (4, Tail::Clean));
+    assert_eq!(got, turns.concat());
+}
+
+#[test]
+fn golden_snapshot_v2_is_what_this_release_writes() {
+    let recs = golden_records(true);
+    let fresh = || encode_snapshot(7, 1_700_000_010_000, recs.clone().into_iter());
+    let file = golden("snapshot-v2.cbor", fresh);
+    assert_eq!(
+        fresh(),
+        file,
+        "the snapshot encoding changed: add a version instead"
+    );
+    let mut back = Vec::new();
+    let h = read_snapshot("v2", &file, |r| back.push(r)).unwrap();
+    assert_eq!((h.gen, h.taken_ms), (7, 1_700_000_010_000));
+    assert_eq!(back, recs);
+}
+
+#[test]
+fn golden_snapshot_v1_from_earlier_releases_still_reads() {
+    let recs = golden_records(false);
+    let file = golden("snapshot-v1.cbor", || snapshot_v1_bytes(&recs));
+    let mut back = Vec::new();
+    assert_eq!(read_snapshot("v1", &file, |r| back.push(r)).unwrap().gen, 7);
+    assert_eq!(back, recs);
+}
+
+#[test]
+fn a_data_dir_of_an_earlier_release_loads_and_continues_in_version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let turns = golden_turns();
+    fs::write(
+        dir.path().join(SNAPSHOT),
+        golden("snapshot-v1.cbor", || unreachable!()),
+    )
+    .unwrap();
+    fs::write(
+        dir.path().join(journal_name(7)),
+        golden("journal-v1.log", || unreachable!()),
+    )
+    .unwrap();
+    let mut r = recovery();
+    let (mut st, rep) = Store::open(dir.path(), &mut r).unwrap();
+    assert_eq!((rep.snapshot_records, rep.replayed), (4, 8));
+    st.commit(&turns[0], false).unwrap();
+    assert_eq!(
+        scan_journal(&fs::read(journal_path(&st)).unwrap(), |_| {}).version,
+        2
+    );
+    drop(st);
+    let mut r = recovery();
+    let (_st, rep) = Store::open(dir.path(), &mut r).unwrap();
+    assert_eq!(rep.replayed, 10);
+}
+
+// ---------------------------------------------------------------------------------------
+// check / recover on journals and snapshots damaged at every offset class.
+// ---------------------------------------------------------------------------------------
+
+/// A data dir with one journal of four turns; returns the dir, the journal path, the frame
+/// offsets and the changes per turn.
+fn four_turns() -> (tempfile::TempDir, PathBuf, Vec<usize>, Vec<Vec<Change>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let turns: Vec<Vec<Change>> = (0..4u8)
+        .map(|t| vec![pushed(t * 2), pushed(t * 2 + 1)])
+        .collect();
+    let path = {
+        let (mut st, _) = Store::open(dir.path(), &mut recovery()).unwrap();
+        for t in &turns {
+            st.commit(t, false).unwrap();
+        }
+        journal_path(&st)
+    };
+    let buf = fs::read(&path).unwrap();
+    let mut offs = Vec::new();
+    let mut o = journal::HEADER_LEN;
+    while o < buf.len() {
+        offs.push(o);
+        o += 8 + u32::from_be_bytes(buf[o..o + 4].try_into().unwrap()) as usize;
+    }
+    assert_eq!(offs.len(), 4);
+    (dir, path, offs, turns)
+}
+
+fn fix_crc(buf: &mut [u8], off: usize) {
+    let len = u32::from_be_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+    let crc = crc32fast::hash(&buf[off + 8..off + 8 + len]);
+    buf[off + 4..off + 8].copy_from_slice(&crc.to_be_bytes());
+}
+
+#[derive(Debug)]
+enum Expect {
+    /// Start-up loads it as is (torn tail or torn header), keeping this many turns.
+    Loads(usize),
+    /// Start-up refuses; recover keeps this many turns.
+    Recovers(usize),
+}
+
+#[test]
+fn check_and_recover_at_every_offset_class_of_a_journal() {
+    type Damage = fn(&mut Vec<u8>, &[usize]);
+    let cases: Vec<(&str, Damage, Expect)> = vec![
+        ("header cut", |b, _| b.truncate(11), Expect::Loads(0)),
+        ("header magic", |b, _| b[2] ^= 0x20, Expect::Recovers(0)),
+        ("header version", |b, _| b[11] = 9, Expect::Recovers(0)),
+        (
+            "frame length",
+            |b, o| b[o[1]..o[1] + 4].copy_from_slice(&u32::MAX.to_be_bytes()),
+            Expect::Recovers(1),
+        ),
+        ("crc", |b, o| b[o[1] + 5] ^= 1, Expect::Recovers(1)),
+        ("payload", |b, o| b[o[2] + 12] ^= 0x40, Expect::Recovers(2)),
+        (
+            "payload, crc fixed (decode error)",
+            |b, o| {
+                b[o[2] + 12] = 99; // first change's tag
+                fix_crc(b, o[2]);
+            },
+            Expect::Recovers(2),
+        ),
+        (
+            "mid-file cut",
+            |b, o| b.truncate(o[2] + 13),
+            Expect::Loads(2),
+        ),
+        (
+            "cut in a frame head",
+            |b, o| b.truncate(o[1] + 3),
+            Expect::Loads(1),
+        ),
+        (
+            "last frame cut",
+            |b, _| {
+                let n = b.len() - 5;
+                b.truncate(n)
+            },
+            Expect::Loads(3),
+        ),
+        (
+            "last frame corrupt",
+            |b, _| {
+                let n = b.len() - 1;
+                b[n] ^= 1
+            },
+            Expect::Loads(3),
+        ),
+    ];
+    for (what, damage, expect) in cases {
+        let (dir, path, offs, turns) = four_turns();
+        let mut buf = fs::read(&path).unwrap();
+        damage(&mut buf, &offs);
+        fs::write(&path, &buf).unwrap();
+        let reports = check::check(dir.path()).unwrap();
+        let rep = reports.iter().find(|r| r.path == path).unwrap();
+        let kept = match expect {
+            Expect::Loads(n) => {
+                assert!(!rep.damaged(), "{what}: {rep}");
+                assert_eq!(rep.frames as usize, n, "{what}: {rep}");
+                assert!(check::recover(dir.path()).unwrap().is_empty(), "{what}");
+                n
+            }
+            Expect::Recovers(n) => {
+                assert!(rep.damaged(), "{what}: {rep}");
+                assert!(
+                    rep.to_string().contains("DAMAGED at byte offset"),
+                    "{what}: {rep}"
+                );
+                let e = Store::open(dir.path(), &mut recovery())
+                    .err()
+                    .unwrap()
+                    .to_string();
+                assert!(e.contains("ddpushd recover"), "{what}: {e}");
+                let done = check::recover(dir.path()).unwrap();
+                assert_eq!(done.len(), 1, "{what}");
+                let d = &done[0];
+                assert_eq!(d.frames as usize, n, "{what}: {d}");
+                let kept_len = if n == 0 { 0 } else { offs[n] };
+                let expect_aside = if rep.version == 0 {
+                    buf.len()
+                } else {
+                    buf.len() - kept_len.max(20)
+                };
+                assert_eq!(d.set_aside as usize, expect_aside, "{what}: {d}");
+                // The original is kept whole, never deleted.
+                assert_eq!(fs::read(&d.aside).unwrap(), buf, "{what}");
+                assert!(!check::check(dir.path())
+                    .unwrap()
+                    .iter()
+                    .any(|r| r.damaged()));
+                n
+            }
+        };
+        let mut r = recovery();
+        let (_st, rep) = Store::open(dir.path(), &mut r).unwrap();
+        assert_eq!(
+            rep.replayed as usize,
+            turns[..kept].concat().len(),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn recover_keeps_the_whole_chunks_of_a_damaged_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let recs: Vec<RecordState> = (0..9000u32)
+        .map(|i| {
+            let mut r = rec((i % 200) as u8);
+            r.uuid.0[..4].copy_from_slice(&i.to_be_bytes());
+            r
+        })
+        .collect();
+    let bytes = encode_snapshot(1, 0, recs.clone().into_iter());
+    // Damage the third chunk (records 8192..9000).
+    let s = scan_snapshot_offsets(&bytes);
+    let mut bad = bytes.clone();
+    bad[s[3] + 20] ^= 0xFF;
+    fs::write(dir.path().join(SNAPSHOT), &bad).unwrap();
+    let rep = check::check(dir.path()).unwrap();
+    assert!(rep[0].damaged(), "{}", rep[0]);
+    assert_eq!(rep[0].items, 8192, "{}", rep[0]);
+    let done = check::recover(dir.path()).unwrap();
+    assert_eq!((done[0].frames, done[0].items), (4, 8192), "{}", done[0]);
+    let mut r = recovery();
+    let (_st, rep) = Store::open(dir.path(), &mut r).unwrap();
+    assert_eq!(rep.snapshot_records, 8192);
+    assert_eq!(fs::read(&done[0].aside).unwrap(), bad);
+}
+
+/// Frame offsets of a snapshot (header frame first).
+fn scan_snapshot_offsets(b: &[u8]) -> Vec<usize> {
+    let mut offs = Vec::new();
+    let mut o = 12;
+    while o < b.len() {
+        offs.push(o);
+        o += 8 + u32::from_be_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+    }
+    offs
+}
+
+/// `tests/data/persist/release-0.1/` was written by the ddpushd of the previous release (its
+/// v2 snapshot after a SIGTERM, then a v1 journal cut by `kill -9`): 12 pushes to
+/// `a0 * 12 + i`: 0x10 when i % 3 == 0, 0x11 bit `1 << i` when 1, 0x20 "old-release-i" when 2.
+#[test]
+fn a_data_dir_written_by_the_previous_release_loads() {
+    let src = golden_dir().join("release-0.1");
+    let dir = tempfile::tempdir().unwrap();
+    for e in fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let mut r = recovery();
+    let (_st, rep) = Store::open(dir.path(), &mut r).unwrap();
+    assert_eq!(
+        (rep.snapshot_records, rep.replayed, rep.torn.len()),
+        (6, 6, 0)
+    );
+    let node = r.finish();
+    for i in 0..12u32 {
+        let mut u = [0xA0u8; 16];
+        u[12..].copy_from_slice(&i.to_be_bytes());
+        let st = node
+            .record(&Uuid(u))
+            .unwrap_or_else(|| panic!("record {i} lost"));
+        match i % 3 {
+            0 => assert!(st.notify, "{i}"),
+            1 => assert_eq!(st.bits, 1 << i, "{i}"),
+            _ => assert_eq!(
+                st.payload.as_deref(),
+                Some(format!("old-release-{i}").as_bytes()),
+                "{i}"
+            ),
+        }
+    }
+}

@@ -44,6 +44,7 @@ enum Wake {
     Msg(Msg),
     Timer,
     Signal,
+    Stop(super::Stop),
 }
 
 /// The event loop's state: the node, its store, the sockets' loop-side halves.
@@ -117,8 +118,13 @@ impl Loop {
         self.metrics.clone()
     }
 
-    /// Runs turns until SIGTERM or SIGINT.
-    pub(super) async fn run(&mut self, rx: Receiver<Msg>, mut signals: async_signal::Signals) {
+    /// Runs turns until SIGTERM or SIGINT, or until `stop` says so. Returns how it stopped.
+    pub(super) async fn run(
+        &mut self,
+        rx: Receiver<Msg>,
+        mut signals: async_signal::Signals,
+        stop: Option<Receiver<super::Stop>>,
+    ) -> super::Stop {
         let mut spin_until = Instant::now();
         loop {
             let deadline = self.deadline();
@@ -141,10 +147,21 @@ impl Loop {
                         Timer::at(deadline).await;
                         Wake::Timer
                     },
-                    async {
-                        signals.next().await;
-                        Wake::Signal
-                    },
+                    future::or(
+                        async {
+                            signals.next().await;
+                            Wake::Signal
+                        },
+                        async {
+                            match &stop {
+                                Some(s) => match s.recv().await {
+                                    Ok(how) => Wake::Stop(how),
+                                    Err(_) => future::pending().await,
+                                },
+                                None => future::pending().await,
+                            }
+                        },
+                    ),
                 ),
             );
             // For a moment after a busy turn, poll every source without sleeping and yield to
@@ -164,7 +181,8 @@ impl Loop {
             };
             let mut tcp_turn = matches!(wake, Wake::Msg(_));
             match wake {
-                Wake::Signal => return,
+                Wake::Signal => return super::Stop::Graceful,
+                Wake::Stop(how) => return how,
                 // A message wake skips the UDP drain: the race above polls the socket first on
                 // every turn, so pending datagrams win the next one, and a push round trip
                 // saves a syscall that would only say "would block".

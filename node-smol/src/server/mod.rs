@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use async_io::Async;
 use ddpush_proto::{upstream, ConnId, Port};
+use futures_lite::StreamExt;
 use tracing::info;
 
 use crate::admin::{self, AdminRequest};
-use crate::persist::PersistError;
+use crate::persist::{Disk, OsDisk, PersistError};
 use crate::settings::{AdminListen, ServerConfig};
 use bind::{bind_device, bind_tcp};
 use clock::Clock;
@@ -100,8 +101,34 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
 }
 
+/// How a server run ends, for [`Control`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// As on SIGTERM: last turn, snapshot, exit.
+    Graceful,
+    /// As on `kill -9` between two turns: nothing more is written.
+    Crash,
+}
+
+/// In-process control of a server run (tests): where it listens, and a way to stop it.
+pub struct Control {
+    /// Receives the bound addresses once the server listens.
+    pub bound: async_channel::Sender<Bound>,
+    /// Stops the server.
+    pub stop: async_channel::Receiver<Stop>,
+}
+
 /// Runs the server until SIGTERM or SIGINT, then writes a snapshot and returns.
 pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
+    run_with(cfg, Arc::new(OsDisk), None)
+}
+
+/// [`run`] with the data directory's writes going through `disk` and, for tests, `ctl`.
+pub fn run_with(
+    cfg: ServerConfig,
+    disk: Arc<dyn Disk>,
+    ctl: Option<Control>,
+) -> Result<(), ServerError> {
     let clock = Clock::new();
     let (udp, tcp) = bind_device(cfg.listen, cfg.udp_buffer, cfg.device_tcp)?;
     let udp_addr = udp.local_addr()?;
@@ -113,7 +140,10 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
     // Signals are registered before loading so a SIGTERM during a long load is not lost.
     let signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
-    let (node, store) = load(&cfg, &clock)?;
+    // SIGXFSZ (a file-size limit hit) would kill the process mid-write; handled, the write
+    // fails with EFBIG instead and the server degrades like on a full disk.
+    let mut xfsz = async_signal::Signals::new([async_signal::Signal::Xfsz])?;
+    let (node, store) = load(&cfg, &clock, disk)?;
     let bound = Bound {
         udp: udp_addr,
         tcp: tcp.as_ref().map(|l| l.local_addr()).transpose()?,
@@ -168,9 +198,21 @@ pub fn run(cfg: ServerConfig) -> Result<(), ServerError> {
             cfg.admin_token.clone(),
         )));
     }
-    smol::block_on(ex.run(lp.run(rx, signals)));
+    tasks.push(ex.spawn(async move {
+        while xfsz.next().await.is_some() {
+            tracing::debug!("SIGXFSZ: a file size limit was hit; the write fails with EFBIG");
+        }
+    }));
+    let stop = ctl.map(|c| {
+        let _ = c.bound.try_send(bound.clone());
+        c.stop
+    });
+    let how = smol::block_on(ex.run(lp.run(rx, signals, stop)));
     drop(tasks);
-    lp.shutdown()
+    match how {
+        Stop::Graceful => lp.shutdown(),
+        Stop::Crash => Ok(()),
+    }
 }
 
 /// The single-threaded executor every task of the server runs on.

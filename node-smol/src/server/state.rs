@@ -1,6 +1,7 @@
 //! State loading: the data directory into a fresh [`Node`], upstream imports, snapshots.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ddpush_proto::{upstream, Node, Recovery};
@@ -8,15 +9,19 @@ use tracing::{info, warn};
 
 use super::clock::Clock;
 use super::ServerError;
-use crate::persist::{self, PersistError, Store};
+use crate::persist::{self, Disk, OsDisk, PersistError, Store};
 use crate::settings::ServerConfig;
 
 /// Loads the data directory into a fresh node through the core's [`Recovery`].
-pub(crate) fn load(cfg: &ServerConfig, clock: &Clock) -> Result<(Node, Store), ServerError> {
+pub(crate) fn load(
+    cfg: &ServerConfig,
+    clock: &Clock,
+    disk: Arc<dyn Disk>,
+) -> Result<(Node, Store), ServerError> {
     let mut rec = Recovery::new(cfg.core.clone(), clock.now())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let t0 = Instant::now();
-    let (store, report) = Store::open(&cfg.data_dir, &mut rec)?;
+    let (store, report) = Store::open_on(&cfg.data_dir, disk, &mut rec)?;
     for (file, off) in &report.torn {
         warn!(
             file,
@@ -43,7 +48,7 @@ pub fn import(cfg: &ServerConfig, file: &std::path::Path) -> Result<usize, Serve
         file: file.display().to_string(),
         source,
     })?;
-    let (mut node, mut store) = load(cfg, &clock)?;
+    let (mut node, mut store) = load(cfg, &clock, Arc::new(OsDisk))?;
     let n = records.len();
     let now = clock.now();
     for r in records {

@@ -1,0 +1,434 @@
+//! Real write failures on the real binary, without root: `ddpushd` runs under `RLIMIT_FSIZE`
+//! (set in the child before exec), so a journal or snapshot write past the limit fails with
+//! `EFBIG` (ddpushd handles SIGXFSZ, so it is not killed). Raising the limit of the running
+//! process (`prlimit(2)`) is the "space comes back" step. `kill -9` at each point, then a
+//! restart without a limit: every push answered accepted is there, none answered `FF`/503.
+
+#![cfg(target_os = "linux")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const IO: Duration = Duration::from_secs(5);
+
+struct Proc {
+    child: Child,
+    udp: SocketAddr,
+    push: SocketAddr,
+    admin: SocketAddr,
+    log: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+impl Proc {
+    /// Starts ddpushd on `dir`; with `fsize`, under that file-size limit.
+    fn start(dir: &Path, fsize: Option<u64>, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddpushd"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--push-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        if let Some(limit) = fsize {
+            // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+            // touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ddpushd did not start: {}", seen.join("\n"));
+            };
+            if line.contains("ddpushd listening") {
+                return Proc {
+                    udp: field(&line, "udp").unwrap(),
+                    push: field(&line, "push").unwrap(),
+                    admin: field(&line, "admin").unwrap(),
+                    child,
+                    log: rx,
+                    seen,
+                };
+            }
+            seen.push(line);
+        }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Lifts the file-size limit of the running process: the "space is back" step.
+    fn lift_limit(&self) {
+        let r = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: prlimit reads `r` and writes nothing (null old-limit pointer).
+        let rc = unsafe {
+            libc::prlimit(
+                self.child.id() as libc::pid_t,
+                libc::RLIMIT_FSIZE,
+                &r,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    fn pusher(&self) -> TcpStream {
+        let s = TcpStream::connect(self.push).unwrap();
+        s.set_read_timeout(Some(IO)).unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    }
+
+    fn log_lines(&mut self) -> &[String] {
+        self.seen.extend(self.log.try_iter());
+        &self.seen
+    }
+
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        s.set_read_timeout(Some(IO)).unwrap();
+        // State-changing requests carry what the admin port's cross-site rules ask for.
+        let write = if method == "GET" {
+            ""
+        } else {
+            "content-type: application/json\r\nx-ddpush-csrf: 1\r\n"
+        };
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\n{write}content-length: {}\r\n\r\n{body}",
+            self.admin,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.http("GET", "/status", "").1).unwrap()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.http("GET", "/metrics", "");
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
+    /// The pending 0x20 of a record, if any.
+    fn pending(&self, u: &[u8; 16]) -> Option<Vec<u8>> {
+        let (status, body) = self.http("GET", &format!("/clients/{}", hex(u)), "");
+        if status == 404 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let b64 = v["pending"]["payload_base64"].as_str()?;
+        use base64::Engine;
+        Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn uuid(i: u32) -> [u8; 16] {
+    let mut u = [0xC3u8; 16];
+    u[12..].copy_from_slice(&i.to_be_bytes());
+    u
+}
+
+fn hex(u: &[u8; 16]) -> String {
+    u.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A 490-byte payload naming its push.
+fn body(i: u32) -> Vec<u8> {
+    let mut b = format!("push {i:06} ").into_bytes();
+    b.resize(490, b'.');
+    b
+}
+
+fn push9999(p: &mut TcpStream, i: u32) -> u8 {
+    let b = body(i);
+    let mut v = vec![1, 1, 0x20];
+    v.extend_from_slice(&uuid(i));
+    v.extend_from_slice(&(b.len() as u16).to_be_bytes());
+    v.extend_from_slice(&b);
+    p.write_all(&v).unwrap();
+    let mut r = [0u8; 1];
+    p.read_exact(&mut r).unwrap();
+    r[0]
+}
+
+fn push_admin(s: &Proc, i: u32) -> u16 {
+    let text = String::from_utf8(body(i)).unwrap();
+    let req = format!(
+        r#"{{"uuid":"{}","type":"payload","text":"{text}"}}"#,
+        hex(&uuid(i))
+    );
+    s.http("POST", "/push", &req).0
+}
+
+#[derive(Default)]
+struct Ledger {
+    accepted: Vec<u32>,
+    refused: Vec<u32>,
+}
+
+impl Ledger {
+    fn check(&self, s: &Proc) {
+        for &i in &self.accepted {
+            assert_eq!(s.pending(&uuid(i)), Some(body(i)), "accepted push {i} lost");
+        }
+        for &i in &self.refused {
+            assert_eq!(s.pending(&uuid(i)), None, "refused push {i} is stored");
+        }
+    }
+}
+
+/// Pushes (alternating 9999 and admin) until one is refused; returns the next index.
+fn fill(s: &Proc, p: &mut TcpStream, led: &mut Ledger, mut i: u32) -> u32 {
+    loop {
+        assert!(i < 10_000, "the limit never hit");
+        let ok = if i.is_multiple_of(2) {
+            match push9999(p, i) {
+                0x00 => true,
+                0xFF => false,
+                other => panic!("reply {other:#04x}"),
+            }
+        } else {
+            match push_admin(s, i) {
+                200 => true,
+                503 => false,
+                other => panic!("HTTP {other}"),
+            }
+        };
+        if ok {
+            led.accepted.push(i);
+        } else {
+            led.refused.push(i);
+            return i + 1;
+        }
+        i += 1;
+    }
+}
+
+#[test]
+fn efbig_in_the_journal_then_space_back_then_kill9_at_each_point() {
+    // Point 0: kill -9 while degraded. Point 1: after space came back and more pushes.
+    for point in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Proc::start(
+            dir.path(),
+            Some(48 * 1024),
+            &["--fsync", "always", "--snapshot-interval", "1h"],
+        );
+        let mut p = s.pusher();
+        let mut led = Ledger::default();
+        let mut i = fill(&s, &mut p, &mut led, 0);
+        assert!(led.accepted.len() > 50, "{} accepted", led.accepted.len());
+        // Still full: every further push is refused on both front ends.
+        for _ in 0..6 {
+            let ok = if i.is_multiple_of(2) {
+                push9999(&mut p, i) == 0
+            } else {
+                push_admin(&s, i) == 200
+            };
+            assert!(!ok, "push {i} accepted past the limit");
+            led.refused.push(i);
+            i += 1;
+        }
+        assert_eq!(s.status()["degraded"], true);
+        assert_eq!(s.metric("ddpush_storage_ok"), 0.0);
+        assert!(s.metric("ddpush_storage_failed_writes_total") >= 7.0);
+        let lines = s.log_lines().to_vec();
+        let degraded: Vec<_> = lines
+            .iter()
+            .filter(|l| l.contains("storage degraded"))
+            .collect();
+        assert_eq!(degraded.len(), 1, "one line per episode: {degraded:?}");
+        assert!(degraded[0].contains("File too large"), "{}", degraded[0]);
+        if point == 1 {
+            s.lift_limit();
+            for _ in 0..20 {
+                let ok = if i.is_multiple_of(2) {
+                    push9999(&mut p, i) == 0
+                } else {
+                    push_admin(&s, i) == 200
+                };
+                assert!(ok, "push {i} refused after the limit was lifted");
+                led.accepted.push(i);
+                i += 1;
+            }
+            assert_eq!(s.status()["degraded"], false);
+            assert_eq!(s.metric("ddpush_storage_ok"), 1.0);
+            let t = Instant::now();
+            while !s
+                .log_lines()
+                .iter()
+                .any(|l| l.contains("storage recovered"))
+            {
+                assert!(t.elapsed() < IO, "no recovery line");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        s.kill9();
+
+        let s = Proc::start(dir.path(), None, &[]);
+        led.check(&s);
+        // And a device gets what was accepted for it.
+        let last = *led.accepted.last().unwrap();
+        let d = UdpSocket::bind("127.0.0.1:0").unwrap();
+        d.set_read_timeout(Some(IO)).unwrap();
+        let mut hb = vec![1, 1, 0x00];
+        hb.extend_from_slice(&uuid(last));
+        hb.extend_from_slice(&[0, 0]);
+        d.send_to(&hb, s.udp).unwrap();
+        let mut buf = [0u8; 2048];
+        let k = d.recv(&mut buf).unwrap();
+        assert!(buf[..k].ends_with(&body(last)));
+        drop(s);
+        let out = Command::new(env!("CARGO_BIN_EXE_ddpushd"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg("check")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            !text.contains("torn") && !text.contains("DAMAGED"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn efbig_in_snapshots_keeps_the_journals_and_the_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    // Journals rotate at every snapshot attempt and stay small; the snapshot of all records
+    // does not fit.
+    let mut s = Proc::start(dir.path(), Some(40 * 1024), &["--snapshot-interval", "1s"]);
+    let mut p = s.pusher();
+    let mut led = Ledger::default();
+    let mut i = 0;
+    let t = Instant::now();
+    while s.metric("ddpush_storage_failed_writes_total") < 2.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "snapshots never failed"
+        );
+        for _ in 0..5 {
+            let r = push9999(&mut p, i);
+            if r == 0 {
+                led.accepted.push(i);
+            } else {
+                led.refused.push(i);
+            }
+            i += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(led.accepted.len() > 60, "{}", led.accepted.len());
+    assert!(s
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("snapshot failed") && l.contains("File too large")));
+    assert!(!dir.path().join("snapshot.tmp").exists());
+    // kill -9 with snapshots failing: the journals hold everything.
+    s.kill9();
+    let mut s = Proc::start(dir.path(), Some(40 * 1024), &["--snapshot-interval", "1s"]);
+    led.check(&s);
+    let t = Instant::now();
+    while s.metric("ddpush_storage_failed_writes_total") < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "snapshot did not fail"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let done = s.metric("ddpush_snapshots_total");
+    s.lift_limit();
+    let t = Instant::now();
+    while s.metric("ddpush_snapshots_total") <= done {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the retry never succeeded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("snapshot written again")));
+    s.kill9();
+    let s = Proc::start(dir.path(), None, &[]);
+    led.check(&s);
+}
