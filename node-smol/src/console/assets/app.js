@@ -399,8 +399,8 @@
   function onRemoveAsk() {
     if (!current) return;
     $("remove-question").textContent =
-      `Remove the record of ${current.uuid}? Its pending items are deleted; the device gets a new, empty ` +
-      "record with its next heartbeat.";
+      `Remove the record of ${current.uuid}? Its pending items are deleted. The device's next heartbeat ` +
+      "creates a new, empty record (unless --create-on-heartbeat is false).";
     $("remove-confirm").hidden = false;
     $("remove-no").focus();
   }
