@@ -147,7 +147,8 @@ pub fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        // The address as Host: without a token the admin port takes only IP or localhost.
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut body = String::new();
