@@ -1,7 +1,8 @@
 //! Target 5c: the server's journal reader (`ddpushd::persist::read_journal`).
 //!
 //! Modes as in the snapshot target: raw bytes, or arbitrary turns of changes written in the
-//! journal format (magic, version, generation, one CRC'd CBOR frame per turn) and then damaged.
+//! journal format (magic, version, generation, one CRC'd frame per turn; version 2 binary or
+//! version 1 CBOR) and then damaged.
 //!
 //! Invariants: never a panic; no allocation out of proportion to the file; an undamaged
 //! journal reads back exactly the changes written, with a clean tail; a journal cut anywhere
@@ -10,7 +11,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use ddpush_fuzz::persisted::{journal, Chg, Damage};
+use ddpush_fuzz::persisted::{journal, journal_v2, Chg, Damage};
 use ddpush_fuzz::{alloc_budget_cbor, within_budget, TrackingAlloc};
 use ddpush_proto::Change;
 use ddpushd::persist::{read_journal, Tail};
@@ -54,7 +55,12 @@ fuzz_target!(|data: &[u8]| {
         .iter()
         .map(|t| t.iter().map(Chg::change).collect())
         .collect();
-    let mut file = journal(gen, &turns);
+    // Bit 1 of the mode: the current format (version 2) or the one earlier releases wrote.
+    let mut file = if mode & 2 == 0 {
+        journal_v2(gen, &turns)
+    } else {
+        journal(gen, &turns)
+    };
     let all: Vec<Change> = turns.concat();
     match (damage, cut) {
         (Some(d), _) => {

@@ -313,8 +313,22 @@ pub mod persisted {
         out.extend_from_slice(payload);
     }
 
-    /// A journal file as the server writes it: magic, version 1, generation, one frame per
-    /// turn holding that turn's changes as a CBOR array.
+    /// A journal file as the current server writes it: magic, version 2, generation, one
+    /// frame per turn holding that turn's changes in the explicit binary layout.
+    pub fn journal_v2(gen: u64, turns: &[Vec<ddpush_proto::Change>]) -> Vec<u8> {
+        let mut out = b"DDPUSHJN".to_vec();
+        out.extend_from_slice(&2u32.to_be_bytes());
+        out.extend_from_slice(&gen.to_be_bytes());
+        let mut p = Vec::new();
+        for t in turns {
+            ddpushd::persist::journal::encode_turn(&mut p, t);
+            frame(&mut out, &p);
+        }
+        out
+    }
+
+    /// A journal file as earlier releases wrote it: magic, version 1, generation, one frame
+    /// per turn holding that turn's changes as a CBOR array.
     pub fn journal(gen: u64, turns: &[Vec<ddpush_proto::Change>]) -> Vec<u8> {
         let mut out = b"DDPUSHJN".to_vec();
         out.extend_from_slice(&1u32.to_be_bytes());
