@@ -186,11 +186,16 @@ async fn flush(
         let mut guard = sh.node.borrow_mut();
         let node = guard.as_mut().expect("node is up");
         let mut store = sh.store.borrow_mut();
-        // The simulated store never fails a write.
+        // On a full disk the write fails and the driver takes the turn's pushes back.
+        let full = sh.faults.borrow().disk_full;
         let _ = driver.commit(node, |changes| {
+            if full {
+                store.failed_writes += 1;
+                return Err(());
+            }
             pushed = changes.iter().any(|c| matches!(c, Change::Pushed { .. }));
             store.journal.extend_from_slice(changes);
-            Ok::<(), std::convert::Infallible>(())
+            Ok(())
         });
         while let Some(t) = node.poll_transmit() {
             let mut bytes = Vec::with_capacity(t.len());
@@ -259,11 +264,17 @@ async fn write_snapshot(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let full = sh.faults.borrow().disk_full;
     let mut store = sh.store.borrow_mut();
     if let Some(s) = store.staging.take() {
-        store.snapshot = s;
-        store.journal.drain(..mark);
-        store.snapshots += 1;
+        if full {
+            // The rename never happens: the old snapshot and its journal stay.
+            store.failed_writes += 1;
+        } else {
+            store.snapshot = s;
+            store.journal.drain(..mark);
+            store.snapshots += 1;
+        }
     }
     busy.set(false);
 }

@@ -24,6 +24,8 @@ pub struct Store {
     pub snapshots: u64,
     /// Snapshots abandoned by a crash.
     pub torn: u64,
+    /// Journal writes and snapshots that failed on a full disk.
+    pub failed_writes: u64,
 }
 
 /// Crash hooks the driver arms, and what the server reports back.
@@ -41,6 +43,8 @@ pub struct Faults {
     pub restored: Option<Vec<Pending>>,
     /// Device-side loss is switched off (the final clean phase).
     pub loss_off: bool,
+    /// The disk is full: every journal write and snapshot fails until it is cleared.
+    pub disk_full: bool,
 }
 
 /// One datagram or frame a device accepted.

@@ -57,6 +57,17 @@ fn tcp_reconnect() {
 }
 
 #[test]
+fn disk_full() {
+    let r = check(Kind::DiskFull, 7);
+    assert!(
+        r.refused > 10,
+        "too few pushes met the full disk: {}",
+        r.refused
+    );
+    assert!(r.crashes >= 2, "too few crashes: {}", r.crashes);
+}
+
+#[test]
 fn mixed() {
     check(Kind::Mixed, 6);
 }
