@@ -49,6 +49,15 @@ pub(crate) struct Response {
 }
 
 impl Response {
+    /// The status and the body as JSON, for unit tests of the handlers.
+    #[cfg(test)]
+    pub(crate) fn status_and_json(&self) -> (u16, Value) {
+        (
+            self.status,
+            serde_json::from_str(&self.body).unwrap_or(Value::Null),
+        )
+    }
+
     pub(crate) fn json(status: u16, v: Value) -> Self {
         Response {
             status,

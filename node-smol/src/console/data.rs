@@ -58,7 +58,8 @@ pub(crate) fn overview(node: &Node, now: Time, m: &Metrics, query: &str) -> Resp
             },
             "memory_bytes": node.heap_bytes(),
             "storage": {
-                "journal": if storage.journal_failing { "failing" } else { "ok" },
+                // The same words as `/status`: degraded while writes to the data directory fail.
+                "journal": if storage.journal_failing { "degraded" } else { "ok" },
                 "journal_writes": storage.journal_writes,
                 "snapshots": storage.snapshots,
                 "last_snapshot_bytes": storage.snapshot_bytes,
@@ -144,4 +145,27 @@ pub(crate) fn lookup(node: &Node, now: Time, body: &[u8]) -> Response {
         o.insert("pending_items".into(), json!(items));
     }
     Response::json(200, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ddpush_proto::Config;
+
+    fn overview_json(m: &Metrics) -> Value {
+        let node = Node::new(Config::default()).expect("default config");
+        let (status, v) = overview(&node, Time(1_000_000), m, "").status_and_json();
+        assert_eq!(status, 200);
+        v
+    }
+
+    #[test]
+    fn storage_state_follows_the_journal() {
+        let m = Metrics::default();
+        assert_eq!(overview_json(&m)["storage"]["journal"], "ok");
+        m.journal_state(true);
+        assert_eq!(overview_json(&m)["storage"]["journal"], "degraded");
+        m.journal_state(false);
+        assert_eq!(overview_json(&m)["storage"]["journal"], "ok");
+    }
 }

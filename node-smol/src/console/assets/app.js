@@ -257,14 +257,16 @@
     $("ov-p20").textContent = fmtInt(d.pending["0x20"]);
     $("ov-p50").textContent = fmtMs(d.latency.p50_ms);
     $("ov-p99").textContent = fmtMs(d.latency.p99_ms);
-    $("ov-storage").textContent = d.storage.journal === "ok" ? "OK" : "FAILING";
+    $("ov-storage").textContent = d.storage.journal === "ok" ? "OK" : "DEGRADED";
     $("ov-uptime").textContent = fmtDuration(d.uptime_s);
     $("ov-version").textContent = d.version;
     $("ov-latency").textContent =
       `p50 ${fmtMs(d.latency.p50_ms)}, p99 ${fmtMs(d.latency.p99_ms)} over ${fmtInt(d.latency.samples)} ` +
       `acks in the last ${d.latency.window_s / 60} minutes (1 s resolution)`;
     $("ov-journal").textContent =
-      (d.storage.journal === "ok" ? "writing normally" : "FAILING: accepted pushes are answered 0xFF") +
+      (d.storage.journal === "ok"
+        ? "writing normally"
+        : "DEGRADED: a write to the data directory failed; pushes are refused (0xFF / HTTP 503) until one succeeds") +
       `; ${fmtInt(d.storage.journal_writes)} writes`;
     $("ov-snapshot").textContent =
       d.storage.last_snapshot_age_s === null
