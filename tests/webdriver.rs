@@ -358,14 +358,19 @@ impl Session {
     }
 
     /// Polls `f` every 100 ms until it gives a value; panics after 10 s naming `what`.
-    pub fn wait<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    pub fn wait<T>(&self, what: &str, f: impl FnMut() -> Option<T>) -> T {
+        self.wait_for(what, Duration::from_secs(10), f)
+    }
+
+    /// [`Session::wait`] with another limit.
+    pub fn wait_for<T>(&self, what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(v) = f() {
                 return v;
             }
             if Instant::now() >= deadline {
-                panic!("waited 10 s for {what}{}", self.diagnosis());
+                panic!("waited {limit:?} for {what}{}", self.diagnosis());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
