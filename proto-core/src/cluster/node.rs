@@ -1,0 +1,1017 @@
+//! The cluster node state machine (see the module docs of [`crate::cluster`]).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::codec::{
+    DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushReply, PushRequest, Uuid,
+};
+use crate::config::{Config, ConfigError, ReplyPolicy};
+use crate::output::{Dest, Payload, Transmit};
+use crate::stream::{Decoded, StreamDecoder};
+use crate::time::Time;
+use crate::{ConnId, Port};
+
+use super::sends::Sends;
+use super::store::{Gen, OpId, StoreError, StoreOp, StoreReply, StoreResult, StoredRecord};
+use super::{NodeId, PeerMsg};
+
+/// Cluster knobs of one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's name (`--node-id`).
+    pub node: NodeId,
+    /// A store operation without a result after this long has failed (a push gets `0xFF`).
+    pub store_timeout: Duration,
+    /// How often the node drains its dirty marks (pushes whose poke it may have missed).
+    pub drain_every: Duration,
+    /// Marks fetched per drain operation.
+    pub drain_limit: usize,
+}
+
+impl ClusterConfig {
+    /// Defaults for a node called `node`.
+    pub fn new(node: NodeId) -> Self {
+        ClusterConfig {
+            node,
+            store_timeout: Duration::from_millis(500),
+            drain_every: Duration::from_secs(1),
+            drain_limit: 64,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.0.is_empty() {
+            return Err(ConfigError("the node id must not be empty".into()));
+        }
+        if self.store_timeout.is_zero() || self.drain_every.is_zero() {
+            return Err(ConfigError(
+                "store time-out and drain period must be positive".into(),
+            ));
+        }
+        if self.drain_limit == 0 {
+            return Err(ConfigError("drain_limit must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What happened, for logs, tests and the simulator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClusterEvent {
+    /// A client's first sign of life after being offline (or unknown) here.
+    Online {
+        /// The client.
+        uuid: Uuid,
+    },
+    /// The online window passed; the node dropped its copy.
+    Offline {
+        /// The client.
+        uuid: Uuid,
+    },
+    /// The store bound the client to this node.
+    Bound {
+        /// The client.
+        uuid: Uuid,
+        /// The new epoch.
+        epoch: u64,
+    },
+    /// The node learned that another node owns the client (or a newer epoch exists) and
+    /// dropped its copy.
+    Dropped {
+        /// The client.
+        uuid: Uuid,
+    },
+    /// A push got its reply.
+    PushAnswered {
+        /// The client.
+        uuid: Uuid,
+        /// Which kind.
+        kind: Kind,
+        /// The reply.
+        reply: PushReply,
+        /// Packets sent at once by this node.
+        sent: u8,
+    },
+    /// A store operation failed or timed out.
+    StoreFailed {
+        /// The operation.
+        id: OpId,
+        /// How.
+        error: StoreError,
+    },
+    /// An input was dropped.
+    Invalid {
+        /// Why.
+        reason: InvalidPacket,
+    },
+}
+
+/// Counters of one cluster node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterStats {
+    /// Heartbeats processed.
+    pub heartbeats: u64,
+    /// Store operations issued by kind [push, ack, bind, drain].
+    pub store_ops: [u64; 4],
+    /// Store operations that failed (unavailable).
+    pub store_errors: u64,
+    /// Store operations that timed out.
+    pub store_timeouts: u64,
+    /// Results that came after their time-out (ignored).
+    pub store_late: u64,
+    /// Pushes answered `0x00`, `0x01`, `0xFF`.
+    pub pushes: [u64; 3],
+    /// Pokes sent and received.
+    pub pokes: [u64; 2],
+    /// Binds completed.
+    pub binds: u64,
+    /// Dirty marks drained.
+    pub drained: u64,
+    /// Copies dropped because the store or a peer showed another owner or epoch.
+    pub dropped: u64,
+    /// Packets sent at once (push, poke, drain).
+    pub deliveries: u64,
+    /// Packets re-sent in answer to heartbeats.
+    pub resends: u64,
+    /// Acks from devices, and those the store cleared with.
+    pub acks: [u64; 2],
+    /// Acks of 0x10/0x20 that could not be attributed to one send (left pending).
+    pub acks_unattributed: u64,
+    /// Acks for clients without a copy here (ignored; the item is re-sent after a bind).
+    pub acks_uncopied: u64,
+    /// Invalid device packets.
+    pub invalid: u64,
+    /// Clients online here (gauge).
+    pub online: u64,
+    /// Copies held (gauge): clients this node serves from its cache.
+    pub owned: u64,
+}
+
+/// Where a device packet came from.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Udp(SocketAddr),
+    Tcp(ConnId),
+}
+
+/// The node's copy of a record it owns.
+#[derive(Clone, Debug)]
+struct Copy {
+    rec: StoredRecord,
+}
+
+/// The node-local part of one client.
+#[derive(Debug, Default)]
+struct Entry {
+    addr: Option<SocketAddr>,
+    sa_known: bool,
+    tcp: Option<ConnId>,
+    last_seen: Time,
+    online: bool,
+    copy: Option<Copy>,
+    /// A bind in flight, and the heartbeat to answer when it returns.
+    bind: Option<(OpId, u8, Via, bool)>,
+    /// A poke or drain that came while the bind was in flight.
+    early: Option<StoredRecord>,
+    /// Sends of [0x10, 0x20] under the current copy's epoch.
+    sends: [Sends; 2],
+}
+
+/// What a store operation in flight was for.
+#[derive(Debug)]
+enum Purpose {
+    Push {
+        conn: Option<ConnId>,
+        uuid: Uuid,
+        kind: Kind,
+    },
+    Ack {
+        uuid: Uuid,
+    },
+    Bind {
+        uuid: Uuid,
+    },
+    Drain {
+        done: Vec<(Uuid, u64)>,
+    },
+}
+
+struct PushConn {
+    port: Port,
+    decoder: Option<StreamDecoder>,
+    last_active: Time,
+    /// Replies in request order: `Err(op)` waits for the store.
+    replies: VecDeque<Result<PushReply, OpId>>,
+    attached: Vec<Uuid>,
+}
+
+/// A DDPush node in a cluster. See [`crate::cluster`] for the call order.
+pub struct ClusterNode {
+    cfg: Config,
+    cc: ClusterConfig,
+    window: Duration,
+    entries: BTreeMap<Uuid, Entry>,
+    offline_due: BinaryHeap<Reverse<(Time, Uuid)>>,
+    conns: BTreeMap<ConnId, PushConn>,
+    idle: BinaryHeap<Reverse<(Time, ConnId)>>,
+    inflight: BTreeMap<OpId, Purpose>,
+    deadlines: BinaryHeap<Reverse<(Time, OpId)>>,
+    next_op: OpId,
+    next_drain: Time,
+    drain_now: bool,
+    draining: bool,
+    done: Vec<(Uuid, u64)>,
+    ops: VecDeque<(OpId, StoreOp)>,
+    peer_out: VecDeque<(NodeId, PeerMsg)>,
+    transmits: VecDeque<Transmit>,
+    closes: VecDeque<ConnId>,
+    events: VecDeque<ClusterEvent>,
+    stats: ClusterStats,
+    now: Time,
+}
+
+fn kind_idx(k: Kind) -> Option<usize> {
+    match k {
+        Kind::Notify => Some(0),
+        Kind::Payload => Some(1),
+        Kind::Bits => None,
+    }
+}
+
+impl ClusterNode {
+    /// A node with no clients. `cfg` is the same device-side configuration as a single node.
+    pub fn new(cfg: Config, cc: ClusterConfig) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        cc.validate()?;
+        Ok(ClusterNode {
+            window: cfg.online_window(),
+            cfg,
+            cc,
+            entries: BTreeMap::new(),
+            offline_due: BinaryHeap::new(),
+            conns: BTreeMap::new(),
+            idle: BinaryHeap::new(),
+            inflight: BTreeMap::new(),
+            deadlines: BinaryHeap::new(),
+            next_op: 1,
+            next_drain: Time::ZERO,
+            drain_now: true,
+            draining: false,
+            done: Vec::new(),
+            ops: VecDeque::new(),
+            peer_out: VecDeque::new(),
+            transmits: VecDeque::new(),
+            closes: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: ClusterStats::default(),
+            now: Time::ZERO,
+        })
+    }
+
+    /// This node's name.
+    pub fn id(&self) -> &NodeId {
+        &self.cc.node
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ClusterStats {
+        &self.stats
+    }
+
+    /// Store operations in flight (an adapter applies back-pressure on pushes above a bound).
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// The copy this node serves a client from, if any: (epoch, record).
+    pub fn copy(&self, uuid: &Uuid) -> Option<&StoredRecord> {
+        self.entries
+            .get(uuid)
+            .and_then(|e| e.copy.as_ref())
+            .map(|c| &c.rec)
+    }
+
+    /// Whether the client is online here.
+    pub fn is_online(&self, uuid: &Uuid) -> bool {
+        self.entries.get(uuid).is_some_and(|e| e.online)
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Inputs
+    // ----------------------------------------------------------------------------------------
+
+    /// A datagram arrived on the device UDP port.
+    pub fn handle_udp(&mut self, now: Time, from: SocketAddr, data: &[u8]) {
+        self.advance(now);
+        match DevicePacket::decode(data) {
+            Ok(p) => self.on_device(p, Via::Udp(from)),
+            Err(e) => self.invalid(e),
+        }
+    }
+
+    /// A TCP connection was accepted on either port (always accepted; the adapter bounds
+    /// connections).
+    pub fn handle_tcp_open(&mut self, now: Time, conn: ConnId, port: Port) {
+        self.advance(now);
+        let decoder = match port {
+            Port::Device => StreamDecoder::device(),
+            Port::Push => StreamDecoder::new(self.cfg.max_content),
+        };
+        self.conns.insert(
+            conn,
+            PushConn {
+                port,
+                decoder: Some(decoder),
+                last_active: self.now,
+                replies: VecDeque::new(),
+                attached: Vec::new(),
+            },
+        );
+        self.idle
+            .push(Reverse((self.now + self.idle_timeout(port), conn)));
+    }
+
+    /// Bytes arrived on a TCP connection. Push replies leave in request order, each once its
+    /// store operation has a result.
+    pub fn handle_tcp_data(&mut self, now: Time, conn: ConnId, data: &[u8]) {
+        self.advance(now);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.last_active = self.now;
+        let port = c.port;
+        let Some(mut dec) = c.decoder.take() else {
+            return;
+        };
+        let mut input = data;
+        let mut failed = false;
+        loop {
+            match dec.decode(&mut input) {
+                Ok(Decoded::NeedMore) => break,
+                Ok(Decoded::Frame(f)) => match port {
+                    Port::Device => match DevicePacket::from_parts(&f.header, f.content) {
+                        Ok(p) => self.on_device(p, Via::Tcp(conn)),
+                        Err(e) => self.invalid(e),
+                    },
+                    Port::Push => {
+                        let slot = match PushRequest::from_parts(&f.header, f.content) {
+                            Ok(req) => Err(self.push(Some(conn), req)),
+                            Err(_) => {
+                                self.stats.pushes[1] += 1;
+                                Ok(PushReply::Rejected)
+                            }
+                        };
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            c.replies.push_back(slot);
+                        }
+                        self.flush_replies(conn);
+                    }
+                },
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            self.drop_conn(conn);
+            self.closes.push_back(conn);
+        } else if let Some(c) = self.conns.get_mut(&conn) {
+            c.decoder = Some(dec);
+        }
+    }
+
+    /// A connection closed.
+    pub fn handle_tcp_close(&mut self, now: Time, conn: ConnId) {
+        self.advance(now);
+        self.drop_conn(conn);
+    }
+
+    /// The result of store operation `id` (late results, after the time-out, are ignored).
+    pub fn handle_store(&mut self, now: Time, id: OpId, result: StoreResult) {
+        self.advance(now);
+        let Some(p) = self.inflight.remove(&id) else {
+            self.stats.store_late += 1;
+            return;
+        };
+        self.on_result(id, p, result);
+    }
+
+    /// A message from another node.
+    pub fn handle_peer(&mut self, now: Time, msg: PeerMsg) {
+        self.advance(now);
+        match msg {
+            PeerMsg::Poke { uuid, record } => {
+                self.stats.pokes[1] += 1;
+                if self.learn(uuid, record.clone()) {
+                    self.done.push((uuid, record.ver));
+                }
+            }
+        }
+    }
+
+    /// A node-to-node link broke: pokes may have been lost, so drain at once.
+    pub fn handle_peer_lost(&mut self, now: Time) {
+        self.advance(now);
+        self.drain_now = true;
+        self.maybe_drain();
+    }
+
+    /// Time passed: offline detection, store time-outs, drains, idle connections.
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.advance(now);
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Outputs
+    // ----------------------------------------------------------------------------------------
+
+    /// The next store operation to send, with its id.
+    #[must_use]
+    pub fn poll_store(&mut self) -> Option<(OpId, StoreOp)> {
+        self.ops.pop_front()
+    }
+
+    /// The next message for another node.
+    #[must_use]
+    pub fn poll_peer(&mut self) -> Option<(NodeId, PeerMsg)> {
+        self.peer_out.pop_front()
+    }
+
+    /// The next packet or reply to send, in order.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// A connection to close after flushing.
+    #[must_use]
+    pub fn poll_close(&mut self) -> Option<ConnId> {
+        self.closes.pop_front()
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ClusterEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`ClusterNode::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let off = self.offline_due.peek().map(|Reverse((t, _))| *t);
+        let op = self.deadlines.peek().map(|Reverse((t, _))| *t);
+        let idle = self.idle.peek().map(|Reverse((t, _))| *t);
+        let drain = (!self.draining).then_some(self.next_drain);
+        [off, op, idle, drain].into_iter().flatten().min()
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Device side
+    // ----------------------------------------------------------------------------------------
+
+    fn on_device(&mut self, p: DevicePacket, via: Via) {
+        match p.msg {
+            DeviceMsg::Heartbeat => self.heartbeat(p.app_id, p.uuid, via),
+            DeviceMsg::AckNotify => self.ack(p.uuid, Kind::Notify, 0),
+            DeviceMsg::AckBits(m) => self.ack(p.uuid, Kind::Bits, m),
+            DeviceMsg::AckPayload => self.ack(p.uuid, Kind::Payload, 0),
+        }
+    }
+
+    /// Marks the client alive; the first sign of life of an online period schedules one
+    /// offline check (later heartbeats cost nothing: the check re-reads `last_seen`).
+    fn touch(&mut self, uuid: Uuid) {
+        let now = self.now;
+        let e = self.entries.entry(uuid).or_default();
+        e.last_seen = e.last_seen.max(now);
+        if !e.online {
+            e.online = true;
+            self.stats.online += 1;
+            self.events.push_back(ClusterEvent::Online { uuid });
+            self.offline_due.push(Reverse((
+                now + self.window + Duration::from_millis(1),
+                uuid,
+            )));
+        }
+    }
+
+    fn heartbeat(&mut self, app_id: u8, uuid: Uuid, via: Via) {
+        self.stats.heartbeats += 1;
+        self.touch(uuid);
+        let Some(e) = self.entries.get_mut(&uuid) else {
+            return;
+        };
+        let changed = match via {
+            Via::Udp(a) => {
+                let changed = !e.sa_known || e.addr != Some(a);
+                e.addr = Some(a);
+                e.sa_known = true;
+                changed
+            }
+            Via::Tcp(c) => {
+                e.tcp = Some(c);
+                false
+            }
+        };
+        if let Via::Tcp(c) = via {
+            if let Some(conn) = self.conns.get_mut(&c) {
+                if !conn.attached.contains(&uuid) {
+                    conn.attached.push(uuid);
+                }
+            }
+        }
+        let Some(e) = self.entries.get_mut(&uuid) else {
+            return;
+        };
+        if e.copy.is_some() {
+            self.answer(uuid, app_id, via, changed);
+            return;
+        }
+        if let Some(b) = e.bind.as_mut() {
+            // A bind is in flight: answer this (newest) heartbeat when it returns.
+            b.1 = app_id;
+            b.2 = via;
+            b.3 |= changed;
+            return;
+        }
+        let id = self.issue(
+            StoreOp::Bind {
+                uuid,
+                node: self.cc.node.clone(),
+                at: self.now,
+            },
+            Purpose::Bind { uuid },
+        );
+        if let Some(e) = self.entries.get_mut(&uuid) {
+            e.bind = Some((id, app_id, via, changed));
+        }
+    }
+
+    /// Sends every pending item of the copy, as after any heartbeat (PROTOCOL.md 4.4).
+    fn answer(&mut self, uuid: Uuid, app_id: u8, via: Via, changed: bool) {
+        let now = self.now;
+        let Some(e) = self.entries.get_mut(&uuid) else {
+            return;
+        };
+        let Some(c) = e.copy.as_ref() else {
+            return;
+        };
+        let mut out: Vec<(DownMsg, Option<(usize, Gen)>)> = Vec::new();
+        if let Some(g) = c.rec.notify {
+            out.push((DownMsg::Notify, Some((0, g))));
+        }
+        if c.rec.bits != 0 {
+            out.push((DownMsg::Bits(c.rec.bits), None));
+        }
+        if let Some((g, p)) = &c.rec.payload {
+            out.push((DownMsg::Payload(p.clone()), Some((1, *g))));
+        }
+        if out.is_empty() {
+            let reply = match (self.cfg.reply_policy, via) {
+                (_, Via::Tcp(_)) | (ReplyPolicy::Never, _) => false,
+                (ReplyPolicy::Always, _) => true,
+                (ReplyPolicy::SaChanged, _) => changed,
+            };
+            if reply {
+                self.transmits.push_back(Transmit {
+                    dest: dest(via),
+                    payload: Payload::Down(DownPacket {
+                        app_id,
+                        msg: DownMsg::HeartbeatReply,
+                    }),
+                });
+            }
+            return;
+        }
+        for (msg, send) in out {
+            if let Some((k, g)) = send {
+                e.sends[k].on_send(g, now);
+            }
+            self.stats.resends += 1;
+            self.transmits.push_back(Transmit {
+                dest: dest(via),
+                payload: Payload::Down(DownPacket { app_id, msg }),
+            });
+        }
+    }
+
+    fn ack(&mut self, uuid: Uuid, kind: Kind, bits: u64) {
+        let now = self.now;
+        let horizon = self.cfg.ack_horizon;
+        self.stats.acks[0] += 1;
+        let Some(e) = self.entries.get_mut(&uuid) else {
+            self.stats.acks_uncopied += 1;
+            return;
+        };
+        if e.copy.is_none() {
+            self.stats.acks_uncopied += 1;
+            return;
+        }
+        // An ack is a sign of life (the SDK counts its interval from its last packet).
+        self.touch(uuid);
+        let Some(e) = self.entries.get_mut(&uuid) else {
+            return;
+        };
+        let Some(c) = e.copy.as_ref() else {
+            return;
+        };
+        let epoch = c.rec.epoch;
+        let (gen, pending) = match kind_idx(kind) {
+            Some(k) => {
+                let Some(g) = e.sends[k].on_ack(now, horizon) else {
+                    self.stats.acks_unattributed += 1;
+                    return;
+                };
+                let pending = match kind {
+                    Kind::Notify => c.rec.notify,
+                    _ => c.rec.payload.as_ref().map(|p| p.0),
+                };
+                (g, pending == Some(g))
+            }
+            None => (0, c.rec.bits & bits != 0),
+        };
+        if !pending {
+            // The attributed send is no longer the pending item: nothing to clear.
+            return;
+        }
+        self.issue(
+            StoreOp::Ack {
+                uuid,
+                node: self.cc.node.clone(),
+                epoch,
+                kind,
+                gen,
+                bits,
+                at: now,
+            },
+            Purpose::Ack { uuid },
+        );
+    }
+
+    fn push(&mut self, conn: Option<ConnId>, req: PushRequest) -> OpId {
+        let kind = req.msg.kind();
+        self.issue(
+            StoreOp::Push {
+                uuid: req.uuid,
+                msg: req.msg,
+                at: self.now,
+            },
+            Purpose::Push {
+                conn,
+                uuid: req.uuid,
+                kind,
+            },
+        )
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Store results
+    // ----------------------------------------------------------------------------------------
+
+    fn issue(&mut self, op: StoreOp, purpose: Purpose) -> OpId {
+        let id = self.next_op;
+        self.next_op += 1;
+        let k = match op {
+            StoreOp::Push { .. } => 0,
+            StoreOp::Ack { .. } => 1,
+            StoreOp::Bind { .. } => 2,
+            StoreOp::Drain { .. } => 3,
+        };
+        self.stats.store_ops[k] += 1;
+        self.ops.push_back((id, op));
+        self.inflight.insert(id, purpose);
+        self.deadlines
+            .push(Reverse((self.now + self.cc.store_timeout, id)));
+        id
+    }
+
+    fn on_result(&mut self, id: OpId, p: Purpose, result: StoreResult) {
+        if let Err(error) = &result {
+            match error {
+                StoreError::Timeout => self.stats.store_timeouts += 1,
+                StoreError::Unavailable => self.stats.store_errors += 1,
+            }
+            self.events
+                .push_back(ClusterEvent::StoreFailed { id, error: *error });
+        }
+        match p {
+            Purpose::Push { conn, uuid, kind } => {
+                let (reply, sent) = match result {
+                    Ok(StoreReply::Pushed(rec)) => {
+                        self.stats.pushes[0] += 1;
+                        let sent = self.pushed(uuid, rec);
+                        (PushReply::Accepted, sent)
+                    }
+                    _ => {
+                        self.stats.pushes[2] += 1;
+                        (PushReply::Failed, 0)
+                    }
+                };
+                self.events.push_back(ClusterEvent::PushAnswered {
+                    uuid,
+                    kind,
+                    reply,
+                    sent,
+                });
+                if let Some(conn) = conn {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        if let Some(s) = c.replies.iter_mut().find(|s| **s == Err(id)) {
+                            *s = Ok(reply);
+                        }
+                    }
+                    self.flush_replies(conn);
+                }
+            }
+            Purpose::Ack { uuid } => match result {
+                Ok(StoreReply::Acked { record, cleared }) => {
+                    if cleared {
+                        self.stats.acks[1] += 1;
+                    }
+                    self.learn(uuid, record);
+                }
+                Ok(StoreReply::Stale(_)) => self.drop_copy(uuid),
+                // Not stored: the item stays pending and is re-sent at the next heartbeat.
+                _ => {}
+            },
+            Purpose::Bind { uuid } => {
+                let Some(e) = self.entries.get_mut(&uuid) else {
+                    return;
+                };
+                let Some((_, app_id, via, changed)) = e.bind.take() else {
+                    return;
+                };
+                let early = e.early.take();
+                let Ok(StoreReply::Bound(rec)) = result else {
+                    // No items known: the next heartbeat binds again.
+                    return;
+                };
+                let epoch = rec.epoch;
+                let fresh = e.copy.is_none();
+                e.sends.iter_mut().for_each(Sends::clear);
+                e.copy = Some(Copy { rec });
+                let online = e.online;
+                self.stats.binds += 1;
+                if fresh {
+                    self.stats.owned += 1;
+                }
+                self.events.push_back(ClusterEvent::Bound { uuid, epoch });
+                if let Some(r) = early {
+                    let ver = r.ver;
+                    if self.learn(uuid, r) {
+                        self.done.push((uuid, ver));
+                    }
+                }
+                if online {
+                    self.answer(uuid, app_id, via, changed);
+                }
+            }
+            Purpose::Drain { done } => {
+                self.draining = false;
+                match result {
+                    Ok(StoreReply::Drained { marks, more }) => {
+                        for m in marks {
+                            self.stats.drained += 1;
+                            self.learn(m.uuid, m.record);
+                            self.done.push((m.uuid, m.ver));
+                        }
+                        self.drain_now |= more;
+                    }
+                    _ => {
+                        // Those marks may still be set: tell the store again next time.
+                        let mut d = done;
+                        d.append(&mut self.done);
+                        self.done = d;
+                    }
+                }
+                self.maybe_drain();
+            }
+        }
+    }
+
+    /// A push is stored: update our copy and send, or poke the owner.
+    fn pushed(&mut self, uuid: Uuid, rec: StoredRecord) -> u8 {
+        match &rec.owner {
+            Some(o) if *o == self.cc.node => {
+                let before = self.stats.deliveries;
+                self.learn(uuid, rec);
+                (self.stats.deliveries - before) as u8
+            }
+            Some(o) => {
+                self.stats.pokes[0] += 1;
+                self.peer_out
+                    .push_back((o.clone(), PeerMsg::Poke { uuid, record: rec }));
+                0
+            }
+            None => 0,
+        }
+    }
+
+    /// Merges a record seen in a store reply, poke or drain into our copy, sending what is new
+    /// to an online device. Returns true when the record needs nothing more from us (merged,
+    /// or not ours to hold), so a dirty mark at its version may be removed.
+    fn learn(&mut self, uuid: Uuid, rec: StoredRecord) -> bool {
+        let mine = rec.owner.as_ref() == Some(&self.cc.node);
+        let Some(e) = self.entries.get_mut(&uuid) else {
+            return true;
+        };
+        if e.bind.is_some() {
+            if mine && e.early.as_ref().is_none_or(|x| x.ver < rec.ver) {
+                e.early = Some(rec);
+            }
+            return false;
+        }
+        let Some(c) = e.copy.as_mut() else {
+            return true;
+        };
+        if !mine || rec.epoch > c.rec.epoch {
+            self.drop_copy(uuid);
+            return true;
+        }
+        if rec.epoch < c.rec.epoch || rec.ver <= c.rec.ver {
+            return true;
+        }
+        let old = std::mem::replace(&mut c.rec, rec);
+        let new = &c.rec;
+        let mut out: Vec<(DownMsg, Option<(usize, Gen)>)> = Vec::new();
+        if let Some(g) = new.notify.filter(|g| old.notify != Some(*g)) {
+            out.push((DownMsg::Notify, Some((0, g))));
+        }
+        if new.bits & !old.bits != 0 {
+            out.push((DownMsg::Bits(new.bits), None));
+        }
+        if let Some((g, p)) = new
+            .payload
+            .as_ref()
+            .filter(|p| old.payload.as_ref() != Some(*p))
+        {
+            out.push((DownMsg::Payload(p.clone()), Some((1, *g))));
+        }
+        let dests: Vec<Dest> = [
+            e.online.then_some(e.addr).flatten().map(Dest::Udp),
+            e.tcp.map(Dest::Tcp),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for (msg, send) in out {
+            for d in &dests {
+                if let Some((k, g)) = send {
+                    e.sends[k].on_send(g, self.now);
+                }
+                self.stats.deliveries += 1;
+                self.transmits.push_back(Transmit {
+                    dest: *d,
+                    payload: Payload::Down(DownPacket {
+                        app_id: 0,
+                        msg: msg.clone(),
+                    }),
+                });
+            }
+        }
+        true
+    }
+
+    fn drop_copy(&mut self, uuid: Uuid) {
+        if let Some(e) = self.entries.get_mut(&uuid) {
+            if e.copy.take().is_some() {
+                self.stats.owned -= 1;
+                self.stats.dropped += 1;
+                e.sends.iter_mut().for_each(Sends::clear);
+                self.events.push_back(ClusterEvent::Dropped { uuid });
+            }
+        }
+    }
+
+    fn maybe_drain(&mut self) {
+        if self.draining || !(self.drain_now || self.now >= self.next_drain) {
+            return;
+        }
+        self.drain_now = false;
+        self.draining = true;
+        self.next_drain = self.now + self.cc.drain_every;
+        let done = std::mem::take(&mut self.done);
+        self.issue(
+            StoreOp::Drain {
+                node: self.cc.node.clone(),
+                done: done.clone(),
+                limit: self.cc.drain_limit,
+            },
+            Purpose::Drain { done },
+        );
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Connections, time
+    // ----------------------------------------------------------------------------------------
+
+    fn flush_replies(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        while let Some(Ok(r)) = c.replies.front() {
+            self.transmits.push_back(Transmit {
+                dest: Dest::Tcp(conn),
+                payload: Payload::Reply(*r),
+            });
+            c.replies.pop_front();
+        }
+    }
+
+    fn drop_conn(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        for u in c.attached {
+            if let Some(e) = self.entries.get_mut(&u) {
+                if e.tcp == Some(conn) {
+                    e.tcp = None;
+                }
+            }
+        }
+    }
+
+    fn idle_timeout(&self, port: Port) -> Duration {
+        match port {
+            Port::Device => self.cfg.device_tcp_idle,
+            Port::Push => self.cfg.push_tcp_idle,
+        }
+    }
+
+    fn invalid(&mut self, reason: InvalidPacket) {
+        self.stats.invalid += 1;
+        self.events.push_back(ClusterEvent::Invalid { reason });
+    }
+
+    fn advance(&mut self, now: Time) {
+        self.now = self.now.max(now);
+        let now = self.now;
+        while let Some(Reverse((t, uuid))) = self.offline_due.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.offline_due.pop();
+            let Some(e) = self.entries.get_mut(&uuid) else {
+                continue;
+            };
+            if !e.online {
+                continue;
+            }
+            let due = e.last_seen + self.window + Duration::from_millis(1);
+            if due > now {
+                self.offline_due.push(Reverse((due, uuid)));
+                continue;
+            }
+            // Offline here: the device may bind elsewhere now, so our copy can go stale. Drop
+            // it; the store keeps the items and the next heartbeat binds again.
+            e.online = false;
+            self.stats.online -= 1;
+            if e.copy.take().is_some() {
+                self.stats.owned -= 1;
+            }
+            e.sends.iter_mut().for_each(Sends::clear);
+            self.events.push_back(ClusterEvent::Offline { uuid });
+            if e.bind.is_none() && e.tcp.is_none() {
+                self.entries.remove(&uuid);
+            }
+        }
+        while let Some(Reverse((t, id))) = self.deadlines.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop();
+            if let Some(p) = self.inflight.remove(&id) {
+                self.on_result(id, p, Err(StoreError::Timeout));
+            }
+        }
+        while let Some(Reverse((t, conn))) = self.idle.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.idle.pop();
+            let Some(c) = self.conns.get(&conn) else {
+                continue;
+            };
+            let deadline = c.last_active + self.idle_timeout(c.port);
+            if deadline <= now {
+                self.drop_conn(conn);
+                self.closes.push_back(conn);
+            } else {
+                self.idle.push(Reverse((deadline, conn)));
+            }
+        }
+        self.maybe_drain();
+    }
+}
+
+fn dest(via: Via) -> Dest {
+    match via {
+        Via::Udp(a) => Dest::Udp(a),
+        Via::Tcp(c) => Dest::Tcp(c),
+    }
+}

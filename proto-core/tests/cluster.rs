@@ -1,0 +1,355 @@
+//! Cluster node against the reference store, with hand-moved messages: the rules of
+//! docs/CLUSTER.md one at a time. The simulator (sim/src/cluster) covers faults at scale.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ddpush_proto::cluster::{
+    ClusterConfig, ClusterNode, MemStore, NodeId, OpId, StoreError, StoreOp,
+};
+use ddpush_proto::{
+    Config, Dest, DeviceMsg, DevicePacket, Payload, Port, PushMsg, PushRequest, Time, Uuid,
+};
+
+struct Cluster {
+    store: MemStore,
+    nodes: Vec<ClusterNode>,
+    now: Time,
+    /// Store down: every op fails.
+    store_down: bool,
+    /// Pokes are dropped.
+    drop_pokes: bool,
+    /// Ops held back (not answered yet), per node.
+    held: Vec<(usize, OpId, StoreOp)>,
+    hold: bool,
+    /// Datagrams to devices: (node, addr, bytes).
+    udp: Vec<(usize, SocketAddr, Vec<u8>)>,
+    /// Push replies: (node, conn, byte).
+    replies: Vec<(usize, u64, u8)>,
+}
+
+const UUID: Uuid = Uuid([
+    0x2e, 0x72, 0x36, 0x19, 0x24, 0xef, 0x37, 0xa6, 0x16, 0x6e, 0x0b, 0x22, 0x8d, 0x1c, 0xbb, 0xb0,
+]);
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 1], port))
+}
+
+impl Cluster {
+    fn new(n: usize) -> Self {
+        let nodes = (0..n)
+            .map(|i| {
+                let id = NodeId(format!("n{i}"));
+                let mut node =
+                    ClusterNode::new(Config::default(), ClusterConfig::new(id)).expect("config");
+                node.handle_tcp_open(Time::from_secs(1000), 1, Port::Push);
+                node
+            })
+            .collect();
+        Cluster {
+            store: MemStore::new(),
+            nodes,
+            now: Time::from_secs(1000),
+            store_down: false,
+            drop_pokes: false,
+            held: Vec::new(),
+            hold: false,
+            udp: Vec::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    fn idx(&self, id: &NodeId) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.id() == id)
+            .expect("known node")
+    }
+
+    /// Moves every output until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                while let Some((id, op)) = self.nodes[i].poll_store() {
+                    moved = true;
+                    if self.hold {
+                        self.held.push((i, id, op));
+                        continue;
+                    }
+                    let r = if self.store_down {
+                        Err(StoreError::Unavailable)
+                    } else {
+                        Ok(self.store.apply(&op))
+                    };
+                    self.nodes[i].handle_store(self.now, id, r);
+                }
+                while let Some((to, msg)) = self.nodes[i].poll_peer() {
+                    moved = true;
+                    if !self.drop_pokes {
+                        let j = self.idx(&to);
+                        self.nodes[j].handle_peer(self.now, msg);
+                    }
+                }
+                while let Some(t) = self.nodes[i].poll_transmit() {
+                    moved = true;
+                    let mut b = Vec::new();
+                    t.encode(&mut b);
+                    match (t.dest, t.payload) {
+                        (Dest::Udp(a), _) => self.udp.push((i, a, b)),
+                        (Dest::Tcp(c), Payload::Reply(r)) => self.replies.push((i, c, r.byte())),
+                        (Dest::Tcp(_), _) => {}
+                    }
+                }
+                while self.nodes[i].poll_event().is_some() {}
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        for (i, id, op) in std::mem::take(&mut self.held) {
+            let r = self.store.apply(&op);
+            self.nodes[i].handle_store(self.now, id, Ok(r));
+        }
+        self.settle();
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now = self.now + d;
+        for n in &mut self.nodes {
+            n.handle_timeout(self.now);
+        }
+        self.settle();
+    }
+
+    fn device(&mut self, node: usize, port: u16, msg: DeviceMsg) {
+        let p = DevicePacket {
+            app_id: 1,
+            uuid: UUID,
+            msg,
+        };
+        let mut b = Vec::new();
+        p.encode(&mut b);
+        self.nodes[node].handle_udp(self.now, addr(port), &b);
+        self.settle();
+    }
+
+    fn push(&mut self, node: usize, msg: PushMsg) -> u8 {
+        let req = PushRequest {
+            app_id: 1,
+            uuid: UUID,
+            msg,
+        }
+        .to_vec();
+        let before = self.replies.len();
+        self.nodes[node].handle_tcp_data(self.now, 1, &req);
+        self.settle();
+        self.replies.get(before).map_or(0xEE, |r| r.2)
+    }
+
+    fn take_udp(&mut self) -> Vec<(usize, String)> {
+        std::mem::take(&mut self.udp)
+            .into_iter()
+            .map(|(n, _, b)| (n, hex::encode(b)))
+            .collect()
+    }
+
+    fn store_ops(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| n.stats().store_ops.iter().sum::<u64>())
+            .sum()
+    }
+}
+
+#[test]
+fn push_at_any_node_is_delivered_by_the_owner_with_the_golden_bytes() {
+    let mut c = Cluster::new(3);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.nodes[0].stats().binds, 1);
+    assert_eq!(c.push(1, PushMsg::Notify), 0x00);
+    assert_eq!(c.push(2, PushMsg::Bits(5)), 0x00);
+    assert_eq!(
+        c.push(1, PushMsg::Payload(Bytes::from_static(b"hello"))),
+        0x00
+    );
+    assert_eq!(
+        c.take_udp(),
+        vec![
+            (0, "0100100000".to_string()),
+            (0, "01001100080000000000000005".to_string()),
+            (0, "010020000568656c6c6f".to_string()),
+        ]
+    );
+    assert_eq!(c.nodes[1].stats().pokes[0], 2);
+    assert_eq!(c.nodes[0].stats().pokes[1], 3);
+}
+
+#[test]
+fn steady_heartbeats_never_touch_the_store() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    c.advance(Duration::from_secs(2));
+    let before = c.store_ops();
+    let drains_before: u64 = c.nodes.iter().map(|n| n.stats().store_ops[3]).sum();
+    for _ in 0..20 {
+        c.advance(Duration::from_secs(50));
+        c.device(0, 4000, DeviceMsg::Heartbeat);
+    }
+    let drains: u64 = c.nodes.iter().map(|n| n.stats().store_ops[3]).sum::<u64>() - drains_before;
+    assert_eq!(
+        c.store_ops() - before,
+        drains,
+        "only periodic drains, no per-heartbeat op"
+    );
+    assert_eq!(c.nodes[0].stats().binds, 1);
+}
+
+#[test]
+fn heartbeat_of_a_device_that_was_offline_binds_again() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    c.advance(Duration::from_secs(61));
+    assert!(c.nodes[0].copy(&UUID).is_none(), "offline drops the copy");
+    c.device(1, 4001, DeviceMsg::Heartbeat);
+    assert_eq!(c.store.get(&UUID).map(|r| r.epoch), Some(2));
+}
+
+#[test]
+fn store_down_push_gets_ff_and_heartbeats_get_cached_items() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.push(1, PushMsg::Bits(2)), 0x00);
+    c.take_udp();
+    c.store_down = true;
+    assert_eq!(c.push(0, PushMsg::Notify), 0xFF);
+    c.advance(Duration::from_secs(50));
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(
+        c.take_udp(),
+        vec![(0, "01011100080000000000000002".to_string())]
+    );
+    // The ack cannot be stored: the bits stay pending and come again.
+    c.device(0, 4000, DeviceMsg::AckBits(2));
+    c.advance(Duration::from_secs(50));
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.take_udp().len(), 1, "re-delivered, never lost");
+    c.store_down = false;
+    c.device(0, 4000, DeviceMsg::AckBits(2));
+    assert_eq!(c.store.get(&UUID).map(|r| r.bits), Some(0));
+}
+
+#[test]
+fn store_timeout_answers_ff() {
+    let mut c = Cluster::new(1);
+    c.hold = true;
+    let before = c.replies.len();
+    let req = PushRequest {
+        app_id: 1,
+        uuid: UUID,
+        msg: PushMsg::Notify,
+    }
+    .to_vec();
+    c.nodes[0].handle_tcp_data(c.now, 1, &req);
+    c.settle();
+    assert_eq!(c.replies.len(), before, "no reply before the store answers");
+    c.advance(Duration::from_secs(1));
+    assert_eq!(c.replies.last().map(|r| r.2), Some(0xFF));
+    c.release(); // the late result is ignored
+    assert_eq!(c.replies.len(), before + 1);
+    // The push and the periodic drain held with it both came late.
+    assert_eq!(c.nodes[0].stats().store_late, 2);
+}
+
+#[test]
+fn pipelined_replies_keep_request_order() {
+    let mut c = Cluster::new(1);
+    c.hold = true;
+    let mut bytes = PushRequest {
+        app_id: 1,
+        uuid: UUID,
+        msg: PushMsg::Notify,
+    }
+    .to_vec();
+    bytes.extend_from_slice(
+        &hex::decode("0101302e72361924ef37a6166e0b228d1cbbb00000").expect("hex"),
+    );
+    c.nodes[0].handle_tcp_data(c.now, 1, &bytes);
+    c.settle();
+    assert!(
+        c.replies.is_empty(),
+        "the 0x01 waits behind the pending 0x00"
+    );
+    c.release();
+    let got: Vec<u8> = c.replies.iter().map(|r| r.2).collect();
+    assert_eq!(got, vec![0x00, 0x01]);
+}
+
+#[test]
+fn old_ack_crossing_a_newer_push_at_another_node_does_not_clear_it() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    c.push(0, PushMsg::Payload(Bytes::from_static(b"old")));
+    c.take_udp();
+    // The newer push is stored at node 1, its poke is lost; the device acks "old".
+    c.drop_pokes = true;
+    c.push(1, PushMsg::Payload(Bytes::from_static(b"new")));
+    c.device(0, 4000, DeviceMsg::AckPayload);
+    let rec = c.store.get(&UUID).cloned().expect("record");
+    assert_eq!(
+        rec.payload.map(|p| p.1),
+        Some(Bytes::from_static(b"new")),
+        "the ack of the older send must not clear the newer payload"
+    );
+    // The ack's store reply carried the newer record: it goes out at once.
+    assert_eq!(c.take_udp(), vec![(0, "01002000036e6577".to_string())]);
+    c.device(0, 4000, DeviceMsg::AckPayload);
+    assert!(c.store.get(&UUID).is_some_and(|r| r.payload.is_none()));
+}
+
+#[test]
+fn a_lost_poke_is_found_by_the_drain() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    c.drop_pokes = true;
+    c.push(1, PushMsg::Notify);
+    assert!(c.take_udp().is_empty());
+    c.advance(Duration::from_millis(1100));
+    assert_eq!(c.take_udp(), vec![(0, "0100100000".to_string())]);
+    assert!(c.nodes[0].stats().drained >= 1);
+    // The mark is removed once handled.
+    c.advance(Duration::from_millis(1100));
+    assert_eq!(c.store.dirty_count(&NodeId::from("n0")), 0);
+}
+
+#[test]
+fn a_stale_owner_never_clears_and_drops_its_copy() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    c.push(0, PushMsg::Notify);
+    c.take_udp();
+    // The device moves to node 1 (node 0 still thinks it owns it).
+    c.nodes[1].handle_timeout(c.now);
+    let p = DevicePacket {
+        app_id: 1,
+        uuid: UUID,
+        msg: DeviceMsg::Heartbeat,
+    };
+    let mut b = Vec::new();
+    p.encode(&mut b);
+    c.hold = true;
+    c.nodes[1].handle_udp(c.now, addr(5000), &b);
+    c.settle();
+    c.hold = false;
+    c.release();
+    assert_eq!(c.store.get(&UUID).map(|r| r.epoch), Some(2));
+    // An ack reaching node 0 now cannot clear: node 0 is stale.
+    c.device(0, 4000, DeviceMsg::AckNotify);
+    assert!(c.store.get(&UUID).is_some_and(|r| r.notify.is_some()));
+    assert!(c.nodes[0].copy(&UUID).is_none(), "stale copy dropped");
+}
