@@ -85,6 +85,17 @@ pub enum ClusterEvent {
         /// The client.
         uuid: Uuid,
     },
+    /// A 0x10 or 0x20 went out under an epoch (what an ack may later be attributed to).
+    Sent {
+        /// The client.
+        uuid: Uuid,
+        /// 0x10 or 0x20.
+        kind: Kind,
+        /// Its generation.
+        gen: Gen,
+        /// The epoch of the copy it was sent from.
+        epoch: u64,
+    },
     /// A push got its reply.
     PushAnswered {
         /// The client.
@@ -589,9 +600,16 @@ impl ClusterNode {
             }
             return;
         }
+        let epoch = c.rec.epoch;
         for (msg, send) in out {
-            if let Some((k, g)) = send {
-                e.sends[k].on_send(g, now);
+            if let Some((k, gen)) = send {
+                e.sends[k].on_send(gen, now);
+                self.events.push_back(ClusterEvent::Sent {
+                    uuid,
+                    kind: if k == 0 { Kind::Notify } else { Kind::Payload },
+                    gen,
+                    epoch,
+                });
             }
             self.stats.resends += 1;
             self.transmits.push_back(Transmit {
@@ -861,8 +879,14 @@ impl ClusterNode {
         .collect();
         for (msg, send) in out {
             for d in &dests {
-                if let Some((k, g)) = send {
-                    e.sends[k].on_send(g, self.now);
+                if let Some((k, gen)) = send {
+                    e.sends[k].on_send(gen, self.now);
+                    self.events.push_back(ClusterEvent::Sent {
+                        uuid,
+                        kind: if k == 0 { Kind::Notify } else { Kind::Payload },
+                        gen,
+                        epoch: c.rec.epoch,
+                    });
                 }
                 self.stats.deliveries += 1;
                 self.transmits.push_back(Transmit {

@@ -1,0 +1,222 @@
+//! A ddpushd host in cluster mode: the real [`ClusterNode`] behind a thin turmoil adapter.
+//!
+//! It only moves bytes and time in the core's turn order: read sockets (device UDP 9966, push
+//! TCP 9999, store replies, peer pokes), call `handle_*`, then drain `poll_store` to the store
+//! host, `poll_peer` to the other nodes, `poll_transmit`, `poll_close`, `poll_event`, and
+//! sleep until the next input or `poll_timeout`. No protocol rule lives here.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::Duration;
+
+use ddpush_proto::cluster::{
+    ClusterConfig, ClusterNode, NodeId, OpId, PeerMsg, StoreOp, StoreResult,
+};
+use ddpush_proto::{Config, ConnId, Dest, Port, Time};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use turmoil::net::tcp::OwnedWriteHalf;
+use turmoil::net::{TcpListener, UdpSocket};
+
+use super::store::{decode, encode, STORE_PORT};
+use super::world::{node_name, Logged, NodeCounts, World};
+use crate::server::{DEVICE_PORT, PUSH_PORT};
+use crate::world::now_ms;
+
+/// Node-to-node port.
+pub const PEER_PORT: u16 = 7100;
+/// The port a node talks to the store from.
+const STORE_CLIENT_PORT: u16 = 7200;
+
+enum Input {
+    Data(ConnId, Vec<u8>),
+    Closed(ConnId),
+}
+
+fn now() -> Time {
+    Time::from_millis(now_ms())
+}
+
+/// Node `idx`'s software; turmoil calls it again on every restart (with empty state: in
+/// cluster mode everything durable is in the store).
+pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> turmoil::Result {
+    {
+        // A new incarnation: fold the counters of the previous one.
+        let mut live = w.live.borrow_mut();
+        let mut past = w.past.borrow_mut();
+        let l = std::mem::take(&mut live[idx]);
+        for k in 0..4 {
+            past[idx].store_ops[k] += l.store_ops[k];
+        }
+        past[idx].heartbeats += l.heartbeats;
+        past[idx].pokes[0] += l.pokes[0];
+        past[idx].pokes[1] += l.pokes[1];
+        past[idx].store_failures += l.store_failures;
+        past[idx].unattributed += l.unattributed;
+    }
+    let any = Ipv4Addr::UNSPECIFIED;
+    let udp = UdpSocket::bind((any, DEVICE_PORT)).await?;
+    let push_l = TcpListener::bind((any, PUSH_PORT)).await?;
+    let peer = UdpSocket::bind((any, PEER_PORT)).await?;
+    let store = UdpSocket::bind((any, STORE_CLIENT_PORT)).await?;
+    let store_addr: SocketAddr = (turmoil::lookup("store"), STORE_PORT).into();
+    let mut node = ClusterNode::new(cfg, cc).expect("valid config");
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
+    let mut writers: BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)> =
+        BTreeMap::new();
+    let mut next_conn: ConnId = 1;
+    let mut sbuf = vec![0u8; 1 << 16];
+    let mut pbuf = vec![0u8; 1 << 16];
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let wait = node.poll_timeout().map_or(Duration::from_secs(3600), |d| {
+            Duration::from_millis(d.as_millis().saturating_sub(now_ms()).max(1))
+        });
+        tokio::select! {
+            biased;
+            r = store.recv_from(&mut sbuf) => {
+                if let Ok((n, _)) = r {
+                    if let Some((id, res)) = decode::<(OpId, StoreResult)>(&sbuf[..n]) {
+                        node.handle_store(now(), id, res);
+                    }
+                }
+            }
+            r = peer.recv_from(&mut pbuf) => {
+                if let Ok((n, _)) = r {
+                    if let Some(msg) = decode::<PeerMsg>(&pbuf[..n]) {
+                        node.handle_peer(now(), msg);
+                    }
+                }
+            }
+            r = udp.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    node.handle_udp(now(), from, &buf[..n]);
+                }
+            }
+            r = push_l.accept() => {
+                if let Ok((s, _)) = r {
+                    let id = next_conn;
+                    next_conn += 1;
+                    node.handle_tcp_open(now(), id, Port::Push);
+                    let (mut rd, wr) = s.into_split();
+                    let tx = tx.clone();
+                    let reader = tokio::task::spawn_local(async move {
+                        let mut buf = vec![0u8; 4096];
+                        loop {
+                            match rd.read(&mut buf).await {
+                                Ok(0) | Err(_) => {
+                                    let _ = tx.send(Input::Closed(id));
+                                    return;
+                                }
+                                Ok(n) => {
+                                    let _ = tx.send(Input::Data(id, buf[..n].to_vec()));
+                                }
+                            }
+                        }
+                    });
+                    writers.insert(id, (wr, reader));
+                }
+            }
+            Some(input) = rx.recv() => match input {
+                Input::Data(id, data) => node.handle_tcp_data(now(), id, &data),
+                Input::Closed(id) => {
+                    if let Some((_, reader)) = writers.remove(&id) {
+                        reader.abort();
+                        node.handle_tcp_close(now(), id);
+                    }
+                }
+            },
+            _ = tokio::time::sleep(wait) => node.handle_timeout(now()),
+        }
+        flush(
+            &w,
+            idx,
+            &mut node,
+            &udp,
+            &peer,
+            &store,
+            store_addr,
+            &mut writers,
+        )
+        .await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn flush(
+    w: &World,
+    idx: usize,
+    node: &mut ClusterNode,
+    udp: &UdpSocket,
+    peer: &UdpSocket,
+    store: &UdpSocket,
+    store_addr: SocketAddr,
+    writers: &mut BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
+) {
+    let mut ops: Vec<(OpId, StoreOp)> = Vec::new();
+    while let Some(op) = node.poll_store() {
+        ops.push(op);
+    }
+    let mut pokes: Vec<(NodeId, PeerMsg)> = Vec::new();
+    while let Some(p) = node.poll_peer() {
+        pokes.push(p);
+    }
+    let mut out = Vec::new();
+    while let Some(t) = node.poll_transmit() {
+        let mut bytes = Vec::with_capacity(t.len());
+        t.encode(&mut bytes);
+        out.push((t.dest, bytes));
+    }
+    let mut closes = Vec::new();
+    while let Some(id) = node.poll_close() {
+        closes.push(id);
+    }
+    {
+        let at = now_ms();
+        let mut ev = w.events.borrow_mut();
+        while let Some(event) = node.poll_event() {
+            ev.push(Logged {
+                at,
+                node: idx,
+                event,
+            });
+        }
+        let s = node.stats();
+        w.live.borrow_mut()[idx] = NodeCounts {
+            store_ops: s.store_ops,
+            heartbeats: s.heartbeats,
+            pokes: s.pokes,
+            store_failures: s.store_errors + s.store_timeouts,
+            unattributed: s.acks_unattributed,
+        };
+    }
+    for op in ops {
+        let _ = store.send_to(&encode(&op), store_addr).await;
+    }
+    for (to, msg) in pokes {
+        if let Some(i) = (0..w.nodes).find(|&i| node_name(i) == to.0) {
+            let addr: SocketAddr = (turmoil::lookup(node_name(i)), PEER_PORT).into();
+            let _ = peer.send_to(&encode(&msg), addr).await;
+        }
+    }
+    for (dest, bytes) in out {
+        match dest {
+            Dest::Udp(a) => {
+                let _ = udp.send_to(&bytes, a).await;
+            }
+            Dest::Tcp(id) => {
+                if let Some((wr, _)) = writers.get_mut(&id) {
+                    let _ = wr.write_all(&bytes).await;
+                }
+            }
+        }
+    }
+    for id in closes {
+        if let Some((wr, reader)) = writers.remove(&id) {
+            reader.abort();
+            drop(wr);
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! State shared by the hosts of a cluster simulation and its driver (all on turmoil's thread).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use ddpush_proto::cluster::{ClusterEvent, MemStore, StoreOp, StoreReply};
+use ddpush_proto::{DownMsg, PushMsg, Uuid};
+
+/// Node names; node `i` is host `n{i}`.
+pub fn node_name(i: usize) -> String {
+    format!("n{i}")
+}
+
+/// The store host's state. It lives here, outside the host, so that a crash of the store host
+/// keeps the replica (and the primary, unless the driver fails over).
+#[derive(Default)]
+pub struct StoreState {
+    /// What the serving store holds.
+    pub primary: MemStore,
+    /// The replica: every op applied at least `lag` ms ago.
+    pub replica: MemStore,
+    /// Ops applied to the primary but not yet to the replica: (applied at ms, log index, op).
+    pub unreplicated: VecDeque<(u64, usize, StoreOp)>,
+    /// Replication lag (ms).
+    pub lag: u64,
+    /// Every applied op, in store order.
+    pub log: Vec<Applied>,
+    /// Fail-overs done.
+    pub failovers: u32,
+}
+
+/// One op the store applied.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// Sim time (ms).
+    pub at: u64,
+    /// The op.
+    pub op: StoreOp,
+    /// Its reply.
+    pub reply: StoreReply,
+    /// Dropped by a fail-over before it reached the replica.
+    pub lost: bool,
+}
+
+impl StoreState {
+    /// Applies every op older than the lag to the replica.
+    pub fn catch_up(&mut self, now: u64) {
+        while let Some((at, _, _)) = self.unreplicated.front() {
+            if at + self.lag > now {
+                break;
+            }
+            if let Some((_, _, op)) = self.unreplicated.pop_front() {
+                self.replica.apply(&op);
+            }
+        }
+    }
+
+    /// The replica takes over: writes it had not received are gone.
+    pub fn fail_over(&mut self, now: u64) {
+        self.catch_up(now);
+        for (_, i, _) in self.unreplicated.drain(..) {
+            self.log[i].lost = true;
+        }
+        self.primary = self.replica.clone();
+        self.failovers += 1;
+    }
+}
+
+/// One packet a device accepted.
+#[derive(Clone, Debug)]
+pub struct Rx {
+    /// Sim time (ms).
+    pub at: u64,
+    /// The node it came from (index), if it came from a node's device port.
+    pub from: Option<usize>,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Decoded.
+    pub msg: DownMsg,
+    /// The node the device sent its last packet to.
+    pub routed: usize,
+}
+
+/// What one simulated device saw.
+#[derive(Default)]
+pub struct DeviceLog {
+    /// Heartbeats: (ms, node index).
+    pub heartbeats: Vec<(u64, usize)>,
+    /// Everything received and acked.
+    pub rx: Vec<Rx>,
+}
+
+/// One push attempt of an app server.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    /// Index of the planned push.
+    pub push: usize,
+    /// Target device.
+    pub device: usize,
+    /// The message.
+    pub msg: PushMsg,
+    /// The node it went to.
+    pub node: usize,
+    /// Sent (ms).
+    pub sent_at: u64,
+    /// The reply byte, None if none came (time-out or broken connection).
+    pub reply: Option<u8>,
+}
+
+/// A node event with its time and node.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    /// Sim time (ms).
+    pub at: u64,
+    /// Node index.
+    pub node: usize,
+    /// The event.
+    pub event: ClusterEvent,
+}
+
+/// Per-node counters, summed over restarts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeCounts {
+    /// Store ops [push, ack, bind, drain].
+    pub store_ops: [u64; 4],
+    /// Heartbeats.
+    pub heartbeats: u64,
+    /// Pokes sent, received.
+    pub pokes: [u64; 2],
+    /// Store time-outs and errors.
+    pub store_failures: u64,
+    /// Acks whose send could not be attributed.
+    pub unattributed: u64,
+}
+
+/// Everything shared in one cluster simulation.
+pub struct World {
+    /// Node count.
+    pub nodes: usize,
+    /// The store.
+    pub store: RefCell<StoreState>,
+    /// Reply only after the write reached the replica (Redis `WAIT`, part 2).
+    pub wait_replica: bool,
+    /// Device uuids.
+    pub uuids: Vec<Uuid>,
+    /// Device logs.
+    pub devices: Vec<RefCell<DeviceLog>>,
+    /// The load balancer's view: which nodes pass their health check.
+    pub lb_up: RefCell<Vec<bool>>,
+    /// Push attempts.
+    pub attempts: RefCell<Vec<Attempt>>,
+    /// Node events (no `Sent` for immediate duplicates is dropped: all are kept).
+    pub events: RefCell<Vec<Logged>>,
+    /// Counters of finished node incarnations.
+    pub past: RefCell<Vec<NodeCounts>>,
+    /// Counters of the running incarnations.
+    pub live: RefCell<Vec<NodeCounts>>,
+    /// Node device-port addresses, by index (set by the driver).
+    pub node_addrs: RefCell<Vec<SocketAddr>>,
+}
+
+impl World {
+    /// A world of `nodes` nodes and these devices.
+    pub fn new(nodes: usize, uuids: Vec<Uuid>, lag: u64, wait_replica: bool) -> Rc<Self> {
+        Rc::new(World {
+            nodes,
+            store: RefCell::new(StoreState {
+                lag,
+                ..StoreState::default()
+            }),
+            wait_replica,
+            devices: uuids.iter().map(|_| RefCell::default()).collect(),
+            uuids,
+            lb_up: RefCell::new(vec![true; nodes]),
+            attempts: RefCell::default(),
+            events: RefCell::default(),
+            past: RefCell::new(vec![NodeCounts::default(); nodes]),
+            live: RefCell::new(vec![NodeCounts::default(); nodes]),
+            node_addrs: RefCell::default(),
+        })
+    }
+
+    /// The L4 load balancer: rendezvous hashing of the uuid over the healthy nodes, so a
+    /// device stays on its node, moves only when that node fails its health check, and moves
+    /// back when it passes again.
+    pub fn route(&self, device: usize) -> Option<usize> {
+        let up = self.lb_up.borrow();
+        (0..self.nodes)
+            .filter(|&n| up[n])
+            .max_by_key(|&n| mix(device as u64, n as u64))
+    }
+
+    /// Counters summed over every incarnation of every node.
+    pub fn counts(&self) -> NodeCounts {
+        let mut t = NodeCounts::default();
+        for c in self.past.borrow().iter().chain(self.live.borrow().iter()) {
+            for k in 0..4 {
+                t.store_ops[k] += c.store_ops[k];
+            }
+            t.heartbeats += c.heartbeats;
+            t.pokes[0] += c.pokes[0];
+            t.pokes[1] += c.pokes[1];
+            t.store_failures += c.store_failures;
+            t.unattributed += c.unattributed;
+        }
+        t
+    }
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut x = a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^ (x >> 29)
+}
