@@ -4,12 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use ddpush_proto::cluster::{
     ClusterConfig, ClusterNode, MemStore, NodeId, OpId, StoreError, StoreOp,
 };
 use ddpush_proto::{
-    Config, Dest, DeviceMsg, DevicePacket, Payload, Port, PushMsg, PushRequest, Time, Uuid,
+    Config, Content, Dest, DeviceMsg, DevicePacket, Payload, Port, PushMsg, PushRequest, Time, Uuid,
 };
 
 struct Cluster {
@@ -175,7 +174,7 @@ fn push_at_any_node_is_delivered_by_the_owner_with_the_golden_bytes() {
     assert_eq!(c.push(1, PushMsg::Notify), 0x00);
     assert_eq!(c.push(2, PushMsg::Bits(5)), 0x00);
     assert_eq!(
-        c.push(1, PushMsg::Payload(Bytes::from_static(b"hello"))),
+        c.push(1, PushMsg::Payload(Content::from_static(b"hello"))),
         0x00
     );
     assert_eq!(
@@ -294,16 +293,16 @@ fn pipelined_replies_keep_request_order() {
 fn old_ack_crossing_a_newer_push_at_another_node_does_not_clear_it() {
     let mut c = Cluster::new(2);
     c.device(0, 4000, DeviceMsg::Heartbeat);
-    c.push(0, PushMsg::Payload(Bytes::from_static(b"old")));
+    c.push(0, PushMsg::Payload(Content::from_static(b"old")));
     c.take_udp();
     // The newer push is stored at node 1, its poke is lost; the device acks "old".
     c.drop_pokes = true;
-    c.push(1, PushMsg::Payload(Bytes::from_static(b"new")));
+    c.push(1, PushMsg::Payload(Content::from_static(b"new")));
     c.device(0, 4000, DeviceMsg::AckPayload);
     let rec = c.store.get(&UUID).cloned().expect("record");
     assert_eq!(
         rec.payload.map(|p| p.1),
-        Some(Bytes::from_static(b"new")),
+        Some(Content::from_static(b"new")),
         "the ack of the older send must not clear the newer payload"
     );
     // The ack's store reply carried the newer record: it goes out at once.

@@ -18,10 +18,9 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{Kind, PushMsg, Uuid};
+use crate::codec::{Content, Kind, PushMsg, Uuid};
 use crate::time::Time;
 
 use super::NodeId;
@@ -43,7 +42,7 @@ pub struct StoredRecord {
     /// The pending 0x11 mask.
     pub bits: u64,
     /// The pending 0x20 payload and its generation.
-    pub payload: Option<(Gen, Bytes)>,
+    pub payload: Option<(Gen, Content)>,
     /// Time of the newest accepted push of [0x10, 0x11, 0x20] (None: never).
     pub pushed_at: [Option<Time>; 3],
 }
@@ -377,10 +376,20 @@ mod tests {
     #[test]
     fn pushes_merge_with_generations() {
         let mut s = MemStore::new();
-        let a = push(&mut s, u(1), PushMsg::Payload(Bytes::from_static(b"a")), 10);
-        let b = push(&mut s, u(1), PushMsg::Payload(Bytes::from_static(b"b")), 10);
+        let a = push(
+            &mut s,
+            u(1),
+            PushMsg::Payload(Content::from_static(b"a")),
+            10,
+        );
+        let b = push(
+            &mut s,
+            u(1),
+            PushMsg::Payload(Content::from_static(b"b")),
+            10,
+        );
         assert!(b.ver > a.ver);
-        assert_eq!(b.payload, Some((b.ver, Bytes::from_static(b"b"))));
+        assert_eq!(b.payload, Some((b.ver, Content::from_static(b"b"))));
         push(&mut s, u(1), PushMsg::Bits(1), 11);
         let r = push(&mut s, u(1), PushMsg::Bits(4), 12);
         assert_eq!(r.bits, 5);
@@ -404,14 +413,14 @@ mod tests {
         let old = push(
             &mut s,
             u(1),
-            PushMsg::Payload(Bytes::from_static(b"old")),
+            PushMsg::Payload(Content::from_static(b"old")),
             5,
         );
         let old_gen = old.payload.as_ref().map(|p| p.0).unwrap_or_default();
         let new = push(
             &mut s,
             u(1),
-            PushMsg::Payload(Bytes::from_static(b"new")),
+            PushMsg::Payload(Content::from_static(b"new")),
             6,
         );
         // The ack of the older send does not clear the newer payload.
@@ -470,7 +479,12 @@ mod tests {
         assert_eq!(marks.len(), 1);
         assert_eq!(marks[0].record, p);
         // A newer push re-marks: an old `done` does not remove the newer mark.
-        let q = push(&mut s, u(1), PushMsg::Payload(Bytes::from_static(b"x")), 4);
+        let q = push(
+            &mut s,
+            u(1),
+            PushMsg::Payload(Content::from_static(b"x")),
+            4,
+        );
         drain(&mut s, vec![(u(1), p.ver)]);
         assert_eq!(s.dirty_count(&n("a")), 1);
         drain(&mut s, vec![(u(1), q.ver)]);

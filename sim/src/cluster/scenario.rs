@@ -7,9 +7,8 @@ use std::fmt;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use ddpush_proto::cluster::{ClusterConfig, ClusterEvent, NodeId, StoreOp, StoreReply};
-use ddpush_proto::{Config, DownMsg, Kind as MsgKind, PushMsg};
+use ddpush_proto::{Config, Content, DownMsg, Kind as MsgKind, PushMsg};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -273,7 +272,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
         let payload = |k: usize, rng: &mut SmallRng| {
             let mut s = format!("m{k}:");
             s.extend(std::iter::repeat_n('x', rng.random_range(0..60)));
-            PushMsg::Payload(Bytes::from(s))
+            PushMsg::Payload(Content::new(s).expect("payloads are short"))
         };
         if p.kind == Kind::Crossing {
             // Two payloads for one device, 0-300 ms apart: the second often lands while the
@@ -308,7 +307,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
             let msg = match rng.random_range(0..3) {
                 0 => PushMsg::Notify,
                 1 => PushMsg::Bits(1u64 << rng.random_range(0..64)),
-                _ => PushMsg::Payload(Bytes::from(format!("m{k}:burst"))),
+                _ => PushMsg::Payload(Content::new(format!("m{k}:burst")).expect("short")),
             };
             k += 1;
             pushes.push(Planned {
@@ -665,11 +664,9 @@ fn check(
         // The last stored payload arrives; nothing arrives after it except a packet the
         // network reordered (sent before it, overtaken on the wire: no id can order those).
         if let Some(want) = last_payload[d].as_deref() {
-            match log
-                .rx
-                .iter()
-                .rposition(|r| r.msg == DownMsg::Payload(Bytes::copy_from_slice(want)))
-            {
+            match log.rx.iter().rposition(|r| {
+                r.msg == DownMsg::Payload(Content::copy_from_slice(want).unwrap_or_default())
+            }) {
                 None => errors.push(format!(
                     "device {d}: last stored payload {:?} never received",
                     String::from_utf8_lossy(&want[..want.len().min(10)])
