@@ -14,6 +14,9 @@ use super::Gen;
 /// Most sends remembered per kind; older ones are forgotten (their acks stay unattributed).
 const MAX_SENDS: usize = 8;
 
+/// How long after a send its ack may still arrive (the single node's former default).
+pub(crate) const HORIZON: Duration = Duration::from_secs(10);
+
 /// Sends of one kind not yet matched by an ack, oldest first.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Sends {
