@@ -748,3 +748,31 @@ fn a_data_dir_written_by_the_previous_release_loads() {
         }
     }
 }
+
+#[test]
+fn a_snapshot_with_an_unreadable_header_is_set_aside_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = encode_snapshot(1, 0, (0..5).map(rec));
+    let mut bad = bytes.clone();
+    bad[12 + 9] ^= 0xFF; // inside the header frame's payload: its CRC fails
+    fs::write(dir.path().join(SNAPSHOT), &bad).unwrap();
+    let rep = check::check(dir.path()).unwrap();
+    assert!(rep[0].damaged(), "{}", rep[0]);
+    let e = Store::open(dir.path(), &mut recovery())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("ddpushd recover"), "{e}");
+    let done = check::recover(dir.path()).unwrap();
+    assert!(!done[0].replaced, "{}", done[0]);
+    assert_eq!(done[0].set_aside as usize, bad.len());
+    assert!(
+        done[0].to_string().contains("nothing readable"),
+        "{}",
+        done[0]
+    );
+    assert_eq!(fs::read(&done[0].aside).unwrap(), bad);
+    assert!(!dir.path().join(SNAPSHOT).exists());
+    let (_st, rep) = Store::open(dir.path(), &mut recovery()).unwrap();
+    assert_eq!(rep.snapshot_records, 0);
+}
