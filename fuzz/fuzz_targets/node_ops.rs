@@ -177,6 +177,7 @@ fn config(c: &Cfg) -> Config {
         device_tcp_idle: Duration::from_secs(1 + u64::from(c.device_idle_s % 900)),
         push_tcp_idle: Duration::from_secs(1 + u64::from(c.push_idle_s % 900)),
         hash_seed: 0x5eed,
+        replay_window: Duration::from_secs(60),
         limits: if c.limits {
             Limits {
                 table_size: 64,
@@ -623,6 +624,9 @@ impl Harness {
         for ch in changes {
             self.journal.push(ch.clone());
             match &ch {
+                Change::Keyed { .. } | Change::Unkeyed { .. } => {
+                    panic!("key change with no key operation: {ch:?}")
+                }
                 Change::Created { uuid, at } => {
                     assert!(
                         self.cfg.create_on_heartbeat,
@@ -797,6 +801,8 @@ impl Harness {
                     }
                 }
                 (Payload::Reply(_), Dest::Udp(_)) => panic!("a reply byte sent over UDP"),
+                // Signed devices have their own target (signed_ops): no key exists here.
+                (Payload::Sealed(s), _) => panic!("sealed packet with no key provisioned: {s:?}"),
                 (Payload::Down(p), dest) => {
                     if let Dest::Tcp(id) = dest {
                         assert_eq!(

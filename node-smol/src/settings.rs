@@ -223,6 +223,11 @@ pub struct Settings {
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub ack_horizon: Option<Duration>,
+    /// Signed devices: packets stamped further than this from the server's clock are dropped,
+    /// and nonces are remembered this long (PROTOCOL.md 9.3) [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub replay_window: Option<Duration>,
     /// Whether a heartbeat from an unknown uuid creates its record [default: true]
     #[arg(long, value_name = "BOOL")]
     pub create_on_heartbeat: Option<bool>,
@@ -340,6 +345,7 @@ impl Settings {
             idle_expiry: pick!(idle_expiry, base.idle_expiry),
             pending_ttl: pick!(pending_ttl, base.pending_ttl),
             ack_horizon: pick!(ack_horizon, base.ack_horizon),
+            replay_window: pick!(replay_window, base.replay_window),
             device_tcp_idle: pick!(device_tcp_idle, base.device_tcp_idle),
             push_tcp_idle: pick!(push_tcp_idle, base.push_tcp_idle),
             hash_seed: random_seed(),

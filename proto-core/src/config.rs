@@ -65,6 +65,9 @@ pub struct Config {
     /// Seed of the uuid hash, chosen at random by the adapter so uuids cannot be picked to
     /// collide. The core itself never draws randomness.
     pub hash_seed: u64,
+    /// Signed packets (PROTOCOL.md 9.3) whose timestamp is further than this from the node's
+    /// clock are dropped; it is also how long their nonces are remembered (60 s).
+    pub replay_window: Duration,
     /// Abuse limits.
     pub limits: Limits,
 }
@@ -84,6 +87,7 @@ impl Default for Config {
             device_tcp_idle: Duration::from_secs(300),
             push_tcp_idle: Duration::from_secs(600),
             hash_seed: 0,
+            replay_window: Duration::from_secs(60),
             limits: Limits::default(),
         }
     }
@@ -109,6 +113,11 @@ impl Config {
         if self.max_clients == 0 || self.max_clients > u32::MAX as usize - 1 {
             return Err(ConfigError(
                 "max_clients must be between 1 and 2^32-2".into(),
+            ));
+        }
+        if self.replay_window.as_secs() == 0 || self.replay_window > Duration::from_secs(3600) {
+            return Err(ConfigError(
+                "replay_window must be between 1 s and 1 h".into(),
             ));
         }
         if self.ack_horizon > Duration::from_secs(3600) {

@@ -1,4 +1,7 @@
-//! The node state machine: every client record and every protocol rule of PROTOCOL.md 4 and 8.
+//! The node state machine: every client record and every protocol rule of PROTOCOL.md 4 and 8
+//! (signed devices, section 9, are in [`signed`]).
+
+mod signed;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -17,6 +20,7 @@ use crate::limits::{Limited, Limiter};
 use crate::output::{CloseReason, Dest, Event, Payload, Stats, Transmit, Transport};
 use crate::record::{flag, Record, K_NOTIFY, K_PAYLOAD};
 use crate::registry::Registry;
+use crate::signed::{Keyring, VERSION as SIGNED_VERSION};
 use crate::state::{Change, Pending, RecordState};
 use crate::stream::{Decoded, StreamDecoder};
 use crate::time::{secs32, Time};
@@ -106,6 +110,10 @@ pub struct Node {
     /// What each push of the current turn changed, so a turn whose write fails can take its
     /// pushes back (see [`crate::driver`]). Emptied once the turn's changes are drained.
     undo: Vec<turn::Undo>,
+    /// Keys of the signed-only uuids (PROTOCOL.md 9).
+    keys: Keyring,
+    /// While a verified signed packet is handled: the key id it used, which seals the answers.
+    answer_key: Option<u8>,
 }
 
 impl Node {
@@ -142,6 +150,8 @@ impl Node {
             replayed: false,
             restart_guard: 0,
             undo: Vec::new(),
+            keys: Keyring::new(cfg.replay_window, seed),
+            answer_key: None,
             cfg,
         })
     }
@@ -168,7 +178,7 @@ impl Node {
 
     /// Approximate heap bytes of the client state, for memory figures.
     pub fn heap_bytes(&self) -> usize {
-        self.reg.heap_bytes() + self.wheel.heap_bytes()
+        self.reg.heap_bytes() + self.wheel.heap_bytes() + self.keys.heap_bytes()
     }
 
     // ----------------------------------------------------------------------------------------
@@ -181,6 +191,9 @@ impl Node {
         if !self.limiter.on_datagram(self.now, from.ip(), data.len()) {
             self.limited(Limited::SourceRate);
             return;
+        }
+        if data.first() == Some(&SIGNED_VERSION) {
+            return self.on_signed(data, Via::Udp(from));
         }
         match DevicePacket::decode(data) {
             Ok(p) => self.on_device(p, Via::Udp(from)),
@@ -255,6 +268,9 @@ impl Node {
             match dec.decode(&mut input) {
                 Ok(Decoded::NeedMore) => break,
                 Ok(Decoded::Frame(f)) => match port {
+                    Port::Device if f.header.version == SIGNED_VERSION => {
+                        self.on_signed(f.raw, Via::Tcp(conn))
+                    }
                     Port::Device => match DevicePacket::from_parts(&f.header, f.content) {
                         Ok(p) => self.on_device(p, Via::Tcp(conn)),
                         Err(e) => self.invalid(e, Transport::Tcp),
@@ -473,6 +489,7 @@ impl Node {
                     self.remove_slot(slot);
                 }
             }
+            Change::Keyed { .. } | Change::Unkeyed { .. } => self.apply_key(change),
         }
     }
 
@@ -556,7 +573,16 @@ impl Node {
         self.reg.insert(rec)
     }
 
+    /// A valid v1 device packet.
     fn on_device(&mut self, p: DevicePacket, via: Via) {
+        if self.keys.contains(&p.uuid) {
+            return self.unsigned(p, via);
+        }
+        self.dispatch(p, via);
+    }
+
+    /// A device packet that may act: a v1 packet of a v1 uuid, or a verified signed one.
+    fn dispatch(&mut self, p: DevicePacket, via: Via) {
         match p.msg {
             DeviceMsg::Heartbeat => self.heartbeat(p.app_id, p.uuid, via),
             DeviceMsg::AckNotify => self.ack(p.uuid, Kind::Notify, 0),
@@ -647,6 +673,7 @@ impl Node {
             }
             out[0] = Some(DownMsg::HeartbeatReply);
         }
+        let extra = self.down_extra(&uuid);
         let dest = match via {
             Via::Udp(a) => {
                 let bytes: usize = out
@@ -658,6 +685,7 @@ impl Node {
                             msg: m.clone(),
                         }
                         .encoded_len()
+                            + extra
                     })
                     .sum();
                 if !self.limiter.spend(self.now, a.ip(), bytes) {
@@ -684,10 +712,8 @@ impl Node {
                 }
                 None => self.stats.heartbeat_replies += 1,
             }
-            self.transmits.push_back(Transmit {
-                dest,
-                payload: Payload::Down(DownPacket { app_id, msg }),
-            });
+            let payload = self.down_payload(&uuid, DownPacket { app_id, msg });
+            self.transmits.push_back(Transmit { dest, payload });
         }
     }
 
@@ -823,13 +849,14 @@ impl Node {
                 .flatten()
             {
                 self.note_send(slot, kind, now_s);
-                self.transmits.push_back(Transmit {
-                    dest,
-                    payload: Payload::Down(DownPacket {
+                let payload = self.down_payload(
+                    &req.uuid,
+                    DownPacket {
                         app_id: 0,
                         msg: msg.clone(),
-                    }),
-                });
+                    },
+                );
+                self.transmits.push_back(Transmit { dest, payload });
                 sent += 1;
             }
         }
@@ -926,6 +953,8 @@ impl Node {
         if self.replayed {
             self.replayed = false;
             self.restart_guard = now_s.saturating_add(self.horizon_s);
+            // Keys replayed before the node knew the time refuse pre-restart stamps from now.
+            self.keys.restarted(now);
         }
 
         let mut due = std::mem::take(&mut self.scratch);

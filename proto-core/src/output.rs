@@ -8,6 +8,7 @@ use crate::codec::{DownPacket, InvalidPacket, Kind, PushReject, PushReply, Uuid}
 use crate::counters::{counter_key, Counters};
 use crate::limits::Limited;
 use crate::node::Port;
+use crate::signed::{SealedDown, SignedDrop, Unsigned};
 use crate::ConnId;
 
 /// Where a transmit goes.
@@ -26,6 +27,8 @@ pub enum Payload {
     Down(DownPacket),
     /// The one-byte answer to a push request.
     Reply(PushReply),
+    /// A packet for a signed-only device, sealed under its key (PROTOCOL.md 9.4).
+    Sealed(SealedDown),
 }
 
 /// One thing to send.
@@ -43,6 +46,7 @@ impl Transmit {
         match &self.payload {
             Payload::Down(p) => p.encode(out),
             Payload::Reply(r) => out.put_u8(r.byte()),
+            Payload::Sealed(p) => p.encode(out),
         }
     }
 
@@ -51,6 +55,7 @@ impl Transmit {
         match &self.payload {
             Payload::Down(p) => p.encoded_len(),
             Payload::Reply(_) => 1,
+            Payload::Sealed(p) => p.encoded_len(),
         }
     }
 
@@ -229,4 +234,12 @@ pub struct Stats {
     pub conns_framing: u64,
     /// TCP connections closed for idleness.
     pub conns_idle: u64,
+    /// Signed-only uuids (gauge).
+    pub keys: u64,
+    /// Signed packets that passed every check.
+    pub signed_accepted: u64,
+    /// Signed packets dropped, by reason.
+    pub signed_dropped: Counters<SignedDrop, 6>,
+    /// v1 packets naming a signed-only uuid (they change nothing), by kind.
+    pub unsigned_refused: Counters<Unsigned, 2>,
 }

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{Content, Kind, PushMsg, Uuid};
+use crate::signed::KeyState;
 use crate::time::Time;
 
 /// One client record, as persisted.
@@ -70,6 +71,18 @@ pub enum Change {
         /// The client.
         uuid: Uuid,
     },
+    /// A uuid's key was provisioned or rotated: its whole key state from now on.
+    Keyed {
+        /// The client.
+        uuid: Uuid,
+        /// Current key and, during a rotation's grace period, the previous one.
+        keys: KeyState,
+    },
+    /// A uuid's key was removed: it speaks v1 again.
+    Unkeyed {
+        /// The client.
+        uuid: Uuid,
+    },
 }
 
 impl Change {
@@ -79,7 +92,9 @@ impl Change {
             Change::Created { uuid, .. }
             | Change::Pushed { uuid, .. }
             | Change::Cleared { uuid, .. }
-            | Change::Removed { uuid } => *uuid,
+            | Change::Removed { uuid }
+            | Change::Keyed { uuid, .. }
+            | Change::Unkeyed { uuid } => *uuid,
         }
     }
 }

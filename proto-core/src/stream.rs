@@ -9,6 +9,7 @@
 use crate::codec::{
     DownPacket, InvalidPacket, UpHeader, DEVICE_MAX_CONTENT, DOWN_HEADER_LEN, UP_HEADER_LEN,
 };
+use crate::signed::{self, TRAILER_LEN};
 
 /// A delimited upstream frame: a header and exactly the content it announced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +18,9 @@ pub struct Frame<'a> {
     pub header: UpHeader,
     /// The content, `header.len` bytes.
     pub content: &'a [u8],
+    /// The whole frame as received: header, content and, for a signed device frame
+    /// (version 2, PROTOCOL.md 9.3), its 25-byte trailer.
+    pub raw: &'a [u8],
 }
 
 /// Outcome of one decode step.
@@ -46,12 +50,17 @@ pub struct StreamDecoder {
     /// The previous call returned a frame borrowed from `buf`; discard it on the next call.
     consumed: bool,
     failed: Option<FramingError>,
+    /// Device streams: a version-2 frame carries the signed trailer after its content.
+    signed: bool,
 }
 
 impl StreamDecoder {
     /// A decoder for device streams on port 9966 (content at most 8 bytes).
     pub fn device() -> Self {
-        Self::new(DEVICE_MAX_CONTENT as u16)
+        let mut d = Self::new(DEVICE_MAX_CONTENT as u16);
+        d.signed = true;
+        d.buf.reserve_exact(TRAILER_LEN);
+        d
     }
 
     /// A decoder whose frames may carry at most `max_content` bytes (push streams use the
@@ -62,12 +71,13 @@ impl StreamDecoder {
             max_content,
             consumed: false,
             failed: None,
+            signed: false,
         }
     }
 
     /// The most bytes this decoder will ever hold.
     pub fn bound(&self) -> usize {
-        UP_HEADER_LEN + usize::from(self.max_content)
+        UP_HEADER_LEN + usize::from(self.max_content) + if self.signed { TRAILER_LEN } else { 0 }
     }
 
     /// Bytes currently buffered (a partial frame).
@@ -112,7 +122,12 @@ impl StreamDecoder {
             self.buf.clear();
             return Err(e);
         }
-        let total = UP_HEADER_LEN + usize::from(header.len);
+        let trailer = if self.signed && header.version == signed::VERSION {
+            TRAILER_LEN
+        } else {
+            0
+        };
+        let total = UP_HEADER_LEN + usize::from(header.len) + trailer;
         let take = (total - self.buf.len()).min(input.len());
         self.buf.extend_from_slice(&input[..take]);
         *input = &input[take..];
@@ -122,7 +137,8 @@ impl StreamDecoder {
         self.consumed = true;
         Ok(Decoded::Frame(Frame {
             header,
-            content: &self.buf[UP_HEADER_LEN..total],
+            content: &self.buf[UP_HEADER_LEN..total - trailer],
+            raw: &self.buf[..total],
         }))
     }
 }
@@ -187,10 +203,25 @@ impl DownStreamDecoder {
     /// header's length field still delimits it.
     pub fn next_packet(&mut self) -> Option<Result<DownPacket, InvalidPacket>> {
         let rest = &self.buf[self.start..];
-        let header = rest.get(..DOWN_HEADER_LEN)?;
-        let total = DOWN_HEADER_LEN + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let total = down_frame_len(rest)?;
         let packet = rest.get(..total)?;
         let decoded = DownPacket::decode(packet);
+        self.consume(total);
+        Some(decoded)
+    }
+
+    /// The next whole packet's bytes, undecoded; `None` when more bytes are needed. Signed
+    /// devices read their stream with this and open each packet with
+    /// [`SealedDown::open`](crate::signed::SealedDown::open).
+    pub fn next_raw(&mut self) -> Option<Vec<u8>> {
+        let rest = &self.buf[self.start..];
+        let total = down_frame_len(rest)?;
+        let packet = rest.get(..total)?.to_vec();
+        self.consume(total);
+        Some(packet)
+    }
+
+    fn consume(&mut self, total: usize) {
         self.start += total;
         if self.start == self.buf.len() {
             self.buf.clear();
@@ -199,8 +230,19 @@ impl DownStreamDecoder {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        Some(decoded)
     }
+}
+
+/// The length of the downstream packet at the front of `rest`, once its header is there: the
+/// 5-byte header and N, plus the 25-byte trailer for a signed packet (PROTOCOL.md 9.4).
+fn down_frame_len(rest: &[u8]) -> Option<usize> {
+    let header = rest.get(..DOWN_HEADER_LEN)?;
+    let total = DOWN_HEADER_LEN + usize::from(u16::from_be_bytes([header[3], header[4]]));
+    Some(if header[0] == signed::VERSION {
+        total + TRAILER_LEN
+    } else {
+        total
+    })
 }
 
 #[cfg(test)]

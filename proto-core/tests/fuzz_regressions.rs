@@ -40,6 +40,7 @@ fn downs(t: &[Transmit]) -> Vec<DownMsg> {
     t.iter()
         .filter_map(|t| match &t.payload {
             Payload::Down(p) => Some(p.msg.clone()),
+            Payload::Sealed(s) => Some(s.packet.msg.clone()),
             Payload::Reply(_) => None,
         })
         .collect()

@@ -13,7 +13,8 @@
 use crate::codec::Content;
 
 use super::Node;
-use crate::codec::{DownMsg, Kind, PushMsg, PushReply, Uuid};
+use crate::codec::{DownMsg, DownPacket, Kind, PushMsg, PushReply, Uuid};
+use crate::signed::SealedDown;
 use crate::output::{Dest, Event, Payload};
 use crate::record::flag;
 use crate::state::Change;
@@ -124,8 +125,12 @@ impl Node {
                 }
                 true
             }
-            Payload::Down(p) => {
-                let kind = match p.msg {
+            Payload::Down(DownPacket { msg, .. })
+            | Payload::Sealed(SealedDown {
+                packet: DownPacket { msg, .. },
+                ..
+            }) => {
+                let kind = match msg {
                     DownMsg::HeartbeatReply => return true,
                     DownMsg::Notify => Kind::Notify,
                     DownMsg::Bits(_) => Kind::Bits,

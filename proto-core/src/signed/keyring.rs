@@ -88,9 +88,18 @@ impl Keyring {
         self.map.capacity() * (std::mem::size_of::<(Uuid, Entry)>() + 1)
     }
 
-    /// From now on, windows of restored keys refuse stamps up to `now` (see [`Keyring::set`]).
+    /// The node (re)started at `now`: the windows of every key it holds, and of keys installed
+    /// from now on, refuse stamps up to `now` (see [`Keyring::set`]). Call before any input
+    /// after a restore; calling it again with the same time changes nothing.
     pub fn restarted(&mut self, now: Time) {
-        self.restart_floor = now.secs32();
+        let floor = now.secs32();
+        if floor <= self.restart_floor {
+            return;
+        }
+        self.restart_floor = floor;
+        for e in self.map.values_mut() {
+            e.replay = ReplayWindow::refusing_until(floor);
+        }
     }
 
     /// Provisions or rotates a key. On a rotation the old current key stays valid until

@@ -1,0 +1,186 @@
+//! The node's side of signed devices (PROTOCOL.md section 9): key updates, the signed input
+//! path, v1 packets naming a signed-only uuid, and sealing what goes out to signed devices.
+
+use std::time::Duration;
+
+use crate::codec::{DeviceMsg, DevicePacket, DownMsg, DownPacket, Uuid};
+use crate::limits::Limited;
+use crate::output::{Dest, Payload, Transmit};
+use crate::record::flag;
+use crate::signed::{DeviceKey, KeyError, KeyState, KeyUpdate, Unsigned, TRAILER_LEN};
+use crate::state::Change;
+use crate::time::Time;
+
+use super::{Node, Via};
+
+/// The longest rotation grace period a key update may ask for.
+pub const MAX_KEY_GRACE: Duration = Duration::from_secs(90 * 24 * 3600);
+
+impl Node {
+    /// Provisions or rotates the key of `uuid` (the admin API's `PUT /clients/{uuid}/key`).
+    ///
+    /// The first key makes the uuid signed-only: the record's address and TCP attachment,
+    /// which anyone could have set with a v1 heartbeat, are forgotten, so nothing goes out
+    /// before a verified heartbeat. A new key id rotates: the old key stays valid for `grace`.
+    /// Journaled as [`Change::Keyed`]; an unchanged key journals nothing.
+    pub fn set_key(
+        &mut self,
+        now: Time,
+        uuid: Uuid,
+        key_id: u8,
+        key: DeviceKey,
+        grace: Duration,
+    ) -> Result<KeyUpdate, KeyError> {
+        self.advance(now);
+        let grace = grace.min(MAX_KEY_GRACE);
+        let update = self.keys.update(uuid, key_id, key, self.now + grace)?;
+        if update == KeyUpdate::Unchanged {
+            return Ok(update);
+        }
+        if update == KeyUpdate::Provisioned {
+            self.stats.keys += 1;
+            if let Some(slot) = self.reg.find(&uuid) {
+                self.forget_route(slot);
+            }
+        }
+        if let Some(keys) = self.keys.get(&uuid) {
+            self.changes.push_back(Change::Keyed {
+                uuid,
+                keys: keys.clone(),
+            });
+        }
+        Ok(update)
+    }
+
+    /// Removes the key of `uuid`, which speaks v1 again. Journaled as [`Change::Unkeyed`].
+    pub fn remove_key(&mut self, now: Time, uuid: &Uuid) -> bool {
+        self.advance(now);
+        if !self.keys.remove(uuid) {
+            return false;
+        }
+        self.stats.keys -= 1;
+        self.changes.push_back(Change::Unkeyed { uuid: *uuid });
+        true
+    }
+
+    /// The keys of a signed-only uuid (for snapshots; never log them).
+    pub fn key_state(&self, uuid: &Uuid) -> Option<&KeyState> {
+        self.keys.get(uuid)
+    }
+
+    /// Every signed-only uuid with its keys, sorted by uuid, for a snapshot.
+    pub fn key_states(&self) -> Vec<(Uuid, KeyState)> {
+        self.keys.iter_sorted()
+    }
+
+    /// Loads a uuid's keys from a snapshot. Pairs accepted before the restart are unknown, so
+    /// its replay window refuses everything stamped up to `now` (PROTOCOL.md 9.3).
+    pub fn restore_key(&mut self, now: Time, uuid: Uuid, keys: KeyState) {
+        self.advance(now);
+        self.keys.restarted(self.now);
+        if !self.keys.contains(&uuid) {
+            self.stats.keys += 1;
+        }
+        self.keys.set(uuid, keys);
+    }
+
+    /// Replays a key change from the journal.
+    pub(super) fn apply_key(&mut self, change: &Change) {
+        // With no time yet (empty snapshot), `advance` does this at the first input.
+        if self.now > Time::ZERO {
+            self.keys.restarted(self.now);
+        }
+        match change {
+            Change::Keyed { uuid, keys } => {
+                if !self.keys.contains(uuid) {
+                    self.stats.keys += 1;
+                }
+                self.keys.set(*uuid, keys.clone());
+            }
+            Change::Unkeyed { uuid } if self.keys.remove(uuid) => self.stats.keys -= 1,
+            _ => {}
+        }
+    }
+
+    /// A version-2 packet on the device port (UDP datagram or delimited TCP frame).
+    pub(super) fn on_signed(&mut self, data: &[u8], via: Via) {
+        match self.keys.verify(self.now, data) {
+            Ok(v) => {
+                self.stats.signed_accepted += 1;
+                self.answer_key = Some(v.key_id);
+                self.dispatch(v.packet, via);
+                self.answer_key = None;
+            }
+            Err(e) => self.stats.signed_dropped.incr(e),
+        }
+    }
+
+    /// A v1 packet for a signed-only uuid: it records nothing, and a heartbeat gets at most a
+    /// bare v1 `0x10` (never the mask or the payload), so an old app build learns there is
+    /// news without anyone learning what it is. The per-uuid answer budget is not spent here:
+    /// a guesser must not be able to use up the real device's budget. The amplification
+    /// bound still applies (5 bytes out for 21 in never reaches it).
+    pub(super) fn unsigned(&mut self, p: DevicePacket, via: Via) {
+        if p.msg != DeviceMsg::Heartbeat {
+            self.stats.unsigned_refused.incr(Unsigned::Ack);
+            return;
+        }
+        self.stats.unsigned_refused.incr(Unsigned::Heartbeat);
+        let Some(slot) = self.reg.find(&p.uuid) else {
+            return;
+        };
+        if !self.reg.rec(slot).pending() {
+            return;
+        }
+        let packet = DownPacket {
+            app_id: p.app_id,
+            msg: DownMsg::Notify,
+        };
+        let dest = match via {
+            Via::Udp(a) => {
+                if !self.limiter.spend(self.now, a.ip(), packet.encoded_len()) {
+                    self.limited(Limited::Amplification);
+                    return;
+                }
+                Dest::Udp(a)
+            }
+            Via::Tcp(c) => Dest::Tcp(c),
+        };
+        self.transmits.push_back(Transmit {
+            dest,
+            payload: Payload::Down(packet),
+        });
+    }
+
+    /// What goes out for `packet` to `uuid`: sealed if the uuid is signed-only (under the key
+    /// of the packet being answered, else the key the device last used), plain otherwise.
+    pub(super) fn down_payload(&mut self, uuid: &Uuid, packet: DownPacket) -> Payload {
+        if !self.keys.contains(uuid) {
+            return Payload::Down(packet);
+        }
+        match self
+            .keys
+            .seal(uuid, self.answer_key, self.now, packet.clone())
+        {
+            Some(s) => Payload::Sealed(s),
+            None => Payload::Down(packet),
+        }
+    }
+
+    /// Extra bytes per packet sent to `uuid` (the signed trailer, if it is signed-only).
+    pub(super) fn down_extra(&self, uuid: &Uuid) -> usize {
+        if self.keys.contains(uuid) {
+            TRAILER_LEN
+        } else {
+            0
+        }
+    }
+
+    /// Forgets where a record's device was: its UDP address and TCP attachment.
+    fn forget_route(&mut self, slot: u32) {
+        self.reg.tcp.remove(&slot);
+        let r = self.reg.rec_mut(slot);
+        r.set(flag::TCP, false);
+        r.set(flag::ADDR_V4 | flag::ADDR_V6 | flag::SA_KNOWN, false);
+    }
+}

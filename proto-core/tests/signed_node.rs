@@ -1,0 +1,444 @@
+//! The node's rules for signed-only uuids (docs/PROTOCOL.md section 9), through the harness.
+
+mod common;
+
+use common::*;
+use ddpush_proto::signed::{
+    device_to_vec, DeviceKey, KeyError, KeyUpdate, Seal, SealedDown, SignedDrop, Unsigned,
+};
+use ddpush_proto::testing::Harness;
+use ddpush_proto::{
+    Change, Config, DeviceMsg, DevicePacket, DownMsg, Node, Payload, Port, PushMsg, Time, Uuid,
+};
+
+const ALICE: &str = "alice";
+
+fn alice() -> Uuid {
+    Uuid::from_user(ALICE)
+}
+
+fn key(b: u8) -> DeviceKey {
+    DeviceKey::new([b; 32])
+}
+
+/// A signed device: its key, and a nonce counter.
+struct Signed {
+    uuid: Uuid,
+    key_id: u8,
+    key: DeviceKey,
+    nonce: u32,
+}
+
+impl Signed {
+    fn new(uuid: Uuid, key_id: u8, key: DeviceKey) -> Self {
+        Signed {
+            uuid,
+            key_id,
+            key,
+            nonce: 0,
+        }
+    }
+
+    fn packet(&mut self, now: Time, msg: DeviceMsg) -> Vec<u8> {
+        self.nonce += 1;
+        let p = DevicePacket {
+            app_id: 1,
+            uuid: self.uuid,
+            msg,
+        };
+        let seal = Seal {
+            key_id: self.key_id,
+            ts: now.secs32(),
+            nonce: self.nonce,
+        };
+        device_to_vec(&p, seal, &self.key)
+    }
+
+    fn open(&self, b: &[u8]) -> DownMsg {
+        let k = self.key.clone();
+        let id = self.key_id;
+        SealedDown::open(b, |i| (i == id).then(|| k.clone()))
+            .unwrap_or_else(|e| panic!("{} does not open: {e}", hex::encode(b)))
+            .packet
+            .msg
+    }
+}
+
+fn keyed_harness() -> (Harness, Signed) {
+    let mut h = default_harness();
+    let now = h.now();
+    assert_eq!(
+        h.node.set_key(now, alice(), 1, key(7), secs(3600)),
+        Ok(KeyUpdate::Provisioned)
+    );
+    h.drain();
+    assert!(matches!(h.take_changes()[..], [Change::Keyed { uuid, .. }] if uuid == alice()));
+    (h, Signed::new(alice(), 1, key(7)))
+}
+
+fn push_all(h: &mut Harness, uuid: Uuid) {
+    for m in [PushMsg::Notify, PushMsg::Bits(5), payload(b"secret")] {
+        assert_eq!(h.push(uuid, m).byte(), 0x00);
+    }
+}
+
+#[test]
+fn the_attack_fails_for_a_signed_only_uuid() {
+    let (mut h, mut dev) = keyed_harness();
+    let device_addr = addr(1, 40_000);
+    let attacker = addr(66, 6666);
+    // The device heartbeats: its address is recorded.
+    let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+    h.udp(device_addr, &hb);
+    assert!(h.node.is_online(&alice()));
+    assert_eq!(h.node.record(&alice()).unwrap().addr, Some(device_addr));
+    h.advance(secs(1));
+    push_all(&mut h, alice());
+    let sent: Vec<DownMsg> = h
+        .take_udp(device_addr)
+        .iter()
+        .map(|b| dev.open(b))
+        .collect();
+    assert_eq!(sent.len(), 3, "immediate pushes go to the device, sealed");
+    h.take_transmits();
+
+    // The attacker knows the name: a v1 heartbeat with MD5("alice").
+    h.advance(secs(1));
+    let before = h.node.record(&alice()).unwrap();
+    h.heartbeat(attacker, 1, alice());
+    assert_eq!(
+        h.take_udp(attacker),
+        vec![down(1, DownMsg::Notify)],
+        "a bare 0x10 at most, never the mask or payload"
+    );
+    assert!(h.take_transmits().is_empty());
+    let after = h.node.record(&alice()).unwrap();
+    assert_eq!(after, before, "records nothing: no time, no address");
+    // Replaying the device's captured heartbeat from the attacker's address changes nothing.
+    h.udp(attacker, &hb);
+    assert!(h.take_transmits().is_empty(), "dropped, never answered");
+    assert_eq!(h.node.record(&alice()).unwrap(), before);
+    assert_eq!(h.node.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+    assert_eq!(h.node.stats().unsigned_refused.get(Unsigned::Heartbeat), 1);
+    // The next push still goes to the device only.
+    h.push(alice(), payload(b"second"));
+    assert!(h.take_udp(attacker).is_empty());
+    assert_eq!(h.take_udp(device_addr).len(), 1);
+}
+
+#[test]
+fn the_attack_still_works_for_a_v1_uuid_as_upstream() {
+    let mut h = default_harness();
+    let bob = Uuid::from_user("bob");
+    let device_addr = addr(1, 40_000);
+    let attacker = addr(66, 6666);
+    h.heartbeat(device_addr, 1, bob);
+    h.advance(secs(1));
+    h.heartbeat(attacker, 1, bob);
+    assert_eq!(h.node.record(&bob).unwrap().addr, Some(attacker));
+    h.push(bob, payload(b"secret"));
+    assert_eq!(h.take_udp(attacker), vec![down_payload(0, b"secret")]);
+}
+
+#[test]
+fn signed_heartbeat_answers_are_sealed_and_acks_must_be_signed() {
+    let (mut h, mut dev) = keyed_harness();
+    let a = addr(1, 40_000);
+    push_all(&mut h, alice());
+    h.take_transmits();
+    h.take_changes();
+    let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+    h.udp(a, &hb);
+    let got: Vec<DownMsg> = h.take_udp(a).iter().map(|b| dev.open(b)).collect();
+    assert_eq!(
+        got,
+        vec![
+            DownMsg::Notify,
+            DownMsg::Bits(5),
+            DownMsg::Payload(ddpush_proto::Content::from_static(b"secret"))
+        ]
+    );
+    // Unsigned acks change nothing.
+    h.advance(millis(200));
+    for m in [
+        DeviceMsg::AckNotify,
+        DeviceMsg::AckBits(5),
+        DeviceMsg::AckPayload,
+    ] {
+        h.ack(a, 1, alice(), m);
+    }
+    assert!(h.take_changes().is_empty());
+    assert_eq!(h.node.stats().unsigned_refused.get(Unsigned::Ack), 3);
+    let p = h.node.pending();
+    assert!(p[0].notify && p[0].bits == 5 && p[0].payload.is_some());
+    // Signed acks clear.
+    for m in [
+        DeviceMsg::AckNotify,
+        DeviceMsg::AckBits(5),
+        DeviceMsg::AckPayload,
+    ] {
+        let b = dev.packet(h.now(), m);
+        h.udp(a, &b);
+    }
+    assert_eq!(h.take_changes().len(), 3);
+    let p = h.node.pending();
+    assert!(!p[0].notify && p[0].bits == 0 && p[0].payload.is_none());
+    assert_eq!(h.node.stats().signed_accepted, 4);
+}
+
+#[test]
+fn the_server_answers_the_golden_heartbeat_byte_for_byte() {
+    // docs/PROTOCOL.md 9.6: ts 0x6955b900, key 00..1f id 1, server nonces from 0x100.
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/signed-vectors.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let ts = v["ts"].as_u64().unwrap();
+    let mut h = Harness::new(Config {
+        hash_seed: 0x100,
+        ..Config::default()
+    })
+    .unwrap();
+    h.advance_to(Time::from_secs(ts));
+    let uuid = golden_uuid();
+    let k = DeviceKey::from_hex(v["key"].as_str().unwrap()).unwrap();
+    let now = h.now();
+    h.node.set_key(now, uuid, 1, k, secs(0)).unwrap();
+    for m in [PushMsg::Notify, PushMsg::Bits(5), payload(b"hello")] {
+        h.push(uuid, m);
+    }
+    let a = addr(1, 40_000);
+    h.udp(a, &unhex(v["device_to_server"][0]["hex"].as_str().unwrap()));
+    let want: Vec<Vec<u8>> = (0..3)
+        .map(|i| unhex(v["server_to_device"][i]["hex"].as_str().unwrap()))
+        .collect();
+    assert_eq!(h.take_udp(a), want);
+}
+
+#[test]
+fn every_bad_signed_packet_is_dropped_counted_and_changes_nothing() {
+    let (mut h, mut dev) = keyed_harness();
+    let a = addr(1, 40_000);
+    push_all(&mut h, alice());
+    h.take_transmits();
+    h.take_changes();
+    let now = h.now();
+    let good = dev.packet(now, DeviceMsg::Heartbeat);
+    let mut flipped = good.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let mut wrong_key = Signed::new(alice(), 1, key(8));
+    let mut unknown_id = Signed::new(alice(), 9, key(7));
+    let late = dev.packet(now + secs(61), DeviceMsg::Heartbeat);
+    let early = dev.packet(
+        Time::from_secs(now.as_millis() / 1000 - 61),
+        DeviceMsg::Heartbeat,
+    );
+    let cases = [
+        (flipped, SignedDrop::Tag),
+        (wrong_key.packet(now, DeviceMsg::Heartbeat), SignedDrop::Tag),
+        (
+            unknown_id.packet(now, DeviceMsg::Heartbeat),
+            SignedDrop::UnknownKey,
+        ),
+        (good[..good.len() - 1].to_vec(), SignedDrop::Length),
+        (late, SignedDrop::Expired),
+        (early, SignedDrop::Expired),
+    ];
+    let before = h.node.record(&alice()).unwrap();
+    for (b, reason) in &cases {
+        h.udp(a, b);
+        assert!(h.take_transmits().is_empty(), "{reason:?}: never answered");
+        assert_eq!(h.node.record(&alice()).unwrap(), before, "{reason:?}");
+        assert!(h.take_changes().is_empty());
+    }
+    let st = h.node.stats();
+    assert_eq!(st.signed_dropped.get(SignedDrop::Tag), 2);
+    assert_eq!(st.signed_dropped.get(SignedDrop::UnknownKey), 1);
+    assert_eq!(st.signed_dropped.get(SignedDrop::Length), 1);
+    assert_eq!(st.signed_dropped.get(SignedDrop::Expired), 2);
+    assert_eq!(st.signed_accepted, 0);
+    // The good one still works once, then is a replay.
+    h.udp(a, &good);
+    assert_eq!(h.take_udp(a).len(), 3);
+    h.udp(a, &good);
+    assert!(h.take_transmits().is_empty());
+    assert_eq!(h.node.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+}
+
+#[test]
+fn signed_packets_work_over_tcp_in_any_split() {
+    let (mut h, mut dev) = keyed_harness();
+    push_all(&mut h, alice());
+    h.take_transmits();
+    let conn = h.tcp_open(Port::Device, addr(1, 40_001)).unwrap();
+    // A v1 heartbeat on the same connection does not attach it.
+    h.tcp_data(conn, &raw_up(1, 1, 0, alice(), &[]));
+    assert_eq!(h.take_tcp(conn), down(1, DownMsg::Notify));
+    let mut stream = dev.packet(h.now(), DeviceMsg::Heartbeat);
+    stream.extend(dev.packet(h.now(), DeviceMsg::AckNotify));
+    for b in &stream {
+        h.tcp_data(conn, std::slice::from_ref(b));
+    }
+    let bytes = h.take_tcp(conn);
+    let mut dec = ddpush_proto::DownStreamDecoder::new();
+    dec.extend(&bytes);
+    let mut got = Vec::new();
+    while let Some(p) = dec.next_raw() {
+        got.push(dev.open(&p));
+    }
+    assert_eq!(got.len(), 3);
+    assert!(h.take_closes().is_empty());
+    assert!(
+        !h.node.pending()[0].notify,
+        "the signed ack on TCP cleared 0x10"
+    );
+    // Now attached: an immediate push goes down the connection, sealed.
+    h.push(alice(), PushMsg::Notify);
+    let b = h.take_tcp(conn);
+    assert_eq!(dev.open(&b), DownMsg::Notify);
+}
+
+#[test]
+fn rotation_keeps_the_old_key_for_its_grace_then_only_the_new_one() {
+    let (mut h, mut old) = keyed_harness();
+    let a = addr(1, 40_000);
+    let now = h.now();
+    assert_eq!(
+        h.node.set_key(now, alice(), 1, key(9), secs(10)),
+        Err(KeyError::IdInUse(1))
+    );
+    assert_eq!(
+        h.node.set_key(now, alice(), 2, key(9), secs(10)),
+        Ok(KeyUpdate::Rotated)
+    );
+    h.drain();
+    assert!(matches!(h.take_changes()[..], [Change::Keyed { .. }]));
+    h.push(alice(), PushMsg::Notify);
+    let hb = old.packet(h.now(), DeviceMsg::Heartbeat);
+    h.udp(a, &hb);
+    assert_eq!(
+        old.open(&h.take_udp(a)[0]),
+        DownMsg::Notify,
+        "answered under the old key"
+    );
+    h.advance(secs(11));
+    let hb = old.packet(h.now(), DeviceMsg::Heartbeat);
+    h.udp(a, &hb);
+    assert!(h.take_transmits().is_empty());
+    assert_eq!(h.node.stats().signed_dropped.get(SignedDrop::UnknownKey), 1);
+    let mut new = Signed::new(alice(), 2, key(9));
+    let hb = new.packet(h.now(), DeviceMsg::Heartbeat);
+    h.udp(a, &hb);
+    assert_eq!(new.open(&h.take_udp(a)[0]), DownMsg::Notify);
+}
+
+#[test]
+fn removing_the_key_makes_the_uuid_v1_again() {
+    let (mut h, _) = keyed_harness();
+    let now = h.now();
+    assert!(h.node.remove_key(now, &alice()));
+    assert!(!h.node.remove_key(now, &alice()));
+    h.drain();
+    assert_eq!(h.take_changes(), vec![Change::Unkeyed { uuid: alice() }]);
+    h.push(alice(), payload(b"x"));
+    h.heartbeat(addr(1, 1), 1, alice());
+    assert_eq!(h.take_udp(addr(1, 1)), vec![down_payload(1, b"x")]);
+    assert_eq!(h.node.stats().keys, 0);
+}
+
+#[test]
+fn provisioning_forgets_an_address_set_by_v1_heartbeats() {
+    let mut h = default_harness();
+    let attacker = addr(66, 6666);
+    h.heartbeat(attacker, 1, alice());
+    let now = h.now();
+    h.node.set_key(now, alice(), 1, key(7), secs(0)).unwrap();
+    h.drain();
+    h.push(alice(), payload(b"secret"));
+    assert!(
+        h.take_transmits().is_empty(),
+        "nothing to the unverified address"
+    );
+}
+
+#[test]
+fn keys_survive_snapshot_and_journal_and_refuse_pre_restart_replays() {
+    let (mut h, mut dev) = keyed_harness();
+    let a = addr(1, 40_000);
+    let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+    h.udp(a, &hb);
+    let journal = h.take_changes();
+    let bob = Uuid::from_user("bob");
+    let now = h.now();
+    h.node.set_key(now, bob, 3, key(3), secs(0)).unwrap();
+    h.drain();
+    let later = h.take_changes();
+
+    // From the snapshot (alice) and the journal (bob), at a later time.
+    let restart = h.now() + secs(1);
+    let mut n = Node::new(Config::default()).unwrap();
+    for (u, k) in h.node.key_states() {
+        if u == alice() {
+            n.restore_key(restart, u, k);
+        }
+    }
+    for r in h.node.records() {
+        n.restore(restart, r);
+    }
+    for c in journal.iter().chain(&later) {
+        n.apply(c);
+    }
+    assert_eq!(n.key_states(), h.node.key_states());
+    assert_eq!(n.stats().keys, 2);
+    let mut h2 = Harness::with_node(n, restart);
+    // The captured pre-restart heartbeat is refused; a fresh one is accepted.
+    h2.udp(addr(66, 1), &hb);
+    assert_eq!(h2.node.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+    h2.advance(secs(1));
+    let fresh = dev.packet(h2.now(), DeviceMsg::Heartbeat);
+    h2.udp(a, &fresh);
+    assert_eq!(h2.node.stats().signed_accepted, 1);
+    // And v1 heartbeats for bob still record nothing.
+    h2.heartbeat(addr(66, 1), 1, bob);
+    assert!(h2.node.record(&bob).is_none());
+}
+
+#[test]
+fn journal_replay_without_a_snapshot_also_refuses_pre_restart_stamps() {
+    let mut h = default_harness();
+    let now = h.now();
+    h.node.set_key(now, alice(), 1, key(7), secs(0)).unwrap();
+    h.drain();
+    let mut dev = Signed::new(alice(), 1, key(7));
+    let changes = h.take_changes();
+    let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+    let mut n = Node::new(Config::default()).unwrap();
+    for c in &changes {
+        n.apply(c);
+    }
+    let mut h2 = Harness::with_node(n, h.now());
+    h2.udp(addr(66, 1), &hb);
+    assert_eq!(h2.node.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+}
+
+#[test]
+fn sealed_transmits_are_what_goes_on_the_wire() {
+    let (mut h, mut dev) = keyed_harness();
+    let a = addr(1, 40_000);
+    h.push(alice(), PushMsg::Notify);
+    let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+    h.node.handle_udp(h.now(), a, &hb);
+    let t = h.node.poll_transmit().unwrap();
+    let Payload::Sealed(s) = &t.payload else {
+        panic!("expected a sealed packet, got {t:?}");
+    };
+    let mut wire = Vec::new();
+    t.encode(&mut wire);
+    assert_eq!(wire, s.to_vec());
+    assert_eq!(t.len(), wire.len());
+    assert_eq!(wire.len(), 5 + 25);
+}
