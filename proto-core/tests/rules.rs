@@ -509,10 +509,11 @@ fn tcp_validates_like_udp() {
     h.take_changes();
     let conn = h.tcp_open(Port::Device, dev).unwrap();
     let bad = [
-        (raw_up(2, 1, 0x00, u, &[]), InvalidPacket::Version),
+        // Version 2 is the signed extension (PROTOCOL.md 9): its own test is below.
+        (raw_up(3, 1, 0x00, u, &[]), InvalidPacket::Version),
         (raw_up(1, 1, 0x00, u, &[0]), InvalidPacket::Length),
         (raw_up(1, 1, 0x20, u, &[0; 5]), InvalidPacket::Length),
-        (raw_up(2, 1, 0x10, u, &[]), InvalidPacket::Version),
+        (raw_up(0, 1, 0x10, u, &[]), InvalidPacket::Version),
         (raw_up(1, 1, 0xFF, u, &[]), InvalidPacket::Command),
     ];
     for (frame, why) in &bad {
@@ -542,6 +543,19 @@ fn tcp_validates_like_udp() {
         assert_eq!(invalid_count(&h, Transport::Udp, *why), before + 1);
     }
     assert!(h.take_transmits().is_empty());
+    // A version-2 frame is a signed packet: delimited with its 25-byte trailer, and for a
+    // uuid without a key dropped as such (counted by the signed path), nothing else.
+    let mut signed = raw_up(2, 1, 0x10, u, &[]);
+    signed.extend_from_slice(&[0; 25]);
+    h.tcp_data(conn, &signed);
+    assert!(h.take_tcp(conn).is_empty() && h.take_closes().is_empty());
+    assert_eq!(
+        h.node
+            .stats()
+            .signed_dropped
+            .get(ddpush_proto::signed::SignedDrop::UnknownKey),
+        1
+    );
     // A valid heartbeat on the same connection still works.
     h.tcp_data(conn, &raw_up(1, 1, 0, u, &[]));
     assert_eq!(
