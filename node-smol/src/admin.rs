@@ -1,6 +1,7 @@
 //! The admin HTTP endpoint: `/metrics`, `/status`, `/clients/{uuid}`, `POST /push`,
-//! `POST /clients/{uuid}/clear`, the probes `/healthz` and `/readyz`, and the web console
-//! (`/`, `/console/...`, see [`console`]).
+//! `POST /clients/{uuid}/clear`, the keys of signed devices (`/clients/{uuid}/key`, see
+//! [`keys`]), the probes `/healthz` and `/readyz`, and the web console (`/`, `/console/...`,
+//! see [`console`]).
 //!
 //! Connection tasks parse requests (httparse), apply the browser rules of [`guard`], serve the
 //! console's static files, and check the bearer token; the request then goes to the event
@@ -23,6 +24,8 @@ use ddpush_proto::{
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+mod keys;
 
 use crate::console::{assets, data, guard};
 use crate::metrics::Metrics;
@@ -105,6 +108,7 @@ pub(crate) async fn serve(
                 404 => "Not Found",
                 405 => "Method Not Allowed",
                 408 => "Request Timeout",
+                409 => "Conflict",
                 413 => "Payload Too Large",
                 415 => "Unsupported Media Type",
                 503 => "Service Unavailable",
@@ -194,6 +198,12 @@ async fn request(
                     body: a.body.to_string(),
                 };
             }
+        }
+        if token.is_none() && bare_path.starts_with("/clients/") && bare_path.ends_with("/key") {
+            return Response::error(
+                403,
+                "device keys are managed only with an admin token: start ddpushd with --admin-token",
+            );
         }
         let probe = method == "GET" && matches!(bare_path, "/healthz" | "/readyz");
         if let Some(t) = token.filter(|_| !(probe && open_probes)) {
@@ -288,6 +298,8 @@ pub(crate) enum Answer {
     Now(Response),
     /// A `POST /push` whose results depend on the turn's write (see [`Driver::commit`]).
     AfterCommit(HeldPush),
+    /// A key update, in effect only if the turn's write succeeds.
+    AfterKeyCommit(keys::HeldKey),
 }
 
 /// A `POST /push` answer waiting for its turn's commit.
@@ -402,6 +414,24 @@ pub(crate) fn handle(
             Some(u) if node.remove(now, &u) => Response::json(200, json!({ "removed": true })),
             Some(_) => Response::error(404, "unknown uuid"),
         },
+        ("GET", ["clients", hex, "key"]) => match Uuid::from_hex(hex) {
+            None => Response::error(400, "uuid must be 32 hex digits"),
+            Some(u) => keys::get(node, &u),
+        },
+        (m @ ("PUT" | "DELETE"), ["clients", hex, "key"]) => {
+            let Some(u) = Uuid::from_hex(hex) else {
+                return Answer::Now(Response::error(400, "uuid must be 32 hex digits"));
+            };
+            let a = if m == "PUT" {
+                keys::put(node, now, u, &req.body)
+            } else {
+                keys::delete(node, now, &u)
+            };
+            return match a {
+                keys::KeyAnswer::Now(r) => Answer::Now(r),
+                keys::KeyAnswer::AfterCommit(h) => Answer::AfterKeyCommit(h),
+            };
+        }
         ("POST", ["push"]) => {
             let v: Value = match serde_json::from_slice(&req.body) {
                 Ok(v) => v,

@@ -228,6 +228,39 @@ impl Metrics {
             "Inputs or answers held back by abuse limits",
             limited,
         );
+        // Signed devices (PROTOCOL.md 9).
+        r.register(
+            "signed_clients",
+            "Signed-only uuids (with a key)",
+            g(s.keys),
+        );
+        r.register(
+            "signed_accepted",
+            "Signed packets that passed every check",
+            c(s.signed_accepted),
+        );
+        let signed = Family::<Vec<(String, String)>, Counter>::default();
+        for (reason, v) in s.signed_dropped.iter() {
+            signed
+                .get_or_create(&vec![("reason".into(), reason.label().into())])
+                .inc_by(v);
+        }
+        r.register(
+            "signed_dropped",
+            "Signed packets dropped, by reason",
+            signed,
+        );
+        let unsigned = Family::<Vec<(String, String)>, Counter>::default();
+        for (kind, v) in s.unsigned_refused.iter() {
+            unsigned
+                .get_or_create(&vec![("kind".into(), kind.label().into())])
+                .inc_by(v);
+        }
+        r.register(
+            "unsigned_refused",
+            "v1 packets naming a signed-only uuid (they change nothing)",
+            unsigned,
+        );
         r.register("expired", "Records removed by expiry", c(s.expired));
         r.register("created", "Records created", c(s.created));
         r.register(

@@ -29,9 +29,10 @@
 
 use std::collections::VecDeque;
 
-use crate::codec::{PushReply, PushRequest};
+use crate::codec::{PushReply, PushRequest, Uuid};
 use crate::config::{Config, ConfigError};
 use crate::node::Node;
+use crate::signed::KeyState;
 use crate::state::{Change, RecordState};
 use crate::time::Time;
 
@@ -60,6 +61,12 @@ impl Recovery {
         debug_assert_eq!(self.changes, 0, "snapshot record after a journal change");
         self.node.restore(self.now, st);
         self.records += 1;
+    }
+
+    /// One signed-only uuid's keys from the snapshot (after its records, before any change).
+    pub fn key(&mut self, uuid: Uuid, keys: KeyState) {
+        debug_assert_eq!(self.changes, 0, "snapshot key after a journal change");
+        self.node.restore_key(self.now, uuid, keys);
     }
 
     /// One journaled change, in journal order.

@@ -114,6 +114,8 @@ pub struct Node {
     keys: Keyring,
     /// While a verified signed packet is handled: the key id it used, which seals the answers.
     answer_key: Option<u8>,
+    /// Key states before this turn's key updates, to take them back if the turn's write fails.
+    key_undo: Vec<(Uuid, Option<crate::signed::KeyState>)>,
 }
 
 impl Node {
@@ -152,6 +154,7 @@ impl Node {
             undo: Vec::new(),
             keys: Keyring::new(cfg.replay_window, seed),
             answer_key: None,
+            key_undo: Vec::new(),
             cfg,
         })
     }

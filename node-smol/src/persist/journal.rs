@@ -31,6 +31,10 @@ mod tag {
     pub const PUSHED_PAYLOAD: u8 = 4;
     pub const CLEARED: u8 = 5;
     pub const REMOVED: u8 = 6;
+    /// Signed devices (PROTOCOL.md 9): a uuid's whole key state, and its removal. A reader
+    /// from before them stops at these tags with "unknown change tag", never guesses.
+    pub const KEYED: u8 = 7;
+    pub const UNKEYED: u8 = 8;
 }
 
 /// The header of a new journal of generation `gen`.
@@ -58,7 +62,8 @@ fn kind_byte(k: Kind) -> u8 {
 
 /// One version-2 change: tag u8, uuid [16], then per tag: `Created` at u64 ms; `Pushed` at u64
 /// ms and (bits u64 | payload length u16 + payload); `Cleared` kind (the command byte 0x10,
-/// 0x11 or 0x20) + bits u64; `Removed` nothing.
+/// 0x11 or 0x20) + bits u64; `Removed` nothing; `Keyed` the key state of [`super::keys`];
+/// `Unkeyed` nothing.
 fn put_change(out: &mut Vec<u8>, c: &Change) {
     match c {
         Change::Created { uuid, at } => {
@@ -91,6 +96,15 @@ fn put_change(out: &mut Vec<u8>, c: &Change) {
         }
         Change::Removed { uuid } => {
             out.push(tag::REMOVED);
+            out.extend_from_slice(&uuid.0);
+        }
+        Change::Keyed { uuid, keys } => {
+            out.push(tag::KEYED);
+            out.extend_from_slice(&uuid.0);
+            super::keys::put_key_state(out, keys);
+        }
+        Change::Unkeyed { uuid } => {
+            out.push(tag::UNKEYED);
             out.extend_from_slice(&uuid.0);
         }
     }
@@ -166,6 +180,11 @@ fn get_turn(p: &[u8], on_change: &mut impl FnMut(Change)) -> Result<(), String> 
                     }
                 }
                 tag::REMOVED => Change::Removed { uuid },
+                tag::KEYED => Change::Keyed {
+                    uuid,
+                    keys: super::keys::get_key_state(&mut rd.0)?,
+                },
+                tag::UNKEYED => Change::Unkeyed { uuid },
                 other => return Err(format!("unknown change tag {other}")),
             })
         })()

@@ -25,6 +25,7 @@ pub mod check;
 pub mod disk;
 pub mod frame;
 pub mod journal;
+mod keys;
 pub mod snapshot;
 
 use std::fs::{self, File, OpenOptions};
@@ -38,7 +39,9 @@ use serde::{Deserialize, Serialize};
 pub use disk::{Disk, DiskFile, FailingDisk, Faults, OsDisk};
 pub use frame::{Tail, MAX_FRAME};
 pub use journal::{read_journal, scan_journal};
-pub use snapshot::{encode_snapshot, read_snapshot, SnapEnd, SnapHeader};
+pub use snapshot::{
+    encode_snapshot, encode_snapshot_keys, read_snapshot, read_snapshot_keys, SnapEnd, SnapHeader,
+};
 
 pub(crate) const SNAPSHOT: &str = "snapshot.cbor";
 pub(crate) const SNAPSHOT_TMP: &str = "snapshot.tmp";
@@ -241,10 +244,19 @@ impl Store {
         let snap_gen = match fs::read(&snap_path) {
             Ok(bytes) => {
                 let name = snap_path.display().to_string();
-                let h = read_snapshot(&name, &bytes, |r| {
-                    report.snapshot_records += 1;
-                    rec.record(r)
-                })?;
+                let mut keys = Vec::new();
+                let h = read_snapshot_keys(
+                    &name,
+                    &bytes,
+                    |r| {
+                        report.snapshot_records += 1;
+                        rec.record(r)
+                    },
+                    |u, k| keys.push((u, k)),
+                )?;
+                for (u, k) in keys {
+                    rec.key(u, k);
+                }
                 h.gen
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,

@@ -7,9 +7,16 @@
 //!   with `serde(rename)` so a refactor cannot change them.
 //! * Version 1 (read only): record chunks were CBOR arrays of the core's `RecordState`.
 //!
+//! * Key chunks (version 2, since signed devices, PROTOCOL.md 9): after the header, frames
+//!   tagged [`KEY_CHUNK_TAG`] hold the signed-only uuids with their keys
+//!   ([`super::keys`]); the end frame then also counts them. A snapshot with no key is
+//!   byte for byte what the release before wrote; one with keys is refused by that release
+//!   ("not a record chunk"), never half read.
+//!
 //! Golden files under `node-smol/tests/data/` pin the bytes of both versions.
 
-use ddpush_proto::{Content, RecordState};
+use ddpush_proto::signed::KeyState;
+use ddpush_proto::{Content, RecordState, Uuid};
 use serde::{Deserialize, Serialize};
 
 use super::frame::{cbor, decode, frame_into, frames, Tail, FRAME_HEAD};
@@ -26,6 +33,8 @@ const SNAP_VERSION: u32 = 2;
 const CHUNK_TAG: u8 = 0x02;
 /// Records per snapshot frame.
 const CHUNK: usize = 4096;
+/// First byte of a key chunk (CBOR major type 0 too).
+const KEY_CHUNK_TAG: u8 = 0x03;
 
 /// First frame of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +53,13 @@ pub struct SnapEnd {
     /// Records written before it.
     #[serde(rename = "records")]
     pub records: u64,
+    /// Signed-only uuids written before it (absent, so the bytes are unchanged, when 0).
+    #[serde(rename = "keys", default, skip_serializing_if = "is_zero")]
+    pub keys: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What [`scan_snapshot`] found.
@@ -57,6 +73,8 @@ pub struct SnapScan {
     pub frames: u64,
     /// Records in the chunks read.
     pub records: u64,
+    /// Signed-only uuids in the key chunks read.
+    pub keys: u64,
     /// Byte offset just past the last whole record chunk (or the header frame).
     pub good_len: u64,
     /// `Clean` only with a valid end frame; a snapshot is whole or damaged, never torn.
@@ -65,12 +83,22 @@ pub struct SnapScan {
 
 /// Reads a snapshot frame by frame, handing out the records of every whole chunk before the
 /// end or the first damage. Never fails: damage is reported in [`SnapScan::end`].
-pub fn scan_snapshot(buf: &[u8], mut on_record: impl FnMut(RecordState)) -> SnapScan {
+pub fn scan_snapshot(buf: &[u8], on_record: impl FnMut(RecordState)) -> SnapScan {
+    scan_snapshot_keys(buf, on_record, |_, _| {})
+}
+
+/// [`scan_snapshot`], also handing out every signed-only uuid with its keys.
+pub fn scan_snapshot_keys(
+    buf: &[u8],
+    mut on_record: impl FnMut(RecordState),
+    mut on_key: impl FnMut(Uuid, KeyState),
+) -> SnapScan {
     let mut scan = SnapScan {
         version: 0,
         header: None,
         frames: 0,
         records: 0,
+        keys: 0,
         good_len: 0,
         end: End::Clean,
     };
@@ -88,6 +116,7 @@ pub fn scan_snapshot(buf: &[u8], mut on_record: impl FnMut(RecordState)) -> Snap
     scan.good_len = 12;
     let mut header: Option<SnapHeader> = None;
     let (mut seen, mut n_frames, mut good) = (0u64, 0u64, 12u64);
+    let mut keys = 0u64;
     let mut ended = false;
     let r = frames(buf, 12, |off, p| {
         if ended {
@@ -103,9 +132,14 @@ pub fn scan_snapshot(buf: &[u8], mut on_record: impl FnMut(RecordState)) -> Snap
             if e.records != seen {
                 return Err(format!("end frame says {} records, read {seen}", e.records));
             }
+            if e.keys != keys {
+                return Err(format!("end frame says {} keys, read {keys}", e.keys));
+            }
             ended = true;
             n_frames += 1;
             return Ok(());
+        } else if v == SNAP_VERSION && p.first() == Some(&KEY_CHUNK_TAG) {
+            keys += get_key_chunk(p, &mut on_key)?;
         } else if v == SNAP_VERSION {
             seen += get_chunk(p, &mut on_record)?;
         } else {
@@ -120,6 +154,7 @@ pub fn scan_snapshot(buf: &[u8], mut on_record: impl FnMut(RecordState)) -> Snap
     scan.header = header;
     scan.frames = n_frames;
     scan.records = seen;
+    scan.keys = keys;
     scan.good_len = good;
     scan.end = match r {
         Err((o, w)) => damaged(o, w),
@@ -139,7 +174,18 @@ pub fn read_snapshot(
     buf: &[u8],
     on_record: impl FnMut(RecordState),
 ) -> Result<SnapHeader, PersistError> {
-    let s = scan_snapshot(buf, on_record);
+    read_snapshot_keys(name, buf, on_record, |_, _| {})
+}
+
+/// [`read_snapshot`], also handing out every signed-only uuid with its keys (start-up uses
+/// this one: keys are state).
+pub fn read_snapshot_keys(
+    name: &str,
+    buf: &[u8],
+    on_record: impl FnMut(RecordState),
+    on_key: impl FnMut(Uuid, KeyState),
+) -> Result<SnapHeader, PersistError> {
+    let s = scan_snapshot_keys(buf, on_record, on_key);
     match (s.end, s.header) {
         (End::Clean, Some(h)) => Ok(h),
         (End::Damaged { offset, what }, _) => Err(PersistError::Corrupt {
@@ -157,9 +203,9 @@ pub fn read_snapshot(
 
 /// The bytes of a snapshot that keeps the header and the whole chunks before `good_len` of
 /// `buf`, with a new end frame counting their `records` (for `ddpushd recover`).
-pub(crate) fn truncated_snapshot(buf: &[u8], good_len: u64, records: u64) -> Vec<u8> {
+pub(crate) fn truncated_snapshot(buf: &[u8], good_len: u64, records: u64, keys: u64) -> Vec<u8> {
     let mut out = buf[..good_len as usize].to_vec();
-    frame_into(&mut out, &cbor(&SnapEnd { records }));
+    frame_into(&mut out, &cbor(&SnapEnd { records, keys }));
     out
 }
 
@@ -170,14 +216,35 @@ pub fn encode_snapshot(
     taken_ms: u64,
     records: impl Iterator<Item = RecordState>,
 ) -> Vec<u8> {
+    encode_snapshot_keys(gen, taken_ms, &[], records)
+}
+
+/// [`encode_snapshot`] with the signed-only uuids and their keys (the server uses this one).
+pub fn encode_snapshot_keys(
+    gen: u64,
+    taken_ms: u64,
+    keys: &[(Uuid, KeyState)],
+    records: impl Iterator<Item = RecordState>,
+) -> Vec<u8> {
     let (lower, _) = records.size_hint();
-    let mut out = Vec::with_capacity(64 + lower * 56);
+    let mut out = Vec::with_capacity(64 + lower * 56 + keys.len() * 92);
     out.extend_from_slice(SNAP_MAGIC);
     out.extend_from_slice(&SNAP_VERSION.to_be_bytes());
     frame_into(&mut out, &cbor(&SnapHeader { gen, taken_ms }));
+    let mut payload = Vec::new();
+    for chunk in keys.chunks(CHUNK) {
+        payload.clear();
+        payload.push(KEY_CHUNK_TAG);
+        payload.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
+        for (uuid, k) in chunk {
+            payload.extend_from_slice(&uuid.0);
+            super::keys::put_key_state(&mut payload, k);
+        }
+        frame_into(&mut out, &payload);
+    }
     let mut n = 0u64;
     let mut in_chunk = 0u32;
-    let mut payload = Vec::with_capacity(CHUNK * 64);
+    payload.reserve(CHUNK * 64);
     let start_chunk = |payload: &mut Vec<u8>| {
         payload.clear();
         payload.push(CHUNK_TAG);
@@ -201,8 +268,42 @@ pub fn encode_snapshot(
     if in_chunk > 0 {
         end_chunk(&mut payload, in_chunk, &mut out);
     }
-    frame_into(&mut out, &cbor(&SnapEnd { records: n }));
+    frame_into(
+        &mut out,
+        &cbor(&SnapEnd {
+            records: n,
+            keys: keys.len() as u64,
+        }),
+    );
     out
+}
+
+/// Decodes a key chunk; returns its count.
+fn get_key_chunk(p: &[u8], on_key: &mut impl FnMut(Uuid, KeyState)) -> Result<u64, String> {
+    let mut rd = Rd(p);
+    rd.take(1)?;
+    let count = u32::from_be_bytes(rd.arr()?);
+    // Each entry takes at least 50 bytes: a larger count is damage, not a reason to allocate.
+    if count as usize > p.len() / 50 {
+        return Err(format!(
+            "key chunk claims {count} keys in {} bytes",
+            p.len()
+        ));
+    }
+    let mut keys = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let k = (|| {
+            let uuid = Uuid(rd.arr()?);
+            Ok((uuid, super::keys::get_key_state(&mut rd.0)?))
+        })()
+        .map_err(|e: String| format!("key {i} of the chunk: {e}"))?;
+        keys.push(k);
+    }
+    if !rd.0.is_empty() {
+        return Err(format!("{} bytes after the chunk's last key", rd.0.len()));
+    }
+    keys.into_iter().for_each(|(u, k)| on_key(u, k));
+    Ok(u64::from(count))
 }
 
 /// Bits of a version-2 record's flag byte.

@@ -63,7 +63,13 @@ fn snapshot_v2_keeps_every_field_and_v1_is_still_read() {
         }),
     );
     frame_into(&mut v1, &cbor(&recs));
-    frame_into(&mut v1, &cbor(&SnapEnd { records: 7 }));
+    frame_into(
+        &mut v1,
+        &cbor(&SnapEnd {
+            records: 7,
+            keys: 0,
+        }),
+    );
     let mut back = Vec::new();
     assert_eq!(read_snapshot("s", &v1, |r| back.push(r)).unwrap().gen, 9);
     assert_eq!(back, recs);
@@ -426,6 +432,7 @@ fn snapshot_v1_bytes(recs: &[RecordState]) -> Vec<u8> {
         &mut v1,
         &cbor(&SnapEnd {
             records: recs.len() as u64,
+            keys: 0,
         }),
     );
     v1

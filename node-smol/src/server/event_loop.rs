@@ -334,8 +334,12 @@ impl Loop {
             match self.store.rotate() {
                 Ok(gen) => {
                     let t = Instant::now();
-                    let bytes =
-                        persist::encode_snapshot(gen, self.clock.now().0, self.node.records());
+                    let bytes = persist::encode_snapshot_keys(
+                        gen,
+                        self.clock.now().0,
+                        &self.node.key_states(),
+                        self.node.records(),
+                    );
                     let dir = self.store.dir().to_path_buf();
                     let disk = self.store.disk();
                     let tx = self.tx.clone();

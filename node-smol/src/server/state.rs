@@ -64,7 +64,8 @@ pub(super) fn snapshot_now(
     clock: &Clock,
 ) -> Result<usize, PersistError> {
     let gen = store.rotate()?;
-    let bytes = persist::encode_snapshot(gen, clock.now().0, node.records());
+    let bytes =
+        persist::encode_snapshot_keys(gen, clock.now().0, &node.key_states(), node.records());
     persist::write_snapshot_on(store.disk().as_ref(), store.dir(), &bytes)?;
     store.snapshot_done(gen);
     Ok(bytes.len())

@@ -33,10 +33,12 @@ impl Node {
     ) -> Result<KeyUpdate, KeyError> {
         self.advance(now);
         let grace = grace.min(MAX_KEY_GRACE);
+        let before = self.keys.get(&uuid).cloned();
         let update = self.keys.update(uuid, key_id, key, self.now + grace)?;
         if update == KeyUpdate::Unchanged {
             return Ok(update);
         }
+        self.key_undo.push((uuid, before));
         if update == KeyUpdate::Provisioned {
             self.stats.keys += 1;
             if let Some(slot) = self.reg.find(&uuid) {
@@ -55,9 +57,11 @@ impl Node {
     /// Removes the key of `uuid`, which speaks v1 again. Journaled as [`Change::Unkeyed`].
     pub fn remove_key(&mut self, now: Time, uuid: &Uuid) -> bool {
         self.advance(now);
-        if !self.keys.remove(uuid) {
+        let Some(before) = self.keys.get(uuid).cloned() else {
             return false;
-        }
+        };
+        self.keys.remove(uuid);
+        self.key_undo.push((*uuid, Some(before)));
         self.stats.keys -= 1;
         self.changes.push_back(Change::Unkeyed { uuid: *uuid });
         true
@@ -82,6 +86,31 @@ impl Node {
             self.stats.keys += 1;
         }
         self.keys.set(uuid, keys);
+    }
+
+    /// Ends the turn for key updates: kept once written; taken back, newest first, when the
+    /// turn's write failed (the admin API then answers 503 and nothing of them remains).
+    pub(super) fn end_key_turn(&mut self, written: bool) {
+        let undo = std::mem::take(&mut self.key_undo);
+        if written {
+            return;
+        }
+        for (uuid, before) in undo.into_iter().rev() {
+            let had = self.keys.contains(&uuid);
+            match before {
+                Some(k) => {
+                    self.keys.set(uuid, k);
+                    if !had {
+                        self.stats.keys += 1;
+                    }
+                }
+                None => {
+                    if self.keys.remove(&uuid) {
+                        self.stats.keys -= 1;
+                    }
+                }
+            }
+        }
     }
 
     /// Replays a key change from the journal.

@@ -14,9 +14,9 @@ use crate::codec::Content;
 
 use super::Node;
 use crate::codec::{DownMsg, DownPacket, Kind, PushMsg, PushReply, Uuid};
-use crate::signed::SealedDown;
 use crate::output::{Dest, Event, Payload};
 use crate::record::flag;
+use crate::signed::SealedDown;
 use crate::state::Change;
 
 /// What one push changed in its record.
@@ -66,6 +66,7 @@ impl Node {
     /// many pushes were taken back (0 when written).
     pub(crate) fn end_turn(&mut self, written: bool) -> u64 {
         self.changes.clear();
+        self.end_key_turn(written);
         let undo = std::mem::take(&mut self.undo);
         if written {
             self.undo = undo;

@@ -34,6 +34,7 @@ impl Loop {
             }
             store.commit(changes, always)
         });
+        let written = !matches!(outcome, Commit::Failed { .. });
         match outcome {
             Commit::Nothing => {}
             Commit::Written { recovered } => {
@@ -70,6 +71,7 @@ impl Loop {
             let resp = match ans {
                 admin::Answer::Now(r) => r,
                 admin::Answer::AfterCommit(held) => held.finish(&replies),
+                admin::Answer::AfterKeyCommit(held) => held.finish(written),
             };
             let _ = tx.try_send(resp);
         }

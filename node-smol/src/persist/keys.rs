@@ -1,0 +1,195 @@
+//! The on-disk form of a signed-only uuid's keys (PROTOCOL.md 9.1), shared by the journal's
+//! `Keyed` change and the snapshot's key chunks.
+//!
+//! `id u8, key [32], has_previous u8 (0 or 1), [previous id u8, previous key [32], until u64
+//! ms]`: 34 bytes, or 75 during a rotation's grace period. Keys are secrets: the data
+//! directory is created owner-only (see OPERATIONS.md), and nothing here is ever logged.
+
+use ddpush_proto::signed::{DeviceKey, KeyState, PreviousKey};
+use ddpush_proto::Time;
+
+/// Appends one key state.
+pub(crate) fn put_key_state(out: &mut Vec<u8>, k: &KeyState) {
+    out.push(k.id);
+    out.extend_from_slice(k.key.expose());
+    match &k.previous {
+        None => out.push(0),
+        Some(p) => {
+            out.push(1);
+            out.push(p.id);
+            out.extend_from_slice(p.key.expose());
+            out.extend_from_slice(&p.until.0.to_be_bytes());
+        }
+    }
+}
+
+fn take<'a>(rd: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+    if rd.len() < n {
+        return Err("key state truncated".into());
+    }
+    let (a, b) = rd.split_at(n);
+    *rd = b;
+    Ok(a)
+}
+
+fn key(rd: &mut &[u8]) -> Result<DeviceKey, String> {
+    let mut k = [0u8; 32];
+    k.copy_from_slice(take(rd, 32)?);
+    Ok(DeviceKey::new(k))
+}
+
+/// Reads one key state from the front of `rd`.
+pub(crate) fn get_key_state(rd: &mut &[u8]) -> Result<KeyState, String> {
+    let id = take(rd, 1)?[0];
+    let current = key(rd)?;
+    let previous = match take(rd, 1)?[0] {
+        0 => None,
+        1 => {
+            let pid = take(rd, 1)?[0];
+            let pkey = key(rd)?;
+            let mut t = [0u8; 8];
+            t.copy_from_slice(take(rd, 8)?);
+            Some(PreviousKey {
+                id: pid,
+                key: pkey,
+                until: Time(u64::from_be_bytes(t)),
+            })
+        }
+        other => return Err(format!("bad previous-key flag {other}")),
+    };
+    if previous.as_ref().is_some_and(|p| p.id == id) {
+        return Err(format!("previous key has the current key's id {id}"));
+    }
+    Ok(KeyState {
+        id,
+        key: current,
+        previous,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_every_truncation_is_an_error() {
+        let states = [
+            KeyState::new(1, DeviceKey::new([7; 32])),
+            KeyState {
+                id: 2,
+                key: DeviceKey::new([8; 32]),
+                previous: Some(PreviousKey {
+                    id: 1,
+                    key: DeviceKey::new([7; 32]),
+                    until: Time(1_700_000_000_123),
+                }),
+            },
+        ];
+        for s in &states {
+            let mut b = Vec::new();
+            put_key_state(&mut b, s);
+            assert_eq!(b.len(), if s.previous.is_some() { 75 } else { 34 });
+            let mut rd = &b[..];
+            assert_eq!(get_key_state(&mut rd).as_ref(), Ok(s));
+            assert!(rd.is_empty());
+            for n in 0..b.len() {
+                assert!(get_key_state(&mut &b[..n]).is_err(), "cut at {n}");
+            }
+        }
+        let mut bad = Vec::new();
+        put_key_state(&mut bad, &states[0]);
+        bad[33] = 2;
+        assert!(get_key_state(&mut &bad[..]).is_err());
+    }
+}
+
+/// Keys through the real files: snapshot key chunks, journal `Keyed`/`Unkeyed`, start-up.
+#[cfg(test)]
+mod store_tests {
+    use ddpush_proto::signed::{DeviceKey, KeyState, PreviousKey};
+    use ddpush_proto::{Change, Config, Recovery, Time, Uuid};
+
+    use crate::persist::snapshot::{read_snapshot_keys, scan_snapshot};
+    use crate::persist::{encode_snapshot, encode_snapshot_keys, write_snapshot_file, Store};
+
+    fn keys(n: u8) -> Vec<(Uuid, KeyState)> {
+        (0..n)
+            .map(|i| {
+                let mut k = KeyState::new(1, DeviceKey::new([i; 32]));
+                if i % 2 == 1 {
+                    k.previous = Some(PreviousKey {
+                        id: 9,
+                        key: DeviceKey::new([0xAA; 32]),
+                        until: Time::from_secs(5_000),
+                    });
+                }
+                (Uuid([i; 16]), k)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn snapshot_key_chunks_round_trip_and_leave_keyless_snapshots_unchanged() {
+        let ks = keys(5);
+        let with = encode_snapshot_keys(4, 9, &ks, std::iter::empty());
+        let mut back = Vec::new();
+        let h = read_snapshot_keys(
+            "s",
+            &with,
+            |_| panic!("no records"),
+            |u, k| back.push((u, k)),
+        )
+        .unwrap();
+        assert_eq!((h.gen, back), (4, ks.clone()));
+        assert_eq!(scan_snapshot(&with, |_| {}).keys, 5);
+        // No keys: the bytes the release before wrote.
+        assert_eq!(
+            encode_snapshot_keys(4, 9, &[], std::iter::empty()),
+            encode_snapshot(4, 9, std::iter::empty())
+        );
+        // A damaged key chunk stops the start with an offset.
+        let mut bad = with.clone();
+        bad[40] ^= 0x01;
+        let e = read_snapshot_keys("s", &bad, |_| {}, |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("corrupt at byte offset"), "{e}");
+    }
+
+    fn recovery() -> Recovery {
+        Recovery::new(Config::default(), Time::from_secs(10_000)).unwrap()
+    }
+
+    #[test]
+    fn keys_survive_the_journal_and_the_snapshot_and_removal_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = keys(3);
+        {
+            let (mut st, _) = Store::open(dir.path(), &mut recovery()).unwrap();
+            let changes: Vec<Change> = ks
+                .iter()
+                .map(|(u, k)| Change::Keyed {
+                    uuid: *u,
+                    keys: k.clone(),
+                })
+                .chain(std::iter::once(Change::Unkeyed { uuid: ks[0].0 }))
+                .collect();
+            st.commit(&changes, true).unwrap();
+        }
+        let mut r = recovery();
+        let (mut st, _) = Store::open(dir.path(), &mut r).unwrap();
+        let node = r.finish();
+        assert_eq!(node.key_states(), ks[1..].to_vec(), "from the journal");
+        // Now a snapshot holds them, and the journals before it go.
+        let g = st.rotate().unwrap();
+        let bytes = encode_snapshot_keys(g, 0, &node.key_states(), node.records());
+        write_snapshot_file(dir.path(), &bytes).unwrap();
+        st.snapshot_done(g);
+        drop(st);
+        let mut r = recovery();
+        let (_st, _) = Store::open(dir.path(), &mut r).unwrap();
+        assert_eq!(
+            r.finish().key_states(),
+            ks[1..].to_vec(),
+            "from the snapshot"
+        );
+    }
+}
