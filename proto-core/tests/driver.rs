@@ -24,6 +24,7 @@ fn downs(h: &mut Harness) -> Vec<DownMsg> {
         .into_iter()
         .filter_map(|t| match t.payload {
             Payload::Down(p) => Some(p.msg),
+            Payload::Sealed(s) => Some(s.packet.msg),
             Payload::Reply(_) => None,
         })
         .collect()

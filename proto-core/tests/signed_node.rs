@@ -442,3 +442,39 @@ fn sealed_transmits_are_what_goes_on_the_wire() {
     assert_eq!(t.len(), wire.len());
     assert_eq!(wire.len(), 5 + 25);
 }
+
+#[test]
+fn a_key_change_whose_write_fails_is_taken_back() {
+    use ddpush_proto::{Commit, Driver};
+    let mut node = Node::new(Config::default()).unwrap();
+    let mut d = Driver::new();
+    let t = Time::from_secs(1000);
+    node.set_key(t, alice(), 1, key(1), secs(60)).unwrap();
+    assert!(matches!(
+        d.commit(&mut node, |_| Err::<(), _>("disk full")),
+        Commit::Failed { .. }
+    ));
+    assert!(
+        node.key_state(&alice()).is_none(),
+        "provisioning taken back"
+    );
+    assert_eq!(node.stats().keys, 0);
+    node.set_key(t, alice(), 1, key(1), secs(60)).unwrap();
+    assert!(matches!(
+        d.commit(&mut node, |c| {
+            assert_eq!(c.len(), 1);
+            Ok::<(), ()>(())
+        }),
+        Commit::Written { .. }
+    ));
+    // A failed rotation and a failed removal leave key 1 in place.
+    node.set_key(t, alice(), 2, key(2), secs(60)).unwrap();
+    assert!(node.remove_key(t, &alice()));
+    assert!(matches!(
+        d.commit(&mut node, |_| Err::<(), _>("disk full")),
+        Commit::Failed { .. }
+    ));
+    let k = node.key_state(&alice()).unwrap();
+    assert_eq!((k.id, k.previous.is_none()), (1, true));
+    assert_eq!(node.stats().keys, 1);
+}
