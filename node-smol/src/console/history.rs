@@ -142,11 +142,12 @@ impl History {
 
     /// Records one push->ack latency observed at `at`.
     pub(crate) fn acked(&mut self, at: Instant, latency: Duration) {
-        self.latencies
-            .push_back((at, latency.as_millis().min(u128::from(u64::MAX)) as u64));
-        if self.latencies.len() > MAX_LATENCIES {
+        // Make room first, so the ring never grows past its cap (nor its allocation past it).
+        if self.latencies.len() >= MAX_LATENCIES {
             self.latencies.pop_front();
         }
+        self.latencies
+            .push_back((at, latency.as_millis().min(u128::from(u64::MAX)) as u64));
         self.expire(at);
     }
 
