@@ -5,6 +5,7 @@
 //! All protocol decisions are made by the core; this crate only moves bytes and time.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod admin;
 mod console;

@@ -223,16 +223,13 @@ impl Loop {
     }
 
     fn drain_udp(&mut self) {
-        use std::os::fd::AsRawFd;
-        let fd = self.udp.get_ref().as_raw_fd();
         let mut read = 0;
         while read < UDP_BATCH {
             let now = self.clock.now();
             let node = &mut self.node;
-            match self
-                .udp_batch
-                .recv(fd, |from, data| node.handle_udp(now, from, data))
-            {
+            match self.udp_batch.recv(self.udp.get_ref(), |from, data| {
+                node.handle_udp(now, from, data)
+            }) {
                 Ok(0) => break,
                 Ok(n) => {
                     read += n;

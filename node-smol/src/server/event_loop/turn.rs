@@ -14,7 +14,6 @@ use tracing::{debug, error, info, warn};
 use crate::admin;
 
 use super::super::state::snapshot_now;
-use super::super::udp::MMSG;
 use super::super::ServerError;
 use super::Loop;
 use crate::persist::Fsync;
@@ -106,10 +105,7 @@ impl Loop {
         match t.dest {
             Dest::Udp(a) => {
                 // Queued for one `sendmmsg` at the end of the turn's transmits.
-                let b = &mut self.udp_batch;
-                t.encode(&mut b.tx);
-                b.tx_dest.push((socket2::SockAddr::from(a), b.tx.len()));
-                if b.tx_dest.len() >= MMSG {
+                if self.udp_batch.push(a, |buf| t.encode(buf)) {
                     self.send_udp();
                 }
             }
@@ -120,8 +116,7 @@ impl Loop {
     /// Sends the queued datagrams. UDP is lossy by contract: one the kernel refuses stays
     /// pending and goes out again on the next heartbeat.
     fn send_udp(&mut self) {
-        use std::os::fd::AsRawFd;
-        let failed = self.udp_batch.flush(self.udp.get_ref().as_raw_fd());
+        let failed = self.udp_batch.flush(self.udp.get_ref());
         if failed > 0 {
             self.metrics
                 .udp_send_errors
