@@ -7,6 +7,7 @@
 //! ddpush-bench push --udp ADDR --push ADDR [--clients N] [--sockets S] [--conns C]
 //!                   [--window W] [--secs T] [--server-pid PID]
 //! ddpush-bench seed --data-dir DIR --clients N
+//! ddpush-bench tcp --server PATH/ddpushd [--smoke] [--steps 10000,50000,100000]
 //! ddpush-bench suite --server PATH/ddpushd [--smoke] [--work-dir DIR] [--out FILE]
 //! ddpush-bench report --in FILE --doc docs/BENCHMARKS.md --charts docs/bench
 //! ```
@@ -19,6 +20,7 @@ mod proc;
 mod push;
 mod report;
 mod suite;
+mod tcp;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
         "push" => push_mode(&a),
         "seed" => seed(&a),
         "suite" => suite::run(&a),
+        "tcp" => tcp::run(&a),
         "report" => report::run(&a),
         "check" => check(&a),
         "-h" | "--help" | "help" => {
@@ -93,7 +96,7 @@ fn main() -> ExitCode {
                 "{}",
                 include_str!("main.rs")
                     .lines()
-                    .take(13)
+                    .take(14)
                     .collect::<Vec<_>>()
                     .join("\n")
             );

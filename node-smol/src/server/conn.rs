@@ -1,34 +1,366 @@
-//! TCP connections (device port and push port): one accept task per listener, and per
-//! connection a read task that forwards bytes to the loop and a write task fed by a channel.
+//! TCP connections (device port 9966 and push port 9999), driven by readiness from the loop.
+//!
+//! An open connection is a small [`Conn`] in one map: the registered socket, a waker that names
+//! it, and nothing else while it is idle: no task, no channel, no read buffer, no write queue,
+//! no timer (idle timeouts are the core's). When the reactor reports it readable, its waker
+//! puts its id on the ready list and the loop reads it into one buffer shared by every
+//! connection, handing the bytes straight to the core. Replies and deliveries are written at
+//! once; only what the kernel does not take is kept, in a queue that exists while a write is
+//! pending and is bounded: a peer that stops reading is closed (the stall rule).
+//!
+//! One accept task per listener hands new sockets to the loop ([`Msg::Open`]).
 
+use std::collections::HashMap;
+use std::io::{self, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
-use async_channel::{Receiver, Sender};
+use async_channel::Sender;
 use async_io::{Async, Timer};
-use ddpush_proto::{ConnId, Port};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use ddpush_proto::{ConnId, Node, Port, Time};
+use futures_lite::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
-use super::{Executor, Msg};
+use super::Msg;
 use crate::metrics::Metrics;
 use crate::settings::ServerConfig;
 
-/// Chunks queued for one connection before it counts as stalled and is closed.
-pub(super) const WRITE_QUEUE: usize = 256;
-/// Bytes read from a TCP connection at a time.
-const READ_BUF: usize = 4096;
+/// The buffer every connection is read into (one for all of them).
+const READ_BUF: usize = 64 * 1024;
+/// Reads per connection per wake-up before the others get a turn; a connection that still
+/// has data goes back on the ready list.
+const READS_PER_WAKE: usize = 4;
+/// Bytes the kernel has not taken that one connection may hold before it counts as stalled
+/// and is closed. A device's downstream traffic is a few packets per heartbeat; a pusher's is
+/// one byte per request.
+pub(super) const WRITE_LIMIT: usize = 16 * 1024;
+/// How long a connection closed with bytes still unsent may take to drain them.
+const LINGER: Duration = Duration::from_secs(10);
 
-/// The loop's handle on one open connection.
-pub(super) struct ConnHandle {
-    pub(super) tx: Sender<Vec<u8>>,
-    pub(super) stream: Arc<Async<TcpStream>>,
+/// The ready list: ids of connections whose socket the reactor reported ready.
+#[derive(Default)]
+struct Ready {
+    ids: Mutex<Vec<ConnId>>,
+    /// The loop's waker while it waits.
+    waker: Mutex<Option<Waker>>,
 }
 
+/// The waker of one connection: puts its id on the ready list (once until serviced).
+struct ConnWake {
+    id: ConnId,
+    queued: AtomicBool,
+    ready: Arc<Ready>,
+}
+
+impl Wake for ConnWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.ready.push(self.id);
+        }
+    }
+}
+
+impl Ready {
+    fn push(&self, id: ConnId) {
+        self.ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(id);
+        let w = self
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+/// Bytes the kernel has not taken yet; exists only while a write is pending.
+struct Pending {
+    bytes: Vec<u8>,
+    /// Set when the connection was closed with these bytes still queued.
+    linger_until: Option<Instant>,
+}
+
+/// One open connection.
+struct Conn {
+    stream: Async<TcpStream>,
+    wake: Arc<ConnWake>,
+    out: Option<Box<Pending>>,
+    /// Closed by the core or by the peer: shut down once `out` is written.
+    closing: bool,
+}
+
+/// Every open connection, and the ready list the reactor fills.
+pub(super) struct Conns {
+    map: HashMap<ConnId, Conn>,
+    ready: Arc<Ready>,
+    /// Taken from `ready` for one turn (kept to reuse its allocation).
+    batch: Vec<ConnId>,
+    buf: Box<[u8]>,
+    /// Closed by their peer in this turn: shut down after the turn's writes.
+    peer_closed: Vec<ConnId>,
+    /// Closed connections still draining their queue, checked against `LINGER`.
+    lingering: Vec<ConnId>,
+}
+
+impl Conns {
+    pub(super) fn new() -> Self {
+        Conns {
+            map: HashMap::new(),
+            ready: Arc::new(Ready::default()),
+            batch: Vec::new(),
+            buf: vec![0u8; READ_BUF].into_boxed_slice(),
+            peer_closed: Vec::new(),
+            lingering: Vec::new(),
+        }
+    }
+
+    /// Takes an accepted connection; its first read is attempted in this turn.
+    pub(super) fn insert(&mut self, id: ConnId, stream: Async<TcpStream>) {
+        let wake = Arc::new(ConnWake {
+            id,
+            queued: AtomicBool::new(true),
+            ready: self.ready.clone(),
+        });
+        self.map.insert(
+            id,
+            Conn {
+                stream,
+                wake,
+                out: None,
+                closing: false,
+            },
+        );
+        self.batch.push(id);
+    }
+
+    /// Ready when a connection needs service (for the loop's race).
+    pub(super) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let has = |r: &Ready| {
+            !r.ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        };
+        if !self.batch.is_empty() || has(&self.ready) {
+            return Poll::Ready(());
+        }
+        *self
+            .ready
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+        // A wake-up between the check and the registration must not be missed.
+        if has(&self.ready) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Services every ready connection: writes what is pending, reads what arrived into the
+    /// core (`handle_tcp_data`, `handle_tcp_close`). Returns how many were serviced.
+    pub(super) fn service(&mut self, node: &mut Node, now: Time) -> usize {
+        self.batch.append(
+            &mut self
+                .ready
+                .ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let batch = std::mem::take(&mut self.batch);
+        let mut again = Vec::new();
+        for &id in &batch {
+            let Some(c) = self.map.get_mut(&id) else {
+                continue;
+            };
+            // Cleared before polling, so a wake-up during the poll queues it again.
+            c.wake.queued.store(false, Ordering::Release);
+            let waker = Waker::from(c.wake.clone());
+            let mut cx = Context::from_waker(&waker);
+            let mut gone = drive_out(&c.stream, &mut c.out, &mut cx).is_err();
+            if c.closing {
+                if gone || c.out.is_none() {
+                    self.remove(id);
+                }
+                continue;
+            }
+            let mut reads = 0;
+            while !gone {
+                if reads == READS_PER_WAKE {
+                    c.wake.queued.store(true, Ordering::Release);
+                    again.push(id);
+                    break;
+                }
+                match Pin::new(&mut &c.stream).poll_read(&mut cx, &mut self.buf) {
+                    Poll::Ready(Ok(0)) => gone = true,
+                    Poll::Ready(Ok(n)) => {
+                        reads += 1;
+                        node.handle_tcp_data(now, id, &self.buf[..n]);
+                    }
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Poll::Ready(Err(_)) => gone = true,
+                    Poll::Pending => break,
+                }
+            }
+            if gone {
+                // The replies to what it sent last are written in this turn's flush; the
+                // connection is shut down after that (`finish_closed`).
+                node.handle_tcp_close(now, id);
+                c.closing = true;
+                self.peer_closed.push(id);
+            }
+        }
+        let n = batch.len();
+        self.batch = batch;
+        self.batch.clear();
+        self.batch.append(&mut again);
+        n
+    }
+
+    /// Writes `bytes` to `id` now; what the kernel does not take is queued. Returns false if
+    /// the connection is stalled (it would queue more than [`WRITE_LIMIT`]): it is then shut
+    /// down, and the core hears of it when the loop next services it. Never calls the core:
+    /// this runs while a turn's output is sent.
+    pub(super) fn send(&mut self, id: ConnId, bytes: &[u8]) -> bool {
+        let Some(c) = self.map.get_mut(&id) else {
+            return true;
+        };
+        if let Some(p) = &mut c.out {
+            if p.bytes.len() + bytes.len() > WRITE_LIMIT {
+                self.broken(id);
+                return false;
+            }
+            p.bytes.extend_from_slice(bytes);
+            return true;
+        }
+        let mut off = 0;
+        while off < bytes.len() {
+            match c.stream.get_ref().write(&bytes[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.broken(id);
+                    return true;
+                }
+            }
+        }
+        if off < bytes.len() {
+            if bytes.len() - off > WRITE_LIMIT {
+                self.broken(id);
+                return false;
+            }
+            c.out = Some(Box::new(Pending {
+                bytes: bytes[off..].to_vec(),
+                linger_until: None,
+            }));
+            // Registers interest in writability: the waker queues the connection.
+            let waker = Waker::from(c.wake.clone());
+            if drive_out(&c.stream, &mut c.out, &mut Context::from_waker(&waker)).is_err() {
+                self.broken(id);
+            }
+        }
+        true
+    }
+
+    /// The core closed `id`: shut it down once what is queued for it is written.
+    pub(super) fn close(&mut self, id: ConnId) {
+        if let Some(c) = self.map.get_mut(&id) {
+            c.closing = true;
+            self.finish(id);
+        }
+    }
+
+    /// After a turn's writes: the connections their peer closed in this turn are shut down.
+    pub(super) fn finish_closed(&mut self) {
+        for id in std::mem::take(&mut self.peer_closed) {
+            self.finish(id);
+        }
+    }
+
+    /// Shuts down a closing connection with nothing left to write; one with bytes still
+    /// queued lingers until they are written or [`LINGER`] passes.
+    fn finish(&mut self, id: ConnId) {
+        let Some(c) = self.map.get_mut(&id) else {
+            return;
+        };
+        match &mut c.out {
+            None => self.remove(id),
+            Some(p) if p.linger_until.is_none() => {
+                p.linger_until = Some(Instant::now() + LINGER);
+                self.lingering.push(id);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Drops the connections that lingered past [`LINGER`] with bytes still unsent.
+    pub(super) fn expire_lingering(&mut self) {
+        let now = Instant::now();
+        for id in std::mem::take(&mut self.lingering) {
+            match self.map.get(&id).and_then(|c| c.out.as_ref()) {
+                Some(p) if p.linger_until.is_some_and(|t| t > now) => self.lingering.push(id),
+                Some(_) => self.remove(id),
+                None => {}
+            }
+        }
+    }
+
+    /// A write failed or the peer stalled: shut the socket down and drop what was queued. The
+    /// next service reads end-of-stream and tells the core (`handle_tcp_close`).
+    fn broken(&mut self, id: ConnId) {
+        if let Some(c) = self.map.get_mut(&id) {
+            c.out = None;
+            let _ = c.stream.get_ref().shutdown(Shutdown::Both);
+            if !c.wake.queued.swap(true, Ordering::AcqRel) {
+                self.batch.push(id);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: ConnId) {
+        if let Some(c) = self.map.remove(&id) {
+            let _ = c.stream.get_ref().shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Writes the pending queue until it is empty or the socket would block (then `cx`'s waker is
+/// registered for writability). `Err` means the peer is gone.
+fn drive_out(
+    stream: &Async<TcpStream>,
+    out: &mut Option<Box<Pending>>,
+    cx: &mut Context<'_>,
+) -> Result<(), ()> {
+    while let Some(p) = out {
+        match Pin::new(&mut &*stream).poll_write(cx, &p.bytes) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+            Poll::Ready(Ok(n)) => {
+                p.bytes.drain(..n);
+                if p.bytes.is_empty() {
+                    *out = None;
+                }
+            }
+            Poll::Pending => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// Accepts connections on one listener and hands them to the loop.
 pub(super) async fn accept_loop(
-    ex: Executor,
     l: Async<TcpListener>,
     port: Port,
     tx: Sender<Msg>,
@@ -55,46 +387,18 @@ pub(super) async fn accept_loop(
             continue;
         }
         let _ = stream.get_ref().set_nodelay(true);
-        let stream = Arc::new(stream);
         let conn = next_id.fetch_add(1, Ordering::Relaxed);
         if tx
             .send(Msg::Open {
                 conn,
                 port,
                 peer,
-                stream: stream.clone(),
+                stream,
             })
             .await
             .is_err()
         {
             return;
         }
-        ex.spawn(read_loop(conn, stream, tx.clone())).detach();
     }
-}
-
-async fn read_loop(conn: ConnId, stream: Arc<Async<TcpStream>>, tx: Sender<Msg>) {
-    let mut buf = vec![0u8; READ_BUF];
-    loop {
-        match (&*stream).read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let bytes = buf[..n].to_vec();
-                if tx.send(Msg::Data { conn, bytes }).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-    let _ = tx.send(Msg::Closed { conn }).await;
-}
-
-pub(super) async fn write_loop(stream: Arc<Async<TcpStream>>, rx: Receiver<Vec<u8>>) {
-    while let Ok(b) = rx.recv().await {
-        if (&*stream).write_all(&b).await.is_err() {
-            break;
-        }
-    }
-    // The loop dropped the sender (close after flush) or the peer is gone.
-    let _ = stream.get_ref().shutdown(Shutdown::Both);
 }

@@ -18,7 +18,7 @@ use futures_lite::{future, StreamExt};
 use tracing::{debug, error, info};
 
 use super::clock::Clock;
-use super::conn::{write_loop, ConnHandle, WRITE_QUEUE};
+use super::conn::Conns;
 use super::udp::{UdpBatch, MMSG};
 use super::{Executor, Msg};
 use crate::admin;
@@ -41,6 +41,7 @@ const SPIN: Duration = Duration::from_micros(50);
 
 enum Wake {
     Udp,
+    Conns,
     Msg(Msg),
     Timer,
     Signal,
@@ -55,7 +56,7 @@ pub(super) struct Loop {
     clock: Clock,
     cfg: ServerConfig,
     udp: Async<UdpSocket>,
-    conns: HashMap<ConnId, ConnHandle>,
+    conns: Conns,
     tx: Sender<Msg>,
     metrics: Arc<Metrics>,
     /// The core's turn: commit, then outputs; it decides every acceptance.
@@ -94,7 +95,7 @@ impl Loop {
             next_sync: now + Duration::from_secs(1),
             cfg,
             udp,
-            conns: HashMap::new(),
+            conns: Conns::new(),
             tx,
             metrics: Arc::new(Metrics::default()),
             driver: Driver::new(),
@@ -135,18 +136,24 @@ impl Loop {
                         Wake::Udp
                     },
                     async {
-                        match rx.recv().await {
-                            Ok(m) => Wake::Msg(m),
-                            // Cannot happen while `self.tx` is alive; never a reason to stop.
-                            Err(_) => future::pending().await,
-                        }
+                        future::poll_fn(|cx| self.conns.poll_ready(cx)).await;
+                        Wake::Conns
                     },
                 ),
                 future::or(
-                    async {
-                        Timer::at(deadline).await;
-                        Wake::Timer
-                    },
+                    future::or(
+                        async {
+                            match rx.recv().await {
+                                Ok(m) => Wake::Msg(m),
+                                // Cannot happen while `self.tx` is alive; never a reason to stop.
+                                Err(_) => future::pending().await,
+                            }
+                        },
+                        async {
+                            Timer::at(deadline).await;
+                            Wake::Timer
+                        },
+                    ),
                     future::or(
                         async {
                             signals.next().await;
@@ -165,7 +172,7 @@ impl Loop {
                 ),
             );
             // For a moment after a busy turn, poll every source without sleeping and yield to
-            // the connection tasks in between: the next request of a one-at-a-time pusher
+            // the reactor and the other tasks in between: the next request of a one-at-a-time pusher
             // usually arrives within microseconds, and waking an idle core costs more than the
             // spin. Every source stays in the race, so nothing is starved while spinning.
             let wake = if Instant::now() < spin_until {
@@ -179,14 +186,15 @@ impl Loop {
             } else {
                 race.await
             };
-            let mut tcp_turn = matches!(wake, Wake::Msg(_));
+            let mut tcp_turn = matches!(wake, Wake::Msg(_) | Wake::Conns);
             match wake {
                 Wake::Signal => return super::Stop::Graceful,
                 Wake::Stop(how) => return how,
-                // A message wake skips the UDP drain: the race above polls the socket first on
-                // every turn, so pending datagrams win the next one, and a push round trip
-                // saves a syscall that would only say "would block".
+                // A connection or message wake skips the UDP drain: the race above polls the
+                // socket first on every turn, so pending datagrams win the next one, and a push
+                // round trip saves a syscall that would only say "would block".
                 Wake::Msg(m) => self.on_msg(m),
+                Wake::Conns => {}
                 Wake::Udp | Wake::Timer => self.drain_udp(),
             }
             for _ in 0..MSG_BATCH {
@@ -199,6 +207,9 @@ impl Loop {
                 }
             }
             let now = self.clock.now();
+            if self.conns.service(&mut self.node, now) > 0 {
+                tcp_turn = true;
+            }
             self.node.handle_timeout(now);
             self.maintenance();
             self.flush();
@@ -255,17 +266,10 @@ impl Loop {
                 stream,
             } => {
                 if self.node.handle_tcp_open(now, conn, port, peer) {
-                    let (tx, rx) = async_channel::bounded(WRITE_QUEUE);
-                    self.spawn(write_loop(stream.clone(), rx));
-                    self.conns.insert(conn, ConnHandle { tx, stream });
+                    self.conns.insert(conn, stream);
                 } else {
                     let _ = stream.get_ref().shutdown(Shutdown::Both);
                 }
-            }
-            Msg::Data { conn, bytes } => self.node.handle_tcp_data(now, conn, &bytes),
-            Msg::Closed { conn } => {
-                self.node.handle_tcp_close(now, conn);
-                self.conns.remove(&conn);
             }
             Msg::SnapshotDone { gen, result } => {
                 self.snapshot_in_flight = false;
@@ -309,6 +313,7 @@ impl Loop {
         let now = Instant::now();
         if now >= self.next_sync {
             self.next_sync = now + Duration::from_secs(1);
+            self.conns.expire_lingering();
             self.metrics
                 .sample_history(self.clock.now(), self.node.stats());
             if self.cfg.fsync == Fsync::Interval {

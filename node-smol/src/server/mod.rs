@@ -72,14 +72,7 @@ pub(crate) enum Msg {
         conn: ConnId,
         port: Port,
         peer: SocketAddr,
-        stream: Arc<Async<TcpStream>>,
-    },
-    Data {
-        conn: ConnId,
-        bytes: Vec<u8>,
-    },
-    Closed {
-        conn: ConnId,
+        stream: Async<TcpStream>,
     },
     SnapshotDone {
         gen: u64,
@@ -172,7 +165,6 @@ pub fn run_with(
     let mut tasks = Vec::new();
     if let Some(l) = tcp {
         tasks.push(ex.spawn(accept_loop(
-            ex.clone(),
             Async::new(l)?,
             Port::Device,
             tx.clone(),
@@ -182,7 +174,6 @@ pub fn run_with(
         )));
     }
     tasks.push(ex.spawn(accept_loop(
-        ex.clone(),
         Async::new(push)?,
         Port::Push,
         tx.clone(),

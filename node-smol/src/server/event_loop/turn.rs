@@ -3,11 +3,9 @@
 //! and events. The driver, not this file, decides whether a push was accepted: a failed write
 //! turns every push of the turn into `0xFF` / HTTP 503 before anything leaves.
 
-use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use async_channel::TrySendError;
 use ddpush_proto::{Change, Commit, Dest, Event, Transmit};
 use tracing::{debug, error, info, warn};
 
@@ -79,23 +77,17 @@ impl Loop {
         }
         self.send_udp();
         for (conn, bytes) in self.tcp_out.drain() {
-            if let Some(h) = self.conns.get(&conn) {
-                match h.tx.try_send(bytes) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => {
-                        // A peer that does not read its replies: drop it rather than buffer
-                        // without bound or stall anyone else.
-                        self.metrics.stalled_closed.fetch_add(1, Ordering::Relaxed);
-                        let _ = h.stream.get_ref().shutdown(Shutdown::Both);
-                    }
-                    Err(TrySendError::Closed(_)) => {}
-                }
+            if !self.conns.send(conn, &bytes) {
+                // A peer that does not read what it is sent: closed rather than buffered
+                // without bound.
+                self.metrics.stalled_closed.fetch_add(1, Ordering::Relaxed);
             }
         }
         while let Some(conn) = self.node.poll_close() {
-            // Dropping the sender lets the writer flush what is queued, then shut down.
-            self.conns.remove(&conn);
+            // Shut down once what is queued for it is written.
+            self.conns.close(conn);
         }
+        self.conns.finish_closed();
         while let Some(e) = self.node.poll_event() {
             log_event(&e);
         }
