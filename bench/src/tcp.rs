@@ -12,7 +12,9 @@
 //! `uuid_of(TCP_BASE + i)`; UDP devices keep `uuid_of(i)`.
 //!
 //! The generator raises its own fd limit (the server inherits it); the server's defaults are
-//! untouched.
+//! untouched. Every connection is one fd in each process, so where the hard limit cannot be
+//! raised (a container without CAP_SYS_RESOURCE) the steps stop 1,000 below it and the output
+//! says so (`clamped_by_fd_limit`).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
@@ -503,8 +505,15 @@ fn ddpushd(bin: &Path, dir: &Path) -> Command {
 
 /// Runs the TCP section against `bin` and returns its figures.
 pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> {
-    let max = sc.steps.iter().copied().max().unwrap_or(0);
-    let nofile = raise_nofile(2 * max + sc.push_idle * 2 + 20_000);
+    let want = sc.steps.iter().copied().max().unwrap_or(0);
+    let nofile = raise_nofile(want + 2_000);
+    // Each connection is one fd in the server and one here. Where the hard limit cannot be
+    // raised (no CAP_SYS_RESOURCE), the steps stop below it and say so.
+    let cap = nofile.saturating_sub(1_000);
+    let mut steps: Vec<u64> = sc.steps.iter().map(|&s| s.min(cap)).collect();
+    steps.dedup();
+    let clamped = want > cap;
+    let max = steps.iter().copied().max().unwrap_or(0);
     let dir = work.join("tcp");
     let _ = std::fs::remove_dir_all(&dir);
     let srv: Server = proc::spawn(ddpushd(bin, &dir), Duration::from_secs(60))?;
@@ -517,7 +526,7 @@ pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> 
     let errors = AtomicU64::new(0);
     let mut conns: Vec<TcpStream> = Vec::new();
     let mut points = vec![json!({ "conns": 0, "rss": rss0, "kernel": k0 })];
-    for &n in &sc.steps {
+    for &n in &steps {
         let have = conns.len() as u64;
         let t = Instant::now();
         conns.extend(open_devices(target, have, n, sc.sources, &errors));
@@ -547,7 +556,7 @@ pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> 
     let last = points.len() - 1;
     let per_conn = (rss_at(last) - rss_at(0)) / max.max(1) as f64;
     let marginal = if last >= 2 {
-        (rss_at(last) - rss_at(1)) / (max - sc.steps[0]).max(1) as f64
+        (rss_at(last) - rss_at(1)) / (max - steps[0]).max(1) as f64
     } else {
         per_conn
     };
@@ -580,29 +589,31 @@ pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> 
     );
     let rss_loaded = proc::rss(srv.pid()).unwrap_or(0);
 
-    // Idle push connections (port 9999): memory per connection.
+    drop(conns);
+    let _ = srv.terminate(Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Idle push connections (port 9999), on a fresh server: memory per connection.
+    let push_idle = sc.push_idle.min(cap);
+    let srv: Server = proc::spawn(ddpushd(bin, &dir), Duration::from_secs(60))?;
+    let admin = srv.admin.ok_or("ddpushd printed no admin address")?;
+    let push_addr = srv.push.ok_or("ddpushd printed no push address")?;
+    std::thread::sleep(Duration::from_millis(300));
     let before = proc::rss(srv.pid()).unwrap_or(0);
-    let base = gauge(admin, PUSH_CONNS);
-    let mut pushers = Vec::with_capacity(sc.push_idle as usize);
-    for i in 0..sc.push_idle {
-        match connect_from(src_addr(i, 1), push_addr) {
+    let mut pushers = Vec::with_capacity(push_idle as usize);
+    for i in 0..push_idle {
+        match connect_from(src_addr(i, sc.sources), push_addr) {
             Ok(s) => pushers.push(s),
             Err(_) => {
                 errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    wait_for(
-        admin,
-        PUSH_CONNS,
-        base + sc.push_idle as f64,
-        Duration::from_secs(60),
-    );
+    wait_for(admin, PUSH_CONNS, push_idle as f64, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(1000));
     let after = proc::rss(srv.pid()).unwrap_or(0);
-    let push_per_conn = (after as f64 - before as f64) / sc.push_idle.max(1) as f64;
+    let push_per_conn = (after as f64 - before as f64) / push_idle.max(1) as f64;
     drop(pushers);
-    drop(conns);
     let _ = srv.terminate(Duration::from_secs(60));
     let _ = std::fs::remove_dir_all(&dir);
     let f = |v: &Value, p: &[&str]| {
@@ -614,6 +625,7 @@ pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> 
     };
     let figures = json!({
         "tcp_conns": max,
+        "tcp_conns_clamped_by_fd_limit": clamped,
         "tcp_bytes_per_idle_conn": per_conn,
         "tcp_bytes_per_idle_conn_marginal": marginal,
         "tcp_connect_per_s": points[last]["connect_per_s"],
@@ -630,6 +642,7 @@ pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> 
     });
     Ok(json!({
         "nofile": nofile,
+        "steps": steps,
         "sources": sc.sources,
         "connect_errors": errors.load(Ordering::Relaxed),
         "points": points,
@@ -641,7 +654,9 @@ pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> 
         "udp_heartbeats": udp_hb,
         "tcp_push_16x1": tcp_push,
         "udp_push_16x1": udp_push,
-        "push_idle_conns": sc.push_idle,
+        "push_idle_conns": push_idle,
+        "steps_requested": sc.steps,
+        "clamped_by_fd_limit": clamped,
         "push_bytes_per_idle_conn": push_per_conn,
         "figures": figures,
     }))

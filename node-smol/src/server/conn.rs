@@ -11,7 +11,7 @@
 //! One accept task per listener hands new sockets to the loop ([`Msg::Open`]).
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use async_channel::Sender;
 use async_io::{Async, Timer};
 use ddpush_proto::{ConnId, Node, Port, Time};
-use futures_lite::{AsyncRead, AsyncWrite};
+use futures_lite::AsyncWrite;
 use tracing::{debug, warn};
 
 use super::Msg;
@@ -203,15 +203,30 @@ impl Conns {
                     again.push(id);
                     break;
                 }
-                match Pin::new(&mut &c.stream).poll_read(&mut cx, &mut self.buf) {
-                    Poll::Ready(Ok(0)) => gone = true,
-                    Poll::Ready(Ok(n)) => {
+                match c.stream.get_ref().read(&mut self.buf) {
+                    Ok(0) => gone = true,
+                    Ok(n) => {
                         reads += 1;
                         node.handle_tcp_data(now, id, &self.buf[..n]);
+                        // A short read drained the socket (almost always: devices send 21..29
+                        // bytes at a time): re-arm instead of reading again only to hear
+                        // "would block". The first poll reports the wake-up that brought us
+                        // here; the second registers the waker (and reports data that came
+                        // in between, if any).
+                        if n < self.buf.len()
+                            && !(c.stream.poll_readable(&mut cx).is_ready()
+                                && c.stream.poll_readable(&mut cx).is_ready())
+                        {
+                            break;
+                        }
                     }
-                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Poll::Ready(Err(_)) => gone = true,
-                    Poll::Pending => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if c.stream.poll_readable(&mut cx).is_pending() {
+                            break;
+                        }
+                    }
+                    Err(_) => gone = true,
                 }
             }
             if gone {

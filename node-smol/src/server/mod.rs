@@ -30,7 +30,7 @@ use tracing::info;
 use crate::admin::{self, AdminRequest};
 use crate::persist::{Disk, OsDisk, PersistError};
 use crate::settings::{AdminListen, ServerConfig};
-use bind::{bind_device, bind_tcp};
+use bind::{bind_device, bind_tcp, PUSH_BUFFERS};
 use clock::Clock;
 use conn::accept_loop;
 use event_loop::Loop;
@@ -125,9 +125,9 @@ pub fn run_with(
     let clock = Clock::new();
     let (udp, tcp) = bind_device(cfg.listen, cfg.udp_buffer, cfg.device_tcp)?;
     let udp_addr = udp.local_addr()?;
-    let push = bind_tcp("push TCP", cfg.push_listen)?;
+    let push = bind_tcp("push TCP", cfg.push_listen, Some(PUSH_BUFFERS))?;
     let admin_l = match cfg.admin_listen {
-        AdminListen::Addr(a) => Some(bind_tcp("admin HTTP", a)?),
+        AdminListen::Addr(a) => Some(bind_tcp("admin HTTP", a, None)?),
         AdminListen::None => None,
     };
     // Signals are registered before loading so a SIGTERM during a long load is not lost.
