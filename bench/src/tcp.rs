@@ -228,8 +228,9 @@ fn open_devices(
 
 /// Every connection heartbeats as fast as two writer threads go, for `secs`; the rate is
 /// the server's own count.
-fn tcp_heartbeats(admin: SocketAddr, conns: &[TcpStream], base: u64, secs: f64) -> Value {
+fn tcp_heartbeats(admin: SocketAddr, pid: u32, conns: &[TcpStream], base: u64, secs: f64) -> Value {
     let hb0 = gauge(admin, "ddpush_heartbeats_total");
+    let c0 = proc::cpu_secs(pid).unwrap_or(f64::NAN);
     let sent = AtomicU64::new(0);
     let t = Instant::now();
     let until = t + Duration::from_secs_f64(secs);
@@ -260,9 +261,12 @@ fn tcp_heartbeats(admin: SocketAddr, conns: &[TcpStream], base: u64, secs: f64) 
     // Let the server finish what is in its sockets before it is counted.
     std::thread::sleep(Duration::from_millis(300));
     let hb1 = gauge(admin, "ddpush_heartbeats_total");
+    let cpu = proc::cpu_secs(pid).unwrap_or(f64::NAN) - c0;
     let sent = sent.load(Ordering::Relaxed);
     json!({
         "secs": secs,
+        "server_cpu_s": cpu,
+        "server_cpu_us_per_heartbeat": cpu / (hb1 - hb0).max(1.0) * 1e6,
         "sent": sent,
         "sent_per_s": sent as f64 / secs.max(1e-9),
         "processed": hb1 - hb0,
@@ -272,8 +276,9 @@ fn tcp_heartbeats(admin: SocketAddr, conns: &[TcpStream], base: u64, secs: f64) 
 
 /// UDP devices `0..n` heartbeating closed loop (policy always) on the same server; the
 /// server's count is reported too.
-fn udp_heartbeats(admin: SocketAddr, fleet: &Fleet, n: u64, secs: f64) -> Value {
+fn udp_heartbeats(admin: SocketAddr, pid: u32, fleet: &Fleet, n: u64, secs: f64) -> Value {
     let hb0 = gauge(admin, "ddpush_heartbeats_total");
+    let c0 = proc::cpu_secs(pid).unwrap_or(f64::NAN);
     let r = devices::drive(
         fleet,
         &Drive {
@@ -287,8 +292,11 @@ fn udp_heartbeats(admin: SocketAddr, fleet: &Fleet, n: u64, secs: f64) -> Value 
     );
     std::thread::sleep(Duration::from_millis(300));
     let hb1 = gauge(admin, "ddpush_heartbeats_total");
+    let cpu = proc::cpu_secs(pid).unwrap_or(f64::NAN) - c0;
     json!({
         "run": r.json(),
+        "server_cpu_s": cpu,
+        "server_cpu_us_per_heartbeat": cpu / (hb1 - hb0).max(1.0) * 1e6,
         "processed": hb1 - hb0,
         "processed_per_s": (hb1 - hb0) / r.secs.max(1e-9),
     })
@@ -568,10 +576,10 @@ pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> 
     });
 
     // Throughput: TCP, then UDP devices (as many) on the same server.
-    let tcp_hb = tcp_heartbeats(admin, &conns, 0, sc.secs);
+    let tcp_hb = tcp_heartbeats(admin, srv.pid(), &conns, 0, sc.secs);
     let fleet = Fleet::new(srv.udp, 4).map_err(|e| e.to_string())?;
     devices::register(&fleet, "udp register (tcp run)", 0, max);
-    let udp_hb = udp_heartbeats(admin, &fleet, max, sc.secs);
+    let udp_hb = udp_heartbeats(admin, srv.pid(), &fleet, max, sc.secs);
 
     // Latency: hot devices of each kind, 16 one-at-a-time pushers.
     let hot = (sc.hot as usize).min(conns.len());
@@ -631,6 +639,8 @@ pub fn section(bin: &Path, work: &Path, sc: &TcpScale) -> Result<Value, String> 
         "tcp_connect_per_s": points[last]["connect_per_s"],
         "tcp_heartbeats_per_s": f(&tcp_hb, &["processed_per_s"]),
         "udp_heartbeats_per_s_same_run": f(&udp_hb, &["processed_per_s"]),
+        "tcp_cpu_us_per_heartbeat": f(&tcp_hb, &["server_cpu_us_per_heartbeat"]),
+        "udp_cpu_us_per_heartbeat_same_run": f(&udp_hb, &["server_cpu_us_per_heartbeat"]),
         "tcp_push_latency_p50_us": f(&tcp_push, &["latency", "p50_us"]),
         "tcp_push_latency_p99_us": f(&tcp_push, &["latency", "p99_us"]),
         "tcp_pushes_per_s_16x1": f(&tcp_push, &["pushes_per_s"]),

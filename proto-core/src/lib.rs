@@ -38,6 +38,7 @@ pub mod codec;
 pub mod config;
 pub mod counters;
 pub mod driver;
+mod idle;
 pub mod limits;
 mod node;
 pub mod output;

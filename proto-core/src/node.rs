@@ -3,8 +3,7 @@
 
 mod signed;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 
 use foldhash::fast::FixedState;
@@ -16,6 +15,7 @@ use crate::codec::{
 };
 use crate::config::{Config, ConfigError, ReplyPolicy};
 use crate::counters::{counter_key, CounterKey};
+use crate::idle::IdleWheel;
 use crate::limits::{Limited, Limiter};
 use crate::output::{CloseReason, Dest, Event, Payload, Stats, Transmit, Transport};
 use crate::record::{flag, Record, K_NOTIFY, K_PAYLOAD};
@@ -86,7 +86,7 @@ pub struct Node {
     limiter: Limiter,
     conns: HashMap<ConnId, Conn, FixedState>,
     conns_per_ip: HashMap<(IpAddr, Port), u32, FixedState>,
-    idle: BinaryHeap<Reverse<(Time, ConnId)>>,
+    idle: IdleWheel,
     transmits: VecDeque<Transmit>,
     closes: VecDeque<ConnId>,
     events: VecDeque<Event>,
@@ -136,7 +136,7 @@ impl Node {
             limiter: Limiter::new(cfg.limits.clone(), seed),
             conns: HashMap::with_hasher(FixedState::with_seed(seed ^ 7)),
             conns_per_ip: HashMap::with_hasher(FixedState::with_seed(seed ^ 8)),
-            idle: BinaryHeap::new(),
+            idle: IdleWheel::new(),
             transmits: VecDeque::new(),
             closes: VecDeque::new(),
             events: VecDeque::new(),
@@ -248,8 +248,7 @@ impl Node {
         );
         *self.conns_per_ip.entry((peer.ip(), port)).or_insert(0) += 1;
         self.stats.conns.incr(port);
-        self.idle
-            .push(Reverse((self.now + self.idle_timeout(port), conn)));
+        self.idle.schedule(conn, self.now + self.idle_timeout(port));
         true
     }
 
@@ -374,7 +373,7 @@ impl Node {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Time> {
         let wheel = self.wheel.next_due().map(|s| Time::from_secs(u64::from(s)));
-        let idle = self.idle.peek().map(|Reverse((t, _))| *t);
+        let idle = self.idle.next_due();
         let sweep = (self.reg.len() > 0).then_some(self.next_sweep);
         [wheel, idle, sweep].into_iter().flatten().min()
     }
@@ -982,11 +981,9 @@ impl Node {
         due.clear();
         self.scratch = due;
 
-        while let Some(Reverse((t, conn))) = self.idle.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.idle.pop();
+        let mut idle = Vec::new();
+        self.idle.expire(now, &mut idle);
+        for conn in idle {
             let Some(c) = self.conns.get(&conn) else {
                 continue;
             };
@@ -995,7 +992,7 @@ impl Node {
                 self.stats.conns_idle += 1;
                 self.close(conn, CloseReason::Idle);
             } else {
-                self.idle.push(Reverse((deadline, conn)));
+                self.idle.schedule(conn, deadline);
             }
         }
 
