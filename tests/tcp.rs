@@ -146,3 +146,22 @@ fn acks_and_pushes_on_an_attached_connection_after_reconnects() {
         );
     }
 }
+
+#[test]
+fn the_default_per_ip_cap_admits_a_nat_full_of_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(dir.path(), &["--admin-listen", "127.0.0.1:0"]);
+    let admin = srv.admin.unwrap();
+    // 600 devices behind one address (more than the old cap of 256), all from 127.0.0.1.
+    let mut conns: Vec<TcpStream> = (0..600).map(|_| srv.device_tcp()).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&up_for(i as u64, 0x00, &[])).unwrap();
+    }
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while metric(admin, r#"ddpush_tcp_connections{port="device"}"#) < 600.0 {
+        assert!(Instant::now() < deadline, "all 600 connections accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(admin, "ddpush_tcp_refused_total"), 0.0);
+    assert_eq!(metric(admin, "ddpush_clients"), 600.0);
+}

@@ -172,6 +172,16 @@ pub const FIGURE_KEYS: &[&str] = &[
     "overload_rss_growth",
     "pushes_per_s_fsync_always",
     "pushes_per_fsync",
+    "tcp_conns",
+    "tcp_bytes_per_idle_conn",
+    "tcp_connect_per_s",
+    "tcp_heartbeats_per_s",
+    "udp_heartbeats_per_s_same_run",
+    "tcp_push_latency_p50_us",
+    "tcp_push_latency_p99_us",
+    "udp_push_latency_p50_us_same_run",
+    "udp_push_latency_p99_us_same_run",
+    "push_bytes_per_idle_conn",
 ];
 
 /// `check --in FILE`: the last line of FILE is a suite result with every figure present.
@@ -199,6 +209,7 @@ fn check(a: &Args) -> Result<Value, String> {
         "push",
         "fsync_always",
         "memory",
+        "tcp",
     ] {
         if v.get(k).is_none() {
             return Err(format!("key {k} missing"));

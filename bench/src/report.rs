@@ -135,6 +135,69 @@ pub fn table(r: &Value) -> String {
         "-".into(),
         "reported",
     );
+    let n = x("tcp_conns");
+    let at = if g["tcp_conns_clamped_by_fd_limit"].as_bool() == Some(true) {
+        format!("{n:.0} (the fd hard limit stops it there)")
+    } else {
+        format!("{n:.0}")
+    };
+    row(
+        &format!("resident memory per idle TCP device connection (RSS / connections, at {at})"),
+        "<= 2,048 B at 100,000",
+        format!(
+            "{:.0} B (marginal {:.0} B)",
+            x("tcp_bytes_per_idle_conn"),
+            x("tcp_bytes_per_idle_conn_marginal")
+        ),
+        "-".into(),
+        if x("tcp_bytes_per_idle_conn") > 2048.0 {
+            "**unmet**"
+        } else if n >= 100_000.0 {
+            "met"
+        } else {
+            "met below 100k; **100k not measured**"
+        },
+    );
+    row(
+        "resident memory per idle push connection (port 9999)",
+        "report",
+        format!("{:.0} B", x("push_bytes_per_idle_conn")),
+        "-".into(),
+        "reported",
+    );
+    row(
+        "TCP device connections opened and registered per second",
+        "report",
+        fmt_rate(x("tcp_connect_per_s")),
+        "-".into(),
+        "reported",
+    );
+    row(
+        "heartbeats/s over TCP, all connections (server count); UDP on the same server",
+        "report, next to UDP",
+        format!(
+            "TCP {} ({:.2} us CPU each); UDP {} ({:.2} us CPU each)",
+            fmt_rate(x("tcp_heartbeats_per_s")),
+            x("tcp_cpu_us_per_heartbeat"),
+            fmt_rate(x("udp_heartbeats_per_s_same_run")),
+            x("udp_cpu_us_per_heartbeat_same_run")
+        ),
+        "-".into(),
+        "reported",
+    );
+    row(
+        "push -> delivery latency with the TCP devices connected, 16x1",
+        "report, next to UDP",
+        format!(
+            "TCP p50 {:.0} us, p99 {:.0} us; UDP p50 {:.0} us, p99 {:.0} us",
+            x("tcp_push_latency_p50_us"),
+            x("tcp_push_latency_p99_us"),
+            x("udp_push_latency_p50_us_same_run"),
+            x("udp_push_latency_p99_us_same_run")
+        ),
+        "-".into(),
+        "reported",
+    );
     s
 }
 

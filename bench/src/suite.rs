@@ -351,6 +351,8 @@ pub fn run(a: &Args) -> Result<Value, String> {
         "rss_after_restart": rss_restarted,
         "snapshot_bytes": snapshot_bytes,
     });
+    // 5. TCP devices at scale, with UDP figures from the same server next to them.
+    let tcp = crate::tcp::section(&bin, &work, &crate::tcp::TcpScale::new(a.has("smoke")))?;
     let _ = std::fs::remove_dir_all(&work);
 
     let best = |runs: &[Value]| {
@@ -397,6 +399,10 @@ pub fn run(a: &Args) -> Result<Value, String> {
         "pushes_per_s_fsync_always": f(&fsync, &["run", "pushes_per_s"]),
         "pushes_per_fsync": fsync["pushes_per_fsync"],
     });
+    let mut figures = figures;
+    if let (Some(all), Some(t)) = (figures.as_object_mut(), tcp["figures"].as_object()) {
+        all.extend(t.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     Ok(json!({
         "mode": "suite",
         "smoke": a.has("smoke"),
@@ -410,6 +416,7 @@ pub fn run(a: &Args) -> Result<Value, String> {
         "push": { "pipelined_1x64": pipelined, "serial_1": serial1, "serial_16": serial16, "server_cpu_s": push_cpu },
         "fsync_always": fsync,
         "memory": memory,
+        "tcp": tcp,
     }))
 }
 

@@ -245,7 +245,7 @@ pub struct Settings {
     /// Most concurrent TCP connections, both ports [default: 100000]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u32>,
-    /// Most concurrent TCP connections from one IP, per port [default: 256]
+    /// Most concurrent TCP connections from one IP, per port [default: 4096]
     #[arg(long, value_name = "N")]
     pub max_connections_per_ip: Option<u32>,
     /// UDP socket send and receive buffer size in bytes [default: 33554432]

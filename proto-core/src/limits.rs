@@ -36,7 +36,8 @@ pub struct Limits {
     pub amp_period: Duration,
     /// Slots in each limiter table (rounded up to a power of two).
     pub table_size: usize,
-    /// Concurrent TCP connections from one IP, per port.
+    /// Concurrent TCP connections from one IP, per port (docs/SECURITY.md says why 4096: a
+    /// carrier or office NAT puts thousands of devices behind one address).
     pub conns_per_ip: u32,
     /// Concurrent TCP connections in all.
     pub max_conns: u32,
@@ -54,7 +55,7 @@ impl Default for Limits {
             amp_burst: 16 * 1024,
             amp_period: Duration::from_secs(10),
             table_size: 1 << 16,
-            conns_per_ip: 256,
+            conns_per_ip: 4096,
             max_conns: 100_000,
         }
     }
