@@ -24,8 +24,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushReply, PushRequest};
+use ddpush_proto::{
+    Content, DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushReply, PushRequest,
+};
 use serde_json::{json, Value};
 
 use crate::devices::{self, uuid_of, Drive, Fleet, Pace};
@@ -443,10 +444,13 @@ fn tcp_push_latency(push: SocketAddr, hot: &[TcpStream], conns: usize, secs: f64
                         p.extend_from_slice(&dev.to_be_bytes());
                         p.extend_from_slice(&t.to_be_bytes());
                         out.clear();
+                        let Ok(content) = Content::new(p) else {
+                            return; // 24 bytes always fit; nothing else to do if not
+                        };
                         PushRequest {
                             app_id: 1,
                             uuid: uuid_of(TCP_BASE + dev),
-                            msg: PushMsg::Payload(Bytes::from(p)),
+                            msg: PushMsg::Payload(content),
                         }
                         .encode(&mut out);
                         let mut r = [0u8; 1];
