@@ -22,12 +22,8 @@ fn up_for(i: u64, cmd: u8, content: &[u8]) -> Vec<u8> {
 
 /// The value of one sample in the admin endpoint's /metrics.
 fn metric(admin: std::net::SocketAddr, name: &str) -> f64 {
-    let mut s = TcpStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
+    let (status, out) = http(admin, "GET", "/metrics", None, "");
+    assert_eq!(status, 200, "{out}");
     out.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .unwrap_or_else(|| panic!("metric {name} missing"))
