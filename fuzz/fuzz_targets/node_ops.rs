@@ -11,9 +11,14 @@
 //!    pending state equals it for every uuid. The model only forgets an item on a `Cleared`
 //!    change that an ack in the same operation justifies, or on `Removed` (expiry/operator).
 //! 2. **0x11 bits are cleared only by acks that carry them**; 0x10/0x20 only by an ack of the
-//!    same kind from the same uuid. A well-behaved ack (one ack per send, within
-//!    `ack_horizon` of it, which is what the node promises to handle) must never clear a
-//!    newer version than the one that send carried (PROTOCOL.md 8.2).
+//!    same kind from the same uuid. While every accepted ack of a (uuid, kind) is well-behaved
+//!    (the conditions of `ddpush_proto::ack`, docs/PROTOCOL-NOTES.md: one ack per send, on the
+//!    path the send went to, not after a heartbeat that came more than `ack_window` after the
+//!    send, no address change or restart since the send), a 0x10/0x20 is cleared only if the
+//!    device has acked a send of its current version, i.e. has seen it (PROTOCOL.md 8.2).
+//!    `AckOf` acks any earlier send in any order, so a push between a send and its ack, acks
+//!    reordered among themselves, one ack after several re-sends and sends lost for good are
+//!    all generated; acks from another address than the recorded one must clear nothing.
 //! 3. **restore(snapshot) + replay(journal) equals the live state**, and restoring emits no
 //!    changes; a restart continues from the restored node.
 //! 4. **Outputs are well-formed**: every packet decodes and re-encodes to the same bytes; 0x11
@@ -49,7 +54,8 @@ struct Input {
 struct Cfg {
     policy: u8,
     limits: bool,
-    horizon_s: u8,
+    /// The ack window in 10 ms steps (0..=1 s).
+    window_10ms: u8,
     max_clients: u8,
     create_on_heartbeat: bool,
     interval_s: u8,
@@ -173,7 +179,7 @@ fn config(c: &Cfg) -> Config {
         create_on_heartbeat: c.create_on_heartbeat,
         idle_expiry: Duration::from_secs(u64::from(c.idle_expiry_s % 4000)),
         pending_ttl: Duration::from_secs(u64::from(c.pending_ttl_s % 4000)),
-        ack_horizon: Duration::from_secs(u64::from(c.horizon_s % 31)),
+        ack_window: Duration::from_millis(10 * u64::from(c.window_10ms % 101)),
         device_tcp_idle: Duration::from_secs(1 + u64::from(c.device_idle_s % 900)),
         push_tcp_idle: Duration::from_secs(1 + u64::from(c.push_idle_s % 900)),
         hash_seed: 0x5eed,
@@ -217,6 +223,9 @@ struct Send {
     at: Time,
     dest: Dest,
     acked: bool,
+    /// Address changes of the uuid and restarts of the node before the send.
+    epoch: u64,
+    restarts: u64,
 }
 
 struct ConnState {
@@ -246,6 +255,11 @@ struct Harness {
     versions: BTreeMap<(Uuid, u8), u64>,
     sends: Vec<Send>,
     tainted: HashSet<(Uuid, u8)>,
+    /// Latest heartbeat per uuid (any path; counted even if the node then dropped it).
+    hb_at: BTreeMap<Uuid, Time>,
+    /// Recorded UDP address per uuid, and how often it changed.
+    addrs: BTreeMap<Uuid, (Option<SocketAddr>, u64)>,
+    restarts: u64,
 }
 
 fn kidx(k: Kind) -> u8 {
@@ -265,6 +279,11 @@ struct Ctx {
     accepted: Vec<(Uuid, PushMsg)>,
     /// Index of the send a well-behaved ack answers.
     ack_of: Option<usize>,
+    /// Acks that came from another address than the uuid's recorded one: the node must not
+    /// count them, so they do not make later checks unreliable.
+    off_path: Vec<(Uuid, Kind)>,
+    /// Uuids that sent a heartbeat in this operation.
+    heartbeats: Vec<Uuid>,
     /// A single heartbeat: (uuid, app id, where answers go).
     heartbeat: Option<(Uuid, u8, Dest)>,
     /// A single push: its uuid.
@@ -287,6 +306,9 @@ impl Harness {
             versions: BTreeMap::new(),
             sends: Vec::new(),
             tainted: HashSet::new(),
+            hb_at: BTreeMap::new(),
+            addrs: BTreeMap::new(),
+            restarts: 0,
         }
     }
 
@@ -451,6 +473,10 @@ impl Harness {
                 };
                 let mut b = Vec::new();
                 p.encode(&mut b);
+                let recorded = self.node.record(&p.uuid).and_then(|r| r.addr);
+                if recorded != Some(addr(*from)) {
+                    ctx.off_path.push((p.uuid, ack_kind(&p.msg)));
+                }
                 self.node.handle_udp(self.now, addr(*from), &b);
                 note_device(&p, &mut ctx);
             }
@@ -460,11 +486,21 @@ impl Harness {
                 }
                 let i = usize::from(*send) % self.sends.len();
                 let s = self.sends[i].clone();
-                let horizon = self.cfg.ack_horizon;
-                let late = self.now >= s.at + horizon;
-                if s.acked || late {
-                    // Beyond what the node promises to disambiguate: the device acked twice,
-                    // or the ack took longer than the horizon. Loss is then by design.
+                // The conditions of the ack rule (docs/PROTOCOL-NOTES.md, B-E; A below).
+                let fenced = self
+                    .hb_at
+                    .get(&s.uuid)
+                    .is_some_and(|&h| h > s.at + self.cfg.ack_window);
+                let moved = self.addrs.get(&s.uuid).map_or(0, |a| a.1) != s.epoch;
+                let tcp_gone = match s.dest {
+                    Dest::Tcp(id) => !(*tcp && self.conns.iter().any(|c| c.id == id)),
+                    Dest::Udp(_) => false,
+                };
+                if s.acked || fenced || moved || s.restarts != self.restarts || tcp_gone {
+                    // Beyond what the node promises to attribute exactly: the device acked
+                    // twice, the ack came after a heartbeat that settled its send, from an
+                    // address that may have changed hands, across a restart, or on another
+                    // path than its send. Loss is then possible by design.
                     self.tainted.insert((s.uuid, kidx(s.kind)));
                 } else {
                     ctx.ack_of = Some(i);
@@ -585,6 +621,10 @@ impl Harness {
                     while restored.poll_event().is_some() {}
                     self.node = restored;
                     self.conns.clear();
+                    // Ledgers start empty: what earlier acks did to them no longer matters,
+                    // and acks of earlier sends are outside the promise (condition E).
+                    self.restarts += 1;
+                    self.tainted.clear();
                     self.node.handle_timeout(self.now);
                 }
             }
@@ -709,11 +749,16 @@ impl Harness {
                                 .get(&(s.uuid, kidx(s.kind)))
                                 .copied()
                                 .unwrap_or(0);
-                            assert_eq!(
-                                v, s.version,
-                                "the ack of a send of version {} cleared the newer version {v} \
-                                 (sent at {:?}, acked at {:?}, horizon {:?})",
-                                s.version, s.at, self.now, self.cfg.ack_horizon
+                            // Acks may be reordered: the ack of an older send may clear the
+                            // newer version once the device has acked a send of it.
+                            let seen = self.sends.iter().any(|x| {
+                                x.acked && x.uuid == s.uuid && x.kind == s.kind && x.version == v
+                            });
+                            assert!(
+                                seen,
+                                "the ack of a send of version {} cleared version {v}, which the \
+                                 device never acked (sent at {:?}, acked at {:?}, window {:?})",
+                                s.version, s.at, self.now, self.cfg.ack_window
                             );
                         }
                     }
@@ -724,7 +769,9 @@ impl Harness {
                         "Removed an unknown record"
                     );
                     // Acks of sends made before a removal stay held to the ack rule: the node
-                    // keeps the removed record's guards as a tombstone (finding 3).
+                    // keeps the removed record's ledgers for one window (finding 3); later a
+                    // heartbeat (the first send to a re-created record follows one) settles
+                    // them, and the address change marks them.
                 }
             }
         }
@@ -742,7 +789,8 @@ impl Harness {
                 let wb = ctx
                     .ack_of
                     .is_some_and(|i| self.sends[i].uuid == *uuid && self.sends[i].kind == *kind);
-                if !wb {
+                let off = ctx.off_path.contains(&(*uuid, *kind));
+                if !wb && !off {
                     self.tainted.insert((*uuid, kidx(*kind)));
                 }
             }
@@ -770,6 +818,28 @@ impl Harness {
         }
         assert!(self.node.len() <= self.cfg.max_clients);
         let _ = before;
+
+        // --- the ack rule's bookkeeping: heartbeats (fences) and address changes ---
+        for u in &ctx.heartbeats {
+            self.hb_at.insert(*u, self.now);
+        }
+        for (u, m) in &self.model {
+            let _ = m;
+            let now_addr = self.node.record(u).and_then(|r| r.addr);
+            let e = self.addrs.entry(*u).or_insert((now_addr, 0));
+            if e.0 != now_addr {
+                *e = (now_addr, e.1 + 1);
+            }
+        }
+        for u in self.addrs.keys().copied().collect::<Vec<_>>() {
+            if !self.model.contains_key(&u) {
+                // Removed: a re-created record starts without an address.
+                let e = self.addrs.get_mut(&u).expect("key");
+                if e.0.is_some() {
+                    *e = (None, e.1 + 1);
+                }
+            }
+        }
 
         // --- outputs ---
         let closes: Vec<ConnId> = std::iter::from_fn(|| self.node.poll_close()).collect();
@@ -859,6 +929,8 @@ impl Harness {
                                 at: self.now,
                                 dest,
                                 acked: false,
+                                epoch: self.addrs.get(&u).map_or(0, |a| a.1),
+                                restarts: self.restarts,
                             });
                         }
                     }
@@ -919,9 +991,17 @@ impl Harness {
     }
 }
 
+fn ack_kind(m: &DeviceMsg) -> Kind {
+    match m {
+        DeviceMsg::AckNotify | DeviceMsg::Heartbeat => Kind::Notify,
+        DeviceMsg::AckBits(_) => Kind::Bits,
+        DeviceMsg::AckPayload => Kind::Payload,
+    }
+}
+
 fn note_device(p: &DevicePacket, ctx: &mut Ctx) {
     match p.msg {
-        DeviceMsg::Heartbeat => {}
+        DeviceMsg::Heartbeat => ctx.heartbeats.push(p.uuid),
         DeviceMsg::AckNotify => ctx.acks.push((p.uuid, Kind::Notify, 0)),
         DeviceMsg::AckBits(b) => ctx.acks.push((p.uuid, Kind::Bits, b)),
         DeviceMsg::AckPayload => ctx.acks.push((p.uuid, Kind::Payload, 0)),

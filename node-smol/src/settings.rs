@@ -218,11 +218,12 @@ pub struct Settings {
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
     pub pending_ttl: Option<Duration>,
-    /// How long an ack of a 0x10/0x20 send may take to arrive; within it an ack cannot clear a
-    /// newer message pushed after that send (it is re-sent instead) [default: 10s]
+    /// In-flight window of the ack rule: a heartbeat settles the 0x10/0x20 sends made more
+    /// than this before it (their acks are in or lost); younger ones may still be acked
+    /// [default: 200ms]
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     #[serde(default, with = "humantime_serde")]
-    pub ack_horizon: Option<Duration>,
+    pub ack_window: Option<Duration>,
     /// Signed devices: packets stamped further than this from the server's clock are dropped,
     /// and nonces are remembered this long (PROTOCOL.md 9.3) [default: 60s]
     #[arg(long, value_name = "DURATION", value_parser = duration)]
@@ -344,7 +345,7 @@ impl Settings {
             create_on_heartbeat: pick!(create_on_heartbeat, base.create_on_heartbeat),
             idle_expiry: pick!(idle_expiry, base.idle_expiry),
             pending_ttl: pick!(pending_ttl, base.pending_ttl),
-            ack_horizon: pick!(ack_horizon, base.ack_horizon),
+            ack_window: pick!(ack_window, base.ack_window),
             replay_window: pick!(replay_window, base.replay_window),
             device_tcp_idle: pick!(device_tcp_idle, base.device_tcp_idle),
             push_tcp_idle: pick!(push_tcp_idle, base.push_tcp_idle),

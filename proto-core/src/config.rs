@@ -54,10 +54,11 @@ pub struct Config {
     pub idle_expiry: Duration,
     /// A record with pending items is removed only once idle and its newest push is this old.
     pub pending_ttl: Duration,
-    /// How long after sending a 0x10/0x20 an ack of that send may still arrive. An ack within
-    /// this horizon of a superseded send cannot be told apart from the ack of the newer
-    /// message, so it does not clear it (see `record` for the rule).
-    pub ack_horizon: Duration,
+    /// The in-flight window of the ack rule (`crate::ack`): a heartbeat may have crossed a
+    /// send younger than this on the network, so that send's ack may still come after it.
+    /// Older sends are settled by the heartbeat. Upstream's sequences need it below the
+    /// shortest gap between a send and the next heartbeat that follows its loss (200 ms).
+    pub ack_window: Duration,
     /// Idle timeout of device TCP connections (300 s).
     pub device_tcp_idle: Duration,
     /// Idle timeout of push connections (600 s).
@@ -83,7 +84,7 @@ impl Default for Config {
             create_on_heartbeat: true,
             idle_expiry: Duration::from_secs(30 * 24 * 3600),
             pending_ttl: Duration::from_secs(30 * 24 * 3600),
-            ack_horizon: Duration::from_secs(10),
+            ack_window: Duration::from_millis(200),
             device_tcp_idle: Duration::from_secs(300),
             push_tcp_idle: Duration::from_secs(600),
             hash_seed: 0,
@@ -120,8 +121,8 @@ impl Config {
                 "replay_window must be between 1 s and 1 h".into(),
             ));
         }
-        if self.ack_horizon > Duration::from_secs(3600) {
-            return Err(ConfigError("ack_horizon must be at most 1 h".into()));
+        if self.ack_window > crate::ack::MAX_WINDOW {
+            return Err(ConfigError("ack_window must be at most 60 s".into()));
         }
         Ok(())
     }

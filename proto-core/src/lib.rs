@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod ack;
 pub mod cluster;
 pub mod codec;
 pub mod config;

@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
+use crate::ack::{Attribution, SendLedger, Window};
 use crate::codec::{
     check_payload_len, DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushMsg,
     PushReject, PushReply, PushRequest, Uuid,
@@ -80,7 +81,8 @@ const SWEEP_PASS: usize = 3600;
 pub struct Node {
     cfg: Config,
     window_s: u32,
-    horizon_s: u32,
+    /// The in-flight window of the ack rule, in ledger ticks and as a duration.
+    ack_window: Window,
     reg: Registry,
     wheel: Wheel,
     limiter: Limiter,
@@ -98,24 +100,29 @@ pub struct Node {
     scratch: Vec<u32>,
     limit_logged: [bool; Limited::COUNT],
     capacity_logged: bool,
-    /// Guards of records removed while a send of theirs could still be acked, so a record
-    /// re-created within `ack_horizon` inherits them (see `remove_slot`). Pruned by the sweep.
-    tombstones: HashMap<Uuid, [u32; 2], FixedState>,
-    /// Set by [`Node::apply`]: the next input starts the restart guard.
-    replayed: bool,
-    /// Seconds: until then no 0x10/0x20 ack clears anything, because acks of sends made
-    /// before a restart may still arrive (records restored from a snapshot carry the same
-    /// guard; records rebuilt by replay alone have no send history to guard them).
-    restart_guard: u32,
+    /// Ledgers and generations of records removed while a send of theirs was younger than
+    /// the ack window, so a record re-created by the heartbeat that follows inherits them
+    /// (see `remove_slot`); dropped at the time given. Pruned by the sweep.
+    tombstones: HashMap<Uuid, Tombstone, FixedState>,
     /// What each push of the current turn changed, so a turn whose write fails can take its
     /// pushes back (see [`crate::driver`]). Emptied once the turn's changes are drained.
     undo: Vec<turn::Undo>,
+    /// Set by [`Node::apply`] before the node knows the time: the first input then tells the
+    /// signed-key replay window that a restart happened.
+    replayed: bool,
     /// Keys of the signed-only uuids (PROTOCOL.md 9).
     keys: Keyring,
     /// While a verified signed packet is handled: the key id it used, which seals the answers.
     answer_key: Option<u8>,
     /// Key states before this turn's key updates, to take them back if the turn's write fails.
     key_undo: Vec<(Uuid, Option<crate::signed::KeyState>)>,
+}
+
+/// What a removed record leaves for a re-creation within the ack window.
+struct Tombstone {
+    ledger: [SendLedger; 2],
+    gen: [crate::ack::Generation; 2],
+    until: Time,
 }
 
 impl Node {
@@ -126,11 +133,7 @@ impl Node {
         let seed = cfg.hash_seed;
         Ok(Node {
             window_s,
-            // Records keep whole (truncated) seconds, so an ack that comes less than
-            // `ack_horizon` after its send can still land in second `sent + horizon`: round the
-            // horizon up and add a second so every guard covers it (found by fuzz/node_ops).
-            horizon_s: secs32(cfg.ack_horizon + std::time::Duration::from_millis(999))
-                .saturating_add(1),
+            ack_window: Window::new(cfg.ack_window),
             reg: Registry::new(seed),
             wheel: Wheel::new(window_s + 1),
             limiter: Limiter::new(cfg.limits.clone(), seed),
@@ -149,12 +152,11 @@ impl Node {
             limit_logged: [false; Limited::COUNT],
             capacity_logged: false,
             tombstones: HashMap::with_hasher(FixedState::with_seed(seed ^ 9)),
-            replayed: false,
-            restart_guard: 0,
             undo: Vec::new(),
             keys: Keyring::new(cfg.replay_window, seed),
             answer_key: None,
             key_undo: Vec::new(),
+            replayed: false,
             cfg,
         })
     }
@@ -420,8 +422,8 @@ impl Node {
 
     /// Loads one record from a snapshot (or an upstream import). A record whose last
     /// heartbeat is within the online window of `now` starts online; its address must be
-    /// confirmed again for `sa_changed`. Acks in flight across the restart cannot clear
-    /// anything for `ack_horizon`.
+    /// confirmed again for `sa_changed`. Its ack ledgers start empty (nothing is persisted):
+    /// acks clear nothing until the first send after the restart.
     pub fn restore(&mut self, now: Time, st: RecordState) {
         // Bring the wheel's cursor up to `now` first: a fresh node's wheel starts at second 0
         // and cannot hold a deadline more than one window ahead of its cursor.
@@ -439,7 +441,6 @@ impl Node {
         rec.set_mask(st.bits);
         rec.set(flag::NOTIFY, st.notify);
         rec.set(flag::PAYLOAD, st.payload.is_some());
-        rec.guard = [now_s.saturating_add(self.horizon_s); 2];
         let slot = self.reg.insert(rec);
         if let Some(p) = st.payload {
             self.reg.payloads.insert(slot, p);
@@ -460,12 +461,8 @@ impl Node {
 
     /// Replays one journaled change on top of a restored snapshot.
     pub fn apply(&mut self, change: &Change) {
-        if self.now > Time::ZERO {
-            // `restore` told us the time: guard from now.
-            let until = self.now.secs32().saturating_add(self.horizon_s);
-            self.restart_guard = self.restart_guard.max(until);
-        } else {
-            // No time yet (empty snapshot): guard from the first input.
+        if self.now == Time::ZERO {
+            // No time yet (empty snapshot): the first input tells the keys of the restart.
             self.replayed = true;
         }
         match change {
@@ -569,8 +566,9 @@ impl Node {
         self.stats.clients += 1;
         self.stats.created += 1;
         let mut rec = Record::new(uuid, at.secs32());
-        if let Some(g) = self.tombstones.remove(&uuid) {
-            rec.guard = g;
+        if let Some(t) = self.tombstones.remove(&uuid) {
+            rec.ledger = t.ledger;
+            rec.gen = t.gen;
         }
         self.reg.insert(rec)
     }
@@ -587,9 +585,9 @@ impl Node {
     fn dispatch(&mut self, p: DevicePacket, via: Via) {
         match p.msg {
             DeviceMsg::Heartbeat => self.heartbeat(p.app_id, p.uuid, via),
-            DeviceMsg::AckNotify => self.ack(p.uuid, Kind::Notify, 0),
-            DeviceMsg::AckBits(m) => self.ack(p.uuid, Kind::Bits, m),
-            DeviceMsg::AckPayload => self.ack(p.uuid, Kind::Payload, 0),
+            DeviceMsg::AckNotify => self.ack(p.uuid, Kind::Notify, 0, via),
+            DeviceMsg::AckBits(m) => self.ack(p.uuid, Kind::Bits, m, via),
+            DeviceMsg::AckPayload => self.ack(p.uuid, Kind::Payload, 0, via),
         }
     }
 
@@ -636,7 +634,13 @@ impl Node {
         let addr_changed = match via {
             Via::Udp(a) => {
                 let r = self.reg.rec(slot);
-                let changed = !r.has(flag::SA_KNOWN) || self.reg.addr(slot) != Some(a);
+                let old = self.reg.addr(slot);
+                let changed = !r.has(flag::SA_KNOWN) || old != Some(a);
+                if old.is_some_and(|o| o != a) && !r.has(flag::TCP) {
+                    // A new socket: sends to the old address can no longer be acked (acks are
+                    // only taken from the recorded address, which moves now).
+                    self.forget_sends(slot);
+                }
                 if changed {
                     self.reg.set_addr(slot, a);
                     self.reg.rec_mut(slot).set(flag::SA_KNOWN, true);
@@ -648,6 +652,11 @@ impl Node {
                 false
             }
         };
+        // The heartbeat is a fence for the ack rule (see `crate::ack`), answered or not.
+        let (now, window) = (self.now, self.ack_window);
+        for l in &mut self.reg.rec_mut(slot).ledger {
+            l.on_fence(now, window);
+        }
         if !self.limiter.answer_uuid(self.now, slot) {
             self.limited(Limited::UuidRate);
             return;
@@ -698,7 +707,6 @@ impl Node {
             }
             Via::Tcp(c) => Dest::Tcp(c),
         };
-        let now_s = self.now.secs32();
         for msg in out.into_iter().flatten() {
             let kind = match &msg {
                 DownMsg::HeartbeatReply => None,
@@ -708,7 +716,7 @@ impl Node {
             };
             match kind {
                 Some(k) => {
-                    self.note_send(slot, k, now_s);
+                    self.note_send(slot, k);
                     self.stats.resends += 1;
                     self.events.push_back(Event::Resent { uuid, kind: k });
                 }
@@ -719,18 +727,34 @@ impl Node {
         }
     }
 
-    fn note_send(&mut self, slot: u32, k: Kind, now_s: u32) {
+    /// Notes a send of the item's current generation in its ledger (0x11 needs none: its ack
+    /// names the bits it clears).
+    fn note_send(&mut self, slot: u32, k: Kind) {
+        let (now, window) = (self.now, self.ack_window);
         let r = self.reg.rec_mut(slot);
-        match k {
-            Kind::Notify => r.note_send(K_NOTIFY, now_s),
-            Kind::Payload => r.note_send(K_PAYLOAD, now_s),
-            Kind::Bits => {}
+        if let Some(i) = ledger_index(k) {
+            let g = r.gen[i];
+            r.ledger[i].on_send(g, now, window);
+        }
+    }
+
+    fn forget_sends(&mut self, slot: u32) {
+        for l in &mut self.reg.rec_mut(slot).ledger {
+            l.forget();
         }
     }
 
     fn attach(&mut self, slot: u32, conn: ConnId) {
         if self.reg.tcp.get(&slot) == Some(&conn) {
             return;
+        }
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        if self.reg.addr(slot).is_none() {
+            // A new connection: sends on the old one can no longer be acked (acks are only
+            // taken from the attached connection). With a UDP address too, keep them.
+            self.forget_sends(slot);
         }
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
@@ -742,7 +766,7 @@ impl Node {
         self.reg.rec_mut(slot).set(flag::TCP, true);
     }
 
-    fn ack(&mut self, uuid: Uuid, kind: Kind, bits: u64) {
+    fn ack(&mut self, uuid: Uuid, kind: Kind, bits: u64, via: Via) {
         let Some(slot) = self.reg.find(&uuid) else {
             self.stats.acks_unknown += 1;
             return;
@@ -751,16 +775,28 @@ impl Node {
         // The SDK counts its heartbeat interval from the last packet it sent, acks included,
         // so an ack is a sign of life or the client would flap offline.
         self.touch(slot);
-        let now_s = self.now.secs32();
+        // Only the path the sends went to can answer them (the SDK acks on the socket or
+        // connection a message came in on).
+        let on_path = match via {
+            Via::Udp(a) => self.reg.addr(slot) == Some(a),
+            Via::Tcp(c) => self.reg.tcp.get(&slot) == Some(&c),
+        };
         let r = self.reg.rec_mut(slot);
-        let started = now_s >= self.restart_guard;
-        let (may_clear, has) = match kind {
-            Kind::Notify => (r.note_ack(K_NOTIFY, now_s) && started, r.has(flag::NOTIFY)),
-            Kind::Payload => (
-                r.note_ack(K_PAYLOAD, now_s) && started,
-                r.has(flag::PAYLOAD),
-            ),
-            Kind::Bits => (true, r.mask() & bits != 0),
+        let (may_clear, has) = match (kind, ledger_index(kind)) {
+            (Kind::Bits, _) | (_, None) => (true, r.mask() & bits != 0),
+            (_, Some(i)) => {
+                let a = if on_path {
+                    r.ledger[i].on_ack()
+                } else {
+                    Attribution::Unmatched
+                };
+                let has = if i == K_NOTIFY {
+                    r.has(flag::NOTIFY)
+                } else {
+                    r.has(flag::PAYLOAD)
+                };
+                (a.clears(r.gen[i]), has)
+            }
         };
         let cleared = may_clear && has;
         if cleared {
@@ -845,12 +881,11 @@ impl Node {
             let udp = online.then(|| self.reg.addr(slot)).flatten();
             let tcp = self.reg.tcp.get(&slot).copied();
             let kind = req.msg.kind();
-            let now_s = self.now.secs32();
             for dest in [udp.map(Dest::Udp), tcp.map(Dest::Tcp)]
                 .into_iter()
                 .flatten()
             {
-                self.note_send(slot, kind, now_s);
+                self.note_send(slot, kind);
                 let payload = self.down_payload(
                     &req.uuid,
                     DownPacket {
@@ -874,17 +909,16 @@ impl Node {
     /// Stores a push into a record (live and in replay).
     fn store(&mut self, slot: u32, at: Time, msg: &PushMsg) {
         let now_s = at.secs32();
-        let horizon = self.horizon_s;
         self.count_pending(slot, -1);
         let r = self.reg.rec_mut(slot);
+        if let Some(i) = ledger_index(msg.kind()) {
+            // A new generation: acks of earlier sends no longer clear the item.
+            r.gen[i] = r.gen[i].wrapping_add(1);
+        }
         match msg {
-            PushMsg::Notify => {
-                r.note_push(K_NOTIFY, now_s, horizon);
-                r.set(flag::NOTIFY, true);
-            }
+            PushMsg::Notify => r.set(flag::NOTIFY, true),
             PushMsg::Bits(b) => r.set_mask(r.mask() | b),
             PushMsg::Payload(p) => {
-                r.note_push(K_PAYLOAD, now_s, horizon);
                 r.set(flag::PAYLOAD, true);
                 self.reg.payloads.insert(slot, p.clone());
             }
@@ -896,21 +930,23 @@ impl Node {
 
     fn remove_slot(&mut self, slot: u32) {
         let r = self.reg.rec(slot);
-        // A device may still ack a send made just before the removal; if a push re-creates
-        // the uuid, that ack must not clear the new message. Keep the guard for a horizon.
-        let now_s = self.now.secs32();
-        let mut guard = [0u32; 2];
-        for (k, g) in guard.iter_mut().enumerate() {
-            let until = r.sent[k].saturating_add(self.horizon_s);
-            if r.outstanding[k] > 0 && now_s < until {
-                *g = until;
-            }
-            if r.guard[k] > now_s {
-                *g = (*g).max(r.guard[k]);
-            }
+        // A device may still ack a send made just before the removal. The first send to a
+        // re-created record follows a heartbeat (a fence), which forgets every send older
+        // than the ack window, so the ledgers need to outlive the record only that long.
+        let mut ledger = r.ledger;
+        for l in &mut ledger {
+            l.on_fence(self.now, self.ack_window);
         }
-        if guard != [0, 0] {
-            self.tombstones.insert(r.uuid, guard);
+        if ledger.iter().any(|l| !l.is_empty()) {
+            let until = self.now + self.cfg.ack_window;
+            self.tombstones.insert(
+                r.uuid,
+                Tombstone {
+                    ledger: r.ledger,
+                    gen: r.gen,
+                    until,
+                },
+            );
         }
         if r.has(flag::ONLINE) {
             self.stats.online -= 1;
@@ -935,6 +971,10 @@ impl Node {
             if self.reg.tcp.get(&slot) == Some(&conn) {
                 self.reg.tcp.remove(&slot);
                 self.reg.rec_mut(slot).set(flag::TCP, false);
+                if self.reg.addr(slot).is_none() {
+                    // Nothing sent on this connection can be acked any more.
+                    self.forget_sends(slot);
+                }
             }
         }
         if let Some(n) = self.conns_per_ip.get_mut(&(c.ip, c.port)) {
@@ -954,7 +994,6 @@ impl Node {
         let now_s = now.secs32();
         if self.replayed {
             self.replayed = false;
-            self.restart_guard = now_s.saturating_add(self.horizon_s);
             // Keys replayed before the node knew the time refuse pre-restart stamps from now.
             self.keys.restarted(now);
         }
@@ -1004,7 +1043,8 @@ impl Node {
 
     /// Visits a slice of the slots and removes expired records (PROTOCOL.md 8.7).
     fn sweep(&mut self, now_s: u32) {
-        self.tombstones.retain(|_, g| g[0] > now_s || g[1] > now_s);
+        let now = self.now;
+        self.tombstones.retain(|_, t| t.until >= now);
         let n = self.reg.slot_count();
         if n == 0 {
             return;
@@ -1031,5 +1071,14 @@ impl Node {
                 self.events.push_back(Event::Expired { uuid });
             }
         }
+    }
+}
+
+/// Index of an item's generation and ledger in a record; 0x11 has none.
+fn ledger_index(k: Kind) -> Option<usize> {
+    match k {
+        Kind::Notify => Some(K_NOTIFY),
+        Kind::Payload => Some(K_PAYLOAD),
+        Kind::Bits => None,
     }
 }

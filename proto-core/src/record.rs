@@ -4,27 +4,14 @@
 //! IPv4 address inline, and a few bits. The rare parts live out of line in the registry's side
 //! tables keyed by slot: the 0x20 payload, an IPv6 address, an attached TCP connection.
 //!
-//! # The ack rule for 0x10 and 0x20 (PROTOCOL.md 8.2)
+//! # The ack rule for 0x10 and 0x20
 //!
-//! A 0x10 or 0x20 ack carries no id, so an ack of an older send cannot be told from an ack of
-//! the newer message that replaced it. Upstream cleared on any ack and so could lose a payload
-//! pushed between a send and the ack of that send. We never let that happen:
-//!
-//! * `outstanding[k]` counts sends of kind `k` not yet matched by an ack (saturating at
-//!   `OUTSTANDING_MAX`, where it stops moving: "unknown, assume some are in flight").
-//! * When a push of kind `k` arrives while a send of an older version may still be answered,
-//!   that is, `outstanding[k] > 0` and the last send is less than `ack_horizon` old, the record
-//!   sets `guard[k] = last send + ack_horizon`.
-//! * An ack of kind `k` clears the item only at or after `guard[k]`. An earlier ack leaves the
-//!   item pending: it is re-sent on the next heartbeat and cleared by the ack of that re-send.
-//!
-//! An old ack therefore never clears a newer message (no loss) as long as acks arrive within
-//! `ack_horizon` of their send; the price is at most one duplicate delivery per ambiguity.
+//! Each of the two items has a generation (`gen`, bumped by every push of it) and a
+//! [`SendLedger`] of its unmatched sends; `crate::ack` holds the rule. They take the 20 bytes
+//! the former time-based guard took (two u16 generations, two 8-byte ledgers).
 
+use crate::ack::{Generation, SendLedger};
 use crate::codec::Uuid;
-
-/// Sends counted in `Record::outstanding` before the counter sticks.
-pub(crate) const OUTSTANDING_MAX: u8 = u8::MAX;
 
 /// Index of the 0x10 item in the per-kind arrays.
 pub(crate) const K_NOTIFY: usize = 0;
@@ -64,14 +51,13 @@ pub(crate) struct Record {
     pub last_hb: u32,
     /// Seconds: newest accepted push (0: none).
     pub last_push: u32,
-    /// Seconds: last send of [0x10, 0x20].
-    pub sent: [u32; 2],
-    /// Seconds: acks of [0x10, 0x20] before this do not clear (see module docs).
-    pub guard: [u32; 2],
+    /// Unmatched sends of [0x10, 0x20] (see `crate::ack`).
+    pub ledger: [SendLedger; 2],
+    /// Generations of [0x10, 0x20]: bumped by every push of that item.
+    pub gen: [Generation; 2],
     pub ip: [u8; 4],
     pub port: u16,
     pub flags: u16,
-    pub outstanding: [u8; 2],
 }
 
 impl Record {
@@ -81,12 +67,11 @@ impl Record {
             mask: [0, 0],
             last_hb: now_s,
             last_push: 0,
-            sent: [0, 0],
-            guard: [0, 0],
+            ledger: [SendLedger::new(); 2],
+            gen: [0, 0],
             ip: [0; 4],
             port: 0,
             flags: flag::LIVE,
-            outstanding: [0, 0],
         }
     }
 
@@ -114,33 +99,6 @@ impl Record {
     pub(crate) fn pending(&self) -> bool {
         self.has(flag::NOTIFY | flag::PAYLOAD) || self.mask() != 0
     }
-
-    /// Notes a send of kind `k` at `now_s`.
-    pub(crate) fn note_send(&mut self, k: usize, now_s: u32) {
-        self.sent[k] = now_s;
-        if self.outstanding[k] < OUTSTANDING_MAX {
-            self.outstanding[k] += 1;
-        }
-    }
-
-    /// Notes a push of kind `k`: guards the new message if an older send may still be acked.
-    pub(crate) fn note_push(&mut self, k: usize, now_s: u32, horizon_s: u32) {
-        let until = self.sent[k].saturating_add(horizon_s);
-        if self.outstanding[k] > 0 && now_s < until {
-            self.guard[k] = self.guard[k].max(until);
-        } else if now_s >= until {
-            // Every earlier send is older than the horizon: its ack is either in or lost.
-            self.outstanding[k] = 0;
-        }
-    }
-
-    /// Handles an ack of kind `k`; true if it may clear the pending item.
-    pub(crate) fn note_ack(&mut self, k: usize, now_s: u32) -> bool {
-        if self.outstanding[k] > 0 && self.outstanding[k] < OUTSTANDING_MAX {
-            self.outstanding[k] -= 1;
-        }
-        now_s >= self.guard[k]
-    }
 }
 
 #[cfg(test)]
@@ -150,27 +108,5 @@ mod tests {
     #[test]
     fn record_is_sixty_bytes() {
         assert_eq!(std::mem::size_of::<Record>(), 60);
-    }
-
-    #[test]
-    fn old_ack_does_not_clear_a_newer_push() {
-        let mut r = Record::new(Uuid([0; 16]), 100);
-        r.note_send(K_PAYLOAD, 100); // v1 sent
-        r.note_push(K_PAYLOAD, 101, 10); // v2 pushed while v1's ack may be in flight
-        assert!(
-            !r.note_ack(K_PAYLOAD, 102),
-            "ambiguous ack must not clear v2"
-        );
-        r.note_send(K_PAYLOAD, 150); // re-sent on the next heartbeat
-        assert!(r.note_ack(K_PAYLOAD, 150));
-    }
-
-    #[test]
-    fn push_after_all_sends_acked_is_not_guarded() {
-        let mut r = Record::new(Uuid([0; 16]), 100);
-        r.note_send(K_NOTIFY, 100);
-        assert!(r.note_ack(K_NOTIFY, 100));
-        r.note_push(K_NOTIFY, 101, 10);
-        assert!(r.note_ack(K_NOTIFY, 101));
     }
 }

@@ -1,22 +1,30 @@
 //! Model-based test: random operation lists against a reference model of PROTOCOL.md 4 and 8.
 //!
-//! Three devices (one uuid each, two UDP source ports, an optional TCP stream) obey the SDK:
-//! every received message is acked, the acks leave within a few seconds (always inside
-//! `ack_horizon`) and may be lost, as may any datagram to the device. Checked after every
-//! operation and at the end:
+//! Three devices (one uuid each, a new UDP socket now and then, an optional TCP stream) obey the
+//! SDK: every received message is acked at once on the socket or connection it came in on; the
+//! ack is then in flight and may be lost, reordered with other acks, and overtaken by a later
+//! heartbeat from the device when its send is younger than the ack window (a crossing); an
+//! older one has arrived or is lost by the time a later heartbeat is received (the condition
+//! under which `ddpush_proto::ack` promises exactness). On TCP, acks sent before a heartbeat
+//! arrive before it. A new socket closes the old one: acks still in flight from it arrive from
+//! the old address. A restart loses the acks in flight. Any datagram to the device may be lost.
+//! The races of issue 12 are all in reach: a push between a send and its ack, a heartbeat
+//! re-send acked once after unacked sends, a new socket after sends to the old one, restarts.
+//! Checked after every operation and at the end:
 //! * the 0x11 mask equals pushes OR'ed minus the bits of acks that arrived (bits are cleared
 //!   only by an ack carrying them);
 //! * a pending 0x20 is the last one pushed, and a cleared 0x20/0x10 was seen by the device
 //!   after its last push (no accepted message is lost, however acks and pushes interleave);
 //! * restore(snapshot) + replay of the changes since equals the live `pending()`;
-//! * after a final loss-free heartbeat and ack round, more than `ack_horizon` after the last
-//!   push, the device has seen the last payload and the next heartbeat sends nothing;
+//! * after a final loss-free heartbeat and ack round, the device has seen the last payload and
+//!   the next heartbeat sends nothing;
 //! * the same operations on a second node give the same outputs (determinism).
 
 mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
 use ddpush_proto::testing::{Harness, Output};
@@ -29,15 +37,50 @@ const DEVICES: u8 = 3;
 
 #[derive(Clone, Debug)]
 enum Op {
-    PushNotify { dev: u8, lose: bool },
-    PushBits { dev: u8, bit: u8, lose: bool },
-    PushPayload { dev: u8, lose: bool },
-    Heartbeat { dev: u8, port: u8, lose: bool },
-    FlushAcks { dev: u8, lose: bool },
-    Step { ms: u32 },
-    TcpOpen { dev: u8 },
-    TcpHeartbeat { dev: u8 },
-    TcpClose { dev: u8 },
+    PushNotify {
+        dev: u8,
+        lose: bool,
+    },
+    PushBits {
+        dev: u8,
+        bit: u8,
+        lose: bool,
+    },
+    PushPayload {
+        dev: u8,
+        lose: bool,
+    },
+    /// A heartbeat from the device's socket, or from a new one (`new_socket`).
+    Heartbeat {
+        dev: u8,
+        new_socket: bool,
+        lose: bool,
+    },
+    FlushAcks {
+        dev: u8,
+        lose: bool,
+        reverse: bool,
+    },
+    Step {
+        ms: u32,
+    },
+    TcpOpen {
+        dev: u8,
+    },
+    TcpHeartbeat {
+        dev: u8,
+    },
+    TcpClose {
+        dev: u8,
+    },
+    /// Issue 12's race, in one instant: a push that reaches the device (its ack stays in
+    /// flight), a newer push whose immediate send is lost, and a heartbeat that crosses the
+    /// first ack (its answer lost if `lose_hb`).
+    Race {
+        dev: u8,
+        notify: bool,
+        lose_hb: bool,
+    },
     Snapshot,
     Restart,
 }
@@ -49,31 +92,38 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (dev.clone(), 0u8..6, any::<bool>())
             .prop_map(|(dev, bit, lose)| Op::PushBits { dev, bit, lose }),
         4 => (dev.clone(), any::<bool>()).prop_map(|(dev, lose)| Op::PushPayload { dev, lose }),
-        5 => (dev.clone(), 0u8..2, prop::bool::weighted(0.3))
-            .prop_map(|(dev, port, lose)| Op::Heartbeat { dev, port, lose }),
-        5 => (dev.clone(), prop::bool::weighted(0.3))
-            .prop_map(|(dev, lose)| Op::FlushAcks { dev, lose }),
-        5 => prop_oneof![0u32..3_000, 0u32..120_001].prop_map(|ms| Op::Step { ms }),
+        5 => (dev.clone(), prop::bool::weighted(0.25), prop::bool::weighted(0.3))
+            .prop_map(|(dev, new_socket, lose)| Op::Heartbeat { dev, new_socket, lose }),
+        5 => (dev.clone(), prop::bool::weighted(0.3), any::<bool>())
+            .prop_map(|(dev, lose, reverse)| Op::FlushAcks { dev, lose, reverse }),
+        5 => prop_oneof![0u32..400, 100u32..3_000, 0u32..120_001].prop_map(|ms| Op::Step { ms }),
         1 => dev.clone().prop_map(|dev| Op::TcpOpen { dev }),
         2 => dev.clone().prop_map(|dev| Op::TcpHeartbeat { dev }),
-        1 => dev.prop_map(|dev| Op::TcpClose { dev }),
+        1 => dev.clone().prop_map(|dev| Op::TcpClose { dev }),
+        2 => (dev, any::<bool>(), any::<bool>())
+            .prop_map(|(dev, notify, lose_hb)| Op::Race { dev, notify, lose_hb }),
         1 => Just(Op::Snapshot),
         1 => Just(Op::Restart),
     ]
 }
 
+/// Where a message reached the device, and so where its ack leaves from.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Via {
-    Udp,
-    Tcp,
+enum Path {
+    /// The UDP socket with this port number.
+    Udp(u8),
+    Tcp(ConnId),
 }
+
+/// The node's ack window (the default): acks of sends older than this never cross a heartbeat.
+const WINDOW: Duration = Duration::from_millis(200);
 
 #[derive(Default)]
 struct Device {
     port: Option<u8>,
     conn: Option<ConnId>,
-    /// Acks not yet sent: (ack, transport it answers, when queued).
-    outbox: Vec<(DeviceMsg, Via, Time)>,
+    /// Acks in flight: (ack, path it answers, when the send it answers left).
+    outbox: Vec<(DeviceMsg, Path, Time)>,
     seen_payloads: HashSet<Vec<u8>>,
     /// Operation index at which a 0x10 last arrived.
     notify_seen: Option<usize>,
@@ -116,9 +166,10 @@ impl World {
         }
     }
 
-    fn owner_of_addr(&self, a: SocketAddr) -> u8 {
+    fn owner_of_addr(&self, a: SocketAddr) -> (u8, u8) {
         (0..DEVICES)
-            .find(|&d| (0..2).any(|p| dev_addr(d, p) == a))
+            .flat_map(|d| (0..=u8::MAX).map(move |p| (d, p)))
+            .find(|&(d, p)| dev_addr(d, p) == a)
             .expect("datagram to an unknown address")
     }
 
@@ -131,13 +182,17 @@ impl World {
                     if lose_udp {
                         continue;
                     }
-                    (self.owner_of_addr(a), Via::Udp)
+                    let (d, p) = self.owner_of_addr(a);
+                    if self.devs[usize::from(d)].port != Some(p) {
+                        continue; // that socket is closed
+                    }
+                    (d, Path::Udp(p))
                 }
                 ddpush_proto::Dest::Tcp(c) => {
                     let d = (0..DEVICES)
                         .find(|&d| self.devs[usize::from(d)].conn == Some(c))
                         .expect("bytes for a connection no device holds");
-                    (d, Via::Tcp)
+                    (d, Path::Tcp(c))
                 }
             };
             let Payload::Down(p) = t.payload else {
@@ -168,17 +223,25 @@ impl World {
         }
     }
 
-    fn flush(&mut self, d: u8, lose: bool) {
+    /// Delivers (or loses) the in-flight acks of device `d` that `which` selects, in order or
+    /// reversed.
+    fn flush_some(&mut self, d: u8, lose: bool, reverse: bool, which: impl Fn(Path, Time) -> bool) {
         let dv = &mut self.devs[usize::from(d)];
-        let acks = std::mem::take(&mut dv.outbox);
-        let (conn, port) = (dv.conn, dv.port);
+        let (mut acks, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut dv.outbox)
+            .into_iter()
+            .partition(|a| which(a.1, a.2));
+        dv.outbox = keep;
+        if reverse {
+            acks.reverse();
+        }
+        let conn = dv.conn;
         for (msg, via, _) in acks {
             if lose {
                 continue;
             }
             let u = dev_uuid(d);
-            match (via, conn, port) {
-                (Via::Tcp, Some(c), _) => {
+            match via {
+                Path::Tcp(c) if conn == Some(c) => {
                     let mut b = Vec::new();
                     ddpush_proto::DevicePacket {
                         app_id: 1,
@@ -188,8 +251,8 @@ impl World {
                     .encode(&mut b);
                     self.h.tcp_data(c, &b);
                 }
-                (_, _, Some(p)) => self.h.ack(dev_addr(d, p), 1, u, msg),
-                _ => continue,
+                Path::Tcp(_) => continue, // the connection is gone, and its bytes with it
+                Path::Udp(p) => self.h.ack(dev_addr(d, p), 1, u, msg),
             }
             // The node's view of the mask: an ack clears exactly what it carries.
             if let DeviceMsg::AckBits(m) = msg {
@@ -220,20 +283,53 @@ impl World {
                 assert_eq!(self.h.push(dev_uuid(dev), payload(&p)).byte(), 0);
                 self.deliver(lose);
             }
-            Op::Heartbeat { dev, port, lose } => {
-                self.devs[usize::from(dev)].port = Some(port);
+            Op::Heartbeat {
+                dev,
+                new_socket,
+                lose,
+            } => {
+                // Acks of sends older than the window are in (or lost) before the heartbeat.
+                let now = self.h.now();
+                self.flush_some(dev, false, false, |_, sent| now >= sent + WINDOW);
+                let d = &mut self.devs[usize::from(dev)];
+                // A new socket gets a port no earlier socket of this device had.
+                let port = match (d.port, new_socket) {
+                    (Some(p), false) => p,
+                    (Some(p), true) => p.wrapping_add(1),
+                    (None, _) => 0,
+                };
+                d.port = Some(port);
                 self.h.heartbeat(dev_addr(dev, port), 1, dev_uuid(dev));
                 self.deliver(lose);
             }
-            Op::FlushAcks { dev, lose } => self.flush(dev, lose),
+            Op::FlushAcks { dev, lose, reverse } => {
+                self.flush_some(dev, lose, reverse, |_, _| true)
+            }
+            Op::Race {
+                dev,
+                notify,
+                lose_hb,
+            } => {
+                let push = |n| {
+                    if notify {
+                        Op::PushNotify { dev, lose: n }
+                    } else {
+                        Op::PushPayload { dev, lose: n }
+                    }
+                };
+                self.apply(&push(false));
+                self.apply(&push(true));
+                self.apply(&Op::Heartbeat {
+                    dev,
+                    new_socket: false,
+                    lose: lose_hb,
+                });
+            }
             Op::Step { ms } => {
-                // Acks leave the device well within ack_horizon (10 s) of the send.
+                // Acks in flight for 8 s have arrived by now.
                 let to = self.h.now() + millis(u64::from(ms));
                 for d in 0..DEVICES {
-                    let oldest = self.devs[usize::from(d)].outbox.first().map(|a| a.2);
-                    if oldest.is_some_and(|t| to >= t + secs(8)) {
-                        self.flush(d, false);
-                    }
+                    self.flush_some(d, false, false, |_, sent| to >= sent + secs(8));
                 }
                 self.h.advance_to(to);
                 self.deliver(false);
@@ -246,6 +342,12 @@ impl World {
             }
             Op::TcpHeartbeat { dev } => {
                 if let Some(c) = self.devs[usize::from(dev)].conn {
+                    // On the stream, every ack sent before the heartbeat arrives before it;
+                    // UDP acks of sends older than the window are in too.
+                    let now = self.h.now();
+                    self.flush_some(dev, false, false, |p, sent| {
+                        p == Path::Tcp(c) || now >= sent + WINDOW
+                    });
                     let mut b = Vec::new();
                     ddpush_proto::DevicePacket {
                         app_id: 1,
@@ -275,6 +377,8 @@ impl World {
                 self.h = Harness::with_node(node, now).with_trace();
                 for d in &mut self.devs {
                     d.conn = None;
+                    // The server was down: what was in flight to it is gone.
+                    d.outbox.clear();
                 }
             }
         }
@@ -337,20 +441,20 @@ impl World {
         }
     }
 
-    /// The final round: every device heartbeats without loss and acks everything, more than
-    /// ack_horizon after the last push; then nothing is pending and nothing is re-sent.
+    /// The final round: every device heartbeats without loss and acks everything; then nothing
+    /// is pending and nothing is re-sent.
     fn finish(&mut self) {
         self.apply(&Op::Step { ms: 11_000 });
         for d in 0..DEVICES {
-            let port = self.devs[usize::from(d)].port.unwrap_or(0);
             self.apply(&Op::Heartbeat {
                 dev: d,
-                port,
+                new_socket: false,
                 lose: false,
             });
             self.apply(&Op::FlushAcks {
                 dev: d,
                 lose: false,
+                reverse: false,
             });
         }
         self.apply(&Op::Step { ms: 1_000 });
@@ -412,7 +516,7 @@ fn model_catches_the_classic_race() {
     let ops = [
         Op::Heartbeat {
             dev: 0,
-            port: 0,
+            new_socket: false,
             lose: false,
         },
         Op::PushPayload {
@@ -423,19 +527,20 @@ fn model_catches_the_classic_race() {
         Op::FlushAcks {
             dev: 0,
             lose: false,
+            reverse: false,
         },
         Op::Step { ms: 50_000 },
         Op::Restart,
-        // Acks right after a restart are not trusted for ack_horizon.
-        Op::Step { ms: 11_000 },
+        Op::Step { ms: 1_000 },
         Op::Heartbeat {
             dev: 0,
-            port: 1,
+            new_socket: true,
             lose: false,
         },
         Op::FlushAcks {
             dev: 0,
             lose: false,
+            reverse: false,
         },
     ];
     let mut w = World::new();
@@ -445,4 +550,181 @@ fn model_catches_the_classic_race() {
     assert!(w.h.node.record(&dev_uuid(0)).unwrap().payload.is_none());
     assert!(w.devs[0].seen_payloads.contains(b"payload-2".as_slice()));
     w.finish();
+}
+
+// ------------------------------------------------------------------------------------------
+// Issue 12, case 2: an SDK on a loss-free network never sees a duplicate
+// ------------------------------------------------------------------------------------------
+
+/// What the SDK-on-a-clean-network test can do.
+#[derive(Clone, Debug)]
+enum SdkOp {
+    Push {
+        notify: bool,
+    },
+    Heartbeat,
+    /// The app is killed and starts again on a new socket (the server still counts it
+    /// online: pushes meanwhile go to the dead socket); the new socket heartbeats at once.
+    NewSocket,
+    Step {
+        ms: u32,
+    },
+    Restart,
+}
+
+fn sdk_op() -> impl Strategy<Value = SdkOp> {
+    prop_oneof![
+        4 => any::<bool>().prop_map(|notify| SdkOp::Push { notify }),
+        3 => Just(SdkOp::Heartbeat),
+        1 => Just(SdkOp::NewSocket),
+        4 => prop_oneof![0u32..300, 0u32..70_000].prop_map(|ms| SdkOp::Step { ms }),
+        1 => Just(SdkOp::Restart),
+    ]
+}
+
+/// One device acking every message at once on the socket it came in on; nothing is lost
+/// except what goes to a socket the app has closed. Asserts that it never receives a payload
+/// twice, nor a 0x10 twice without a 0x10 push in between.
+fn sdk_run(ops: &[SdkOp]) {
+    let u = dev_uuid(0);
+    let mut h = Harness::new(unlimited()).unwrap();
+    h.advance(secs(1_000));
+    let mut port = 0u8;
+    let mut dead: Option<u8> = None;
+    let mut next = 0u32;
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    let mut notify_pushes = 0u32;
+    let mut notify_seen_at: Option<u32> = None;
+    let mut journal: Vec<Change> = Vec::new();
+    let receive = |h: &mut Harness,
+                   port: u8,
+                   dead: Option<u8>,
+                   seen: &mut HashSet<Vec<u8>>,
+                   notify_seen_at: &mut Option<u32>,
+                   notify_pushes: u32| {
+        // Acks go out at once; each may bring nothing back (acks get no answer).
+        for t in h.take_transmits() {
+            let ddpush_proto::Dest::Udp(a) = t.dest else {
+                panic!("no TCP here");
+            };
+            if Some(a) == dead.map(|p| dev_addr(0, p)) {
+                continue; // the closed socket
+            }
+            assert_eq!(a, dev_addr(0, port));
+            let Payload::Down(p) = t.payload else {
+                panic!("reply to a device")
+            };
+            let ack = match p.msg {
+                DownMsg::Notify => {
+                    assert_ne!(
+                        *notify_seen_at,
+                        Some(notify_pushes),
+                        "0x10 received twice for the same push"
+                    );
+                    *notify_seen_at = Some(notify_pushes);
+                    DeviceMsg::AckNotify
+                }
+                DownMsg::Payload(b) => {
+                    assert!(
+                        seen.insert(b.to_vec()),
+                        "payload {:?} received twice",
+                        String::from_utf8_lossy(&b)
+                    );
+                    DeviceMsg::AckPayload
+                }
+                DownMsg::Bits(m) => DeviceMsg::AckBits(m),
+                DownMsg::HeartbeatReply => continue,
+            };
+            h.ack(dev_addr(0, port), 1, u, ack);
+        }
+    };
+    h.heartbeat(dev_addr(0, port), 1, u);
+    for op in ops {
+        match *op {
+            SdkOp::Push { notify } => {
+                if notify {
+                    notify_pushes += 1;
+                    h.push(u, PushMsg::Notify);
+                } else {
+                    next += 1;
+                    h.push(u, payload(format!("m{next}").as_bytes()));
+                }
+            }
+            SdkOp::Heartbeat => h.heartbeat(dev_addr(0, port), 1, u),
+            SdkOp::NewSocket => {
+                dead = Some(port);
+                port = (port + 1) % 3;
+                // The app restarts after a while; pushes may come meanwhile.
+                h.advance(millis(1_500));
+                receive(
+                    &mut h,
+                    port,
+                    dead,
+                    &mut seen,
+                    &mut notify_seen_at,
+                    notify_pushes,
+                );
+                next += 1;
+                h.push(u, payload(format!("m{next}").as_bytes()));
+                receive(
+                    &mut h,
+                    port,
+                    dead,
+                    &mut seen,
+                    &mut notify_seen_at,
+                    notify_pushes,
+                );
+                h.advance(millis(10));
+                h.heartbeat(dev_addr(0, port), 1, u);
+            }
+            SdkOp::Step { ms } => h.advance(millis(u64::from(ms))),
+            SdkOp::Restart => {
+                journal.extend(h.take_changes());
+                let mut node = Node::new(h.node.config().clone()).unwrap();
+                for c in &journal {
+                    node.apply(c);
+                }
+                assert_eq!(node.pending(), h.node.pending());
+                let now = h.now() + millis(1_000);
+                h = Harness::with_node(node, now);
+            }
+        }
+        receive(
+            &mut h,
+            port,
+            dead,
+            &mut seen,
+            &mut notify_seen_at,
+            notify_pushes,
+        );
+        journal.extend(h.take_changes());
+    }
+    // Everything pushed reaches the device: a last heartbeat, and nothing is pending after.
+    h.heartbeat(dev_addr(0, port), 1, u);
+    receive(
+        &mut h,
+        port,
+        dead,
+        &mut seen,
+        &mut notify_seen_at,
+        notify_pushes,
+    );
+    if next > 0 {
+        let last = format!("m{next}");
+        assert!(seen.contains(last.as_bytes()), "the last payload was lost");
+    }
+    assert!(h
+        .node
+        .pending()
+        .iter()
+        .all(|p| !p.notify && p.payload.is_none()));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sdk_on_a_clean_network_sees_no_duplicate(ops in proptest::collection::vec(sdk_op(), 1..50)) {
+        sdk_run(&ops);
+    }
 }

@@ -794,6 +794,283 @@ fn ack_of_an_older_notify_does_not_clear_a_newer_one() {
     assert!(!h.node.record(&u).unwrap().notify);
 }
 
+/// Upstream's sequence (issue 12, case 1): "three" goes unacked, "four" is pushed (sent at
+/// once), re-sent by the next heartbeat, acked once: the next heartbeat gets nothing. Steps are
+/// 150 ms apart, the shortest the rule must handle.
+#[test]
+fn one_ack_of_a_resend_clears_like_upstream() {
+    let (u, dev) = (uuid(1), addr(1, 4000));
+    let mut h = default_harness();
+    h.push(u, payload(b"three"));
+    h.heartbeat(dev, 1, u);
+    assert_eq!(h.take_udp(dev), vec![down_payload(1, b"three")]);
+    h.advance(millis(150));
+    h.push(u, payload(b"four"));
+    assert_eq!(h.take_udp(dev), vec![down_payload(0, b"four")]);
+    h.advance(millis(150));
+    h.heartbeat(dev, 1, u);
+    assert_eq!(h.take_udp(dev), vec![down_payload(1, b"four")]);
+    h.advance(millis(150));
+    h.ack(dev, 1, u, DeviceMsg::AckPayload);
+    assert_eq!(acked(&mut h), vec![(Kind::Payload, true)]);
+    h.advance(millis(150));
+    h.heartbeat(dev, 1, u);
+    assert!(h.take_transmits().is_empty(), "four was acked");
+}
+
+/// Issue 12, case 1b: an item sent on three heartbeats and acked once, then a new push, a
+/// heartbeat re-send and one ack: nothing more is sent. The same for 0x10.
+#[test]
+fn one_ack_after_several_resends_then_a_new_push_clears_like_upstream() {
+    for notify in [false, true] {
+        let (u, dev) = (uuid(1), addr(1, 4000));
+        let mut h = default_harness();
+        let (first, second, ack) = if notify {
+            (PushMsg::Notify, PushMsg::Notify, DeviceMsg::AckNotify)
+        } else {
+            (payload(b"one"), payload(b"two"), DeviceMsg::AckPayload)
+        };
+        h.push(u, first);
+        for _ in 0..3 {
+            h.heartbeat(dev, 1, u);
+            assert_eq!(h.take_udp(dev).len(), 1);
+            h.advance(millis(150));
+        }
+        h.ack(dev, 1, u, ack);
+        assert_eq!(acked(&mut h).last().map(|a| a.1), Some(true));
+        h.advance(millis(150));
+        h.push(u, second);
+        assert_eq!(h.take_udp(dev).len(), 1, "sent at once");
+        h.advance(millis(150));
+        h.heartbeat(dev, 1, u);
+        assert_eq!(h.take_udp(dev).len(), 1, "re-sent");
+        h.advance(millis(150));
+        h.ack(dev, 1, u, ack);
+        assert_eq!(acked(&mut h).last().map(|a| a.1), Some(true), "{notify}");
+        h.advance(millis(150));
+        h.heartbeat(dev, 1, u);
+        assert!(h.take_transmits().is_empty(), "notify={notify}: acked");
+    }
+}
+
+/// Issue 12, case 2: an SDK that acks everything sees no duplicate: an immediate push acked
+/// at once is not re-sent.
+#[test]
+fn an_acked_immediate_push_is_not_resent() {
+    let (u, dev) = (uuid(1), addr(1, 4000));
+    let mut h = default_harness();
+    h.heartbeat(dev, 1, u);
+    for (i, p) in [&b"hello"[..], b"again", b"third"].iter().enumerate() {
+        h.advance(millis(500));
+        h.push(u, payload(p));
+        assert_eq!(h.take_udp(dev), vec![down_payload(0, p)]);
+        h.advance(millis(20));
+        h.ack(dev, 1, u, DeviceMsg::AckPayload);
+        assert_eq!(acked(&mut h), vec![(Kind::Payload, true)], "push {i}");
+        h.advance(secs(2));
+        h.heartbeat(dev, 1, u);
+        assert!(h.take_transmits().is_empty(), "push {i} re-sent");
+    }
+}
+
+/// Issue 12, case 2: the app is killed (the server still counts it online), "one" and "two"
+/// go to the dead socket; the app starts again on a new socket, its first heartbeat gets
+/// "two", the SDK acks it, and that is the last it sees of it.
+#[test]
+fn a_new_socket_settles_sends_to_the_old_one() {
+    let (u, old, new) = (uuid(1), addr(1, 4000), addr(1, 4001));
+    let mut h = default_harness();
+    h.heartbeat(old, 1, u);
+    h.advance(secs(5));
+    h.push(u, payload(b"one"));
+    h.push(u, payload(b"two"));
+    assert_eq!(h.take_udp(old).len(), 2, "both sent to the dead socket");
+    // Within the in-flight window even: the new address alone settles the old sends.
+    h.advance(millis(50));
+    h.heartbeat(new, 1, u);
+    assert_eq!(h.take_udp(new), vec![down_payload(1, b"two")]);
+    h.ack(new, 1, u, DeviceMsg::AckPayload);
+    assert_eq!(acked(&mut h), vec![(Kind::Payload, true)]);
+    h.advance(secs(2));
+    h.heartbeat(new, 1, u);
+    assert!(h.take_transmits().is_empty());
+    // A late ack from the old socket can clear nothing any more.
+    h.push(u, payload(b"three"));
+    assert_eq!(h.take_udp(new), vec![down_payload(0, b"three")]);
+    h.ack(old, 1, u, DeviceMsg::AckPayload);
+    assert_eq!(acked(&mut h), vec![(Kind::Payload, false)]);
+}
+
+/// Issue 12, case 2: right after a restart, the first heartbeat's answer is trusted: its ack
+/// clears, and an immediate push acked at once is not re-sent either.
+#[test]
+fn acks_are_trusted_right_after_a_restart() {
+    let (u, dev) = (uuid(1), addr(1, 4000));
+    let mut h = default_harness();
+    h.heartbeat(dev, 1, u);
+    h.push(u, payload(b"before"));
+    h.take_transmits(); // sent, and the server crashes before the ack arrives
+    let snap: Vec<_> = h.node.records().collect();
+    let mut node = ddpush_proto::Node::new(h.node.config().clone()).unwrap();
+    for r in snap {
+        node.restore(h.now() + millis(1_500), r);
+    }
+    let mut h2 = Harness::with_node(node, h.now() + millis(1_500));
+    h2.heartbeat(dev, 1, u);
+    assert_eq!(h2.take_udp(dev), vec![down_payload(1, b"before")]);
+    h2.ack(dev, 1, u, DeviceMsg::AckPayload);
+    assert_eq!(acked(&mut h2), vec![(Kind::Payload, true)]);
+    h2.advance(millis(100));
+    h2.push(u, PushMsg::Notify);
+    assert_eq!(h2.take_udp(dev), vec![down(0, DownMsg::Notify)]);
+    h2.ack(dev, 1, u, DeviceMsg::AckNotify);
+    assert_eq!(acked(&mut h2), vec![(Kind::Notify, true)]);
+    h2.advance(secs(2));
+    h2.heartbeat(dev, 1, u);
+    assert!(
+        h2.take_transmits().is_empty(),
+        "no duplicate after a restart"
+    );
+}
+
+/// Issue 12, case 3 over TCP: the ack of "A" arrives after "B" was pushed (B's immediate send
+/// went out on the stream but the device has not read it): B stays; the re-send's ack clears.
+#[test]
+fn ack_of_an_older_send_over_tcp_does_not_clear_a_newer_one() {
+    for notify in [false, true] {
+        let u = uuid(1);
+        let mut h = default_harness();
+        let c = h.tcp_open(Port::Device, addr(1, 4000)).unwrap();
+        let hb = raw_up(1, 1, 0x00, u, &[]);
+        let (msg_a, msg_b, cmd) = if notify {
+            (PushMsg::Notify, PushMsg::Notify, 0x10)
+        } else {
+            (payload(b"A"), payload(b"B"), 0x20)
+        };
+        h.push(u, msg_a);
+        h.tcp_data(c, &hb);
+        assert!(!h.take_tcp(c).is_empty(), "A sent");
+        h.advance(millis(150));
+        h.push(u, msg_b);
+        assert!(!h.take_tcp(c).is_empty(), "B sent at once");
+        h.advance(millis(20));
+        h.tcp_data(c, &raw_up(1, 1, cmd, u, &[])); // the ack of A
+        let r = h.node.record(&u).unwrap();
+        assert!(r.notify || r.payload.is_some(), "notify={notify}: B lost");
+        h.advance(secs(50));
+        h.tcp_data(c, &hb);
+        assert!(!h.take_tcp(c).is_empty(), "B re-sent");
+        h.tcp_data(c, &raw_up(1, 1, cmd, u, &[]));
+        // The device also acks B's immediate copy, which it reads now: nothing left to clear.
+        h.tcp_data(c, &raw_up(1, 1, cmd, u, &[]));
+        let r = h.node.record(&u).unwrap();
+        assert!(!r.notify && r.payload.is_none(), "notify={notify}: B acked");
+        h.advance(secs(50));
+        h.tcp_data(c, &hb);
+        assert!(h.take_tcp(c).is_empty());
+    }
+}
+
+/// A heartbeat may cross a send on the network; the ack of a send younger than the in-flight
+/// window that arrives after the heartbeat is still attributed to that send.
+#[test]
+fn a_send_that_crossed_the_heartbeat_keeps_its_ack() {
+    let (u, dev) = (uuid(1), addr(1, 4000));
+    let mut h = default_harness();
+    h.heartbeat(dev, 1, u);
+    h.advance(secs(10));
+    h.push(u, payload(b"A")); // sent at once
+    h.take_transmits();
+    h.advance(millis(30));
+    h.push(u, payload(b"B")); // sent at once; lost
+    h.take_transmits();
+    h.advance(millis(40));
+    h.heartbeat(dev, 1, u); // sent by the device before A reached it
+    assert_eq!(h.take_udp(dev), vec![down_payload(1, b"B")]);
+    h.advance(millis(40));
+    h.ack(dev, 1, u, DeviceMsg::AckPayload); // the ack of A
+    assert_eq!(acked(&mut h), vec![(Kind::Payload, false)]);
+    let r = h.node.record(&u).unwrap();
+    assert_eq!(r.payload.as_deref(), Some(&b"B"[..]), "A's ack cleared B");
+    h.ack(dev, 1, u, DeviceMsg::AckPayload); // the ack of the heartbeat's B
+                                             // A left 30 ms before B and may have reached the device after it (datagrams reorder): B
+                                             // goes out once more, so the device ends with B. A duplicate, where an ack crossed a push.
+    assert_eq!(acked(&mut h), vec![(Kind::Payload, false)]);
+    h.advance(secs(50));
+    h.heartbeat(dev, 1, u);
+    assert_eq!(h.take_udp(dev), vec![down_payload(1, b"B")]);
+    h.ack(dev, 1, u, DeviceMsg::AckPayload);
+    assert_eq!(acked(&mut h), vec![(Kind::Payload, true)]);
+    h.advance(secs(50));
+    h.heartbeat(dev, 1, u);
+    assert!(h.take_transmits().is_empty());
+}
+
+/// Two payloads pushed in one turn to an online client: the datagrams may arrive in either
+/// order, so the newer one is sent once more before an ack clears it; the device ends with
+/// the newer one even if the network swapped them.
+#[test]
+fn two_payloads_in_flight_together_end_with_the_newer_one() {
+    let (u, dev) = (uuid(1), addr(1, 4000));
+    let mut h = default_harness();
+    h.heartbeat(dev, 1, u);
+    h.push(u, payload(b"m1"));
+    h.push(u, payload(b"m2"));
+    assert_eq!(
+        h.take_udp(dev),
+        vec![down_payload(0, b"m1"), down_payload(0, b"m2")]
+    );
+    h.advance(millis(40));
+    h.ack(dev, 1, u, DeviceMsg::AckPayload); // the device got m2 first...
+    h.ack(dev, 1, u, DeviceMsg::AckPayload); // ...then m1
+    assert_eq!(
+        acked(&mut h),
+        vec![(Kind::Payload, false), (Kind::Payload, false)]
+    );
+    h.advance(secs(50));
+    h.heartbeat(dev, 1, u);
+    assert_eq!(h.take_udp(dev), vec![down_payload(1, b"m2")]);
+    h.ack(dev, 1, u, DeviceMsg::AckPayload);
+    assert_eq!(acked(&mut h), vec![(Kind::Payload, true)]);
+}
+
+/// The same crossing, but the heartbeat comes more than the window after A: A is settled (its
+/// ack would have come before the heartbeat), so the one ack that comes clears B.
+#[test]
+fn a_send_older_than_the_window_is_settled_by_the_heartbeat() {
+    let (u, dev) = (uuid(1), addr(1, 4000));
+    let mut h = default_harness();
+    h.heartbeat(dev, 1, u);
+    h.advance(secs(10));
+    h.push(u, payload(b"A")); // sent at once; lost
+    h.take_transmits();
+    h.advance(millis(300));
+    h.push(u, payload(b"B")); // sent at once; lost
+    h.take_transmits();
+    h.advance(millis(40));
+    h.heartbeat(dev, 1, u);
+    assert_eq!(h.take_udp(dev), vec![down_payload(1, b"B")]);
+    h.ack(dev, 1, u, DeviceMsg::AckPayload); // the ack of the heartbeat's B
+    assert_eq!(acked(&mut h), vec![(Kind::Payload, true)]);
+    h.advance(secs(50));
+    h.heartbeat(dev, 1, u);
+    assert!(h.take_transmits().is_empty());
+}
+
+/// Acks are taken only from the path the sends went to: another address cannot clear.
+#[test]
+fn an_ack_from_another_address_clears_nothing() {
+    let (u, dev, other) = (uuid(1), addr(1, 4000), addr(2, 4000));
+    let mut h = default_harness();
+    h.heartbeat(dev, 1, u);
+    h.push(u, PushMsg::Notify);
+    assert_eq!(h.take_udp(dev).len(), 1);
+    h.ack(other, 1, u, DeviceMsg::AckNotify);
+    assert_eq!(acked(&mut h), vec![(Kind::Notify, false)]);
+    h.ack(dev, 1, u, DeviceMsg::AckNotify);
+    assert_eq!(acked(&mut h), vec![(Kind::Notify, true)]);
+}
+
 // ------------------------------------------------------------------------------------------
 // Abuse limits (8.4)
 // ------------------------------------------------------------------------------------------
