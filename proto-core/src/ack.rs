@@ -66,13 +66,6 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(60);
 
 /// Count value that no longer moves.
 const STUCK: u8 = u8::MAX;
-/// The newest group's count saturates lower: its top bit is [`UNSETTLED`].
-const NEWEST_STUCK: u8 = 0x7f;
-/// In `newest`: an older send, unmatched when the newest generation was first sent and at
-/// most one window before it, may reach the device after every send of the newest generation
-/// so far (datagrams reorder). Acks then clear nothing until a send of the newest generation
-/// leaves more than a window after the older ones, so the device ends with the newest.
-const UNSETTLED: u8 = 0x80;
 
 /// What an ack answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +112,7 @@ fn tick(t: Time) -> u16 {
 pub struct SendLedger {
     /// Generation of the newest group.
     gen: Generation,
-    /// Unmatched sends of `gen` (low 7 bits) and the [`UNSETTLED`] bit.
+    /// Unmatched sends of `gen`.
     newest: u8,
     /// Unmatched sends of older generations.
     older: u8,
@@ -141,49 +134,25 @@ impl SendLedger {
     }
 
     /// A send of generation `gen` left at `now` (to the record's current path).
-    pub fn on_send(&mut self, gen: Generation, now: Time, window: Window) {
-        let t = tick(now);
-        if gen != self.gen {
-            let n = self.newest & NEWEST_STUCK;
-            if n > 0 {
-                // A stuck count stays stuck.
-                self.older = if n == NEWEST_STUCK {
-                    STUCK
-                } else {
-                    add(self.older, n)
-                };
-                self.older_at = self.newest_at;
-            }
+    pub fn on_send(&mut self, gen: Generation, now: Time) {
+        if self.newest > 0 && gen != self.gen {
+            self.older = add(self.older, self.newest);
+            self.older_at = self.newest_at;
             self.newest = 0;
-            if self.older > 0 && t.wrapping_sub(self.older_at) <= window.0 {
-                self.newest = UNSETTLED;
-            }
-        } else if self.newest & UNSETTLED != 0 && t.wrapping_sub(self.older_at) > window.0 {
-            // This send leaves after every older one has reached the device (or was lost).
-            self.newest &= !UNSETTLED;
         }
         self.gen = gen;
-        let n = self.newest & NEWEST_STUCK;
-        self.newest = (self.newest & UNSETTLED) | add_newest(n);
-        self.newest_at = t;
+        self.newest = add(self.newest, 1);
+        self.newest_at = tick(now);
     }
 
     /// An ack arrived on the record's current path: match it to the oldest unmatched send.
     pub fn on_ack(&mut self) -> Attribution {
-        let n = self.newest & NEWEST_STUCK;
         if self.older > 0 {
             self.older = sub(self.older);
             Attribution::Older
-        } else if n > 0 {
-            let unsettled = self.newest & UNSETTLED;
-            self.newest = unsettled | if n == NEWEST_STUCK { n } else { n - 1 };
-            if unsettled != 0 {
-                // It answers the newest generation, but the device may have got an older
-                // send after it: send the newest once more before clearing.
-                Attribution::Older
-            } else {
-                Attribution::Generation(self.gen)
-            }
+        } else if self.newest > 0 {
+            self.newest = sub(self.newest);
+            Attribution::Generation(self.gen)
         } else {
             Attribution::Unmatched
         }
@@ -199,8 +168,8 @@ impl SendLedger {
         if self.older > 0 && old(self.older_at) {
             self.older = 0;
         }
-        if self.newest & NEWEST_STUCK > 0 && self.older == 0 && old(self.newest_at) {
-            self.newest &= UNSETTLED;
+        if self.newest > 0 && self.older == 0 && old(self.newest_at) {
+            self.newest = 0;
         }
     }
 
@@ -213,12 +182,8 @@ impl SendLedger {
 
     /// No unmatched send.
     pub fn is_empty(&self) -> bool {
-        self.newest & NEWEST_STUCK == 0 && self.older == 0
+        self.newest == 0 && self.older == 0
     }
-}
-
-fn add_newest(a: u8) -> u8 {
-    (a + 1).min(NEWEST_STUCK)
 }
 
 fn add(a: u8, b: u8) -> u8 {
@@ -262,18 +227,16 @@ mod tests {
     #[test]
     fn ack_of_an_older_send_does_not_clear_a_newer_generation() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0), W); // heartbeat answer "A"
-        l.on_send(2, ms(150), W); // "B" pushed, immediate send lost
+        l.on_send(1, ms(0)); // heartbeat answer "A"
+        l.on_send(2, ms(150)); // "B" pushed, immediate send lost
         assert_eq!(l.on_ack(), Attribution::Older); // the ack of "A"
-                                                    // A second ack (B was not lost after all) is taken for B, but A, sent 150 ms before,
-                                                    // may reach the device after B: B is sent once more before an ack clears it.
-        assert_eq!(l.on_ack(), Attribution::Older);
+        assert_eq!(l.on_ack(), Attribution::Generation(2)); // the lost send had no ack
         let mut l2 = SendLedger::new();
-        l2.on_send(1, ms(0), W);
-        l2.on_send(2, ms(150), W);
+        l2.on_send(1, ms(0));
+        l2.on_send(2, ms(150));
         assert!(!l2.on_ack().clears(2));
         l2.on_fence(ms(50_000), W);
-        l2.on_send(2, ms(50_000), W);
+        l2.on_send(2, ms(50_000));
         assert!(l2.on_ack().clears(2), "the ack of the re-send clears");
     }
 
@@ -281,60 +244,33 @@ mod tests {
     fn a_fence_forgets_unacked_sends_older_than_the_window() {
         // Upstream's sequence: "three" unacked, "four" pushed and re-sent, one ack clears.
         let mut l = SendLedger::new();
-        l.on_send(3, ms(0), W);
-        l.on_send(4, ms(150), W);
+        l.on_send(3, ms(0));
+        l.on_send(4, ms(150));
         l.on_fence(ms(300), W);
-        l.on_send(4, ms(300), W);
+        l.on_send(4, ms(300));
         assert!(l.on_ack().clears(4));
     }
 
     #[test]
     fn a_fence_keeps_sends_that_may_have_crossed_it() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0), W);
-        l.on_fence(ms(150), W); // younger than 200 ms: kept
-        l.on_send(1, ms(150), W);
-        assert!(l.on_ack().clears(1));
-        assert!(l.on_ack().clears(1));
-        assert_eq!(l.on_ack(), Attribution::Unmatched);
-        // Group by group: the older one is settled, the newest one kept.
-        let mut l = SendLedger::new();
-        l.on_send(1, ms(0), W);
-        l.on_send(2, ms(250), W);
-        l.on_fence(ms(300), W);
-        l.on_send(2, ms(300), W);
+        l.on_send(1, ms(0));
+        l.on_send(2, ms(10));
+        l.on_fence(ms(150), W); // both younger than 200 ms: kept
+        l.on_send(2, ms(150));
+        assert_eq!(l.on_ack(), Attribution::Older);
         assert!(l.on_ack().clears(2));
         assert!(l.on_ack().clears(2));
         assert_eq!(l.on_ack(), Attribution::Unmatched);
     }
 
     #[test]
-    fn a_newer_send_an_older_one_may_overtake_clears_only_after_a_later_send() {
-        // "m1" and "m2" pushed in one turn: the device may get m2 first, then m1.
+    fn a_fence_settles_each_group_on_its_own() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0), W);
-        l.on_send(2, ms(0), W);
-        assert_eq!(l.on_ack(), Attribution::Older);
-        assert_eq!(l.on_ack(), Attribution::Older, "m2 must go out once more");
-        l.on_fence(ms(30_000), W);
-        l.on_send(2, ms(30_000), W);
-        assert!(l.on_ack().clears(2));
-        // A re-send more than a window after the older one settles it, fence or not.
-        let mut l = SendLedger::new();
-        l.on_send(1, ms(0), W);
-        l.on_send(2, ms(100), W);
-        l.on_send(2, ms(350), W);
-        assert_eq!(l.on_ack(), Attribution::Older);
-        assert_eq!(l.on_ack(), Attribution::Generation(2));
-    }
-
-    #[test]
-    fn a_fence_settles_the_older_group_on_its_own() {
-        let mut l = SendLedger::new();
-        l.on_send(1, ms(0), W);
-        l.on_send(2, ms(190), W);
+        l.on_send(1, ms(0));
+        l.on_send(2, ms(190));
         l.on_fence(ms(300), W); // 1 is 300 ms old: settled; 2 is 110 ms old: kept
-        l.on_send(2, ms(300), W);
+        l.on_send(2, ms(300));
         assert!(l.on_ack().clears(2));
         assert!(l.on_ack().clears(2));
         assert_eq!(l.on_ack(), Attribution::Unmatched);
@@ -344,8 +280,8 @@ mod tests {
     fn forget_and_unmatched() {
         let mut l = SendLedger::new();
         assert_eq!(l.on_ack(), Attribution::Unmatched);
-        l.on_send(1, ms(0), W);
-        l.on_send(2, ms(1), W);
+        l.on_send(1, ms(0));
+        l.on_send(2, ms(1));
         l.forget();
         assert!(l.is_empty());
         assert_eq!(l.on_ack(), Attribution::Unmatched);
@@ -355,22 +291,21 @@ mod tests {
     fn stuck_counts_never_release_a_newer_generation() {
         let mut l = SendLedger::new();
         for i in 0..300 {
-            l.on_send(1, ms(i), W);
+            l.on_send(1, ms(i));
         }
-        assert_eq!(l.newest & NEWEST_STUCK, NEWEST_STUCK);
-        l.on_send(2, ms(400), W);
+        l.on_send(2, ms(400));
         for _ in 0..1000 {
             assert_eq!(l.on_ack(), Attribution::Older);
         }
         l.on_fence(ms(1_000), W);
-        l.on_send(2, ms(1_000), W);
+        l.on_send(2, ms(1_000));
         assert!(l.on_ack().clears(2));
     }
 
     #[test]
     fn tick_wrap_only_keeps() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0), W);
+        l.on_send(1, ms(0));
         // Exactly one wrap later the send looks 0 ms old: kept (a duplicate at worst).
         l.on_fence(ms(65_536 * TICK_MS), W);
         assert!(!l.is_empty());

@@ -730,11 +730,11 @@ impl Node {
     /// Notes a send of the item's current generation in its ledger (0x11 needs none: its ack
     /// names the bits it clears).
     fn note_send(&mut self, slot: u32, k: Kind) {
-        let (now, window) = (self.now, self.ack_window);
+        let now = self.now;
         let r = self.reg.rec_mut(slot);
         if let Some(i) = ledger_index(k) {
             let g = r.gen[i];
-            r.ledger[i].on_send(g, now, window);
+            r.ledger[i].on_send(g, now);
         }
     }
 

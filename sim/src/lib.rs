@@ -1,8 +1,9 @@
-//! Deterministic `turmoil` simulation of ddpush-rs under loss, partitions and crashes.
+//! Deterministic `turmoil` simulation of ddpush-rs under loss, reordering, duplication, NAT
+//! rebinds, partitions and crashes.
 //!
 //! The real protocol core ([`ddpush_proto::Node`]) runs behind a thin turmoil adapter
 //! ([`server`]); simulated device SDKs ([`device`]) and an app server ([`app`]) speak the real
-//! wire format through the core's codecs. [`scenario`] builds a world from a seed, injects
+//! wire format through the core's codecs; UDP devices sit behind NATs ([`net`]). [`scenario`] builds a world from a seed, injects
 //! faults at seeded moments and checks the guarantees users rely on. See docs/SIMULATION.md.
 
 #![warn(missing_docs)]
@@ -11,6 +12,7 @@
 pub mod app;
 pub mod cluster;
 pub mod device;
+pub mod net;
 pub mod scenario;
 pub mod server;
 pub mod world;

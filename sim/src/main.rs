@@ -6,7 +6,11 @@
 //! cargo run -p ddpush-sim --release -- --scenario mixed --scale 3 --seeds 20
 //! cargo run -p ddpush-sim --release -- --scenario cluster --seeds 1000  # every cluster scenario
 //! cargo run -p ddpush-sim --release -- --scenario cluster-kill --seed 7
+//! cargo run -p ddpush-sim --release -- --scenario lossy --seeds 100 --nat off  # no NATs
 //! ```
+//!
+//! After the runs it prints one line per single-node scenario: runs, failing seeds, accepted
+//! pushes and re-received 0x20 payloads (per 1,000 accepted pushes).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -27,7 +31,8 @@ fn all() -> Vec<Which> {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ddpush-sim [--scenario NAME|all] [--seed S | --seeds N [--first S]] [--scale K]\n\
+        "usage: ddpush-sim [--scenario NAME|all] [--seed S | --seeds N [--first S]] [--scale K] \
+         [--nat on|off]\n\
          scenarios: lossy offline partition crash tcp mixed, cluster (all of:) cluster-anynode\n\
          cluster-kill cluster-freeze cluster-storecut cluster-crossing cluster-rolling\n\
          cluster-rehome cluster-failover"
@@ -40,6 +45,7 @@ fn main() -> ExitCode {
     let mut first = 0u64;
     let mut count = 1u64;
     let mut scale = 1usize;
+    let mut nat = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let Some(v) = args.next() else {
@@ -77,17 +83,44 @@ fn main() -> ExitCode {
                 Ok(n) => scale = n,
                 Err(_) => return usage(),
             },
+            "--nat" => match v.as_str() {
+                "on" => nat = true,
+                "off" => nat = false,
+                _ => return usage(),
+            },
             _ => return usage(),
         }
     }
     let mut failed = 0u64;
+    // Per single-node scenario: runs, failing seeds, accepted pushes, duplicate receipts,
+    // the most per item.
+    let mut sums: Vec<(&'static str, u64, Vec<u64>, u64, u64, usize)> = Vec::new();
     for seed in first..first + count {
         for &k in &kinds {
             let t = Instant::now();
             let (name, replay, result) = match k {
                 Which::Single(k) => {
-                    let p = Params::new(k, seed, scale);
-                    (k.name(), p.replay(scale), run(&p).map(|r| r.to_string()))
+                    let mut p = Params::new(k, seed, scale);
+                    p.nat = nat;
+                    let i = match sums.iter().position(|s| s.0 == k.name()) {
+                        Some(i) => i,
+                        None => {
+                            sums.push((k.name(), 0, Vec::new(), 0, 0, 0));
+                            sums.len() - 1
+                        }
+                    };
+                    let r = run(&p);
+                    let sum = &mut sums[i];
+                    sum.1 += 1;
+                    match &r {
+                        Ok(r) => {
+                            sum.3 += r.accepted as u64;
+                            sum.4 += r.duplicates as u64;
+                            sum.5 = sum.5.max(r.max_duplicates);
+                        }
+                        Err(_) => sum.2.push(seed),
+                    }
+                    (k.name(), p.replay(scale), r.map(|r| r.to_string()))
                 }
                 Which::Cluster(k) => {
                     let p = cluster::Params::new(k, seed, scale);
@@ -106,6 +139,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+    for (name, runs, fails, accepted, dups, max) in &sums {
+        let per = if *accepted > 0 {
+            *dups as f64 * 1000.0 / *accepted as f64
+        } else {
+            0.0
+        };
+        println!(
+            "summary {name} seeds {first}..{} nat={} runs={runs} failing={fails:?} \
+             accepted={accepted} dups={dups} ({per:.2}/1000) max-dups/item={max}",
+            first + count,
+            if nat { "on" } else { "off" },
+        );
     }
     if failed > 0 {
         println!("{failed} failing runs");

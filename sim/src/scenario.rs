@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::app::{self, Planned};
 use crate::device::{self, Plan};
+use crate::net::{self, NatPlan, NetStats};
 use crate::server::{self, DEVICE_PORT, PUSH_PORT};
 use crate::world::{device_uuid, Shared};
 
@@ -95,6 +96,9 @@ pub struct Params {
     pub tcp_drops: bool,
     /// The server's disk fills twice during the push phase (writes fail, pushes get `0xFF`).
     pub disk_full: bool,
+    /// UDP device hosts sit behind NATs that rebind idle mappings and, on lossy hosts,
+    /// duplicate and hold back datagrams (`sim/src/net.rs`).
+    pub nat: bool,
 }
 
 /// Clean phase at the end: no loss, no faults; long enough for every record to drain.
@@ -123,6 +127,7 @@ impl Params {
             crashes: 0,
             tcp_drops: false,
             disk_full: false,
+            nat: true,
         };
         match kind {
             Kind::Lossy => Params {
@@ -184,10 +189,11 @@ impl Params {
     /// The command that replays this run.
     pub fn replay(&self, scale: usize) -> String {
         format!(
-            "cargo run -p ddpush-sim --release -- --scenario {} --seed {} --scale {}",
+            "cargo run -p ddpush-sim --release -- --scenario {} --seed {} --scale {}{}",
             self.kind.name(),
             self.seed,
-            scale
+            scale,
+            if self.nat { "" } else { " --nat off" }
         )
     }
 }
@@ -284,6 +290,22 @@ pub struct Report {
     pub trace: u64,
     /// Items in the trace.
     pub trace_items: u64,
+    /// What the NATs did.
+    pub net: NetStats,
+    /// Devices whose last receipt was an older payload that the network delivered after the
+    /// newest (both were in flight together).
+    pub reordered_payloads: usize,
+}
+
+impl Report {
+    /// Receipts of an already received 0x20 payload per 1,000 accepted pushes.
+    pub fn dups_per_1000(&self) -> f64 {
+        if self.accepted == 0 {
+            0.0
+        } else {
+            self.duplicates as f64 * 1000.0 / self.accepted as f64
+        }
+    }
 }
 
 impl fmt::Display for Report {
@@ -291,8 +313,10 @@ impl fmt::Display for Report {
         write!(
             f,
             "{} seed={} devices={} sim={}s accepted={} refused={} unjudged={} payload-delivery-heartbeats={:?} mean={:.2} \
-             dups={} max-dups/item={} crashes={} (after-journal {}, in-snapshot {}) snapshots={}/{} torn \
-             app-reconnects={} offline-checked={} episodes-checked={} trace={:016x} ({} items)",
+             dups={} ({:.1}/1000) max-dups/item={} crashes={} (after-journal {}, in-snapshot {}) \
+             snapshots={}/{} torn app-reconnects={} offline-checked={} episodes-checked={} \
+             nat-rebinds={} dup-datagrams={} held-datagrams={} overtaken-payloads={} \
+             trace={:016x} ({} items)",
             self.scenario,
             self.seed,
             self.devices,
@@ -303,6 +327,7 @@ impl fmt::Display for Report {
             self.hb_histogram,
             self.hb_mean,
             self.duplicates,
+            self.dups_per_1000(),
             self.max_duplicates,
             self.crashes,
             self.crash_points.0,
@@ -312,6 +337,10 @@ impl fmt::Display for Report {
             self.app_reconnects,
             self.offline_checked,
             self.episodes_checked,
+            self.net.rebinds,
+            self.net.duplicated,
+            self.net.held,
+            self.reordered_payloads,
             self.trace,
             self.trace_items
         )
@@ -420,7 +449,13 @@ pub fn run(p: &Params) -> Result<Report, String> {
             .iter()
             .enumerate()
             .filter(|(_, r)| **r == Role::Cut)
-            .map(|(h, _)| format!("udp{h}"))
+            .map(|(h, _)| {
+                if p.nat {
+                    format!("nat{h}")
+                } else {
+                    format!("udp{h}")
+                }
+            })
             .collect();
         let mut a = cut.clone();
         a.push("app".into());
@@ -469,7 +504,43 @@ pub fn run(p: &Params) -> Result<Report, String> {
         sim.host("server", move || server::run(sh.clone(), cfg.clone()));
     }
     let server_ip = sim.lookup("server");
-    let udp_addr = (server_ip, DEVICE_PORT).into();
+    let udp_addr: std::net::SocketAddr = (server_ip, DEVICE_PORT).into();
+    // NATs in front of the UDP hosts: idle timeouts from 20 s (a rebind on every heartbeat)
+    // to 120 s (never), duplication and holds only where the link is lossy anyway, so the
+    // exact checks of loss-free hosts keep counting server re-sends only.
+    let mut nat_rng = SmallRng::seed_from_u64(p.seed ^ 0x5eed_0002);
+    let mut nat_addr = Vec::new();
+    for (h, role) in roles.iter().enumerate() {
+        if !p.nat {
+            nat_addr.push(udp_addr);
+            continue;
+        }
+        let lossy = matches!(role, Role::Bursty(_) | Role::Steady);
+        let plan = NatPlan {
+            seed: nat_rng.random(),
+            idle_timeout: nat_rng.random_range(20_000..120_000),
+            dup: if lossy { 0.005 } else { 0.0 },
+            hold: if lossy { 0.02 } else { 0.0 },
+            hold_max: 150,
+        };
+        let name = format!("nat{h}");
+        let sh = sh.clone();
+        sim.host(name.as_str(), move || {
+            net::run(sh.clone(), plan.clone(), udp_addr)
+        });
+        // The NAT sits next to the server: a fixed short latency, so uplink copies of a
+        // duplicated datagram arrive together.
+        sim.set_link_latency(name.as_str(), "server", Duration::from_millis(2));
+        nat_addr.push((sim.lookup(name.as_str()), DEVICE_PORT).into());
+    }
+    // The host whose link to the server carries a UDP host's traffic.
+    let edge = |h: usize| {
+        if p.nat {
+            format!("nat{h}")
+        } else {
+            format!("udp{h}")
+        }
+    };
     for h in 0..p.udp_hosts + tcp_hosts {
         let name = if h < p.udp_hosts {
             format!("udp{h}")
@@ -482,6 +553,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
             .cloned()
             .collect();
         let sh = sh.clone();
+        let udp_addr = nat_addr.get(h).copied().unwrap_or(udp_addr);
         sim.client(name.as_str(), async move {
             let mut handles = Vec::new();
             for pl in mine {
@@ -500,7 +572,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
             Ok(())
         });
         if let Some(Role::Bursty(rate)) = roles.get(h) {
-            sim.set_link_fail_rate(name.as_str(), "server", *rate);
+            sim.set_link_fail_rate(edge(h).as_str(), "server", *rate);
         }
     }
     {
@@ -624,7 +696,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
             sh.faults.borrow_mut().disk_full = false;
             for (h, r) in roles.iter().enumerate() {
                 if let Role::Bursty(_) = r {
-                    sim.set_link_fail_rate(format!("udp{h}").as_str(), "server", 0.0);
+                    sim.set_link_fail_rate(edge(h).as_str(), "server", 0.0);
                 }
             }
             if armed.take().is_some() {
@@ -657,6 +729,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
     let st = sh.store.borrow();
     report.snapshots = (st.snapshots, st.torn);
     report.app_reconnects = sh.app.borrow().reconnects;
+    report.net = *sh.net.borrow();
     if errors.is_empty() {
         Ok(report)
     } else {
@@ -688,7 +761,8 @@ fn covers(restored: &[Pending], live: &[Pending]) -> bool {
 struct Expected {
     notify_last_sent: Option<u64>,
     bits: u64,
-    payload: Option<(Content, u64)>,
+    /// The last payload, when the app first sent it and when its reply arrived (ms).
+    payload: Option<(Content, u64, u64)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -741,7 +815,7 @@ fn check(
         match &a.msg {
             PushMsg::Notify => e.notify_last_sent = Some(a.sent_at),
             PushMsg::Bits(b) => e.bits |= b,
-            PushMsg::Payload(b) => e.payload = Some((b.clone(), a.sent_at)),
+            PushMsg::Payload(b) => e.payload = Some((b.clone(), a.sent_at, a.replied_at)),
         }
     }
 
@@ -775,6 +849,9 @@ fn check(
         // Final state: exactly the last payload, the OR of the bits, the flag.
         let mut bits = 0u64;
         let mut last_payload: Option<&Content> = None;
+        // The last receipt of the last pushed payload, and receipts of other payloads after it.
+        let mut newest_at: Option<u64> = None;
+        let mut stale_after: Vec<u64> = Vec::new();
         let mut last_notify: Option<u64> = None;
         let mut seen: std::collections::HashMap<&[u8], usize> = Default::default();
         for r in &log.rx {
@@ -784,6 +861,12 @@ fn check(
                 DownMsg::Payload(b) => {
                     last_payload = Some(b);
                     *seen.entry(b.as_ref()).or_default() += 1;
+                    if e.payload.as_ref().is_some_and(|(n, _, _)| n == b) {
+                        newest_at = Some(r.at);
+                        stale_after.clear();
+                    } else if newest_at.is_some() {
+                        stale_after.push(r.at);
+                    }
                 }
                 DownMsg::HeartbeatReply => {}
             }
@@ -798,13 +881,28 @@ fn check(
         if bits != e.bits {
             errors.push(format!("device {i}: bits {bits:#x}, pushed {:#x}", e.bits));
         }
-        if last_payload.map(|b| b.as_ref()) != e.payload.as_ref().map(|(b, _)| b.as_ref()) {
+        // The device ends with the last pushed payload. The one exception is the network's:
+        // an older payload sent before the last push was accepted (the server stores only the
+        // newest, so it cannot send an older one after that) and still in flight, overtaken by
+        // the newest on the way. In flight means within the longest path delay: device link
+        // 150 ms + a NAT hold 150 ms + the NAT link, rounded up to turmoil's 50 ms steps.
+        const IN_FLIGHT: u64 = 400;
+        let overtaken = match (&e.payload, newest_at) {
+            (Some((_, _, replied)), Some(_)) => {
+                !stale_after.is_empty() && stale_after.iter().all(|&t| t <= replied + IN_FLIGHT)
+            }
+            _ => false,
+        };
+        if overtaken {
+            report.reordered_payloads += 1;
+        } else if last_payload.map(|b| b.as_ref()) != e.payload.as_ref().map(|(b, _, _)| b.as_ref())
+        {
             errors.push(format!(
                 "device {i}: last payload {:?}, last pushed {:?}",
                 last_payload.map(|b| String::from_utf8_lossy(&b[..b.len().min(12)]).into_owned()),
                 e.payload
                     .as_ref()
-                    .map(|(b, _)| String::from_utf8_lossy(&b[..b.len().min(12)]).into_owned())
+                    .map(|(b, _, _)| String::from_utf8_lossy(&b[..b.len().min(12)]).into_owned())
             ));
         }
         match (e.notify_last_sent, last_notify) {
@@ -814,8 +912,10 @@ fn check(
                 "device {i}: 0x10 pushed at {s:?}, last received at {r:?}"
             )),
         }
-        // Re-sends of an acked payload: without loss, at most one from the ack rule's guard and
-        // one per restart while it was pending (acks in flight across a restart cannot clear).
+        // Re-sends of an acked payload: without loss, at most one (the ack rule sends a payload
+        // once more when an older one may overtake it, or the app server pushed the same
+        // request again after a reconnect) and one per restart while it was pending (an ack
+        // lost to the downtime, or in flight across the restart, which clears nothing).
         let tcp = i >= p.udp_devices;
         let exact = tcp || roles[host_of[i]] == Role::Clean;
         for (k, &c) in seen.iter() {

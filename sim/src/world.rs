@@ -169,6 +169,8 @@ pub struct Shared {
     pub devices: Vec<RefCell<DeviceLog>>,
     /// The app server's log.
     pub app: RefCell<AppLog>,
+    /// What the NATs did.
+    pub net: RefCell<crate::net::NetStats>,
 }
 
 impl Shared {
@@ -194,6 +196,7 @@ impl Shared {
                 })
                 .collect(),
             app: RefCell::default(),
+            net: RefCell::default(),
         })
     }
 }
