@@ -443,6 +443,7 @@ impl Harness {
                 p.encode(&mut b);
                 self.node.handle_udp(self.now, addr(*from), &b);
                 ctx.heartbeat = Some((p.uuid, *app_id, Dest::Udp(addr(*from))));
+                ctx.heartbeats.push(p.uuid);
             }
             Op::HeartbeatTcp { conn, who, app_id } => {
                 let Some(ci) = self.conn(*conn, Port::Device) else {

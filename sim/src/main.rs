@@ -29,6 +29,18 @@ fn all() -> Vec<Which> {
     v
 }
 
+/// One single-node scenario's runs, for the summary line.
+#[derive(Default)]
+struct Sum {
+    name: &'static str,
+    runs: u64,
+    failing: Vec<u64>,
+    accepted: u64,
+    dups: u64,
+    /// The most duplicate receipts of one payload.
+    max: usize,
+}
+
 fn usage() -> ExitCode {
     eprintln!(
         "usage: ddpush-sim [--scenario NAME|all] [--seed S | --seeds N [--first S]] [--scale K] \
@@ -92,9 +104,7 @@ fn main() -> ExitCode {
         }
     }
     let mut failed = 0u64;
-    // Per single-node scenario: runs, failing seeds, accepted pushes, duplicate receipts,
-    // the most per item.
-    let mut sums: Vec<(&'static str, u64, Vec<u64>, u64, u64, usize)> = Vec::new();
+    let mut sums: Vec<Sum> = Vec::new();
     for seed in first..first + count {
         for &k in &kinds {
             let t = Instant::now();
@@ -102,23 +112,26 @@ fn main() -> ExitCode {
                 Which::Single(k) => {
                     let mut p = Params::new(k, seed, scale);
                     p.nat = nat;
-                    let i = match sums.iter().position(|s| s.0 == k.name()) {
+                    let i = match sums.iter().position(|s| s.name == k.name()) {
                         Some(i) => i,
                         None => {
-                            sums.push((k.name(), 0, Vec::new(), 0, 0, 0));
+                            sums.push(Sum {
+                                name: k.name(),
+                                ..Sum::default()
+                            });
                             sums.len() - 1
                         }
                     };
                     let r = run(&p);
                     let sum = &mut sums[i];
-                    sum.1 += 1;
+                    sum.runs += 1;
                     match &r {
                         Ok(r) => {
-                            sum.3 += r.accepted as u64;
-                            sum.4 += r.duplicates as u64;
-                            sum.5 = sum.5.max(r.max_duplicates);
+                            sum.accepted += r.accepted as u64;
+                            sum.dups += r.duplicates as u64;
+                            sum.max = sum.max.max(r.max_duplicates);
                         }
-                        Err(_) => sum.2.push(seed),
+                        Err(_) => sum.failing.push(seed),
                     }
                     (k.name(), p.replay(scale), r.map(|r| r.to_string()))
                 }
@@ -140,9 +153,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    for (name, runs, fails, accepted, dups, max) in &sums {
-        let per = if *accepted > 0 {
-            *dups as f64 * 1000.0 / *accepted as f64
+    for s in &sums {
+        let (name, runs, fails, accepted, dups, max) =
+            (s.name, s.runs, &s.failing, s.accepted, s.dups, s.max);
+        let per = if accepted > 0 {
+            dups as f64 * 1000.0 / accepted as f64
         } else {
             0.0
         };
