@@ -62,6 +62,23 @@ fn main() {
         "record: {RECORD_SIZE} B inline; node heap with {CLIENTS} clients: {:.1} B/client",
         n.heap_bytes() as f64 / CLIENTS as f64
     );
+    let mut k = node(ReplyPolicy::Never);
+    let before = k.heap_bytes();
+    let now = Time::from_secs(1_000_001);
+    for i in 0..CLIENTS {
+        let _ = k.set_key(
+            now,
+            uuid(i),
+            1,
+            ddpush_proto::signed::DeviceKey::new([7; 32]),
+            std::time::Duration::ZERO,
+        );
+    }
+    eprintln!(
+        "keys: {:.1} B per client with a key",
+        (k.heap_bytes() - before) as f64 / CLIENTS as f64
+    );
+    drop(k);
     divan::main();
 }
 
@@ -114,4 +131,62 @@ fn push_to_online_client(b: Bencher) {
 #[divan::bench]
 fn record_size() -> usize {
     black_box(RECORD_SIZE)
+}
+
+/// Signed devices (PROTOCOL.md 9): every client keyed, nothing pending, policy `always`, so
+/// the sealed reply is computed too. The device-side signing is inside the loop (each packet
+/// needs a fresh nonce); `sign_heartbeat` measures it alone, to subtract.
+#[divan::bench]
+fn heartbeat_signed_nothing_pending(b: Bencher) {
+    use ddpush_proto::signed::{device_to_vec, DeviceKey, Seal};
+    let mut n = node(ReplyPolicy::Always);
+    let now = Time::from_secs(1_000_001);
+    let key = DeviceKey::new([7; 32]);
+    for i in 0..CLIENTS {
+        let _ = n.set_key(now, uuid(i), 1, key.clone(), std::time::Duration::ZERO);
+    }
+    drain(&mut n);
+    let mut i = 0u64;
+    let mut nonce = 0u32;
+    b.bench_local(|| {
+        i = (i + 97) % CLIENTS;
+        nonce = nonce.wrapping_add(1);
+        let p = DevicePacket {
+            app_id: 1,
+            uuid: uuid(i),
+            msg: DeviceMsg::Heartbeat,
+        };
+        let seal = Seal {
+            key_id: 1,
+            ts: now.secs32(),
+            nonce,
+        };
+        let pkt = device_to_vec(&p, seal, &key);
+        n.handle_udp(now, addr(i), &pkt);
+        while let Some(t) = n.poll_transmit() {
+            black_box(t);
+        }
+    });
+}
+
+/// What a signed device spends on one heartbeat (and what the signed bench above includes).
+#[divan::bench]
+fn sign_heartbeat(b: Bencher) {
+    use ddpush_proto::signed::{device_to_vec, DeviceKey, Seal};
+    let key = DeviceKey::new([7; 32]);
+    let p = DevicePacket {
+        app_id: 1,
+        uuid: uuid(1),
+        msg: DeviceMsg::Heartbeat,
+    };
+    let mut nonce = 0u32;
+    b.bench_local(|| {
+        nonce = nonce.wrapping_add(1);
+        let seal = Seal {
+            key_id: 1,
+            ts: 1_000_001,
+            nonce,
+        };
+        device_to_vec(black_box(&p), seal, &key)
+    });
 }
