@@ -308,6 +308,12 @@ fn efbig_in_the_journal_then_space_back_then_kill9_at_each_point() {
         assert_eq!(s.status()["degraded"], true);
         assert_eq!(s.metric("ddpush_storage_ok"), 0.0);
         assert!(s.metric("ddpush_storage_failed_writes_total") >= 7.0);
+        // The line is written by the server and read by a thread here: wait for it to arrive.
+        let t = Instant::now();
+        while !s.log_lines().iter().any(|l| l.contains("storage degraded")) {
+            assert!(t.elapsed() < IO, "no storage degraded line");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let lines = s.log_lines().to_vec();
         let degraded: Vec<_> = lines
             .iter()
