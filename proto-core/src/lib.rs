@@ -29,6 +29,9 @@
 //!
 //! Snapshots come from [`Node::records`]; replaying the changes written after a snapshot on
 //! top of it reproduces every pending item ([`Node::pending`] compares them).
+//!
+//! Cluster mode (N nodes over a shared store) is a separate state machine,
+//! [`cluster::ClusterNode`], with the same turn shape; see docs/CLUSTER.md.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
