@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod cluster;
 mod console;
 pub mod metrics;
 pub mod persist;
