@@ -44,6 +44,18 @@ pub(crate) struct AdminRequest {
     pub(crate) reply: Sender<Response>,
 }
 
+impl AdminRequest {
+    /// The HTTP method.
+    pub(crate) fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The path, with the query.
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+}
+
 /// Status code, content type, body.
 pub(crate) struct Response {
     status: u16,
@@ -66,6 +78,15 @@ impl Response {
             status,
             content_type: "application/json",
             body: v.to_string(),
+        }
+    }
+
+    /// A Prometheus text exposition.
+    pub(crate) fn prometheus(body: String) -> Self {
+        Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body,
         }
     }
 

@@ -47,7 +47,10 @@ fn main() -> ExitCode {
         Some(Command::Probe { path, timeout }) => return probe(&cfg, &path, timeout),
         None => {
             init_logging(cfg.log_format);
-            ddpushd::server::run(cfg)
+            match cfg.cluster.clone() {
+                Some(c) => ddpushd::cluster::run(cfg, c),
+                None => ddpushd::server::run(cfg),
+            }
         }
         Some(Command::ImportDdpush { file }) => {
             init_logging(cfg.log_format);

@@ -269,6 +269,59 @@ pub struct Settings {
     /// Heartbeat-triggered bytes sent per byte received from an IP [default: 3]
     #[arg(long, value_name = "N")]
     pub limit_amplification: Option<u32>,
+    /// Cluster mode: the Redis Cluster's seed nodes, comma-separated redis:// or rediss://
+    /// URLs (a password in the URL works). Without it, ddpushd is a single node [default: off]
+    #[arg(long, value_name = "URL,...")]
+    pub cluster_redis: Option<String>,
+    /// This node's name in the cluster: unique and stable across restarts (letters, digits,
+    /// `.`, `_`, `-`; at most 64); required in cluster mode
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// Node-to-node link address (TCP) [default: 127.0.0.1:9967]
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<SocketAddr>,
+    /// The address other nodes dial for the node-to-node link, if not the bound
+    /// --peer-listen address [default: the bound --peer-listen address]
+    #[arg(long, value_name = "ADDR")]
+    pub peer_advertise: Option<SocketAddr>,
+    /// Shared secret that authenticates node-to-node links; required when --peer-listen is
+    /// not loopback
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "DDPUSHD_CLUSTER_SECRET",
+        hide_env_values = true
+    )]
+    pub cluster_secret: Option<String>,
+    /// Replicas that must have a push (Redis WAIT) before it is answered 0x00 [default: 1]
+    #[arg(long, value_name = "N")]
+    pub cluster_wait_replicas: Option<u32>,
+    /// How long a push waits for those replicas [default: 50ms]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub cluster_wait_timeout: Option<Duration>,
+    /// The answer when the replicas did not confirm in time: ff (0xFF; the push may still be
+    /// delivered, the app server should retry) or accept (0x00 on the master's word alone)
+    /// [default: ff]
+    #[arg(long, value_enum)]
+    pub cluster_wait_fail: Option<crate::cluster::store::WaitFail>,
+    /// Start even when the Redis Cluster is unreachable (pushes get 0xFF until it is back)
+    /// instead of refusing to start [default: false]
+    #[arg(long, value_name = "BOOL")]
+    pub cluster_start_degraded: Option<bool>,
+    /// A store operation without an answer after this long has failed (a push gets 0xFF)
+    /// [default: 500ms]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub cluster_store_timeout: Option<Duration>,
+    /// Most store operations in flight; pushes beyond it wait (back-pressure on the push
+    /// connections), they are never dropped [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub cluster_max_inflight: Option<usize>,
+    /// How often a node drains its dirty marks (pushes whose poke it missed) [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub cluster_drain_interval: Option<Duration>,
 }
 
 /// How log lines are written.
@@ -308,6 +361,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// The core's configuration.
     pub core: Config,
+    /// Cluster mode (`--cluster-redis`), if on.
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 impl Settings {
@@ -326,6 +381,7 @@ impl Settings {
 
     /// `self` (flags) over `file` over defaults.
     pub fn resolve(self, file: Settings) -> Result<ServerConfig, String> {
+        let cluster = crate::cluster::ClusterOptions::resolve(&self, &file)?;
         macro_rules! pick {
             ($f:ident, $d:expr) => {
                 self.$f.or(file.$f).unwrap_or($d)
@@ -377,6 +433,7 @@ impl Settings {
             }
         }
         Ok(ServerConfig {
+            cluster,
             listen: pick!(listen, SocketAddr::from(([0, 0, 0, 0], 9966))),
             push_listen: pick!(push_listen, SocketAddr::from(([127, 0, 0, 1], 9999))),
             admin_listen,

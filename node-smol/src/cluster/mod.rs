@@ -5,4 +5,13 @@
 //! lives in the core; this module only executes the core's store operations on Redis, carries
 //! its peer messages over TCP, and moves bytes and time. See docs/CLUSTER.md.
 
+mod event_loop;
+mod io;
+mod options;
+pub mod peer;
+mod status;
 pub mod store;
+
+pub use event_loop::run;
+
+pub use options::ClusterOptions;

@@ -22,6 +22,7 @@
 //! [`WaitFail`]. Scripts are loaded once on every node (`SCRIPT LOAD`) and called with
 //! `EVALSHA`; a node that lost its script cache (a restart) gets them again on `NOSCRIPT`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -234,6 +235,34 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Records where this node's peer link listens (`ddp:n:<node id>`), for the others to
+    /// dial. Read only when a link is dialed, so steady traffic never touches it.
+    pub async fn register_node(&self, node: &NodeId, addr: SocketAddr) -> Result<(), String> {
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(node_key(node)).arg(addr.to_string());
+        timeout(self.cfg.op_timeout, cmd.query_async::<()>(&mut c))
+            .await?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where `node` said its peer link listens.
+    pub async fn lookup_node(&self, node: &NodeId) -> Result<Option<SocketAddr>, String> {
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(node_key(node));
+        let v: Option<String> = timeout(self.cfg.op_timeout, cmd.query_async(&mut c))
+            .await?
+            .map_err(|e| e.to_string())?;
+        match v {
+            None => Ok(None),
+            Some(s) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{}: not an address: {s:?}", node_key(node))),
+        }
+    }
+
     /// Executes one operation; never panics on anything Redis says.
     pub async fn execute(&self, op: &StoreOp) -> Executed {
         let start = Instant::now();
@@ -415,6 +444,10 @@ pub fn bucket(uuid: &Uuid) -> usize {
 /// The key of a uuid's record.
 pub fn record_key(uuid: &Uuid) -> String {
     format!("ddp:{{{:02x}}}:r:{}", bucket(uuid), uuid.to_hex())
+}
+
+fn node_key(node: &NodeId) -> String {
+    format!("ddp:n:{}", node.0)
 }
 
 fn dirty_prefix(uuid: &Uuid) -> String {

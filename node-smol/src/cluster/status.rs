@@ -1,0 +1,249 @@
+//! The cluster node's admin answers: `/status` (JSON) and `/metrics` (Prometheus text) show
+//! the node's view (peers up, store latency histogram, store errors, binds, pokes, dirty
+//! drains, owned clients); `/healthz` and `/readyz` as in single-node mode. The endpoints that
+//! act on single-node records (`/clients`, `/push`, the console) answer 404 here.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::time::Duration;
+
+use ddpush_proto::cluster::{ClusterNode, NodeId};
+use serde_json::json;
+
+use crate::admin::{AdminRequest, Response};
+
+/// Upper bounds (ms) of the store latency histogram's buckets.
+const BOUNDS_MS: [f64; 12] = [
+    0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+];
+
+/// What the adapter counts beside the core's [`ddpush_proto::cluster::ClusterStats`].
+#[derive(Default)]
+pub struct AdapterStats {
+    /// Store operations completed, by latency bucket (last: above every bound).
+    pub latency: [u64; BOUNDS_MS.len() + 1],
+    /// Sum of their latencies, seconds.
+    pub latency_sum: f64,
+    /// Pushes whose WAIT was not satisfied in time.
+    pub wait_short: u64,
+    /// Pokes dropped because the link's queue was full.
+    pub pokes_dropped: u64,
+    /// Connections on the peer port refused (garbage, wrong secret, other version).
+    pub peer_refused: u64,
+    /// Peers with a link up (either direction).
+    pub peers_up: BTreeSet<NodeId>,
+    /// The store answered the last connection attempt.
+    pub store_connected: bool,
+    /// Times the loop held push input back because the in-flight bound was reached.
+    pub backpressure: u64,
+}
+
+impl AdapterStats {
+    /// Records one store operation's latency.
+    pub fn observe(&mut self, took: Duration) {
+        let ms = took.as_secs_f64() * 1000.0;
+        let i = BOUNDS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(BOUNDS_MS.len());
+        self.latency[i] += 1;
+        self.latency_sum += took.as_secs_f64();
+    }
+
+    /// The latency below which fraction `q` of operations completed (bucket upper bound, ms).
+    fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (q * total as f64).ceil() as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(BOUNDS_MS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        None
+    }
+}
+
+/// Answers one admin request on the loop.
+pub fn handle(req: &AdminRequest, node: &ClusterNode, a: &AdapterStats) -> Response {
+    let path = req.path().split('?').next().unwrap_or("");
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), parts.as_slice()) {
+        ("GET", ["status"]) => Response::json(200, status(node, a)),
+        ("GET", ["metrics"]) => Response::prometheus(metrics(node, a)),
+        ("GET", ["healthz"]) => Response::json(200, json!({ "status": "alive" })),
+        ("GET", ["readyz"]) => Response::json(
+            if a.store_connected { 200 } else { 503 },
+            json!({
+                "ready": a.store_connected,
+                "listeners_bound": true,
+                "store_connected": a.store_connected,
+            }),
+        ),
+        (_, ["status" | "metrics" | "healthz" | "readyz"]) => {
+            Response::error(405, "method not allowed")
+        }
+        _ => Response::error(
+            404,
+            "not available in cluster mode (the store holds the records: see docs/CLUSTER.md)",
+        ),
+    }
+}
+
+fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
+    let s = node.stats();
+    json!({
+        "mode": "cluster",
+        "node_id": node.id().0,
+        "peers_up": a.peers_up.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+        "owned": s.owned,
+        "online": s.online,
+        "heartbeats": s.heartbeats,
+        "binds": s.binds,
+        "pokes": { "sent": s.pokes[0], "received": s.pokes[1], "dropped": a.pokes_dropped },
+        "dirty_drained": s.drained,
+        "copies_dropped": s.dropped,
+        "pushes": { "accepted": s.pushes[0], "rejected": s.pushes[1], "failed": s.pushes[2] },
+        "acks": { "received": s.acks[0], "cleared": s.acks[1] },
+        "store": {
+            "connected": a.store_connected,
+            "ops": { "push": s.store_ops[0], "ack": s.store_ops[1], "bind": s.store_ops[2], "drain": s.store_ops[3] },
+            "errors": s.store_errors,
+            "timeouts": s.store_timeouts,
+            "late": s.store_late,
+            "inflight": node.inflight(),
+            "wait_short": a.wait_short,
+            "latency_ms": { "p50": a.quantile_ms(0.5), "p99": a.quantile_ms(0.99) },
+        },
+        "peer_refused": a.peer_refused,
+        "backpressure": a.backpressure,
+    })
+}
+
+fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
+    let s = node.stats();
+    let mut o = String::new();
+    let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(o, "# HELP ddpush_cluster_{name} {help}");
+        let _ = writeln!(o, "# TYPE ddpush_cluster_{name} {kind}");
+        let suffix = if kind == "counter" { "_total" } else { "" };
+        let _ = writeln!(o, "ddpush_cluster_{name}{suffix} {v}");
+    };
+    one(
+        "peers_up",
+        "gauge",
+        "Peers with a link up.",
+        a.peers_up.len() as u64,
+    );
+    one(
+        "owned_clients",
+        "gauge",
+        "Clients this node serves from its copy.",
+        s.owned,
+    );
+    one(
+        "online_clients",
+        "gauge",
+        "Clients online at this node.",
+        s.online,
+    );
+    one("binds", "counter", "Binds completed.", s.binds);
+    one("pokes_sent", "counter", "Pokes sent to owners.", s.pokes[0]);
+    one("pokes_received", "counter", "Pokes received.", s.pokes[1]);
+    one(
+        "pokes_dropped",
+        "counter",
+        "Pokes dropped on a full link queue.",
+        a.pokes_dropped,
+    );
+    one(
+        "dirty_drained",
+        "counter",
+        "Dirty marks drained.",
+        s.drained,
+    );
+    one(
+        "store_errors",
+        "counter",
+        "Store operations that failed.",
+        s.store_errors,
+    );
+    one(
+        "store_timeouts",
+        "counter",
+        "Store operations that timed out.",
+        s.store_timeouts,
+    );
+    one(
+        "wait_short",
+        "counter",
+        "Pushes whose WAIT was not satisfied.",
+        a.wait_short,
+    );
+    one(
+        "peer_refused",
+        "counter",
+        "Peer connections refused.",
+        a.peer_refused,
+    );
+    one(
+        "pushes_accepted",
+        "counter",
+        "Pushes answered 0x00.",
+        s.pushes[0],
+    );
+    one(
+        "pushes_failed",
+        "counter",
+        "Pushes answered 0xFF.",
+        s.pushes[2],
+    );
+    one(
+        "store_inflight",
+        "gauge",
+        "Store operations in flight.",
+        node.inflight() as u64,
+    );
+    let _ = writeln!(
+        o,
+        "# HELP ddpush_cluster_store_ops Store operations issued."
+    );
+    let _ = writeln!(o, "# TYPE ddpush_cluster_store_ops counter");
+    for (i, op) in ["push", "ack", "bind", "drain"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "ddpush_cluster_store_ops_total{{op=\"{op}\"}} {}",
+            s.store_ops[i]
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP ddpush_cluster_store_latency_seconds Store operation latency (script and WAIT)."
+    );
+    let _ = writeln!(o, "# TYPE ddpush_cluster_store_latency_seconds histogram");
+    let mut cum = 0;
+    for (i, b) in BOUNDS_MS.iter().enumerate() {
+        cum += a.latency[i];
+        let _ = writeln!(
+            o,
+            "ddpush_cluster_store_latency_seconds_bucket{{le=\"{}\"}} {cum}",
+            b / 1000.0
+        );
+    }
+    cum += a.latency[BOUNDS_MS.len()];
+    let _ = writeln!(
+        o,
+        "ddpush_cluster_store_latency_seconds_bucket{{le=\"+Inf\"}} {cum}"
+    );
+    let _ = writeln!(
+        o,
+        "ddpush_cluster_store_latency_seconds_sum {}",
+        a.latency_sum
+    );
+    let _ = writeln!(o, "ddpush_cluster_store_latency_seconds_count {cum}");
+    o
+}
