@@ -68,3 +68,338 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// ddpushd cluster nodes as real processes
+// ------------------------------------------------------------------------------------------
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+/// A running cluster node; killed when dropped.
+pub struct Node {
+    pub id: String,
+    pub child: Child,
+    pub udp: SocketAddr,
+    pub push: SocketAddr,
+    pub admin: SocketAddr,
+    pub peer: SocketAddr,
+    pub log: mpsc::Receiver<String>,
+    pub args: Vec<String>,
+}
+
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    rest[..end].trim_matches('"').parse().ok()
+}
+
+/// Flags every test node gets: loopback ports it picks, a short online window so failures
+/// show within seconds, and replies to heartbeats so test devices notice a dead node.
+pub fn base_args(id: &str) -> Vec<String> {
+    [
+        "--cluster-redis",
+        &seeds(),
+        "--node-id",
+        id,
+        "--listen",
+        "127.0.0.1:0",
+        "--push-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--peer-listen",
+        "127.0.0.1:0",
+        "--heartbeat-interval",
+        "1s",
+        "--online-grace",
+        "1s",
+        "--heartbeat-reply",
+        "always",
+        "--limits",
+        "false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Node {
+    /// Starts a node with `base_args(id)` and `extra`.
+    pub fn start(id: &str, extra: &[&str]) -> Node {
+        let mut args = base_args(id);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_args(id, args).unwrap_or_else(|e| panic!("node {id} did not start: {e}"))
+    }
+
+    /// Starts `ddpushd ARGS`; waits for the cluster listening line.
+    pub fn start_args(id: &str, args: Vec<String>) -> Result<Node, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ddpushd"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("ddpushd listening (cluster mode)") => {
+                    let get = |k| field(&line, k).ok_or(format!("no {k}= in {line}"));
+                    return Ok(Node {
+                        id: id.to_string(),
+                        udp: get("udp")?,
+                        push: get("push")?,
+                        admin: get("admin")?,
+                        peer: get("peer")?,
+                        child,
+                        log: rx,
+                        args,
+                    });
+                }
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().ok();
+                    return Err(format!("exit {status:?}; stderr: {}", seen.join("\n")));
+                }
+            }
+        }
+    }
+
+    /// The same node again on the same ports (after a stop).
+    pub fn restart(self) -> Node {
+        let mut args = self.args.clone();
+        let set = |args: &mut Vec<String>, flag: &str, v: SocketAddr| {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args[i + 1] = v.to_string();
+            }
+        };
+        set(&mut args, "--listen", self.udp);
+        set(&mut args, "--push-listen", self.push);
+        set(&mut args, "--admin-listen", self.admin);
+        set(&mut args, "--peer-listen", self.peer);
+        let id = self.id.clone();
+        self.stop();
+        // The ports were just released; retry briefly if the kernel still holds one.
+        let mut last = String::new();
+        for _ in 0..50 {
+            match Self::start_args(&id, args.clone()) {
+                Ok(n) => return n,
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("restart of {id} failed: {last}");
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} {}", self.child.id());
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(mut self) {
+        self.signal("TERM");
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{} did not stop within 10 s of SIGTERM", self.id);
+    }
+
+    /// SIGKILL.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    /// Waits until a log line containing `needle` appears (lines read are returned too).
+    pub fn wait_log(&self, needle: &str, within: Duration) -> Result<String, Vec<String>> {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return Ok(l),
+                Ok(l) => seen.push(l),
+                Err(_) => return Err(seen),
+            }
+        }
+    }
+
+    pub fn pusher(&self) -> TcpStream {
+        let s = TcpStream::connect(self.push).expect("push connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.set_nodelay(true).expect("nodelay");
+        s
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = http_get(self.admin, "/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET on the admin port: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    let code = r
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = r.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    (code, body)
+}
+
+/// A push request for `uuid` (DDPush v1, appId 1).
+pub fn push_req(uuid: &Uuid, cmd: u8, content: &[u8]) -> Vec<u8> {
+    let mut v = vec![1, 1, cmd];
+    v.extend_from_slice(&uuid.0);
+    v.extend_from_slice(&(content.len() as u16).to_be_bytes());
+    v.extend_from_slice(content);
+    v
+}
+
+/// A device packet for `uuid`.
+pub fn dev_pkt(uuid: &Uuid, app: u8, cmd: u8, content: &[u8]) -> Vec<u8> {
+    let mut v = vec![1, app, cmd];
+    v.extend_from_slice(&uuid.0);
+    v.extend_from_slice(&(content.len() as u16).to_be_bytes());
+    v.extend_from_slice(content);
+    v
+}
+
+/// Sends one push and reads its reply byte.
+pub fn push_one(s: &mut TcpStream, req: &[u8]) -> Option<u8> {
+    s.write_all(req).ok()?;
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(1) => Some(b[0]),
+        _ => None,
+    }
+}
+
+/// A device socket on loopback.
+pub fn device_socket() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s
+}
+
+/// Receives one datagram within `t` (hex), or None.
+pub fn recv_within(s: &UdpSocket, t: Duration) -> Option<String> {
+    s.set_read_timeout(Some(t.max(Duration::from_millis(1))))
+        .ok()?;
+    let mut b = [0u8; 2048];
+    let r = s.recv(&mut b).ok().map(|n| hex::encode(&b[..n]));
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    r
+}
+
+/// Heartbeats `uuid` at `node` from `s` until the node answers (bound); returns what came.
+pub fn bind_at(s: &UdpSocket, uuid: &Uuid, node: SocketAddr) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        s.send_to(&dev_pkt(uuid, 1, 0x00, &[]), node).expect("send");
+        let mut got = Vec::new();
+        while let Some(h) = recv_within(s, Duration::from_millis(200)) {
+            got.push(h);
+        }
+        if !got.is_empty() {
+            return got;
+        }
+    }
+    panic!("no answer to heartbeats at {node}");
+}
+
+/// Sum of the calls of every Redis command on every node of the test cluster, except those
+/// no ddpushd sends (INFO itself, replication, the cluster bus's own).
+pub fn redis_commands() -> u64 {
+    let mut total = 0;
+    for a in seed_addrs() {
+        let (host, port) = a.rsplit_once(':').expect("host:port");
+        let out = Command::new("redis-cli")
+            .args(["-h", host, "-p", port, "info", "commandstats"])
+            .output()
+            .expect("redis-cli");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(rest) = line.strip_prefix("cmdstat_") else {
+                continue;
+            };
+            let (name, stats) = rest.split_once(':').unwrap_or((rest, ""));
+            if matches!(
+                name,
+                "info" | "replconf" | "ping" | "psync" | "sync" | "command"
+            ) {
+                continue;
+            }
+            let calls = stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            total += calls;
+        }
+    }
+    total
+}
+
+/// A redis-cli command against one node; stdout.
+pub fn redis_cli(addr: &str, args: &[&str]) -> String {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let out = Command::new("redis-cli")
+        .args(["-h", host, "-p", port])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
