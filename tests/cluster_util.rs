@@ -403,3 +403,214 @@ pub fn redis_cli(addr: &str, args: &[&str]) -> String {
         .expect("redis-cli");
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+// ------------------------------------------------------------------------------------------
+// A fleet of devices that behave like the SDK behind an L4 load balancer
+// ------------------------------------------------------------------------------------------
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// What one device received.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    /// OR of every 0x11 mask received.
+    pub bits: u64,
+    /// Every 0x20 payload received.
+    pub payloads: Vec<Vec<u8>>,
+    /// 0x10 received.
+    pub notifies: u64,
+    /// Which node (index) the device talks to now.
+    pub node: usize,
+    /// Times it re-targeted.
+    pub moves: u64,
+}
+
+/// Devices heartbeating every `every`, acking everything at once from the socket it came on
+/// (the SDK's behaviour), and moving to the next node when theirs has not answered for
+/// `give_up` (what an L4 balancer does for a dead backend).
+pub struct Fleet {
+    pub uuids: Vec<Uuid>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// `n` devices; device i starts at node `start(i)`.
+    pub fn start(
+        n: usize,
+        nodes: Vec<SocketAddr>,
+        start: impl Fn(usize) -> usize,
+        first_byte: Option<u8>,
+        every: Duration,
+        give_up: Duration,
+    ) -> Fleet {
+        let uuids: Vec<Uuid> = (0..n)
+            .map(|_| {
+                let mut u = random_uuid();
+                if let Some(b) = first_byte {
+                    u.0[0] = b;
+                }
+                u
+            })
+            .collect();
+        let seen = Arc::new(Mutex::new(
+            (0..n)
+                .map(|i| Seen {
+                    node: start(i) % nodes.len(),
+                    ..Seen::default()
+                })
+                .collect::<Vec<_>>(),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let socks: Vec<UdpSocket> = (0..n)
+            .map(|_| {
+                let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+                s.set_nonblocking(true).expect("nonblocking");
+                s
+            })
+            .collect();
+        let (u2, s2, st2) = (uuids.clone(), seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut last_hb = vec![Instant::now() - every; n];
+            let mut last_answer = vec![Instant::now(); n];
+            let mut buf = [0u8; 2048];
+            while !st2.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                let mut seen = s2.lock().expect("lock");
+                for i in 0..n {
+                    let node = nodes[seen[i].node];
+                    loop {
+                        let k = match socks[i].recv(&mut buf) {
+                            Ok(k) => k,
+                            Err(_) => break,
+                        };
+                        last_answer[i] = now;
+                        let p = &buf[..k];
+                        if k < 5 {
+                            continue;
+                        }
+                        let ack = match p[2] {
+                            0x10 => {
+                                seen[i].notifies += 1;
+                                Some(dev_pkt(&u2[i], 1, 0x10, &[]))
+                            }
+                            0x11 if k == 13 => {
+                                let mut m = [0u8; 8];
+                                m.copy_from_slice(&p[5..13]);
+                                seen[i].bits |= u64::from_be_bytes(m);
+                                Some(dev_pkt(&u2[i], 1, 0x11, &m))
+                            }
+                            0x20 => {
+                                seen[i].payloads.push(p[5..].to_vec());
+                                Some(dev_pkt(&u2[i], 1, 0x20, &[]))
+                            }
+                            _ => None,
+                        };
+                        if let Some(a) = ack {
+                            let _ = socks[i].send_to(&a, node);
+                        }
+                    }
+                    if now.duration_since(last_answer[i]) > give_up {
+                        seen[i].node = (seen[i].node + 1) % nodes.len();
+                        seen[i].moves += 1;
+                        last_answer[i] = now;
+                        last_hb[i] = now - every;
+                    }
+                    if now.duration_since(last_hb[i]) >= every {
+                        last_hb[i] = now;
+                        let _ =
+                            socks[i].send_to(&dev_pkt(&u2[i], 1, 0x00, &[]), nodes[seen[i].node]);
+                    }
+                }
+                drop(seen);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Fleet {
+            uuids,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    /// Waits until `done(seen)` holds, up to `t`; returns the last snapshot and whether it held.
+    pub fn wait_until(&self, t: Duration, done: impl Fn(&[Seen]) -> bool) -> (Vec<Seen>, bool) {
+        let deadline = Instant::now() + t;
+        loop {
+            let s = self.snapshot();
+            if done(&s) {
+                return (s, true);
+            }
+            if Instant::now() > deadline {
+                return (s, false);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Pushes bit `k` of device `d` for every (d, k) in `plan`, one at a time, through the node
+/// `via(step)` of `nodes`, reconnecting after a broken connection. Returns, per device, the
+/// bits answered 0x00, and the count of 0xFF answers with the node index they came from.
+pub struct Pushed {
+    pub accepted: Vec<u64>,
+    pub ff: Vec<(usize, usize)>,
+    pub broken: usize,
+}
+
+pub fn push_bits(
+    uuids: &[Uuid],
+    plan: &[(usize, u32)],
+    nodes: &[SocketAddr],
+    via: impl Fn(usize) -> usize,
+    mut between: impl FnMut(usize),
+) -> Pushed {
+    let mut out = Pushed {
+        accepted: vec![0; uuids.len()],
+        ff: Vec::new(),
+        broken: 0,
+    };
+    let mut conns: Vec<Option<TcpStream>> = nodes.iter().map(|_| None).collect();
+    for (step, (d, k)) in plan.iter().enumerate() {
+        between(step);
+        let n = via(step) % nodes.len();
+        let bit = 1u64 << k;
+        let req = push_req(&uuids[*d], 0x11, &bit.to_be_bytes());
+        if conns[n].is_none() {
+            conns[n] = TcpStream::connect_timeout(&nodes[n], Duration::from_millis(500))
+                .ok()
+                .inspect(|s| {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                    let _ = s.set_nodelay(true);
+                });
+        }
+        let reply = conns[n].as_mut().and_then(|s| push_one(s, &req));
+        match reply {
+            Some(0x00) => out.accepted[*d] |= bit,
+            Some(0xFF) => out.ff.push((n, step)),
+            Some(other) => panic!("push {step}: reply {other:#04x}"),
+            None => {
+                out.broken += 1;
+                conns[n] = None;
+            }
+        }
+    }
+    out
+}
