@@ -987,3 +987,81 @@ fn kill_9_of_a_redis_master_mid_burst_loses_no_accepted_push() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `ddpushd import-ddpush FILE --cluster-redis ...` puts every pending item of an upstream
+/// nodeStatus.dat into the cluster; a device's first heartbeat at any node gets them.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn import_ddpush_loads_an_upstream_file_into_the_cluster() {
+    use ddpush_proto::RecordState;
+    let (u1, u2, u3) = (random_uuid(), random_uuid(), random_uuid());
+    let rec = |uuid, notify, bits, payload: Option<&'static [u8]>| RecordState {
+        uuid,
+        last_heartbeat: Some(Time(1_700_000_000_000)),
+        last_active: Time(1_700_000_000_000),
+        last_push: Some(Time(1_700_000_000_500)),
+        addr: None,
+        notify,
+        bits,
+        payload: payload.map(Bytes::from_static),
+    };
+    let records = vec![
+        rec(u1, true, 5, Some(b"hello")),
+        rec(u2, false, 0, None),
+        rec(u3, false, 1 << 40, None),
+    ];
+    let mut file = Vec::new();
+    ddpush_proto::upstream::write_node_status(&records, &mut file);
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("nodeStatus.dat");
+    std::fs::write(&path, &file).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpushd"))
+        .arg("import-ddpush")
+        .arg(&path)
+        .args(["--cluster-redis", &seeds(), "--node-id", "import"])
+        .output()
+        .expect("run import");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("imported 3 records (2 with pending items, 4 items)"),
+        "{stdout}"
+    );
+    let run = run_id();
+    let a = Node::start(&format!("{run}-a"), &[]);
+    let dev = device_socket();
+    let got = bind_at(&dev, &u1, a.udp);
+    assert_eq!(
+        got,
+        vec![
+            "0101100000",
+            "01011100080000000000000005",
+            "010120000568656c6c6f"
+        ]
+    );
+    let dev3 = device_socket();
+    assert_eq!(
+        bind_at(&dev3, &u3, a.udp),
+        vec!["01011100080000010000000000"]
+    );
+    let dev2 = device_socket();
+    assert_eq!(
+        bind_at(&dev2, &u2, a.udp),
+        vec!["0101000000"],
+        "nothing pending"
+    );
+    // A truncated file is refused and names the problem.
+    std::fs::write(&path, &file[..file.len() - 3]).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpushd"))
+        .arg("import-ddpush")
+        .arg(&path)
+        .args(["--cluster-redis", &seeds(), "--node-id", "import"])
+        .output()
+        .expect("run import");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nodeStatus.dat"));
+}

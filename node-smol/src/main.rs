@@ -32,7 +32,17 @@ fn main() -> ExitCode {
         },
         None => Settings::default(),
     };
-    let cfg = match cli.settings.resolve(file) {
+    let mut settings = cli.settings;
+    if let Some(Command::ImportDdpush {
+        cluster_redis: Some(r),
+        node_id,
+        ..
+    }) = &cli.command
+    {
+        settings.cluster_redis = Some(r.clone());
+        settings.node_id.get_or_insert_with(|| node_id.clone());
+    }
+    let cfg = match settings.resolve(file) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -52,15 +62,27 @@ fn main() -> ExitCode {
                 None => ddpushd::server::run(cfg),
             }
         }
-        Some(Command::ImportDdpush { file }) => {
+        Some(Command::ImportDdpush { file, .. }) => {
             init_logging(cfg.log_format);
-            ddpushd::server::import(&cfg, &file).map(|n| {
-                println!(
-                    "imported {n} records from {} into {}",
-                    file.display(),
-                    cfg.data_dir.display()
-                );
-            })
+            match cfg.cluster.clone() {
+                Some(c) => ddpushd::cluster::import(&cfg, &c, &file).map(|i| {
+                    println!(
+                        "imported {} records ({} with pending items, {} items) from {} into \
+                         the Redis Cluster",
+                        i.records,
+                        i.pending_records,
+                        i.items,
+                        file.display()
+                    );
+                }),
+                None => ddpushd::server::import(&cfg, &file).map(|n| {
+                    println!(
+                        "imported {n} records from {} into {}",
+                        file.display(),
+                        cfg.data_dir.display()
+                    );
+                }),
+            }
         }
     };
     match result {

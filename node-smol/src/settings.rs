@@ -35,6 +35,13 @@ pub enum Command {
     ImportDdpush {
         /// The upstream file.
         file: PathBuf,
+        /// Import into this Redis Cluster instead (as the server's --cluster-redis; the
+        /// other cluster flags go before the subcommand)
+        #[arg(long, value_name = "URL,...")]
+        cluster_redis: Option<String>,
+        /// With --cluster-redis: the node id to use (any name; the import binds nothing)
+        #[arg(long, value_name = "NAME", default_value = "import")]
+        node_id: String,
     },
     /// Ask the running server's admin endpoint (the configured admin-listen, with the
     /// configured token) whether it is ready; exit 0 if so, 1 with the reason if not. For

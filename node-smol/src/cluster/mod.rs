@@ -6,6 +6,7 @@
 //! its peer messages over TCP, and moves bytes and time. See docs/CLUSTER.md.
 
 mod event_loop;
+mod import;
 mod io;
 mod options;
 pub mod peer;
@@ -13,5 +14,6 @@ mod status;
 pub mod store;
 
 pub use event_loop::run;
+pub use import::{import, Imported};
 
 pub use options::ClusterOptions;
