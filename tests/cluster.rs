@@ -17,9 +17,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ddpush_proto::cluster::{MemStore, NodeId, StoreOp, StoreReply};
-use ddpush_proto::{Kind, PushMsg, Time, Uuid};
+use ddpush_proto::{Content, Kind, PushMsg, Time, Uuid};
 use ddpushd::cluster::store::{bucket, RedisStore};
 use util::*;
 
@@ -63,7 +62,9 @@ fn scripts_match_the_reference_store_on_random_operations() {
                     msg: match rng.below(3) {
                         0 => PushMsg::Notify,
                         1 => PushMsg::Bits(rng.next() & rng.next()),
-                        _ => PushMsg::Payload(Bytes::from(format!("p{step}\0\u{1}\u{ff}"))),
+                        _ => PushMsg::Payload(
+                            Content::new(format!("p{step}\0\u{1}\u{ff}")).expect("short"),
+                        ),
                     },
                     at: Time(at),
                 },
@@ -1003,7 +1004,7 @@ fn import_ddpush_loads_an_upstream_file_into_the_cluster() {
         addr: None,
         notify,
         bits,
-        payload: payload.map(Bytes::from_static),
+        payload: payload.map(Content::from_static),
     };
     let records = vec![
         rec(u1, true, 5, Some(b"hello")),

@@ -26,11 +26,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use ddpush_proto::cluster::{
     Gen, Mark, NodeId, StoreError, StoreOp, StoreReply, StoreResult, StoredRecord,
 };
-use ddpush_proto::{Kind, PushMsg, Time, Uuid};
+use ddpush_proto::{Content, Kind, PushMsg, Time, Uuid};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{RedisError, Script, Value};
@@ -303,7 +302,7 @@ impl RedisStore {
                         inv.arg(b >> 32).arg(b & 0xffff_ffff);
                     }
                     PushMsg::Payload(p) => {
-                        inv.arg(p.as_ref());
+                        inv.arg(p.bytes().as_ref());
                     }
                 }
                 let v: Value = inv.invoke_async(&mut self.conn.clone()).await?;
@@ -589,7 +588,11 @@ fn record(f: &[Value]) -> Result<StoredRecord, OpError> {
     }
     let payload = match opt_number(f.get(6))? {
         None => None,
-        Some(g) => Some((g as Gen, Bytes::copy_from_slice(bytes(f.get(7))?))),
+        Some(g) => Some((
+            g as Gen,
+            Content::copy_from_slice(bytes(f.get(7))?)
+                .map_err(|_| OpError::Reply("payload longer than a length field".into()))?,
+        )),
     };
     let t = |i: usize| opt_number(f.get(i)).map(|o| o.map(Time));
     Ok(StoredRecord {
