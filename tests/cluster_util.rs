@@ -443,17 +443,16 @@ impl Fleet {
         n: usize,
         nodes: Vec<SocketAddr>,
         start: impl Fn(usize) -> usize,
-        first_byte: Option<u8>,
+        bucket: Option<usize>,
         every: Duration,
         give_up: Duration,
     ) -> Fleet {
         let uuids: Vec<Uuid> = (0..n)
-            .map(|_| {
-                let mut u = random_uuid();
-                if let Some(b) = first_byte {
-                    u.0[0] = b;
+            .map(|_| loop {
+                let u = random_uuid();
+                if bucket.is_none_or(|b| ddpushd::cluster::store::bucket(&u) == b) {
+                    break u;
                 }
-                u
             })
             .collect();
         let seen = Arc::new(Mutex::new(

@@ -7,7 +7,7 @@
 //! decides anything about the protocol: it maps values to Redis commands and back.
 //!
 //! # Keys
-//! A uuid falls in one of [`BUCKETS`] buckets (its first byte). The bucket is the key's hash
+//! A uuid falls in one of [`BUCKETS`] buckets (a hash of it). The bucket is the key's hash
 //! tag, so a record and every node's dirty set of that bucket share one cluster slot, which is
 //! what lets one script change both atomically:
 //! - `ddp:{bb}:r:<uuid hex>`: the record (a hash);
@@ -435,9 +435,15 @@ impl RedisStore {
     }
 }
 
-/// The bucket of a uuid (its hash tag).
+/// The bucket of a uuid (its hash tag): FNV-1a of all 16 bytes, so that uuids spread over
+/// the buckets whatever their form (the SDKs' MD5 sums, or sequential ids with a common
+/// prefix).
 pub fn bucket(uuid: &Uuid) -> usize {
-    usize::from(uuid.0[0]) % BUCKETS
+    let mut h: u32 = 0x811c_9dc5;
+    for b in uuid.0 {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    ((h ^ (h >> 8) ^ (h >> 16) ^ (h >> 24)) as usize) % BUCKETS
 }
 
 /// The key of a uuid's record.
