@@ -930,6 +930,8 @@ fn kill_9_of_a_redis_master_mid_burst_loses_no_accepted_push() {
                     && master_addr(slot).is_some_and(|m| m != addr)
                 {
                     restarted = true;
+                    // Not waited for: it outlives this test and the launcher stops it by PID.
+                    #[allow(clippy::zombie_processes)]
                     let child = std::process::Command::new("redis-server")
                         .arg(format!("{dir}/{port}/redis.conf"))
                         .stdout(std::process::Stdio::null())

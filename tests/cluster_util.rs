@@ -481,11 +481,7 @@ impl Fleet {
                 let mut seen = s2.lock().expect("lock");
                 for i in 0..n {
                     let node = nodes[seen[i].node];
-                    loop {
-                        let k = match socks[i].recv(&mut buf) {
-                            Ok(k) => k,
-                            Err(_) => break,
-                        };
+                    while let Ok(k) = socks[i].recv(&mut buf) {
                         last_answer[i] = now;
                         let p = &buf[..k];
                         if k < 5 {

@@ -13,8 +13,13 @@ use crate::net::{self, Receiver, BATCH};
 /// Size of a heartbeat on the wire.
 pub const HB_LEN: usize = 21;
 
+/// Added to every device index (`ddpush-bench push --first N`), so that runs at the same time
+/// (one per cluster node) use disjoint uuids.
+pub static FIRST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The uuid of simulated device `i`: cheap to make, distinct, and recognisable in logs.
 pub fn uuid_of(i: u64) -> Uuid {
+    let i = i + FIRST.load(std::sync::atomic::Ordering::Relaxed);
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(b"ddpbench");
     b[8..].copy_from_slice(&i.to_be_bytes());

@@ -5,7 +5,7 @@
 //! ddpush-bench heartbeat --target ADDR [--clients N] [--sockets S] [--secs T]
 //!                        [--window W | --rate R] [--register] [--server-pid PID]
 //! ddpush-bench push --udp ADDR --push ADDR [--clients N] [--sockets S] [--conns C]
-//!                   [--window W] [--secs T] [--server-pid PID]
+//!                   [--window W] [--secs T] [--first N] [--server-pid PID]
 //! ddpush-bench seed --data-dir DIR --clients N
 //! ddpush-bench tcp --server PATH/ddpushd [--smoke] [--steps 10000,50000,100000]
 //! ddpush-bench suite --server PATH/ddpushd [--smoke] [--work-dir DIR] [--out FILE]
@@ -261,6 +261,7 @@ fn heartbeat(a: &Args) -> Result<Value, String> {
 
 fn push_mode(a: &Args) -> Result<Value, String> {
     let udp: SocketAddr = a.need("udp")?;
+    devices::FIRST.store(a.get("first", 0)?, std::sync::atomic::Ordering::Relaxed);
     let clients: u64 = a.get("clients", 4096)?;
     let fleet = devices::Fleet::new(udp, a.get("sockets", 4)?).map_err(|e| e.to_string())?;
     let pid: Option<u32> = a.0.get("server-pid").and_then(|p| p.parse().ok());
