@@ -161,6 +161,17 @@ fn scripts_match_the_reference_store_on_random_operations() {
         }
         let used: std::collections::BTreeSet<usize> = uuids.iter().map(bucket).collect();
         assert!(used.len() > 12);
+        // The slot the adapter routes WAIT to is the one Redis stores the record in.
+        let any = seed_addrs()[0].clone();
+        for u in &uuids {
+            let key = ddpushd::cluster::store::record_key(u);
+            let got = redis_cli(&any, &["cluster", "keyslot", &key]);
+            assert_eq!(
+                got.trim(),
+                ddpushd::cluster::store::slot(u).to_string(),
+                "{key}"
+            );
+        }
     });
 }
 
