@@ -627,6 +627,21 @@ fn garbage_and_a_wrong_secret_on_the_peer_port_are_refused_and_nothing_is_lost()
     assert_eq!(s["pokes"]["received"], 0, "{s}");
     assert!(s["peer_refused"].as_u64() >= Some(3), "{s}");
     assert!(s["dirty_drained"].as_u64() >= Some(1), "{s}");
+    // The right secret gets through: a poke from C arrives sealed and is delivered at once.
+    dev.send_to(&dev_pkt(&uuid, 1, 0x20, &[]), a.udp)
+        .expect("ack");
+    let c = Node::start(&format!("{run}-c"), &["--cluster-secret", secret]);
+    let mut p = c.pusher();
+    assert_eq!(push_one(&mut p, &push_req(&uuid, 0x10, &[])), Some(0x00));
+    assert_eq!(
+        recv_within(&dev, Duration::from_secs(2)).as_deref(),
+        Some("0100100000")
+    );
+    let s = a.status();
+    assert_eq!(s["pokes"]["received"], 1, "{s}");
+    assert!(c.status()["peers_up"]
+        .as_array()
+        .is_some_and(|p| p.len() == 1));
 }
 
 /// (device, bit) pairs: `bits` distinct bits for each of `n` devices, interleaved.
