@@ -35,6 +35,8 @@ use crate::settings::{AdminListen, ServerConfig};
 const MSG_QUEUE: usize = 8192;
 /// Inputs of one kind handled per turn before the others get a chance.
 const BATCH: usize = 4096;
+/// After SIGTERM, how long store operations in flight may take to finish.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How often a node that started degraded tries the store again.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
@@ -54,7 +56,8 @@ enum Ctl {
     StoreUp(RedisStore),
 }
 
-/// Runs a cluster node until SIGTERM or SIGINT.
+/// Runs a cluster node until SIGTERM or SIGINT; then stops reading input, lets the store
+/// operations in flight finish (their push replies go out) and returns.
 pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
     let (udp, tcp) =
         bind_device(cfg.listen, cfg.udp_buffer, cfg.device_tcp).map_err(|e| ServerError::Bind {
@@ -255,14 +258,21 @@ impl Loop {
         admin_rx: Receiver<Msg>,
         mut signals: async_signal::Signals,
     ) {
+        let mut stopping: Option<Instant> = None;
         loop {
             let deadline = self
                 .node
                 .poll_timeout()
                 .map(|t| self.instant(t))
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            // A stop lets the operations in flight finish (their replies go out), then ends.
+            if let Some(t) = stopping {
+                if self.node.inflight() == 0 || t.elapsed() > STOP_GRACE {
+                    return;
+                }
+            }
             // Back-pressure: with the core's in-flight bound reached, connection input waits.
-            let open = self.node.inflight() < self.max_inflight;
+            let open = self.node.inflight() < self.max_inflight && stopping.is_none();
             if !open {
                 self.stats.backpressure += 1;
             }
@@ -319,7 +329,9 @@ impl Loop {
             )
             .await;
             match wake {
-                Wake::Signal => return,
+                Wake::Signal => {
+                    stopping.get_or_insert_with(Instant::now);
+                }
                 Wake::Udp | Wake::Timer => {}
                 Wake::Conn(m) => self.on_conn(m),
                 Wake::Ctl(c) => self.on_ctl(c),
@@ -340,7 +352,7 @@ impl Loop {
                 }
             }
             for _ in 0..BATCH {
-                if self.node.inflight() >= self.max_inflight {
+                if self.node.inflight() >= self.max_inflight || stopping.is_some() {
                     break;
                 }
                 match conn_rx.try_recv() {
