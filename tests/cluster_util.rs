@@ -99,7 +99,9 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
 }
 
 /// Flags every test node gets: loopback ports it picks, a short online window so failures
-/// show within seconds, and replies to heartbeats so test devices notice a dead node.
+/// show within seconds, replies to heartbeats so test devices notice a dead node, and store
+/// time-outs long enough for a loaded 2-core CI machine (a WAIT of the default 50 ms can
+/// miss there; the tests are about losses, not about latency).
 pub fn base_args(id: &str) -> Vec<String> {
     [
         "--cluster-redis",
@@ -122,6 +124,10 @@ pub fn base_args(id: &str) -> Vec<String> {
         "always",
         "--limits",
         "false",
+        "--cluster-wait-timeout",
+        "500ms",
+        "--cluster-store-timeout",
+        "2s",
     ]
     .iter()
     .map(|s| s.to_string())
