@@ -9,7 +9,7 @@ use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 
 use ddpush_proto::PushRequest;
 
-use crate::pipeline::{on_write_error, Pipeline, ReadStep};
+use crate::pipeline::{on_write_error, Batch, ReadStep};
 use crate::pusher::{resolve, PushError, PushOutcome, PusherConfig};
 
 /// The async twin of [`Pusher`](crate::Pusher), with the same semantics: one reused
@@ -83,9 +83,8 @@ impl AsyncPusher {
         reqs: &[PushRequest],
         mut on_result: impl FnMut(usize, PushOutcome),
     ) -> Result<(), PushError> {
-        let mut pipe = Pipeline::new(reqs, self.config.window);
         let mut buf = std::mem::take(&mut self.buf);
-        let r = self.run(&mut pipe, &mut buf, &mut on_result).await;
+        let r = self.run(reqs, &mut buf, &mut on_result).await;
         self.buf = buf;
         if r.is_err() {
             self.conn = None;
@@ -95,19 +94,21 @@ impl AsyncPusher {
 
     async fn run(
         &mut self,
-        pipe: &mut Pipeline<'_>,
+        reqs: &[PushRequest],
         buf: &mut Vec<u8>,
         on_result: &mut impl FnMut(usize, PushOutcome),
     ) -> Result<(), PushError> {
         self.drop_if_stale();
         let io_timeout = self.config.io_timeout;
+        let mut batch = Batch::new(reqs, &self.config, self.conn.is_some());
         let mut rbuf = [0u8; 4096];
-        while !pipe.done() {
+        while !batch.done() {
             if self.conn.is_none() {
                 self.conn = Some(self.connect().await?);
+                batch.on_connected();
             }
             let conn = self.conn.as_mut().expect("connected above");
-            pipe.fill(buf);
+            batch.fill(buf);
             let mut closed = false;
             if !buf.is_empty() {
                 if let Err(e) = timed(io_timeout, conn.write_all(buf)).await {
@@ -115,12 +116,12 @@ impl AsyncPusher {
                 }
             }
             loop {
-                let want = pipe.in_flight().min(rbuf.len());
+                let want = batch.session.in_flight().min(rbuf.len());
                 if want == 0 {
                     break;
                 }
-                let r = timed(io_timeout, conn.read(&mut rbuf[..want])).await;
-                match pipe.on_read(r, &rbuf, closed, on_result)? {
+                let r = timed(batch.read_wait(), conn.read(&mut rbuf[..want])).await;
+                match batch.on_read(r, &rbuf, closed, on_result)? {
                     ReadStep::More => {}
                     ReadStep::Done => break,
                     ReadStep::Closed => {
@@ -131,7 +132,7 @@ impl AsyncPusher {
             }
             if closed {
                 self.conn = None;
-                pipe.on_close(on_result);
+                batch.on_close(on_result);
             }
         }
         Ok(())

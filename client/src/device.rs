@@ -1,11 +1,12 @@
 //! A device client that behaves like the DDPush device SDKs (PROTOCOL.md 4.8).
 //!
-//! A background thread owns the socket: it sends a heartbeat at once and then whenever
-//! `interval` has passed since the last packet it sent (acks included), acks every
-//! 0x10/0x11/0x20 message before handing it over (a 0x11 ack echoes the 8 bytes received),
-//! and after a socket error opens a new socket (UDP, so the source port changes) or a new
-//! connection (TCP) after `retry_delay`. The owner reads what happened with
-//! [`Device::recv`] or [`Device::recv_event`], which makes it easy to use in tests.
+//! The SDK's rules are the core's [`DeviceSession`]: a heartbeat at once on every new socket
+//! or connection and then whenever `interval` has passed since the last packet sent (acks
+//! included), an ack of every 0x10/0x11/0x20 before it is handed over (a 0x11 ack echoes the 8
+//! bytes received), and a new socket (UDP, so the source port changes) or connection (TCP)
+//! `retry_delay` after an error. A background thread only moves bytes and time between it and
+//! the socket. The owner reads what happened with [`Device::recv`] or [`Device::recv_event`],
+//! which makes it easy to use in tests.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -15,9 +16,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Uuid};
-
-use ddpush_proto::DownStreamDecoder;
+use ddpush_proto::codec::DEVICE_MAX_PACKET;
+use ddpush_proto::config::HEARTBEAT_INTERVAL;
+use ddpush_proto::session::RETRY_DELAY;
+use ddpush_proto::session::{DeviceConfig, DeviceEvent as SessionEvent, DeviceSession};
+use ddpush_proto::{DeviceMsg, DownPacket, InvalidPacket, Time, Uuid};
 
 /// How long the worker waits at most before looking at its stop flag again.
 const TICK: Duration = Duration::from_millis(50);
@@ -163,8 +166,8 @@ impl Device {
             uuid,
             app_id: 1,
             transport: Transport::Udp,
-            interval: Duration::from_secs(50),
-            retry_delay: Duration::from_secs(1),
+            interval: HEARTBEAT_INTERVAL,
+            retry_delay: RETRY_DELAY,
         }
     }
 
@@ -243,10 +246,10 @@ impl Drop for Device {
     }
 }
 
-/// The socket of one attempt.
+/// The socket of one link.
 enum Link {
     Udp(UdpSocket),
-    Tcp(TcpStream, DownStreamDecoder),
+    Tcp(TcpStream),
 }
 
 impl Link {
@@ -266,7 +269,7 @@ impl Link {
                 let s = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
                 s.set_nodelay(true)?;
                 s.set_write_timeout(Some(Duration::from_secs(10)))?;
-                Ok(Link::Tcp(s, DownStreamDecoder::new()))
+                Ok(Link::Tcp(s))
             }
         }
     }
@@ -274,28 +277,29 @@ impl Link {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
             Link::Udp(s) => s.local_addr(),
-            Link::Tcp(s, _) => s.local_addr(),
+            Link::Tcp(s) => s.local_addr(),
         }
     }
 
     fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Link::Udp(s) => s.send(bytes).map(drop),
-            Link::Tcp(s, _) => s.write_all(bytes),
+            Link::Tcp(s) => s.write_all(bytes),
         }
     }
 
-    /// Waits up to `wait` for bytes and decodes every whole packet into `out`.
-    fn poll(
+    /// Waits up to `wait` for bytes and hands them to the session.
+    fn recv_into(
         &mut self,
         wait: Duration,
         buf: &mut [u8],
-        out: &mut Vec<Result<DownPacket, InvalidPacket>>,
+        s: &mut DeviceSession,
+        now: impl Fn() -> Time,
     ) -> io::Result<()> {
         let wait = Some(wait.max(Duration::from_millis(1)));
         let r = match self {
-            Link::Udp(s) => s.set_read_timeout(wait).and_then(|()| s.recv(buf)),
-            Link::Tcp(s, _) => s.set_read_timeout(wait).and_then(|()| s.read(buf)),
+            Link::Udp(sock) => sock.set_read_timeout(wait).and_then(|()| sock.recv(buf)),
+            Link::Tcp(sock) => sock.set_read_timeout(wait).and_then(|()| sock.read(buf)),
         };
         let n = match r {
             Ok(n) => n,
@@ -312,24 +316,22 @@ impl Link {
             Err(e) => return Err(e),
         };
         match self {
-            Link::Udp(_) => out.push(DownPacket::decode(&buf[..n])),
-            Link::Tcp(_, dec) => {
+            Link::Udp(_) => s.handle_datagram(now(), &buf[..n]),
+            Link::Tcp(_) => {
                 if n == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "connection closed by the server",
                     ));
                 }
-                dec.extend(&buf[..n]);
-                while let Some(p) = dec.next_packet() {
-                    out.push(p);
-                }
+                s.handle_stream(now(), &buf[..n]);
             }
         }
         Ok(())
     }
 }
 
+/// The I/O around a [`DeviceSession`], which holds every SDK rule.
 struct Worker {
     cfg: DeviceBuilder,
     tx: Sender<DeviceEvent>,
@@ -346,95 +348,81 @@ impl Worker {
         let _ = self.tx.send(e);
     }
 
-    fn packet(&self, msg: DeviceMsg) -> Vec<u8> {
-        let p = DevicePacket {
-            app_id: self.cfg.app_id,
-            uuid: self.cfg.uuid,
-            msg,
-        };
-        let mut v = Vec::with_capacity(p.encoded_len());
-        p.encode(&mut v);
-        v
-    }
-
     fn run(self) {
+        let epoch = Instant::now();
+        let now =
+            || Time::from_millis(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let mut s = DeviceSession::new(DeviceConfig {
+            uuid: self.cfg.uuid,
+            app_id: self.cfg.app_id,
+            heartbeat_interval: self.cfg.interval,
+            retry_delay: self.cfg.retry_delay,
+        });
+        let mut link: Option<Link> = None;
         let mut buf = vec![0u8; 65_536];
-        let mut packets = Vec::new();
+        let mut out = Vec::with_capacity(DEVICE_MAX_PACKET);
         while !self.stopped() {
-            match Link::open(self.cfg.transport, self.cfg.server) {
-                Ok(mut link) => {
-                    if let Ok(a) = link.local_addr() {
-                        self.emit(DeviceEvent::Connected(a));
+            if self.shared.kick.swap(false, Ordering::AcqRel) {
+                s.heartbeat_now();
+            }
+            s.handle_timeout(now());
+            // Transmits first: the acks of what just arrived go out before the app sees it.
+            while let Some(p) = s.poll_transmit(now()) {
+                out.clear();
+                p.encode(&mut out);
+                let Some(l) = link.as_mut() else { break };
+                match l.send(&out) {
+                    Ok(()) if p.msg == DeviceMsg::Heartbeat => {
+                        self.shared.heartbeats.fetch_add(1, Ordering::AcqRel);
+                        self.emit(DeviceEvent::HeartbeatSent);
                     }
-                    if let Err(e) = self.session(&mut link, &mut buf, &mut packets) {
-                        self.emit(DeviceEvent::Error(e.to_string()));
+                    Ok(()) => {
+                        self.shared.acks.fetch_add(1, Ordering::AcqRel);
                     }
-                }
-                Err(e) => self.emit(DeviceEvent::Error(format!("cannot open socket: {e}"))),
-            }
-            // The SDK waits before a new socket; the wait stays responsive to stop.
-            let until = Instant::now() + self.cfg.retry_delay;
-            while !self.stopped() && Instant::now() < until {
-                std::thread::sleep(TICK.min(until.saturating_duration_since(Instant::now())));
-            }
-        }
-    }
-
-    /// Runs one socket until an error (returned) or a stop (Ok).
-    fn session(
-        &self,
-        link: &mut Link,
-        buf: &mut [u8],
-        packets: &mut Vec<Result<DownPacket, InvalidPacket>>,
-    ) -> io::Result<()> {
-        let heartbeat = self.packet(DeviceMsg::Heartbeat);
-        let mut last_sent: Option<Instant> = None;
-        loop {
-            if self.stopped() {
-                return Ok(());
-            }
-            let now = Instant::now();
-            let kicked = self.shared.kick.swap(false, Ordering::AcqRel);
-            if kicked || last_sent.is_none_or(|t| now >= t + self.cfg.interval) {
-                link.send(&heartbeat)?;
-                last_sent = Some(now);
-                self.shared.heartbeats.fetch_add(1, Ordering::AcqRel);
-                self.emit(DeviceEvent::HeartbeatSent);
-            }
-            let next = last_sent.map_or(now, |t| t + self.cfg.interval);
-            let wait = next.saturating_duration_since(Instant::now()).min(TICK);
-            packets.clear();
-            link.poll(wait, buf, packets)?;
-            let mut failed = None;
-            for p in packets.drain(..) {
-                let p = match p {
-                    Ok(p) => p,
                     Err(e) => {
-                        self.emit(DeviceEvent::Invalid(e));
-                        continue;
-                    }
-                };
-                let ack = match &p.msg {
-                    DownMsg::Notify => Some(DeviceMsg::AckNotify),
-                    DownMsg::Bits(m) => Some(DeviceMsg::AckBits(*m)),
-                    DownMsg::Payload(_) => Some(DeviceMsg::AckPayload),
-                    DownMsg::HeartbeatReply => None,
-                };
-                // Ack first, as the SDK does; if the ack cannot go out the message is still
-                // handed over (the server re-sends it until acked: at least once).
-                if let (Some(ack), None) = (ack, &failed) {
-                    match link.send(&self.packet(ack)) {
-                        Ok(()) => {
-                            last_sent = Some(Instant::now());
-                            self.shared.acks.fetch_add(1, Ordering::AcqRel);
-                        }
-                        Err(e) => failed = Some(e),
+                        self.emit(DeviceEvent::Error(e.to_string()));
+                        link = None;
+                        s.handle_link_error(now());
                     }
                 }
-                self.emit(DeviceEvent::Message(p));
             }
-            if let Some(e) = failed {
-                return Err(e);
+            while let Some(e) = s.poll_event() {
+                match e {
+                    SessionEvent::Connect => {
+                        match Link::open(self.cfg.transport, self.cfg.server) {
+                            Ok(l) => {
+                                if let Ok(a) = l.local_addr() {
+                                    self.emit(DeviceEvent::Connected(a));
+                                }
+                                link = Some(l);
+                                s.handle_connected(now());
+                            }
+                            Err(e) => {
+                                self.emit(DeviceEvent::Error(format!("cannot open socket: {e}")));
+                                s.handle_link_error(now());
+                            }
+                        }
+                    }
+                    SessionEvent::Message(p) => self.emit(DeviceEvent::Message(p)),
+                    SessionEvent::Invalid(e) => self.emit(DeviceEvent::Invalid(e)),
+                    _ => {}
+                }
+            }
+            // The wait stays short so a stop or a kick is seen promptly.
+            let t = now();
+            let wait = s.poll_timeout().map_or(TICK, |d| d.since(t)).min(TICK);
+            if wait.is_zero() {
+                continue;
+            }
+            match link.as_mut() {
+                Some(l) => {
+                    if let Err(e) = l.recv_into(wait, &mut buf, &mut s, now) {
+                        self.emit(DeviceEvent::Error(e.to_string()));
+                        link = None;
+                        s.handle_link_error(now());
+                    }
+                }
+                None => std::thread::sleep(wait),
             }
         }
     }

@@ -1,16 +1,15 @@
-//! The pipelining logic shared by the blocking and the async pusher, without any I/O.
-//!
-//! Requests go out in order, at most `window` unanswered at a time; reply bytes come back in
-//! the same order (PROTOCOL.md 2.2), so the n-th reply byte answers the n-th request sent on
-//! the connection. When the connection closes with requests in flight, the oldest one is
-//! reported [`PushOutcome::Closed`] (it is the one the server stopped at, for example a
-//! payload over its maximum) and the ones after it are sent again on a new connection.
+//! What an I/O result means for the core's [`PushSession`], the same for the blocking and the
+//! async pusher. The pipeline's rules (reply matching, what a closed connection means, which
+//! requests are sent again) are the session's; this module only classifies I/O results and
+//! feeds a slice of requests into the session as its window frees.
 
 use std::io;
+use std::time::{Duration, Instant};
 
-use ddpush_proto::PushRequest;
+use ddpush_proto::session::{PushConfig, PushSession};
+use ddpush_proto::{PushRequest, Time};
 
-use crate::pusher::{is_closed, is_timeout, PushError, PushOutcome};
+use crate::pusher::{is_closed, is_timeout, PushError, PushOutcome, PusherConfig};
 
 /// What one read on the push connection means for the pipeline.
 pub(crate) enum ReadStep {
@@ -34,61 +33,71 @@ pub(crate) fn on_write_error(e: io::Error) -> Result<bool, PushError> {
     }
 }
 
-pub(crate) struct Pipeline<'a> {
-    reqs: &'a [PushRequest],
-    window: usize,
-    /// Index of the next request to encode.
-    next_send: usize,
-    /// Index of the oldest request without an outcome.
-    next_reply: usize,
+/// The session settings for a pusher's settings: `io_timeout` bounds each wait for a reply.
+pub(crate) fn session_config(cfg: &PusherConfig) -> PushConfig {
+    PushConfig {
+        window: cfg.window.max(1),
+        reply_timeout: cfg.io_timeout,
+        ..PushConfig::default()
+    }
 }
 
-impl<'a> Pipeline<'a> {
-    pub(crate) fn new(reqs: &'a [PushRequest], window: usize) -> Self {
-        Pipeline {
+/// One `push_many` call: a session, the requests not yet handed to it, and a clock.
+pub(crate) struct Batch<'a> {
+    pub(crate) session: PushSession,
+    reqs: &'a [PushRequest],
+    next: usize,
+    epoch: Instant,
+}
+
+impl<'a> Batch<'a> {
+    pub(crate) fn new(reqs: &'a [PushRequest], cfg: &PusherConfig, connected: bool) -> Self {
+        let mut b = Batch {
+            session: PushSession::new(session_config(cfg)),
             reqs,
-            window: window.max(1),
-            next_send: 0,
-            next_reply: 0,
+            next: 0,
+            epoch: Instant::now(),
+        };
+        if connected {
+            // A kept connection has nothing in flight between calls: as good as a new one.
+            b.session.handle_connected(b.now());
         }
+        b
     }
 
+    pub(crate) fn now(&self) -> Time {
+        Time::from_millis(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Whether every request has its verdict.
     pub(crate) fn done(&self) -> bool {
-        self.next_reply == self.reqs.len()
+        self.next == self.reqs.len() && self.session.unanswered() == 0
     }
 
-    pub(crate) fn in_flight(&self) -> usize {
-        self.next_send - self.next_reply
-    }
-
-    /// Encodes the requests the window has room for into `out` (cleared first).
+    /// Hands the session as many requests as its window can take, and encodes what goes out
+    /// into `out` (cleared first). Request ids are indices into the slice.
     pub(crate) fn fill(&mut self, out: &mut Vec<u8>) {
+        let window = self.session.config().window;
+        while self.next < self.reqs.len() && self.session.unanswered() < window {
+            self.session.push(self.reqs[self.next].clone());
+            self.next += 1;
+        }
         out.clear();
-        while self.next_send < self.reqs.len() && self.in_flight() < self.window {
-            self.reqs[self.next_send].encode(out);
-            self.next_send += 1;
-        }
+        let now = self.now();
+        let _ = self.session.poll_transmit(now, out);
     }
 
-    /// Consumes reply bytes, reporting one outcome per byte.
-    pub(crate) fn on_replies(
-        &mut self,
-        bytes: &[u8],
-        on_result: &mut impl FnMut(usize, PushOutcome),
-    ) -> Result<(), PushError> {
-        for &b in bytes {
-            if self.in_flight() == 0 {
-                return Err(PushError::BadReply(b));
-            }
-            let outcome = PushOutcome::from_byte(b).ok_or(PushError::BadReply(b))?;
-            on_result(self.next_reply, outcome);
-            self.next_reply += 1;
-        }
-        Ok(())
+    /// How long the next read may wait for a reply.
+    pub(crate) fn read_wait(&self) -> Duration {
+        let now = self.now();
+        self.session
+            .poll_timeout()
+            .map_or(self.session.config().reply_timeout, |d| d.since(now))
+            .max(Duration::from_millis(1))
     }
 
-    /// Applies one read result, the same way for the blocking and the async pusher. After a
-    /// failed write (`closed`), replies already on the way are read until the close.
+    /// Applies one read result. After a failed write (`closed`), replies already on the way
+    /// are read until the close.
     pub(crate) fn on_read(
         &mut self,
         r: io::Result<usize>,
@@ -96,70 +105,50 @@ impl<'a> Pipeline<'a> {
         closed: bool,
         on_result: &mut impl FnMut(usize, PushOutcome),
     ) -> Result<ReadStep, PushError> {
-        match r {
-            Ok(0) => Ok(ReadStep::Closed),
+        let now = self.now();
+        let step = match r {
+            Ok(0) => ReadStep::Closed,
             Ok(n) => {
-                self.on_replies(&rbuf[..n], on_result)?;
-                Ok(if closed {
+                self.session
+                    .handle_replies(now, &rbuf[..n])
+                    .map_err(|e| PushError::BadReply(e.byte()))?;
+                if closed {
                     ReadStep::More
                 } else {
                     ReadStep::Done
-                })
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(ReadStep::More),
-            Err(e) if is_closed(&e) => Ok(ReadStep::Closed),
-            Err(e) if is_timeout(&e) => Err(PushError::Timeout),
-            Err(e) => Err(PushError::Io(e)),
-        }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadStep::More,
+            Err(e) if is_closed(&e) => ReadStep::Closed,
+            Err(e) if is_timeout(&e) => {
+                if self.session.handle_timeout(now) {
+                    return Err(PushError::Timeout);
+                }
+                ReadStep::More
+            }
+            Err(e) => return Err(PushError::Io(e)),
+        };
+        self.drain(on_result);
+        Ok(step)
     }
 
-    /// The connection closed: the oldest request in flight gets `Closed`, later ones will be
-    /// sent again by the next [`fill`](Self::fill).
+    /// The connection ended.
     pub(crate) fn on_close(&mut self, on_result: &mut impl FnMut(usize, PushOutcome)) {
-        if self.in_flight() == 0 {
-            return;
-        }
-        on_result(self.next_reply, PushOutcome::Closed);
-        self.next_reply += 1;
-        self.next_send = self.next_reply;
+        let now = self.now();
+        self.session.handle_closed(now);
+        self.drain(on_result);
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::PushRequestExt;
-    use ddpush_proto::Uuid;
+    /// A new connection is up.
+    pub(crate) fn on_connected(&mut self) {
+        let now = self.now();
+        self.session.handle_connected(now);
+    }
 
-    #[test]
-    fn window_replies_and_close_resends_the_rest() {
-        let u = Uuid([1; 16]);
-        let reqs: Vec<_> = (0..5).map(|i| PushRequest::bits(u, i)).collect();
-        let mut p = Pipeline::new(&reqs, 3);
-        let mut out = Vec::new();
-        let mut got = Vec::new();
-        let mut rec = |i: usize, o: PushOutcome| got.push((i, o));
-        p.fill(&mut out);
-        assert_eq!(out.len(), 3 * 29);
-        p.on_replies(&[0x00, 0x01], &mut rec).unwrap();
-        p.fill(&mut out);
-        assert_eq!(out.len(), 2 * 29, "two slots freed");
-        p.on_close(&mut rec);
-        // Request 2 was the oldest unanswered: closed. 3 and 4 go out again.
-        p.fill(&mut out);
-        assert_eq!(out.len(), 2 * 29);
-        p.on_replies(&[0x00, 0xFF], &mut rec).unwrap();
-        assert!(p.done());
-        assert!(p.on_replies(&[0], &mut rec).is_err(), "unsolicited byte");
-        assert_eq!(
-            got,
-            vec![
-                (0, PushOutcome::Accepted),
-                (1, PushOutcome::Rejected),
-                (2, PushOutcome::Closed),
-                (3, PushOutcome::Accepted),
-                (4, PushOutcome::Failed),
-            ]
-        );
+    fn drain(&mut self, on_result: &mut impl FnMut(usize, PushOutcome)) {
+        while let Some((id, o)) = self.session.poll_outcome() {
+            // Ids are 0, 1, 2... in push order, and requests are pushed in slice order.
+            on_result(usize::try_from(id.0).unwrap_or(usize::MAX), o);
+        }
     }
 }

@@ -1,61 +1,16 @@
 //! The blocking app-server client for port 9999, on `std::net`.
 
-use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ddpush_proto::{Content, ContentTooLong, PushMsg, PushReply, PushRequest, Uuid};
+use ddpush_proto::{Content, ContentTooLong, PushMsg, PushRequest, Uuid};
 
-use crate::pipeline::{on_write_error, Pipeline, ReadStep};
+use crate::pipeline::{on_write_error, Batch, ReadStep};
 
-/// The server's verdict on one push request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum PushOutcome {
-    /// Reply `0x00`: stored, and sent if the client is online.
-    Accepted,
-    /// Reply `0x01`: malformed request, or the server has no room for a new client.
-    Rejected,
-    /// Reply `0xFF`: the server could not store the request.
-    Failed,
-    /// The connection closed before the reply: the request may not have been stored. The
-    /// server does this to a payload larger than its maximum (500 bytes by default).
-    Closed,
-}
-
-impl PushOutcome {
-    /// Reads a reply byte; `None` for bytes the protocol does not define.
-    pub fn from_byte(b: u8) -> Option<Self> {
-        PushReply::from_byte(b).map(|r| match r {
-            PushReply::Accepted => PushOutcome::Accepted,
-            PushReply::Rejected => PushOutcome::Rejected,
-            PushReply::Failed => PushOutcome::Failed,
-        })
-    }
-
-    /// Whether the server stored the request.
-    pub fn is_accepted(self) -> bool {
-        self == PushOutcome::Accepted
-    }
-
-    /// A short lowercase word for logs and the CLI.
-    pub fn label(self) -> &'static str {
-        match self {
-            PushOutcome::Accepted => "accepted",
-            PushOutcome::Rejected => "rejected",
-            PushOutcome::Failed => "failed",
-            PushOutcome::Closed => "closed",
-        }
-    }
-}
-
-impl fmt::Display for PushOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
-    }
-}
+/// The server's verdict on one push request (the core's session type).
+pub use ddpush_proto::session::PushOutcome;
 
 /// Why a push could not get a verdict at all.
 #[derive(Debug, thiserror::Error)]
@@ -169,10 +124,12 @@ impl PushRequestExt for PushRequest {
 /// A blocking pusher: one reused TCP connection to the push port, pipelined requests.
 ///
 /// The connection is opened on first use and kept; a connection the server has closed
-/// meanwhile (idle timeout, restart) is noticed before the next push and replaced. A request
-/// whose reply never came is reported [`PushOutcome::Closed`], never retried and never
-/// reported accepted. In [`push_many`](Self::push_many) the requests after it are sent again
-/// on a new connection, since the server stops reading at the one it refused.
+/// meanwhile (idle timeout, restart) is noticed before the next push and replaced. The
+/// pipeline's rules are the core's [`PushSession`](ddpush_proto::session::PushSession): when a
+/// connection ends with requests unanswered, they are sent again in order on a new one,
+/// except the one the server refused by closing (a payload over its maximum, or one at the
+/// head of two connections that both ended without answering it), which is reported
+/// [`PushOutcome::Closed`]. Nothing is ever reported accepted without a `0x00` read.
 ///
 /// ```no_run
 /// use ddpush_client::{Pusher, PushRequest, PushRequestExt, Uuid};
@@ -227,8 +184,8 @@ impl Pusher {
 
     /// Sends one request and waits for its verdict.
     ///
-    /// A server that closes the connection without answering gives
-    /// [`PushOutcome::Closed`], not success:
+    /// A server that closes the connection without answering, again when the request is sent
+    /// a second time, gives [`PushOutcome::Closed`], not success:
     ///
     /// ```
     /// use std::io::Read;
@@ -237,9 +194,11 @@ impl Pusher {
     /// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     /// let addr = listener.local_addr()?.to_string();
     /// let server = std::thread::spawn(move || {
-    ///     let (mut conn, _) = listener.accept().unwrap();
-    ///     let mut header = [0u8; 21];
-    ///     conn.read_exact(&mut header).unwrap(); // then close without a reply byte
+    ///     for _ in 0..2 {
+    ///         let (mut conn, _) = listener.accept().unwrap();
+    ///         let mut header = [0u8; 21];
+    ///         conn.read_exact(&mut header).unwrap(); // then close without a reply byte
+    ///     }
     /// });
     /// let mut pusher = Pusher::new(addr);
     /// let outcome = pusher.push(&PushRequest::notify(Uuid::from_user("alice")))?;
@@ -267,9 +226,8 @@ impl Pusher {
         reqs: &[PushRequest],
         mut on_result: impl FnMut(usize, PushOutcome),
     ) -> Result<(), PushError> {
-        let mut pipe = Pipeline::new(reqs, self.config.window);
         let mut buf = std::mem::take(&mut self.buf);
-        let r = self.run(&mut pipe, &mut buf, &mut on_result);
+        let r = self.run(reqs, &mut buf, &mut on_result);
         self.buf = buf;
         if r.is_err() {
             self.conn = None;
@@ -279,18 +237,20 @@ impl Pusher {
 
     fn run(
         &mut self,
-        pipe: &mut Pipeline<'_>,
+        reqs: &[PushRequest],
         buf: &mut Vec<u8>,
         on_result: &mut impl FnMut(usize, PushOutcome),
     ) -> Result<(), PushError> {
         self.drop_if_stale();
+        let mut batch = Batch::new(reqs, &self.config, self.conn.is_some());
         let mut rbuf = [0u8; 4096];
-        while !pipe.done() {
+        while !batch.done() {
             if self.conn.is_none() {
                 self.conn = Some(self.connect()?);
+                batch.on_connected();
             }
             let conn = self.conn.as_mut().expect("connected above");
-            pipe.fill(buf);
+            batch.fill(buf);
             let mut closed = false;
             if !buf.is_empty() {
                 if let Err(e) = conn.write_all(buf) {
@@ -300,12 +260,13 @@ impl Pusher {
             // After a failed write, replies already received are still read before the close
             // is accounted for.
             loop {
-                let want = pipe.in_flight().min(rbuf.len());
+                let want = batch.session.in_flight().min(rbuf.len());
                 if want == 0 {
                     break;
                 }
+                conn.set_read_timeout(Some(batch.read_wait()))?;
                 let r = conn.read(&mut rbuf[..want]);
-                match pipe.on_read(r, &rbuf, closed, on_result)? {
+                match batch.on_read(r, &rbuf, closed, on_result)? {
                     ReadStep::More => {}
                     ReadStep::Done => break,
                     ReadStep::Closed => {
@@ -316,7 +277,7 @@ impl Pusher {
             }
             if closed {
                 self.conn = None;
-                pipe.on_close(on_result);
+                batch.on_close(on_result);
             }
         }
         Ok(())

@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::codec::DEFAULT_MAX_CONTENT;
 use crate::limits::Limits;
 
+/// The devices' heartbeat interval (PROTOCOL.md 4.6): the SDK default that the node's online
+/// window is built on and that [`crate::session::DeviceSession`] keeps. One constant, so the
+/// server's expectation and the clients' behaviour cannot drift apart.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(50);
+
 /// When a heartbeat with nothing pending gets the 5-byte `0x00` reply (PROTOCOL.md 4.4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,7 +82,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             reply_policy: ReplyPolicy::Never,
-            heartbeat_interval: Duration::from_secs(50),
+            heartbeat_interval: HEARTBEAT_INTERVAL,
             online_grace: Duration::from_secs(10),
             max_content: DEFAULT_MAX_CONTENT,
             max_clients: 10_000_000,

@@ -48,6 +48,7 @@ mod node;
 pub mod output;
 mod record;
 mod registry;
+pub mod session;
 pub mod signed;
 pub mod state;
 pub mod stream;
