@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddpush_proto::{
-    Content, DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushReply, PushRequest,
-};
+use ddpush_proto::session::{ack_for, PushConfig, PushOutcome, PushSession};
+use ddpush_proto::{Content, DevicePacket, DownMsg, DownPacket, PushMsg, PushRequest, Time};
 use serde_json::{json, Value};
 
 use crate::devices::{heartbeat, uuid_of, Fleet, HB_LEN};
@@ -20,6 +19,8 @@ use crate::net::{self, Receiver, BATCH};
 
 /// Payload layout: seq u64, device u64, send time u64 (ns since the run's epoch).
 const PAYLOAD_LEN: usize = 24;
+/// A reply this late counts as an error.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One push run.
 pub struct PushRun<'a> {
@@ -64,20 +65,30 @@ struct Shared {
     errors: AtomicU64,
 }
 
+/// One app server: requests pipelined through the core's `PushSession` (the same reply
+/// matching as the `ddpush` client) on one connection; a failed connection ends it and counts
+/// as an error (the run measures the server, not reconnects).
 fn pusher(sh: &Shared, addr: SocketAddr, clients: u64, window: usize, until: Instant) {
     let Ok(mut s) = TcpStream::connect(addr) else {
         sh.errors.fetch_add(1, Ordering::Relaxed);
         return;
     };
     let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.set_read_timeout(Some(REPLY_TIMEOUT));
+    let window = window.max(1);
+    let mut session = PushSession::new(PushConfig {
+        window,
+        reply_timeout: REPLY_TIMEOUT,
+        ..PushConfig::default()
+    });
+    let now = || Time::from_millis(sh.epoch.elapsed().as_millis() as u64);
+    session.handle_connected(now());
     let mut out = Vec::with_capacity(window * 64);
-    let mut replies = vec![0u8; window.max(1)];
-    let mut inflight = 0usize;
+    let mut replies = vec![0u8; window];
     loop {
         let more = Instant::now() < until;
         out.clear();
-        while more && inflight < window {
+        while more && session.unanswered() < window {
             let seq = sh.seq.fetch_add(1, Ordering::Relaxed);
             let dev = seq % clients;
             let t = sh.epoch.elapsed().as_nanos() as u64;
@@ -85,18 +96,18 @@ fn pusher(sh: &Shared, addr: SocketAddr, clients: u64, window: usize, until: Ins
             p.extend_from_slice(&seq.to_be_bytes());
             p.extend_from_slice(&dev.to_be_bytes());
             p.extend_from_slice(&t.to_be_bytes());
-            PushRequest {
+            session.push(PushRequest {
                 app_id: 1,
                 uuid: uuid_of(dev),
                 msg: PushMsg::Payload(Content::new(p).expect("24 bytes")),
-            }
-            .encode(&mut out);
-            inflight += 1;
+            });
         }
+        let _ = session.poll_transmit(now(), &mut out);
         if !out.is_empty() && s.write_all(&out).is_err() {
             sh.errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let inflight = session.in_flight();
         if inflight == 0 {
             return;
         }
@@ -107,13 +118,17 @@ fn pusher(sh: &Shared, addr: SocketAddr, clients: u64, window: usize, until: Ins
             }
             Ok(n) => n,
         };
-        inflight -= n;
-        for &b in &replies[..n] {
-            match PushReply::from_byte(b) {
-                Some(PushReply::Accepted) => sh.accepted.fetch_add(1, Ordering::Relaxed),
-                Some(PushReply::Rejected) => sh.rejected.fetch_add(1, Ordering::Relaxed),
+        let bad = session.handle_replies(now(), &replies[..n]).is_err();
+        while let Some((_, o)) = session.poll_outcome() {
+            match o {
+                PushOutcome::Accepted => sh.accepted.fetch_add(1, Ordering::Relaxed),
+                PushOutcome::Rejected => sh.rejected.fetch_add(1, Ordering::Relaxed),
                 _ => sh.failed.fetch_add(1, Ordering::Relaxed),
             };
+        }
+        if bad {
+            sh.errors.fetch_add(1, Ordering::Relaxed);
+            return;
         }
     }
 }
@@ -182,11 +197,16 @@ fn receiver(fleet: &Fleet, sh: &Shared, clients: u64, done: &AtomicBool) -> Deli
             any = true;
             let now = sh.epoch.elapsed().as_nanos() as u64;
             for i in 0..n {
-                match DownPacket::decode(rx.get(i)) {
-                    Ok(DownPacket {
-                        msg: DownMsg::Payload(p),
-                        ..
-                    }) if p.len() == PAYLOAD_LEN => {
+                let pkt = DownPacket::decode(rx.get(i));
+                let ack = pkt.as_ref().ok().and_then(|p| ack_for(&p.msg));
+                match (pkt, ack) {
+                    (
+                        Ok(DownPacket {
+                            msg: DownMsg::Payload(p),
+                            ..
+                        }),
+                        Some(ack),
+                    ) if p.len() == PAYLOAD_LEN => {
                         let f =
                             |k: usize| u64::from_be_bytes(p[k * 8..k * 8 + 8].try_into().unwrap());
                         let (seq, dev, t) = (f(0), f(1), f(2));
@@ -197,11 +217,11 @@ fn receiver(fleet: &Fleet, sh: &Shared, clients: u64, done: &AtomicBool) -> Deli
                         } else {
                             d.dups += 1;
                         }
-                        // Ack at once, before "the app" sees it, like the SDK.
+                        // Ack at once, before "the app" sees it, with the SDK's ack rule.
                         DevicePacket {
                             app_id: 1,
                             uuid: uuid_of(dev),
-                            msg: DeviceMsg::AckPayload,
+                            msg: ack,
                         }
                         .encode(&mut acks[s]);
                     }

@@ -3,7 +3,7 @@
 //! [`Stats`](crate::Stats) used to hold positional arrays indexed by
 //! `ALL.iter().position(..).unwrap_or(0)`: a variant missing from `ALL` was silently counted
 //! under the first one, and metrics and tests repeated the index mapping. Here the mapping is
-//! made once per enum by [`counter_key!`], which checks at compile time that the list names
+//! made once per enum by `counter_key!`, which checks at compile time that the list names
 //! every variant (an exhaustive `match`) in declaration order (a `const` assertion), and a
 //! [`Counters`] table checks at compile time that it has one slot per variant.
 

@@ -32,6 +32,12 @@
 //!
 //! Cluster mode (N nodes over a shared store) is a separate state machine,
 //! [`cluster::ClusterNode`], with the same turn shape; see docs/CLUSTER.md.
+//!
+//! The client side of the protocol is here too, in the same style: [`session`] holds a device
+//! SDK's session and an app server's push pipeline, which the `ddpush` client, the simulator
+//! and the load generator drive. Counters per variant are [`Counters`] tables; every
+//! variable-length content is a [`Content`], so no encoder can write a length that does not
+//! match its bytes.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

@@ -1,24 +1,22 @@
-//! Simulated device SDKs (PROTOCOL.md 4.8): heartbeat every 50 s counting from the last packet
-//! sent, ack every message at once (0x11 acks echo the mask), a new socket and port after an
-//! error or an away period, TCP reconnect 1 s after a failure. All bytes go through the
-//! core's codecs.
+//! Simulated device SDKs: the core's [`DeviceSession`] (PROTOCOL.md 4.8: heartbeat every 50 s
+//! counting from the last packet sent, ack of every message at once on the socket it came on,
+//! 0x11 acks echoing the mask, a new socket or connection 1 s after an error) behind a turmoil
+//! socket. This adapter adds only what the scenario injects: steady loss, and away periods
+//! (silent on UDP, then a new socket; disconnected on TCP). All bytes go through the core's
+//! codecs.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket, DownStreamDecoder};
+use ddpush_proto::session::{DeviceConfig, DeviceEvent, DeviceSession};
+use ddpush_proto::{DeviceMsg, DevicePacket, DownPacket, Time};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turmoil::net::{TcpStream, UdpSocket};
 
 use crate::world::{now_ms, Away, Rx, Shared};
-
-/// The SDK's heartbeat interval.
-pub const HEARTBEAT: Duration = Duration::from_secs(50);
-/// The SDK's reconnect delay.
-pub const RETRY: Duration = Duration::from_secs(1);
 
 /// What one device will do, fixed by the scenario seed.
 #[derive(Clone, Debug)]
@@ -45,21 +43,29 @@ fn sleep_until_ms(t: u64) -> tokio::time::Sleep {
     tokio::time::sleep(Duration::from_millis(t.saturating_sub(now_ms())))
 }
 
+fn now() -> Time {
+    Time(now_ms())
+}
+
 struct Dev {
     sh: Rc<Shared>,
     plan: Plan,
     rng: SmallRng,
-    last_sent: u64,
+    session: DeviceSession,
 }
 
 impl Dev {
     fn new(sh: Rc<Shared>, plan: Plan) -> Self {
         let rng = SmallRng::seed_from_u64(plan.seed);
+        let session = DeviceSession::new(DeviceConfig {
+            app_id: plan.app_id,
+            ..DeviceConfig::new(sh.devices[plan.idx].borrow().uuid)
+        });
         Dev {
             sh,
             plan,
             rng,
-            last_sent: 0,
+            session,
         }
     }
 
@@ -69,26 +75,23 @@ impl Dev {
             && self.rng.random_bool(self.plan.loss)
     }
 
-    fn packet(&self, msg: DeviceMsg) -> Vec<u8> {
-        let p = DevicePacket {
-            app_id: self.plan.app_id,
-            uuid: self.sh.devices[self.plan.idx].borrow().uuid,
-            msg,
-        };
+    /// The session's next packet, logged; `None` when nothing is queued.
+    fn next_transmit(&mut self) -> Option<(DeviceMsg, Vec<u8>)> {
+        let p: DevicePacket = self.session.poll_transmit(now())?;
+        if p.msg == DeviceMsg::Heartbeat {
+            self.sh.devices[self.plan.idx]
+                .borrow_mut()
+                .heartbeats
+                .push(now_ms());
+        }
         let mut v = Vec::with_capacity(p.encoded_len());
         p.encode(&mut v);
-        v
+        Some((p.msg, v))
     }
 
-    /// Logs an accepted downstream packet and returns the ack the SDK sends at once.
-    fn receive(&mut self, p: DownPacket) -> Option<DeviceMsg> {
+    /// Logs an accepted downstream packet (its ack is already sent or lost).
+    fn log_rx(&mut self, p: DownPacket) {
         let at = now_ms();
-        let ack = match &p.msg {
-            DownMsg::HeartbeatReply => None,
-            DownMsg::Notify => Some(DeviceMsg::AckNotify),
-            DownMsg::Bits(m) => Some(DeviceMsg::AckBits(*m)),
-            DownMsg::Payload(_) => Some(DeviceMsg::AckPayload),
-        };
         let mut t = p.to_vec();
         t.extend_from_slice(&(self.plan.idx as u64).to_be_bytes());
         self.sh.trace.borrow_mut().add(b'r', at, &t);
@@ -96,16 +99,23 @@ impl Dev {
             .borrow_mut()
             .rx
             .push(Rx { at, msg: p.msg });
-        ack
     }
 
-    fn note_heartbeat(&mut self) {
-        let at = now_ms();
-        self.last_sent = at;
-        self.sh.devices[self.plan.idx]
-            .borrow_mut()
-            .heartbeats
-            .push(at);
+    /// Drains the session's events; `true` if it asks for a new link.
+    fn events(&mut self) -> bool {
+        let mut connect = false;
+        while let Some(e) = self.session.poll_event() {
+            match e {
+                DeviceEvent::Message(p) => self.log_rx(p),
+                DeviceEvent::Connect => connect = true,
+                _ => {}
+            }
+        }
+        connect
+    }
+
+    fn last_sent(&self) -> u64 {
+        self.session.last_sent().map_or(0, Time::as_millis)
     }
 
     fn next_away(&self) -> Option<(u64, u64)> {
@@ -116,6 +126,30 @@ impl Dev {
             .copied()
             .find(|(from, _)| *from >= now)
     }
+
+    fn wake(&self, end: u64) -> (u64, Option<(u64, u64)>) {
+        let away = self.next_away();
+        let t = self
+            .session
+            .poll_timeout()
+            .map_or(u64::MAX, Time::as_millis)
+            .min(away.map_or(u64::MAX, |a| a.0))
+            .min(end);
+        (t, away)
+    }
+}
+
+async fn bind() -> std::io::Result<UdpSocket> {
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await
+}
+
+/// Sends what the session has queued on the UDP socket, each packet subject to loss.
+async fn udp_flush(d: &mut Dev, sock: &UdpSocket, server: SocketAddr) {
+    while let Some((_, bytes)) = d.next_transmit() {
+        if !d.lost() {
+            let _ = sock.send_to(&bytes, server).await;
+        }
+    }
 }
 
 /// A UDP device, from `plan.start` to `plan.end`.
@@ -123,49 +157,34 @@ pub async fn udp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
     let end = plan.end;
     let mut d = Dev::new(sh, plan);
     sleep_until_ms(d.plan.start).await;
-    let mut sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
+    let _ = d.events(); // the first Connect
+    let mut sock = bind().await?;
+    d.session.handle_connected(now());
+    udp_flush(&mut d, &sock, server).await;
     let mut buf = vec![0u8; 1024];
-    let mut hb = d.packet(DeviceMsg::Heartbeat);
-    d.note_heartbeat();
-    if !d.lost() {
-        let _ = sock.send_to(&hb, server).await;
-    }
     loop {
-        let next_hb = d.last_sent + HEARTBEAT.as_millis() as u64;
-        let away = d.next_away();
-        let wake = next_hb.min(away.map_or(u64::MAX, |a| a.0)).min(end);
+        let (wake, away) = d.wake(end);
         tokio::select! {
             biased;
             r = sock.recv_from(&mut buf) => {
-                let n = match r {
-                    Ok((n, _)) => n,
-                    Err(_) => {
-                        // The SDK makes a new socket after an error.
-                        tokio::time::sleep(RETRY).await;
-                        sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
-                        d.sh.devices[d.plan.idx].borrow_mut().resets += 1;
-                        continue;
+                match r {
+                    Ok((n, _)) => {
+                        if d.lost() {
+                            continue;
+                        }
+                        d.session.handle_datagram(now(), &buf[..n]);
                     }
-                };
-                if d.lost() {
-                    continue;
-                }
-                let Ok(p) = DownPacket::decode(&buf[..n]) else { continue };
-                if let Some(ack) = d.receive(p) {
-                    d.last_sent = now_ms();
-                    if !d.lost() {
-                        let _ = sock.send_to(&d.packet(ack), server).await;
-                    }
+                    Err(_) => d.session.handle_link_error(now()),
                 }
             }
             _ = sleep_until_ms(wake) => {
-                let now = now_ms();
-                if now >= end {
+                let now_t = now_ms();
+                if now_t >= end {
                     return Ok(());
                 }
-                if let Some((from, until)) = away.filter(|a| a.0 <= now) {
+                if let Some((from, until)) = away.filter(|a| a.0 <= now_t) {
                     // Silent: whatever arrives is counted, not acked. Then a new socket.
-                    let last_sent = d.last_sent;
+                    let last_sent = d.last_sent();
                     while now_ms() < until {
                         tokio::select! {
                             biased;
@@ -177,21 +196,37 @@ pub async fn udp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
                             _ = sleep_until_ms(until) => {}
                         }
                     }
-                    sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
+                    sock = bind().await?;
                     {
                         let mut log = d.sh.devices[d.plan.idx].borrow_mut();
                         log.resets += 1;
                         log.away.push(Away { last_sent, from, back: now_ms() });
                     }
-                }
-                hb = d.packet(DeviceMsg::Heartbeat);
-                d.note_heartbeat();
-                if !d.lost() {
-                    let _ = sock.send_to(&hb, server).await;
+                    d.session.handle_connected(now());
+                } else {
+                    d.session.handle_timeout(now());
                 }
             }
         }
+        udp_flush(&mut d, &sock, server).await;
+        if d.events() {
+            // The SDK makes a new socket after an error.
+            sock = bind().await?;
+            d.sh.devices[d.plan.idx].borrow_mut().resets += 1;
+            d.session.handle_connected(now());
+            udp_flush(&mut d, &sock, server).await;
+        }
     }
+}
+
+/// Sends what the session has queued on the TCP stream; `false` if the write failed.
+async fn tcp_flush(d: &mut Dev, s: &mut TcpStream) -> bool {
+    while let Some((_, bytes)) = d.next_transmit() {
+        if s.write_all(&bytes).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// A TCP device: one long-lived stream to 9966, heartbeat at once after each connect.
@@ -201,20 +236,29 @@ pub async fn tcp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
     sleep_until_ms(d.plan.start).await;
     // A pending away record: (last packet sent, lost at).
     let mut lost_at: Option<(u64, u64)> = None;
-    let mut first = true;
     'connect: while now_ms() < end {
-        if !first {
-            tokio::time::sleep(RETRY).await;
+        // Wait for the session to ask for a link (at once at start, 1 s after a failure).
+        while !d.events() {
+            let t = d
+                .session
+                .poll_timeout()
+                .map_or(end, Time::as_millis)
+                .min(end);
+            sleep_until_ms(t).await;
+            if now_ms() >= end {
+                return Ok(());
+            }
+            d.session.handle_timeout(now());
         }
-        first = false;
         let Ok(Ok(mut s)) =
             tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(server)).await
         else {
+            d.session.handle_link_error(now());
             continue;
         };
-        let hb = d.packet(DeviceMsg::Heartbeat);
-        d.note_heartbeat();
-        if s.write_all(&hb).await.is_err() {
+        d.session.handle_connected(now());
+        if !tcp_flush(&mut d, &mut s).await {
+            d.session.handle_link_error(now());
             continue;
         }
         {
@@ -224,58 +268,51 @@ pub async fn tcp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
                 log.away.push(Away {
                     last_sent,
                     from,
-                    back: d.last_sent,
+                    back: d.last_sent(),
                 });
             }
         }
-        let mut dec = DownStreamDecoder::new();
         let mut buf = vec![0u8; 2048];
         loop {
-            let next_hb = d.last_sent + HEARTBEAT.as_millis() as u64;
-            let away = d.next_away();
-            let wake = next_hb.min(away.map_or(u64::MAX, |a| a.0)).min(end);
+            let (wake, away) = d.wake(end);
             tokio::select! {
                 biased;
                 r = s.read(&mut buf) => {
                     let n = match r {
                         Ok(0) | Err(_) => {
-                            lost_at = Some((d.last_sent, now_ms()));
+                            lost_at = Some((d.last_sent(), now_ms()));
+                            d.session.handle_link_error(now());
                             continue 'connect;
                         }
                         Ok(n) => n,
                     };
-                    dec.extend(&buf[..n]);
-                    while let Some(p) = dec.next_packet() {
-                        let Ok(p) = p else { continue };
-                        if let Some(ack) = d.receive(p) {
-                            d.last_sent = now_ms();
-                            if s.write_all(&d.packet(ack)).await.is_err() {
-                                lost_at = Some((d.last_sent, now_ms()));
-                                continue 'connect;
-                            }
-                        }
-                    }
+                    d.session.handle_stream(now(), &buf[..n]);
                 }
                 _ = sleep_until_ms(wake) => {
-                    let now = now_ms();
-                    if now >= end {
+                    let now_t = now_ms();
+                    if now_t >= end {
                         return Ok(());
                     }
-                    if let Some((from, until)) = away.filter(|a| a.0 <= now) {
-                        // The network goes away: the connection is dropped, and comes back later.
-                        lost_at = Some((d.last_sent, from));
+                    if let Some((from, until)) = away.filter(|a| a.0 <= now_t) {
+                        // The network goes away: the connection is dropped, and comes back
+                        // later (the session's retry delay ends at `until`).
+                        lost_at = Some((d.last_sent(), from));
                         drop(s);
-                        sleep_until_ms(until.saturating_sub(RETRY.as_millis() as u64)).await;
+                        let retry = d.session.config().retry_delay.as_millis() as u64;
+                        sleep_until_ms(until.saturating_sub(retry)).await;
+                        d.session.handle_link_error(now());
                         continue 'connect;
                     }
-                    let hb = d.packet(DeviceMsg::Heartbeat);
-                    d.note_heartbeat();
-                    if s.write_all(&hb).await.is_err() {
-                        lost_at = Some((d.last_sent, now_ms()));
-                        continue 'connect;
-                    }
+                    d.session.handle_timeout(now());
                 }
             }
+            if !tcp_flush(&mut d, &mut s).await {
+                lost_at = Some((d.last_sent(), now_ms()));
+                d.session.handle_link_error(now());
+                continue 'connect;
+            }
+            // Messages are handed over after their acks went out.
+            let _ = d.events();
         }
     }
     Ok(())

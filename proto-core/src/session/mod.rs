@@ -20,8 +20,8 @@
 //!
 //! [`Config`]: crate::Config
 
-mod device;
-mod pusher;
+pub mod device;
+pub mod pusher;
 
 pub use device::{ack_for, DeviceConfig, DeviceEvent, DeviceSession, RETRY_DELAY};
 pub use pusher::{PushConfig, PushOutcome, PushSession, ReplyError, RequestId};
