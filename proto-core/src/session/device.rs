@@ -531,6 +531,8 @@ mod tests {
                             }
                             s.handle_timeout(now);
                             drive(&mut s, now, &mut acks_due, &mut last_send, &mut down_since, &mut expect_heartbeat)?;
+                            // A timer that fires makes progress: the next deadline is later.
+                            prop_assert!(s.poll_timeout().is_none_or(|n| n > now), "timer stuck at {now:?}");
                         }
                         now = until;
                     }
