@@ -7,12 +7,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, DownPacket};
+use ddpush_proto::config::HEARTBEAT_INTERVAL as HEARTBEAT;
+use ddpush_proto::session::ack_for;
+use ddpush_proto::{DeviceMsg, DevicePacket, DownPacket};
 use tokio::time::sleep;
 use turmoil::net::UdpSocket;
 
 use super::world::{Rx, World};
-use crate::device::HEARTBEAT;
 use crate::world::now_ms;
 
 /// Runs device `idx` from `start` (ms) to `end` (ms).
@@ -50,12 +51,7 @@ pub async fn run(w: Rc<World>, idx: usize, app_id: u8, start: u64, end: u64) -> 
                 r = sock.recv_from(&mut buf) => {
                     let Ok((n, src)) = r else { continue };
                     let Ok(p) = DownPacket::decode(&buf[..n]) else { continue };
-                    let ack = match &p.msg {
-                        DownMsg::HeartbeatReply => None,
-                        DownMsg::Notify => Some(DeviceMsg::AckNotify),
-                        DownMsg::Bits(m) => Some(DeviceMsg::AckBits(*m)),
-                        DownMsg::Payload(_) => Some(DeviceMsg::AckPayload),
-                    };
+                    let ack = ack_for(&p.msg);
                     let from = w.node_addrs.borrow().iter().position(|a| a.ip() == src.ip());
                     w.devices[idx].borrow_mut().rx.push(Rx {
                         at: now_ms(),
