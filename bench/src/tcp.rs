@@ -24,6 +24,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ddpush_proto::session::ack_for;
 use ddpush_proto::{
     Content, DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushReply, PushRequest,
 };
@@ -361,11 +362,16 @@ fn tcp_receiver(hot: &[TcpStream], epoch: Instant, done: &AtomicBool) -> Deliver
                 if p.len() - off < 5 + len {
                     break;
                 }
-                match DownPacket::decode(&p[off..off + 5 + len]) {
-                    Ok(DownPacket {
-                        msg: DownMsg::Payload(pl),
-                        ..
-                    }) if pl.len() == PAYLOAD_LEN => {
+                let pkt = DownPacket::decode(&p[off..off + 5 + len]);
+                let ack = pkt.as_ref().ok().and_then(|p| ack_for(&p.msg));
+                match (pkt, ack) {
+                    (
+                        Ok(DownPacket {
+                            msg: DownMsg::Payload(pl),
+                            ..
+                        }),
+                        Some(ack),
+                    ) if pl.len() == PAYLOAD_LEN => {
                         let f = |k: usize| {
                             let mut w = [0u8; 8];
                             w.copy_from_slice(&pl[k * 8..k * 8 + 8]);
@@ -387,7 +393,7 @@ fn tcp_receiver(hot: &[TcpStream], epoch: Instant, done: &AtomicBool) -> Deliver
                         DevicePacket {
                             app_id: 1,
                             uuid: uuid_of(TCP_BASE + dev),
-                            msg: DeviceMsg::AckPayload,
+                            msg: ack,
                         }
                         .encode(&mut acks);
                     }
