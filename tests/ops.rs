@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 
 use server::*;
 
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
-        .unwrap_or_else(|| panic!("metric {name_and_labels} missing in:\n{text}"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 fn admin_server(dir: &std::path::Path, extra: &[&str]) -> Server {
     let mut args = vec!["--admin-listen", "127.0.0.1:0"];
     args.extend_from_slice(extra);
@@ -91,11 +80,11 @@ fn admin_api_push_status_clients_metrics_and_clear() {
     std::thread::sleep(Duration::from_millis(100));
     let (st, m) = http(a, "GET", "/metrics", None, "");
     assert_eq!(st, 200);
-    assert_eq!(metric(&m, "ddpush_clients"), 2.0);
-    assert_eq!(metric(&m, "ddpush_pushes_accepted_total"), 3.0);
-    assert_eq!(metric(&m, r#"ddpush_pending_items{type="0x11"}"#), 1.0);
+    assert_eq!(sample(&m, "ddpush_clients"), 2.0);
+    assert_eq!(sample(&m, "ddpush_pushes_accepted_total"), 3.0);
+    assert_eq!(sample(&m, r#"ddpush_pending_items{type="0x11"}"#), 1.0);
     assert_eq!(
-        metric(
+        sample(
             &m,
             r#"ddpush_invalid_packets_total{transport="udp",kind="length"}"#
         ),
@@ -136,7 +125,7 @@ fn push_allowlist_closes_other_sources_and_counts_them() {
         "must be closed without a reply"
     );
     let (_, m) = http(srv.admin.unwrap(), "GET", "/metrics", None, "");
-    assert_eq!(metric(&m, "ddpush_push_denied_total"), 1.0);
+    assert_eq!(sample(&m, "ddpush_push_denied_total"), 1.0);
     drop(srv);
     let srv = Server::start(dir.path(), &["--push-allow", "10.0.0.0/8,127.0.0.0/8"]);
     let mut p = srv.pusher();
@@ -158,8 +147,8 @@ fn connections_per_ip_are_limited_and_counted() {
     let mut b = [0u8; 1];
     assert!(matches!(extra.read(&mut b), Ok(0) | Err(_)));
     let (_, m) = http(srv.admin.unwrap(), "GET", "/metrics", None, "");
-    assert_eq!(metric(&m, "ddpush_tcp_refused_total"), 1.0);
-    assert_eq!(metric(&m, r#"ddpush_tcp_connections{port="push"}"#), 64.0);
+    assert_eq!(sample(&m, "ddpush_tcp_refused_total"), 1.0);
+    assert_eq!(sample(&m, r#"ddpush_tcp_connections{port="push"}"#), 64.0);
 }
 
 #[test]
@@ -182,9 +171,9 @@ fn capacity_refusals_are_counted_and_logged_once() {
         "existing clients still take pushes"
     );
     let (_, m) = http(srv.admin.unwrap(), "GET", "/metrics", None, "");
-    assert_eq!(metric(&m, "ddpush_capacity_refused_total"), 2.0);
+    assert_eq!(sample(&m, "ddpush_capacity_refused_total"), 2.0);
     assert_eq!(
-        metric(&m, r#"ddpush_pushes_rejected_total{reason="capacity"}"#),
+        sample(&m, r#"ddpush_pushes_rejected_total{reason="capacity"}"#),
         2.0
     );
     std::thread::sleep(Duration::from_millis(100));
@@ -288,7 +277,7 @@ fn amplification_toward_one_address_is_bounded() {
         "the server answered nothing: the test proves nothing"
     );
     let (_, m) = http(srv.admin.unwrap(), "GET", "/metrics", None, "");
-    assert!(metric(&m, r#"ddpush_limited_total{limit="amplification"}"#) > 0.0);
+    assert!(sample(&m, r#"ddpush_limited_total{limit="amplification"}"#) > 0.0);
 }
 
 #[test]
@@ -314,7 +303,7 @@ fn a_heartbeat_storm_for_one_uuid_does_not_multiply_sends() {
         "answers to a 500-heartbeat storm: {got}"
     );
     let (_, m) = http(srv.admin.unwrap(), "GET", "/metrics", None, "");
-    assert!(metric(&m, r#"ddpush_limited_total{limit="uuid_rate"}"#) >= 475.0);
+    assert!(sample(&m, r#"ddpush_limited_total{limit="uuid_rate"}"#) >= 475.0);
 }
 
 #[test]
@@ -364,19 +353,19 @@ fn normal_traffic_is_untouched_by_default_limits() {
     }
     let (_, m) = http(srv.admin.unwrap(), "GET", "/metrics", None, "");
     assert_eq!(
-        metric(
+        sample(
             &m,
             r#"ddpush_invalid_packets_total{transport="udp",kind="length"}"#
-        ) + metric(
+        ) + sample(
             &m,
             r#"ddpush_invalid_packets_total{transport="udp",kind="version"}"#
-        ) + metric(
+        ) + sample(
             &m,
             r#"ddpush_invalid_packets_total{transport="udp",kind="short"}"#
-        ) + metric(
+        ) + sample(
             &m,
             r#"ddpush_invalid_packets_total{transport="udp",kind="trailing"}"#
-        ) + metric(
+        ) + sample(
             &m,
             r#"ddpush_invalid_packets_total{transport="udp",kind="command"}"#
         ),
@@ -399,10 +388,10 @@ fn expired_records_are_removed_on_time_and_counted() {
     let deadline = std::time::Instant::now() + Duration::from_secs(6);
     loop {
         let (_, m) = http(a, "GET", "/metrics", None, "");
-        if metric(&m, "ddpush_expired_total") >= 1.0 {
-            assert_eq!(metric(&m, "ddpush_expired_total"), 1.0);
+        if sample(&m, "ddpush_expired_total") >= 1.0 {
+            assert_eq!(sample(&m, "ddpush_expired_total"), 1.0);
             assert_eq!(
-                metric(&m, "ddpush_clients"),
+                sample(&m, "ddpush_clients"),
                 1.0,
                 "the record with a pending item stays"
             );

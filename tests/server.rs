@@ -49,6 +49,16 @@ impl Server {
     }
 
     pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        Self::try_start_with(data_dir, extra, |_| {})
+    }
+
+    /// As [`Server::try_start`], with `configure` applied to the command before the spawn
+    /// (a resource limit for the child, say).
+    pub fn try_start_with(
+        data_dir: &Path,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Server, String> {
         let mut cmd = Command::new(bin());
         cmd.args([
             "--listen",
@@ -66,6 +76,7 @@ impl Server {
         if !extra.contains(&"--admin-listen") {
             cmd.args(["--admin-listen", "none"]);
         }
+        configure(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| e.to_string())?;
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -223,6 +234,23 @@ pub fn golden() -> serde_json::Value {
     let text = std::fs::read_to_string(&p)
         .unwrap_or_else(|e| panic!("golden vectors at {} are required: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
+}
+
+/// The value of one sample in a `/metrics` text: `name` with its labels exactly as printed.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
+}
+
+/// One sample of the admin endpoint's `/metrics` (no token: tests bind the admin port to
+/// loopback).
+pub fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let (status, text) = http(admin, "GET", "/metrics", None, "");
+    assert_eq!(status, 200, "{text}");
+    sample(&text, name)
 }
 
 /// One HTTP/1.1 request; returns (status, body).

@@ -87,14 +87,6 @@ fn push_payload(srv: &Server, uuid: &Uuid, body: &[u8]) {
     assert_eq!(push(&mut p, &req), Some(0));
 }
 
-fn metric(m: &str, name: &str) -> f64 {
-    m.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-}
-
 #[test]
 fn the_attack_fails_for_a_signed_only_uuid() {
     let dir = tempfile::tempdir().unwrap();
@@ -144,14 +136,14 @@ fn the_attack_fails_for_a_signed_only_uuid() {
 
     let (_, m) = http(a, "GET", "/metrics", Some(TOKEN), "");
     assert_eq!(
-        metric(&m, "ddpush_signed_dropped_total{reason=\"replayed\"}"),
+        sample(&m, "ddpush_signed_dropped_total{reason=\"replayed\"}"),
         1.0
     );
     assert_eq!(
-        metric(&m, "ddpush_unsigned_refused_total{kind=\"heartbeat\"}"),
+        sample(&m, "ddpush_unsigned_refused_total{kind=\"heartbeat\"}"),
         1.0
     );
-    assert_eq!(metric(&m, "ddpush_signed_clients"), 1.0);
+    assert_eq!(sample(&m, "ddpush_signed_clients"), 1.0);
     let (_, c) = http(
         a,
         "GET",

@@ -7,6 +7,9 @@
 //! The rule checked everywhere: after the restart, every push answered `00` (port 9999) or
 //! "accepted" (admin) is pending, and none answered `FF` / 503 is.
 
+#[path = "server.rs"]
+mod server;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
@@ -119,56 +122,33 @@ fn push9999(p: &mut TcpStream, u: &[u8; 16], body: &[u8]) -> u8 {
     b[0]
 }
 
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(IO)).unwrap();
-    // State-changing requests carry what the admin port's cross-site rules ask for.
-    let write = if method == "GET" {
-        ""
-    } else {
-        "content-type: application/json\r\nx-ddpush-csrf: 1\r\n"
-    };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{write}content-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 fn push_admin(srv: &InProc, u: &[u8; 16], text: &str) -> (u16, String) {
     let body = format!(
         r#"{{"uuid":"{}","type":"payload","text":"{text}"}}"#,
         hex(u)
     );
-    http(srv.admin(), "POST", "/push", &body)
+    server::http(srv.admin(), "POST", "/push", None, &body)
 }
 
 fn metric(srv: &InProc, name: &str) -> f64 {
-    let (_, text) = http(srv.admin(), "GET", "/metrics", "");
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
+    server::metric(srv.admin(), name)
 }
 
 fn degraded(srv: &InProc) -> bool {
-    let (_, s) = http(srv.admin(), "GET", "/status", "");
+    let (_, s) = server::http(srv.admin(), "GET", "/status", None, "");
     let v: serde_json::Value = serde_json::from_str(&s).unwrap();
     v["degraded"].as_bool().unwrap()
 }
 
 /// The pending payload of a record after a restart, if any.
 fn pending_payload(srv: &InProc, u: &[u8; 16]) -> Option<String> {
-    let (status, body) = http(srv.admin(), "GET", &format!("/clients/{}", hex(u)), "");
+    let (status, body) = server::http(
+        srv.admin(),
+        "GET",
+        &format!("/clients/{}", hex(u)),
+        None,
+        "",
+    );
     if status == 404 {
         return None;
     }

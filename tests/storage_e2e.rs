@@ -6,52 +6,34 @@
 
 #![cfg(target_os = "linux")]
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "server.rs"]
+mod server;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use server::Server;
 
 const IO: Duration = Duration::from_secs(5);
 
+/// A server with its admin port, and every log line read so far.
 struct Proc {
-    child: Child,
-    udp: SocketAddr,
-    push: SocketAddr,
+    srv: Server,
     admin: SocketAddr,
-    log: mpsc::Receiver<String>,
     seen: Vec<String>,
-}
-
-fn field(line: &str, key: &str) -> Option<SocketAddr> {
-    let start = line.find(&format!("{key}="))? + key.len() + 1;
-    let rest = &line[start..];
-    let end = rest.find(' ').unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 impl Proc {
     /// Starts ddpushd on `dir`; with `fsize`, under that file-size limit.
     fn start(dir: &Path, fsize: Option<u64>, extra: &[&str]) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddpushd"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--push-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        if let Some(limit) = fsize {
+        let mut args = vec!["--admin-listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let srv = Server::try_start_with(dir, &args, |cmd| {
+            let Some(limit) = fsize else { return };
             // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
             // touches no memory of the parent.
             unsafe {
@@ -66,44 +48,18 @@ impl Proc {
                     Ok(())
                 });
             }
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut seen = Vec::new();
-        loop {
-            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("ddpushd did not start: {}", seen.join("\n"));
-            };
-            if line.contains("ddpushd listening") {
-                return Proc {
-                    udp: field(&line, "udp").unwrap(),
-                    push: field(&line, "push").unwrap(),
-                    admin: field(&line, "admin").unwrap(),
-                    child,
-                    log: rx,
-                    seen,
-                };
-            }
-            seen.push(line);
+        })
+        .unwrap_or_else(|e| panic!("ddpushd did not start: {e}"));
+        let admin = srv.admin.expect("admin address in the listening line");
+        Proc {
+            srv,
+            admin,
+            seen: Vec::new(),
         }
     }
 
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    fn kill9(self) {
+        self.srv.kill9();
     }
 
     /// Lifts the file-size limit of the running process: the "space is back" step.
@@ -115,7 +71,7 @@ impl Proc {
         // SAFETY: prlimit reads `r` and writes nothing (null old-limit pointer).
         let rc = unsafe {
             libc::prlimit(
-                self.child.id() as libc::pid_t,
+                self.srv.child.id() as libc::pid_t,
                 libc::RLIMIT_FSIZE,
                 &r,
                 std::ptr::null_mut(),
@@ -125,40 +81,16 @@ impl Proc {
     }
 
     fn pusher(&self) -> TcpStream {
-        let s = TcpStream::connect(self.push).unwrap();
-        s.set_read_timeout(Some(IO)).unwrap();
-        s.set_nodelay(true).unwrap();
-        s
+        self.srv.pusher()
     }
 
     fn log_lines(&mut self) -> &[String] {
-        self.seen.extend(self.log.try_iter());
+        self.seen.extend(self.srv.log_lines());
         &self.seen
     }
 
     fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.admin).unwrap();
-        s.set_read_timeout(Some(IO)).unwrap();
-        // State-changing requests carry what the admin port's cross-site rules ask for.
-        let write = if method == "GET" {
-            ""
-        } else {
-            "content-type: application/json\r\nx-ddpush-csrf: 1\r\n"
-        };
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\n{write}content-length: {}\r\n\r\n{body}",
-            self.admin,
-            body.len()
-        );
-        s.write_all(req.as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let status = out[9..12].parse().unwrap();
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        server::http(self.admin, method, path, None, body)
     }
 
     fn status(&self) -> serde_json::Value {
@@ -166,12 +98,7 @@ impl Proc {
     }
 
     fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.http("GET", "/metrics", "");
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
+        server::metric(self.admin, name)
     }
 
     /// The pending 0x20 of a record, if any.
@@ -188,13 +115,6 @@ impl Proc {
                 .decode(b64)
                 .unwrap(),
         )
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -356,7 +276,7 @@ fn efbig_in_the_journal_then_space_back_then_kill9_at_each_point() {
         let mut hb = vec![1, 1, 0x00];
         hb.extend_from_slice(&uuid(last));
         hb.extend_from_slice(&[0, 0]);
-        d.send_to(&hb, s.udp).unwrap();
+        d.send_to(&hb, s.srv.udp).unwrap();
         let mut buf = [0u8; 2048];
         let k = d.recv(&mut buf).unwrap();
         assert!(buf[..k].ends_with(&body(last)));

@@ -20,20 +20,6 @@ fn up_for(i: u64, cmd: u8, content: &[u8]) -> Vec<u8> {
     v
 }
 
-/// The value of one sample in the admin endpoint's /metrics.
-fn metric(admin: std::net::SocketAddr, name: &str) -> f64 {
-    let (status, out) = http(admin, "GET", "/metrics", None, "");
-    assert_eq!(status, 200, "{out}");
-    out.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn many_connections_read_through_one_buffer_keep_their_own_frames() {
     let dir = tempfile::tempdir().unwrap();
