@@ -75,3 +75,50 @@ pub(crate) fn cbor<T: Serialize>(v: &T) -> Vec<u8> {
 pub(crate) fn decode<T: for<'de> Deserialize<'de>>(p: &[u8]) -> Result<T, String> {
     ciborium::from_reader(p).map_err(|e| format!("CBOR: {e}"))
 }
+
+/// A cursor over one frame's payload for the hand-encoded formats (journal turns, snapshot
+/// chunks, key states); a read past the end is an error naming what was cut short, never a
+/// panic.
+pub(crate) struct Cursor<'a> {
+    rest: &'a [u8],
+    truncated: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    /// `truncated` is the error a read past the end returns ("change truncated inside its
+    /// frame").
+    pub(crate) fn new(payload: &'a [u8], truncated: &'static str) -> Self {
+        Cursor {
+            rest: payload,
+            truncated,
+        }
+    }
+
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.rest.len() < n {
+            return Err(self.truncated.into());
+        }
+        let (a, b) = self.rest.split_at(n);
+        self.rest = b;
+        Ok(a)
+    }
+
+    pub(crate) fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub(crate) fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_be_bytes(self.arr()?))
+    }
+
+    /// Bytes not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+}

@@ -12,7 +12,7 @@
 
 use ddpush_proto::{Change, Content, Kind, PushMsg, Time, Uuid};
 
-use super::frame::{decode, frames, Tail};
+use super::frame::{decode, frames, Cursor, Tail};
 use super::PersistError;
 
 pub(crate) const JOURNAL_MAGIC: &[u8; 8] = b"DDPUSHJN";
@@ -110,31 +110,9 @@ fn put_change(out: &mut Vec<u8>, c: &Change) {
     }
 }
 
-/// A cursor that names what was cut short.
-struct Rd<'a>(&'a [u8]);
-
-impl<'a> Rd<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("change truncated inside its frame".into());
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(self.arr()?))
-    }
-}
-
 /// Decodes a version-2 frame payload; every change is decoded before any is handed out.
 fn get_turn(p: &[u8], on_change: &mut impl FnMut(Change)) -> Result<(), String> {
-    let mut rd = Rd(p);
+    let mut rd = Cursor::new(p, "change truncated inside its frame");
     let count = u32::from_be_bytes(rd.arr()?);
     // Each change takes at least 17 bytes: a count larger than that is damage, not a reason
     // to allocate.
@@ -182,7 +160,7 @@ fn get_turn(p: &[u8], on_change: &mut impl FnMut(Change)) -> Result<(), String> 
                 tag::REMOVED => Change::Removed { uuid },
                 tag::KEYED => Change::Keyed {
                     uuid,
-                    keys: super::keys::get_key_state(&mut rd.0)?,
+                    keys: super::keys::get_key_state(&mut rd)?,
                 },
                 tag::UNKEYED => Change::Unkeyed { uuid },
                 other => return Err(format!("unknown change tag {other}")),
@@ -191,10 +169,10 @@ fn get_turn(p: &[u8], on_change: &mut impl FnMut(Change)) -> Result<(), String> 
         .map_err(|e: String| format!("change {i} of the frame: {e}"))?;
         out.push(c);
     }
-    if !rd.0.is_empty() {
+    if rd.remaining() != 0 {
         return Err(format!(
             "{} bytes after the frame's last change",
-            rd.0.len()
+            rd.remaining()
         ));
     }
     out.into_iter().for_each(on_change);

@@ -8,6 +8,8 @@
 use ddpush_proto::signed::{DeviceKey, KeyState, PreviousKey};
 use ddpush_proto::Time;
 
+use super::frame::Cursor;
+
 /// Appends one key state.
 pub(crate) fn put_key_state(out: &mut Vec<u8>, k: &KeyState) {
     out.push(k.id);
@@ -23,36 +25,19 @@ pub(crate) fn put_key_state(out: &mut Vec<u8>, k: &KeyState) {
     }
 }
 
-fn take<'a>(rd: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
-    if rd.len() < n {
-        return Err("key state truncated".into());
-    }
-    let (a, b) = rd.split_at(n);
-    *rd = b;
-    Ok(a)
-}
-
-fn key(rd: &mut &[u8]) -> Result<DeviceKey, String> {
-    let mut k = [0u8; 32];
-    k.copy_from_slice(take(rd, 32)?);
-    Ok(DeviceKey::new(k))
-}
-
 /// Reads one key state from the front of `rd`.
-pub(crate) fn get_key_state(rd: &mut &[u8]) -> Result<KeyState, String> {
-    let id = take(rd, 1)?[0];
-    let current = key(rd)?;
-    let previous = match take(rd, 1)?[0] {
+pub(crate) fn get_key_state(rd: &mut Cursor<'_>) -> Result<KeyState, String> {
+    let id = rd.u8()?;
+    let current = DeviceKey::new(rd.arr()?);
+    let previous = match rd.u8()? {
         0 => None,
         1 => {
-            let pid = take(rd, 1)?[0];
-            let pkey = key(rd)?;
-            let mut t = [0u8; 8];
-            t.copy_from_slice(take(rd, 8)?);
+            let pid = rd.u8()?;
+            let pkey = DeviceKey::new(rd.arr()?);
             Some(PreviousKey {
                 id: pid,
                 key: pkey,
-                until: Time(u64::from_be_bytes(t)),
+                until: Time(rd.u64()?),
             })
         }
         other => return Err(format!("bad previous-key flag {other}")),
@@ -89,17 +74,20 @@ mod tests {
             let mut b = Vec::new();
             put_key_state(&mut b, s);
             assert_eq!(b.len(), if s.previous.is_some() { 75 } else { 34 });
-            let mut rd = &b[..];
+            let mut rd = Cursor::new(&b, "cut");
             assert_eq!(get_key_state(&mut rd).as_ref(), Ok(s));
-            assert!(rd.is_empty());
+            assert_eq!(rd.remaining(), 0);
             for n in 0..b.len() {
-                assert!(get_key_state(&mut &b[..n]).is_err(), "cut at {n}");
+                assert!(
+                    get_key_state(&mut Cursor::new(&b[..n], "cut")).is_err(),
+                    "cut at {n}"
+                );
             }
         }
         let mut bad = Vec::new();
         put_key_state(&mut bad, &states[0]);
         bad[33] = 2;
-        assert!(get_key_state(&mut &bad[..]).is_err());
+        assert!(get_key_state(&mut Cursor::new(&bad, "cut")).is_err());
     }
 }
 

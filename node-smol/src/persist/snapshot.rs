@@ -19,7 +19,7 @@ use ddpush_proto::signed::KeyState;
 use ddpush_proto::{Content, RecordState, Uuid};
 use serde::{Deserialize, Serialize};
 
-use super::frame::{cbor, decode, frame_into, frames, Tail, FRAME_HEAD};
+use super::frame::{cbor, decode, frame_into, frames, Cursor, Tail, FRAME_HEAD};
 use super::journal::End;
 use super::PersistError;
 
@@ -280,7 +280,7 @@ pub fn encode_snapshot_keys(
 
 /// Decodes a key chunk; returns its count.
 fn get_key_chunk(p: &[u8], on_key: &mut impl FnMut(Uuid, KeyState)) -> Result<u64, String> {
-    let mut rd = Rd(p);
+    let mut rd = Cursor::new(p, "record truncated inside its chunk");
     rd.take(1)?;
     let count = u32::from_be_bytes(rd.arr()?);
     // Each entry takes at least 50 bytes: a larger count is damage, not a reason to allocate.
@@ -294,13 +294,16 @@ fn get_key_chunk(p: &[u8], on_key: &mut impl FnMut(Uuid, KeyState)) -> Result<u6
     for i in 0..count {
         let k = (|| {
             let uuid = Uuid(rd.arr()?);
-            Ok((uuid, super::keys::get_key_state(&mut rd.0)?))
+            Ok((uuid, super::keys::get_key_state(&mut rd)?))
         })()
         .map_err(|e: String| format!("key {i} of the chunk: {e}"))?;
         keys.push(k);
     }
-    if !rd.0.is_empty() {
-        return Err(format!("{} bytes after the chunk's last key", rd.0.len()));
+    if rd.remaining() != 0 {
+        return Err(format!(
+            "{} bytes after the chunk's last key",
+            rd.remaining()
+        ));
     }
     keys.into_iter().for_each(|(u, k)| on_key(u, k));
     Ok(u64::from(count))
@@ -368,33 +371,11 @@ fn put_record(out: &mut Vec<u8>, r: &RecordState) {
     }
 }
 
-/// A cursor over a version-2 chunk; every read names what was cut short.
-struct Rd<'a>(&'a [u8]);
-
-impl<'a> Rd<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("record truncated inside its chunk".into());
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(self.arr()?))
-    }
-}
-
 /// Decodes a version-2 chunk; returns its record count.
 fn get_chunk(p: &[u8], on_record: &mut impl FnMut(RecordState)) -> Result<u64, String> {
     use ddpush_proto::{Time, Uuid};
     use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-    let mut rd = Rd(p);
+    let mut rd = Cursor::new(p, "record truncated inside its chunk");
     if rd.take(1)?[0] != CHUNK_TAG {
         return Err("not a record chunk".into());
     }
@@ -458,10 +439,10 @@ fn get_chunk(p: &[u8], on_record: &mut impl FnMut(RecordState)) -> Result<u64, S
         .map_err(|e: String| format!("record {i} of the chunk: {e}"))?;
         recs.push(rec);
     }
-    if !rd.0.is_empty() {
+    if rd.remaining() != 0 {
         return Err(format!(
             "{} bytes after the chunk's last record",
-            rd.0.len()
+            rd.remaining()
         ));
     }
     recs.into_iter().for_each(on_record);
