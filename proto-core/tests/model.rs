@@ -582,51 +582,45 @@ fn sdk_op() -> impl Strategy<Value = SdkOp> {
     ]
 }
 
-/// One device acking every message at once on the socket it came in on; nothing is lost
-/// except what goes to a socket the app has closed. Asserts that it never receives a payload
-/// twice, nor a 0x10 twice without a 0x10 push in between.
-fn sdk_run(ops: &[SdkOp]) {
-    let u = dev_uuid(0);
-    let mut h = Harness::new(unlimited()).unwrap();
-    h.advance(secs(1_000));
-    let mut port = 0u8;
-    let mut dead: Option<u8> = None;
-    let mut next = 0u32;
-    let mut seen: HashSet<Vec<u8>> = HashSet::new();
-    let mut notify_pushes = 0u32;
-    let mut notify_seen_at: Option<u32> = None;
-    let mut journal: Vec<Change> = Vec::new();
-    let receive = |h: &mut Harness,
-                   port: u8,
-                   dead: Option<u8>,
-                   seen: &mut HashSet<Vec<u8>>,
-                   notify_seen_at: &mut Option<u32>,
-                   notify_pushes: u32| {
-        // Acks go out at once; each may bring nothing back (acks get no answer).
+/// The device of [`sdk_run`]: the socket it listens on, the one the app closed, and what it
+/// has received so far.
+#[derive(Default)]
+struct SdkDevice {
+    port: u8,
+    dead: Option<u8>,
+    seen: HashSet<Vec<u8>>,
+    notify_pushes: u32,
+    notify_seen_at: Option<u32>,
+}
+
+impl SdkDevice {
+    /// Takes the node's transmits and acks each message at once, as the SDK does (acks get no
+    /// answer); what went to the closed socket is lost.
+    fn receive(&mut self, h: &mut Harness, u: Uuid) {
         for t in h.take_transmits() {
             let ddpush_proto::Dest::Udp(a) = t.dest else {
                 panic!("no TCP here");
             };
-            if Some(a) == dead.map(|p| dev_addr(0, p)) {
+            if Some(a) == self.dead.map(|p| dev_addr(0, p)) {
                 continue; // the closed socket
             }
-            assert_eq!(a, dev_addr(0, port));
+            assert_eq!(a, dev_addr(0, self.port));
             let Payload::Down(p) = t.payload else {
                 panic!("reply to a device")
             };
             let ack = match p.msg {
                 DownMsg::Notify => {
                     assert_ne!(
-                        *notify_seen_at,
-                        Some(notify_pushes),
+                        self.notify_seen_at,
+                        Some(self.notify_pushes),
                         "0x10 received twice for the same push"
                     );
-                    *notify_seen_at = Some(notify_pushes);
+                    self.notify_seen_at = Some(self.notify_pushes);
                     DeviceMsg::AckNotify
                 }
                 DownMsg::Payload(b) => {
                     assert!(
-                        seen.insert(b.to_vec()),
+                        self.seen.insert(b.to_vec()),
                         "payload {:?} received twice",
                         String::from_utf8_lossy(&b)
                     );
@@ -635,47 +629,49 @@ fn sdk_run(ops: &[SdkOp]) {
                 DownMsg::Bits(m) => DeviceMsg::AckBits(m),
                 DownMsg::HeartbeatReply => continue,
             };
-            h.ack(dev_addr(0, port), 1, u, ack);
+            h.ack(dev_addr(0, self.port), 1, u, ack);
         }
-    };
-    h.heartbeat(dev_addr(0, port), 1, u);
+    }
+
+    fn heartbeat(&self, h: &mut Harness, u: Uuid) {
+        h.heartbeat(dev_addr(0, self.port), 1, u);
+    }
+}
+
+/// One device acking every message at once on the socket it came in on; nothing is lost
+/// except what goes to a socket the app has closed. Asserts that it never receives a payload
+/// twice, nor a 0x10 twice without a 0x10 push in between.
+fn sdk_run(ops: &[SdkOp]) {
+    let u = dev_uuid(0);
+    let mut h = Harness::new(unlimited()).unwrap();
+    h.advance(secs(1_000));
+    let mut dev = SdkDevice::default();
+    let mut next = 0u32;
+    let mut journal: Vec<Change> = Vec::new();
+    dev.heartbeat(&mut h, u);
     for op in ops {
         match *op {
             SdkOp::Push { notify } => {
                 if notify {
-                    notify_pushes += 1;
+                    dev.notify_pushes += 1;
                     h.push(u, PushMsg::Notify);
                 } else {
                     next += 1;
                     h.push(u, payload(format!("m{next}").as_bytes()));
                 }
             }
-            SdkOp::Heartbeat => h.heartbeat(dev_addr(0, port), 1, u),
+            SdkOp::Heartbeat => dev.heartbeat(&mut h, u),
             SdkOp::NewSocket => {
-                dead = Some(port);
-                port = (port + 1) % 3;
+                dev.dead = Some(dev.port);
+                dev.port = (dev.port + 1) % 3;
                 // The app restarts after a while; pushes may come meanwhile.
                 h.advance(millis(1_500));
-                receive(
-                    &mut h,
-                    port,
-                    dead,
-                    &mut seen,
-                    &mut notify_seen_at,
-                    notify_pushes,
-                );
+                dev.receive(&mut h, u);
                 next += 1;
                 h.push(u, payload(format!("m{next}").as_bytes()));
-                receive(
-                    &mut h,
-                    port,
-                    dead,
-                    &mut seen,
-                    &mut notify_seen_at,
-                    notify_pushes,
-                );
+                dev.receive(&mut h, u);
                 h.advance(millis(10));
-                h.heartbeat(dev_addr(0, port), 1, u);
+                dev.heartbeat(&mut h, u);
             }
             SdkOp::Step { ms } => h.advance(millis(u64::from(ms))),
             SdkOp::Restart => {
@@ -689,29 +685,18 @@ fn sdk_run(ops: &[SdkOp]) {
                 h = Harness::with_node(node, now);
             }
         }
-        receive(
-            &mut h,
-            port,
-            dead,
-            &mut seen,
-            &mut notify_seen_at,
-            notify_pushes,
-        );
+        dev.receive(&mut h, u);
         journal.extend(h.take_changes());
     }
     // Everything pushed reaches the device: a last heartbeat, and nothing is pending after.
-    h.heartbeat(dev_addr(0, port), 1, u);
-    receive(
-        &mut h,
-        port,
-        dead,
-        &mut seen,
-        &mut notify_seen_at,
-        notify_pushes,
-    );
+    dev.heartbeat(&mut h, u);
+    dev.receive(&mut h, u);
     if next > 0 {
         let last = format!("m{next}");
-        assert!(seen.contains(last.as_bytes()), "the last payload was lost");
+        assert!(
+            dev.seen.contains(last.as_bytes()),
+            "the last payload was lost"
+        );
     }
     assert!(h
         .node
