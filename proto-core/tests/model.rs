@@ -29,7 +29,8 @@ use std::time::Duration;
 use common::*;
 use ddpush_proto::testing::{Harness, Output};
 use ddpush_proto::{
-    Change, ConnId, DeviceMsg, DownMsg, Node, Payload, Port, PushMsg, RecordState, Time, Uuid,
+    Change, ConnId, DeviceMsg, DownMsg, Node, Payload, Port, PushMsg, RecordState, Recovery, Time,
+    Uuid,
 };
 use proptest::prelude::*;
 
@@ -404,14 +405,14 @@ impl World {
     }
 
     fn restored(&self) -> Node {
-        let mut node = Node::new(self.h.node.config().clone()).unwrap();
+        let mut rec = Recovery::new(self.h.node.config().clone(), self.h.now()).unwrap();
         for r in &self.snap {
-            node.restore(self.h.now(), r.clone());
+            rec.record(r.clone());
         }
         for c in &self.since_snap {
-            node.apply(c);
+            rec.change(c);
         }
-        node
+        rec.finish()
     }
 
     fn check(&self) {
@@ -676,12 +677,13 @@ fn sdk_run(ops: &[SdkOp]) {
             SdkOp::Step { ms } => h.advance(millis(u64::from(ms))),
             SdkOp::Restart => {
                 journal.extend(h.take_changes());
-                let mut node = Node::new(h.node.config().clone()).unwrap();
-                for c in &journal {
-                    node.apply(c);
-                }
-                assert_eq!(node.pending(), h.node.pending());
                 let now = h.now() + millis(1_000);
+                let mut rec = Recovery::new(h.node.config().clone(), now).unwrap();
+                for c in &journal {
+                    rec.change(c);
+                }
+                let node = rec.finish();
+                assert_eq!(node.pending(), h.node.pending());
                 h = Harness::with_node(node, now);
             }
         }

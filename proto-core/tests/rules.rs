@@ -277,11 +277,11 @@ fn reply_policy_sa_changed() {
     let snap: Vec<_> = h.node.records().collect();
     assert_eq!(snap[0].addr, Some(b));
     let now = h.now();
-    let mut node = ddpush_proto::Node::new(h.node.config().clone()).unwrap();
+    let mut rec = ddpush_proto::Recovery::new(h.node.config().clone(), now).unwrap();
     for r in snap {
-        node.restore(now, r);
+        rec.record(r);
     }
-    let mut h2 = Harness::with_node(node, now);
+    let mut h2 = Harness::with_node(rec.finish(), now);
     h2.advance(secs(50));
     h2.heartbeat(b, 1, u);
     assert_eq!(h2.take_udp(b), vec![down(1, DownMsg::HeartbeatReply)]);
