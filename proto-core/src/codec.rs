@@ -535,12 +535,11 @@ pub struct DownPacket {
     pub msg: DownMsg,
 }
 
-impl DownPacket {
-    /// Encodes the 5-byte header and content.
-    pub fn encode<B: BufMut>(&self, out: &mut B) {
-        out.put_u8(VERSION);
-        out.put_u8(self.app_id);
-        match &self.msg {
+impl DownMsg {
+    /// The command byte, the length and the content: everything of a downstream packet after
+    /// its version byte and appId, the same in a v1 packet and a sealed v2 one (PROTOCOL.md 9.4).
+    pub(crate) fn encode_body<B: BufMut>(&self, out: &mut B) {
+        match self {
             DownMsg::HeartbeatReply => {
                 out.put_u8(cmd::HEARTBEAT);
                 out.put_u16(0);
@@ -560,6 +559,15 @@ impl DownPacket {
                 out.put_slice(p);
             }
         }
+    }
+}
+
+impl DownPacket {
+    /// Encodes the 5-byte header and content.
+    pub fn encode<B: BufMut>(&self, out: &mut B) {
+        out.put_u8(VERSION);
+        out.put_u8(self.app_id);
+        self.msg.encode_body(out);
     }
 
     /// Encoded size in bytes.

@@ -15,8 +15,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::codec::{
-    DeviceMsg, DevicePacket, DownMsg, DownPacket, UpHeader, DOWN_HEADER_LEN, UP_HEADER_LEN,
-    VERSION as V1,
+    DeviceMsg, DevicePacket, DownPacket, UpHeader, DOWN_HEADER_LEN, UP_HEADER_LEN, VERSION as V1,
 };
 
 use super::keys::DeviceKey;
@@ -231,29 +230,9 @@ impl SealedDown {
 }
 
 fn write_down_unsigned<B: BufMut>(p: &DownPacket, seal: Seal, out: &mut B) {
-    use crate::codec::cmd;
     out.put_u8(VERSION);
     out.put_u8(p.app_id);
-    match &p.msg {
-        DownMsg::HeartbeatReply => {
-            out.put_u8(cmd::HEARTBEAT);
-            out.put_u16(0);
-        }
-        DownMsg::Notify => {
-            out.put_u8(cmd::NOTIFY);
-            out.put_u16(0);
-        }
-        DownMsg::Bits(m) => {
-            out.put_u8(cmd::BITS);
-            out.put_u16(8);
-            out.put_u64(*m);
-        }
-        DownMsg::Payload(body) => {
-            out.put_u8(cmd::PAYLOAD);
-            out.put_u16(body.len_u16());
-            out.put_slice(body);
-        }
-    }
+    p.msg.encode_body(out);
     seal.write(out);
 }
 
@@ -268,7 +247,7 @@ pub fn device_len(msg: DeviceMsg) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::Uuid;
+    use crate::codec::{DownMsg, Uuid};
 
     fn key() -> DeviceKey {
         DeviceKey::new(std::array::from_fn(|i| i as u8))
