@@ -7,6 +7,11 @@
 //! `retry_delay` after an error. A background thread only moves bytes and time between it and
 //! the socket. The owner reads what happened with [`Device::recv`] or [`Device::recv_event`],
 //! which makes it easy to use in tests.
+//!
+//! With a key ([`DeviceBuilder::key`]) the device is a signed device (PROTOCOL.md 9): the
+//! session seals every heartbeat and ack with the core's signed codec, stamped with the
+//! system clock, and accepts only sealed answers under its key. The thread supplies the wall
+//! clock and a random first nonce; no byte is encoded here.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -14,12 +19,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ddpush_proto::codec::DEVICE_MAX_PACKET;
 use ddpush_proto::config::HEARTBEAT_INTERVAL;
 use ddpush_proto::session::RETRY_DELAY;
-use ddpush_proto::session::{DeviceConfig, DeviceEvent as SessionEvent, DeviceSession};
+use ddpush_proto::session::{
+    DeviceConfig, DeviceEvent as SessionEvent, DeviceSession, DeviceSigning,
+};
+use ddpush_proto::signed::{DeviceKey, SignedDrop};
 use ddpush_proto::{DeviceMsg, DownPacket, InvalidPacket, Time, Uuid};
 
 /// How long the worker waits at most before looking at its stop flag again.
@@ -47,6 +54,11 @@ pub enum DeviceEvent {
     HeartbeatSent,
     /// A datagram or frame the codec refused (dropped).
     Invalid(InvalidPacket),
+    /// Signed devices: a packet that is not a fresh sealed answer under the device's key
+    /// (dropped, not acked).
+    Refused(SignedDrop),
+    /// Signed devices: a v1 packet (dropped, not acked).
+    Unsigned,
     /// A socket error or a closed connection; a new one follows after the retry delay.
     Error(String),
 }
@@ -60,9 +72,17 @@ pub struct DeviceBuilder {
     transport: Transport,
     interval: Duration,
     retry_delay: Duration,
+    key: Option<(u8, DeviceKey)>,
 }
 
 impl DeviceBuilder {
+    /// Makes this a signed device (PROTOCOL.md 9) with the key the app server provisioned
+    /// for its uuid (`PUT /clients/{uuid}/key`): it sends and accepts only version 2.
+    pub fn key(mut self, key_id: u8, key: DeviceKey) -> Self {
+        self.key = Some((key_id, key));
+        self
+    }
+
     /// The appId byte of heartbeats and acks. Default 1.
     pub fn app_id(mut self, app_id: u8) -> Self {
         self.app_id = app_id;
@@ -168,6 +188,7 @@ impl Device {
             transport: Transport::Udp,
             interval: HEARTBEAT_INTERVAL,
             retry_delay: RETRY_DELAY,
+            key: None,
         }
     }
 
@@ -301,6 +322,8 @@ impl Link {
             Link::Udp(sock) => sock.set_read_timeout(wait).and_then(|()| sock.recv(buf)),
             Link::Tcp(sock) => sock.set_read_timeout(wait).and_then(|()| sock.read(buf)),
         };
+        // Sealed answers are checked against the clock of their arrival.
+        s.handle_wall_clock(unix_now());
         let n = match r {
             Ok(n) => n,
             Err(e)
@@ -357,22 +380,25 @@ impl Worker {
             app_id: self.cfg.app_id,
             heartbeat_interval: self.cfg.interval,
             retry_delay: self.cfg.retry_delay,
+            signing: self
+                .cfg
+                .key
+                .clone()
+                .map(|(id, key)| DeviceSigning::new(id, key, random_u32())),
         });
         let mut link: Option<Link> = None;
         let mut buf = vec![0u8; 65_536];
-        let mut out = Vec::with_capacity(DEVICE_MAX_PACKET);
         while !self.stopped() {
             if self.shared.kick.swap(false, Ordering::AcqRel) {
                 s.heartbeat_now();
             }
+            s.handle_wall_clock(unix_now());
             s.handle_timeout(now());
             // Transmits first: the acks of what just arrived go out before the app sees it.
             while let Some(p) = s.poll_transmit(now()) {
-                out.clear();
-                p.encode(&mut out);
                 let Some(l) = link.as_mut() else { break };
-                match l.send(&out) {
-                    Ok(()) if p.msg == DeviceMsg::Heartbeat => {
+                match l.send(p.bytes()) {
+                    Ok(()) if p.packet.msg == DeviceMsg::Heartbeat => {
                         self.shared.heartbeats.fetch_add(1, Ordering::AcqRel);
                         self.emit(DeviceEvent::HeartbeatSent);
                     }
@@ -405,6 +431,8 @@ impl Worker {
                     }
                     SessionEvent::Message(p) => self.emit(DeviceEvent::Message(p)),
                     SessionEvent::Invalid(e) => self.emit(DeviceEvent::Invalid(e)),
+                    SessionEvent::Refused(d) => self.emit(DeviceEvent::Refused(d)),
+                    SessionEvent::Unsigned => self.emit(DeviceEvent::Unsigned),
                     _ => {}
                 }
             }
@@ -426,4 +454,27 @@ impl Worker {
             }
         }
     }
+}
+
+/// The system clock in Unix seconds (a clock before 1970 reads as 0, which the server's
+/// window refuses: a signed device needs a set clock, within 60 s of the server's).
+fn unix_now() -> u32 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+/// A random first nonce, so a restarted device does not repeat its last run's `(ts, nonce)`
+/// pairs: std's per-process random hash keys, mixed with the clock (no RNG crate needed for
+/// one number; it need not be secret, only unlikely to repeat).
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() as u32
 }

@@ -49,12 +49,14 @@
 mod async_pusher;
 pub mod batch;
 mod device;
+pub mod keyfile;
 mod pipeline;
 mod pusher;
 
 pub use async_pusher::AsyncPusher;
 pub use ddpush_proto::DownStreamDecoder;
 pub use device::{Device, DeviceBuilder, DeviceEvent, Transport};
+pub use keyfile::{KeyFile, KeyFileError};
 pub use pusher::{PushError, PushOutcome, PushRequestExt, Pusher, PusherConfig};
 
 pub use ddpush_proto::{Content, ContentTooLong, DownMsg, DownPacket, PushMsg, PushRequest, Uuid};

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ddpush_client::batch;
 use ddpush_client::{
-    Content, Device, DeviceEvent, DownMsg, DownPacket, PushError, PushMsg, PushOutcome,
+    Content, Device, DeviceEvent, DownMsg, DownPacket, KeyFile, PushError, PushMsg, PushOutcome,
     PushRequest, Pusher, PusherConfig, Uuid,
 };
 
@@ -133,6 +133,10 @@ struct ListenArgs {
     /// Exit after this many messages
     #[arg(long, value_name = "N")]
     count: Option<u64>,
+    /// Be a signed device (PROTOCOL.md 9) with the key in F: the JSON body given to
+    /// `PUT /clients/{uuid}/key`, {"key_id": N, "key": "<64 hex digits>"}
+    #[arg(long, value_name = "F")]
+    key_file: Option<PathBuf>,
     /// Also report heartbeats on standard error
     #[arg(short, long)]
     verbose: bool,
@@ -445,6 +449,19 @@ fn listen(args: ListenArgs) -> ExitCode {
     if args.tcp {
         builder = builder.tcp();
     }
+    let mut signed = String::new();
+    if let Some(path) = &args.key_file {
+        let k = match KeyFile::read(path) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("ddpush: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        warn_if_readable_by_others(path);
+        signed = format!(", signed with key id {}", k.key_id);
+        builder = builder.key(k.key_id, k.key);
+    }
     let device = match builder.start() {
         Ok(d) => d,
         Err(e) => {
@@ -453,7 +470,7 @@ fn listen(args: ListenArgs) -> ExitCode {
         }
     };
     eprintln!(
-        "listening as {uuid}{who} over {} to {server}, heartbeat every {}s",
+        "listening as {uuid}{who} over {} to {server}, heartbeat every {}s{signed}",
         if args.tcp { "tcp" } else { "udp" },
         args.interval
     );
@@ -481,8 +498,30 @@ fn listen(args: ListenArgs) -> ExitCode {
             DeviceEvent::Connected(local) => eprintln!("connected from {local}"),
             DeviceEvent::HeartbeatSent if args.verbose => eprintln!("heartbeat sent"),
             DeviceEvent::Invalid(e) => eprintln!("dropped an invalid packet: {e}"),
+            DeviceEvent::Refused(e) => eprintln!("dropped a signed packet: {e}"),
+            DeviceEvent::Unsigned => {
+                eprintln!("dropped a v1 packet: a signed device accepts only sealed answers")
+            }
             DeviceEvent::Error(e) => eprintln!("error: {e}; retrying in 1s"),
             _ => {}
         }
     }
+}
+
+/// A key file others can read is a key others may have: say so (it still works).
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.permissions().mode() & 0o077 != 0 {
+                eprintln!(
+                    "ddpush: warning: key file {} is readable by other users (chmod 600 it)",
+                    path.display()
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }

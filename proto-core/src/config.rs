@@ -13,6 +13,11 @@ use crate::limits::Limits;
 /// server's expectation and the clients' behaviour cannot drift apart.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(50);
 
+/// How far a signed packet's timestamp may be from the receiver's clock, and how long its
+/// nonce is remembered (PROTOCOL.md 9.3, 9.4): the node's default and the window a signed
+/// [`crate::session::DeviceSession`] applies to sealed answers.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
+
 /// When a heartbeat with nothing pending gets the 5-byte `0x00` reply (PROTOCOL.md 4.4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,7 +98,7 @@ impl Default for Config {
             device_tcp_idle: Duration::from_secs(300),
             push_tcp_idle: Duration::from_secs(600),
             hash_seed: 0,
-            replay_window: Duration::from_secs(60),
+            replay_window: REPLAY_WINDOW,
             limits: Limits::default(),
         }
     }

@@ -4,13 +4,19 @@
 //! socket. This adapter adds only what the scenario injects: steady loss, and away periods
 //! (silent on UDP, then a new socket; disconnected on TCP). All bytes go through the core's
 //! codecs.
+//!
+//! A signed device (a [`Plan`] with a key) runs the same session with its key: the session
+//! seals what it sends and accepts only fresh sealed answers. Its wall clock is simulated time
+//! plus a fixed skew of its own (clocks that drift within the replay window must work), and
+//! its first nonce comes from its seeded RNG.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ddpush_proto::session::{DeviceConfig, DeviceEvent, DeviceSession};
-use ddpush_proto::{DeviceMsg, DevicePacket, DownPacket, Time};
+use ddpush_proto::session::{DeviceConfig, DeviceEvent, DeviceSession, DeviceSigning};
+use ddpush_proto::signed::DeviceKey;
+use ddpush_proto::{DeviceMsg, DownPacket, Time};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,6 +43,10 @@ pub struct Plan {
     pub end: u64,
     /// Seed of its own RNG (loss decisions).
     pub seed: u64,
+    /// A signed device's key id and key (provisioned on the server before it starts).
+    pub key: Option<(u8, DeviceKey)>,
+    /// Its wall clock minus the server's, in seconds (signed devices stamp packets with it).
+    pub skew_s: i64,
 }
 
 fn sleep_until_ms(t: u64) -> tokio::time::Sleep {
@@ -56,11 +66,15 @@ struct Dev {
 
 impl Dev {
     fn new(sh: Rc<Shared>, plan: Plan) -> Self {
-        let rng = SmallRng::seed_from_u64(plan.seed);
-        let session = DeviceSession::new(DeviceConfig {
+        let mut rng = SmallRng::seed_from_u64(plan.seed);
+        let mut cfg = DeviceConfig {
             app_id: plan.app_id,
             ..DeviceConfig::new(sh.devices[plan.idx].borrow().uuid)
-        });
+        };
+        if let Some((id, key)) = plan.key.clone() {
+            cfg = cfg.signed(DeviceSigning::new(id, key, rng.random()));
+        }
+        let session = DeviceSession::new(cfg);
         Dev {
             sh,
             plan,
@@ -75,18 +89,35 @@ impl Dev {
             && self.rng.random_bool(self.plan.loss)
     }
 
+    /// Gives the session the device's wall clock: the server's clock (sim seconds) plus the
+    /// device's skew.
+    fn clock(&mut self) {
+        let secs = (now_ms() / 1000) as i64 + self.plan.skew_s;
+        self.session
+            .handle_wall_clock(u32::try_from(secs.max(0)).unwrap_or(u32::MAX));
+    }
+
+    fn datagram(&mut self, bytes: &[u8]) {
+        self.clock();
+        self.session.handle_datagram(now(), bytes);
+    }
+
+    fn stream(&mut self, bytes: &[u8]) {
+        self.clock();
+        self.session.handle_stream(now(), bytes);
+    }
+
     /// The session's next packet, logged; `None` when nothing is queued.
     fn next_transmit(&mut self) -> Option<(DeviceMsg, Vec<u8>)> {
-        let p: DevicePacket = self.session.poll_transmit(now())?;
-        if p.msg == DeviceMsg::Heartbeat {
+        self.clock();
+        let p = self.session.poll_transmit(now())?;
+        if p.packet.msg == DeviceMsg::Heartbeat {
             self.sh.devices[self.plan.idx]
                 .borrow_mut()
                 .heartbeats
                 .push(now_ms());
         }
-        let mut v = Vec::with_capacity(p.encoded_len());
-        p.encode(&mut v);
-        Some((p.msg, v))
+        Some((p.packet.msg, p.bytes().to_vec()))
     }
 
     /// Logs an accepted downstream packet (its ack is already sent or lost).
@@ -108,6 +139,10 @@ impl Dev {
             match e {
                 DeviceEvent::Message(p) => self.log_rx(p),
                 DeviceEvent::Connect => connect = true,
+                // Forged, stale or replayed (a NAT's duplicate of a sealed answer, too).
+                DeviceEvent::Refused(_) | DeviceEvent::Unsigned => {
+                    self.sh.devices[self.plan.idx].borrow_mut().refused += 1;
+                }
                 _ => {}
             }
         }
@@ -172,7 +207,7 @@ pub async fn udp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
                         if d.lost() {
                             continue;
                         }
-                        d.session.handle_datagram(now(), &buf[..n]);
+                        d.datagram(&buf[..n]);
                     }
                     Err(_) => d.session.handle_link_error(now()),
                 }
@@ -286,7 +321,7 @@ pub async fn tcp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
                         }
                         Ok(n) => n,
                     };
-                    d.session.handle_stream(now(), &buf[..n]);
+                    d.stream(&buf[..n]);
                 }
                 _ = sleep_until_ms(wake) => {
                     let now_t = now_ms();

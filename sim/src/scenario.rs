@@ -415,6 +415,8 @@ pub fn run(p: &Params) -> Result<Report, String> {
             away,
             end,
             seed: rng.random(),
+            key: None,
+            skew_s: 0,
         });
     }
 

@@ -71,6 +71,9 @@ pub struct DeviceLog {
     pub rx_away: Vec<u64>,
     /// Socket resets (UDP) or reconnects (TCP).
     pub resets: u32,
+    /// Signed devices: server packets dropped unacked (not sealed under its key, stale, or
+    /// a pair seen before, such as a NAT's duplicate).
+    pub refused: u64,
 }
 
 /// One period a device was unreachable.
@@ -192,6 +195,7 @@ impl Shared {
                         away: Vec::new(),
                         rx_away: Vec::new(),
                         resets: 0,
+                        refused: 0,
                     })
                 })
                 .collect(),

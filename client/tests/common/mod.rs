@@ -63,6 +63,8 @@ pub struct Server {
     pub udp: SocketAddr,
     pub tcp: Option<SocketAddr>,
     pub push: SocketAddr,
+    /// The admin port, when started with `--admin-listen`.
+    pub admin: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
@@ -75,16 +77,13 @@ impl Server {
     /// Starts `ddpushd` on loopback port 0 with extra flags; waits for its "listening" line.
     pub fn start_with(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(ddpushd_bin())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--push-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "none",
-                "--data-dir",
-            ])
+        let mut cmd = Command::new(ddpushd_bin());
+        cmd.args(["--listen", "127.0.0.1:0", "--push-listen", "127.0.0.1:0"]);
+        if !extra.contains(&"--admin-listen") {
+            cmd.args(["--admin-listen", "none"]);
+        }
+        let mut child = cmd
+            .arg("--data-dir")
             .arg(dir.path())
             .args(extra)
             .env("RUST_LOG", "info")
@@ -127,6 +126,7 @@ impl Server {
             udp: field("udp=").expect("udp= in the listening line"),
             tcp: field("tcp="),
             push: field("push=").expect("push= in the listening line"),
+            admin: field("admin="),
             child,
             log,
             _dir: dir,

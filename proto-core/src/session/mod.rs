@@ -15,7 +15,8 @@
 //! already promises what a sans-io session needs: no I/O, no clock, no randomness. The server
 //! does not use them.
 //!
-//! - [`DeviceSession`]: heartbeats, acks, reconnects.
+//! - [`DeviceSession`]: heartbeats, acks, reconnects; for a signed device (PROTOCOL.md 9) the
+//!   sealing of what it sends and the checks of what it receives.
 //! - [`PushSession`]: request/reply matching, what a closed connection means, the retry rule.
 //!
 //! [`Config`]: crate::Config
@@ -23,5 +24,7 @@
 pub mod device;
 pub mod pusher;
 
-pub use device::{ack_for, DeviceConfig, DeviceEvent, DeviceSession, RETRY_DELAY};
+pub use device::{
+    ack_for, DeviceConfig, DeviceEvent, DeviceSession, DeviceSigning, DeviceTransmit, RETRY_DELAY,
+};
 pub use pusher::{PushConfig, PushOutcome, PushSession, ReplyError, RequestId};
