@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Writes the seed corpora of every fuzz target from the golden vectors.
 #   bash fuzz/seed-corpus.sh [path/to/golden-vectors.json]
-# Default vectors: proto-core/tests/data/golden-vectors.json in this repository.
+# Default vectors: proto-core/tests/data/golden-vectors.json in this repository; the signed
+# (version 2) vectors come from signed-vectors.json beside it.
 # fuzz/corpus/ is gitignored; this script recreates the seed files (it never deletes what
 # the fuzzer added, so it is safe to run before every session).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 gv="${1:-$root/proto-core/tests/data/golden-vectors.json}"
+sv="$(dirname "$gv")/signed-vectors.json"
 [ -f "$gv" ] || { echo "seed-corpus: $gv not found" >&2; exit 1; }
+[ -f "$sv" ] || { echo "seed-corpus: $sv not found" >&2; exit 1; }
 command -v jq >/dev/null || { echo "seed-corpus: jq is required" >&2; exit 1; }
 command -v xxd >/dev/null || { echo "seed-corpus: xxd is required" >&2; exit 1; }
 
@@ -51,6 +54,23 @@ put stream_decoder push-whole "0000$all_push"
 put stream_decoder push-split "8004011408ff$all_push"
 put node_ops all-device "$all_dev"
 put node_ops all-push "$all_push"
+
+# Signed devices (PROTOCOL.md 9): every signed vector, valid and dropped, both directions;
+# device streams mixing v1 and v2 frames, whole and split inside a trailer.
+sdev=$(jq -r '(.device_to_server[], .device_to_server_dropped_at_ts[], .device_to_server_accepted_drift[]) | "\(.name) \(.hex)"' "$sv")
+sdown=$(jq -r '.server_to_device[] | "\(.name) \(.hex)"' "$sv")
+while read -r name hex; do
+  put device_packet "signed-$name" "$hex"
+  put node_ops "signed-$name" "$hex"
+  put stream_decoder "signed-$name" "0000$hex"
+done <<< "$sdev"
+while read -r name hex; do
+  put device_packet "signed-down-$name" "$hex"
+done <<< "$sdown"
+all_signed=$(jq -r '[.device_to_server[].hex] | join("")' "$sv")
+put stream_decoder signed-whole "0000$all_signed"
+put stream_decoder signed-mixed "0000${all_signed:0:92}$all_dev${all_signed:92}"
+put stream_decoder signed-split "00042e1a0119$all_signed$all_dev"
 
 # nodeStatus.dat: the example record, the same with a 5-byte payload, both back to back,
 # and a truncated tail.

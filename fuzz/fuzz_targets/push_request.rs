@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 
-use ddpush_fuzz::{contract_frames, contract_reply};
+use ddpush_fuzz::{contract_frames, contract_reply, Stream};
 use ddpush_proto::codec::PushDecodeError;
 use ddpush_proto::{Config, Dest, Node, Payload, Port, PushRequest, Time, Transmit};
 use libfuzzer_sys::fuzz_target;
@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
     while node.poll_change().is_some() {}
     let replies: Vec<Transmit> = std::iter::from_fn(|| node.poll_transmit()).collect();
     let closed: Vec<u64> = std::iter::from_fn(|| node.poll_close()).collect();
-    let (frames, framing_error) = match contract_frames(stream, max_content) {
+    let (frames, framing_error) = match contract_frames(stream, Stream::Push(max_content)) {
         Ok(f) => (f, false),
         Err(f) => (f, true),
     };

@@ -1,14 +1,18 @@
-//! Target 3: the TCP stream decoders (port 9966: content <= 8; port 9999: content <= max).
+//! Target 3: the TCP stream decoders (port 9966: content <= 8, and a version-2 frame carries
+//! the 25-byte signed trailer after its content; port 9999: content <= max, never a trailer).
 //!
 //! Input: `[max selector][split length][split bytes...][stream...]`. Invariants, for both
 //! decoders:
-//! * the frames (and the framing error, if any) are the same whether the stream is fed whole,
-//!   in the fuzzer-chosen split, or one byte at a time, and equal to the naive contract framer;
-//! * `buffered() <= bound()` after every call, and `bound()` is `21 + max`;
+//! * the raw frames (and the framing error, if any) are the same whether the stream is fed
+//!   whole, in the fuzzer-chosen split, or one byte at a time, and equal to the naive contract
+//!   framer's (`ddpush_fuzz::contract_frames`, which models the trailer independently);
+//! * each frame's header and content are the ones its raw bytes hold;
+//! * `buffered() <= bound()` after every call, and `bound()` is the largest frame of the
+//!   stream: `21 + 8 + 25` on a device stream, `21 + max` on a push stream;
 //! * once failed, the decoder stays failed with the same error.
 #![no_main]
 
-use ddpush_fuzz::{contract_frames, split};
+use ddpush_fuzz::{contract_frames, split, Stream, UP};
 use ddpush_proto::{Decoded, FramingError, StreamDecoder};
 use libfuzzer_sys::fuzz_target;
 
@@ -25,11 +29,16 @@ fn run(mut dec: StreamDecoder, pieces: &[&[u8]]) -> Outcome {
             match dec.decode(&mut input) {
                 Ok(Decoded::Frame(f)) => {
                     assert_eq!(f.content.len(), usize::from(f.header.len));
-                    let mut v = vec![f.header.version, f.header.app_id, f.header.cmd];
-                    v.extend_from_slice(&f.header.uuid.0);
-                    v.extend_from_slice(&f.header.len.to_be_bytes());
-                    v.extend_from_slice(f.content);
-                    frames.push(v);
+                    let mut h = vec![f.header.version, f.header.app_id, f.header.cmd];
+                    h.extend_from_slice(&f.header.uuid.0);
+                    h.extend_from_slice(&f.header.len.to_be_bytes());
+                    assert_eq!(&f.raw[..UP], &h[..], "header fields vs raw bytes");
+                    assert_eq!(
+                        f.raw.get(UP..UP + f.content.len()),
+                        Some(f.content),
+                        "content is not the bytes after the header"
+                    );
+                    frames.push(f.raw.to_vec());
                 }
                 Ok(Decoded::NeedMore) => {
                     assert!(
@@ -72,24 +81,24 @@ fuzz_target!(|data: &[u8]| {
         u16::from(sel - 127) * 3
     };
 
-    for (dec, max) in [
-        (StreamDecoder::device(), 8u16),
-        (StreamDecoder::new(push_max), push_max),
+    for (dec, kind) in [
+        (StreamDecoder::device(), Stream::Device),
+        (StreamDecoder::new(push_max), Stream::Push(push_max)),
     ] {
-        assert_eq!(dec.bound(), 21 + usize::from(max));
+        assert_eq!(dec.bound(), kind.max_frame());
         let whole = run(dec.clone(), &[stream]);
         let chosen = run(dec.clone(), &split(stream, seed));
         let bytes: Vec<&[u8]> = stream.chunks(1).collect();
         let single = run(dec.clone(), &bytes);
         assert_eq!(whole, chosen, "split changed the frames");
         assert_eq!(whole, single, "byte-at-a-time changed the frames");
-        let want = contract_frames(stream, max);
+        let want = contract_frames(stream, kind);
         match (&want, &whole.1) {
             (Ok(f), None) => assert_eq!(&whole.0, f),
             (Err(f), Some(e)) => {
                 assert_eq!(&whole.0, f);
-                assert_eq!(e.max, max);
-                assert!(e.len > max);
+                assert_eq!(e.max, kind.max_content());
+                assert!(e.len > e.max);
             }
             _ => panic!("decoder {whole:?} vs contract {want:?}"),
         }
