@@ -3,10 +3,13 @@
 //!
 //! Each turn: wake on the UDP socket, a connection message, a store result, a peer event, an
 //! admin request, a timer or a signal; feed everything that is ready to the core; then drain
-//! its outputs: store operations go to Redis (at most `--cluster-max-inflight` at once, the
-//! rest queued in order), peer messages to their links, transmits to the sockets. While the
-//! core has that many operations in flight the loop stops taking connection input, so a
-//! pusher beyond the bound waits in TCP flow control; nothing is dropped.
+//! its outputs: store operations go to Redis (at most the in-flight bound at once, the rest
+//! queued in order), peer messages to their links, transmits to the sockets. While that many
+//! operations are outstanding (issued and not yet answered by Redis, including those the core
+//! already timed out) the loop stops taking connection input, so a pusher beyond the bound
+//! waits in TCP flow control; nothing is dropped. The bound adapts to the store's latency
+//! ([`InflightLimit`]) so that operations do not queue past their time-out; an operation
+//! still queued when its time-out passed is not sent at all (the core has answered it).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -22,6 +25,7 @@ use ddpush_proto::{ConnId, Dest, Port, Time, Transmit};
 use futures_lite::{future, StreamExt};
 use tracing::{debug, info, warn};
 
+use super::limit::InflightLimit;
 use super::io::{accept_loop, bind_device, bind_tcp, write_loop, ConnHandle, ConnMsg, WRITE_QUEUE};
 use super::peer::{self, Directory, PeerConfig, PeerEvent, Peers};
 use super::status::{self, AdapterStats};
@@ -52,7 +56,8 @@ enum Wake {
 
 /// Results and state changes that come back to the loop.
 enum Ctl {
-    Done(OpId, Executed),
+    /// An operation's outcome, and when the core issued it.
+    Done(OpId, Executed, Instant),
     StoreUp(RedisStore),
 }
 
@@ -196,7 +201,11 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
         node,
         start: Instant::now(),
         epoch_ms,
-        max_inflight: opts.max_inflight,
+        limit: InflightLimit::new(
+            opts.max_inflight,
+            InflightLimit::target_for(opts.store_timeout, opts.wait_timeout),
+        ),
+        store_timeout: opts.store_timeout,
         udp: Async::new(udp)?,
         conns: HashMap::new(),
         tcp_out: HashMap::new(),
@@ -209,6 +218,7 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
         buf: vec![0u8; 2048],
     };
     lp.stats.store_connected = lp.store.is_some();
+    lp.stats.inflight_limit = lp.limit.get();
     smol::block_on(ex.run(lp.run(conn_rx, ctl_rx, peer_rx, admin_rx, signals)));
     drop(tasks);
     let s = lp.node.stats();
@@ -226,15 +236,16 @@ struct Loop {
     node: ClusterNode,
     start: Instant,
     epoch_ms: u64,
-    max_inflight: usize,
+    limit: InflightLimit,
+    store_timeout: Duration,
     udp: Async<UdpSocket>,
     conns: HashMap<ConnId, ConnHandle>,
     tcp_out: HashMap<ConnId, Vec<u8>>,
     store: Option<RedisStore>,
     dir: Directory,
     ctl_tx: Sender<Ctl>,
-    /// Operations the core issued that wait for a free in-flight slot, in order.
-    queue: VecDeque<(OpId, StoreOp)>,
+    /// Operations the core issued that wait for a free in-flight slot, in order, with when.
+    queue: VecDeque<(OpId, StoreOp, Instant)>,
     dispatched: usize,
     peers: Peers,
     stats: AdapterStats,
@@ -248,6 +259,13 @@ impl Loop {
 
     fn instant(&self, t: Time) -> Instant {
         self.start + Duration::from_millis(t.0.saturating_sub(self.epoch_ms))
+    }
+
+    /// Connection input is read only below the in-flight bound. Outstanding counts what the
+    /// core waits for and what Redis still works on (operations the core timed out included:
+    /// they still load the store).
+    fn below_bound(&self) -> bool {
+        self.node.inflight().max(self.dispatched + self.queue.len()) < self.limit.get()
     }
 
     async fn run(
@@ -272,7 +290,7 @@ impl Loop {
                 }
             }
             // Back-pressure: with the core's in-flight bound reached, connection input waits.
-            let open = self.node.inflight() < self.max_inflight && stopping.is_none();
+            let open = self.below_bound() && stopping.is_none();
             if !open {
                 self.stats.backpressure += 1;
             }
@@ -352,7 +370,7 @@ impl Loop {
                 }
             }
             for _ in 0..BATCH {
-                if self.node.inflight() >= self.max_inflight || stopping.is_some() {
+                if !self.below_bound() || stopping.is_some() {
                     break;
                 }
                 match conn_rx.try_recv() {
@@ -401,8 +419,10 @@ impl Loop {
     fn on_ctl(&mut self, c: Ctl) {
         let now = self.now();
         match c {
-            Ctl::Done(id, ex) => {
+            Ctl::Done(id, ex, issued) => {
                 self.dispatched = self.dispatched.saturating_sub(1);
+                self.limit.on_done(Instant::now(), issued.elapsed());
+                self.stats.inflight_limit = self.limit.get();
                 if ex.wait_short {
                     self.stats.wait_short += 1;
                 }
@@ -448,8 +468,9 @@ impl Loop {
 
     /// Drains the core's outputs.
     fn flush(&mut self) {
+        let issued = Instant::now();
         while let Some((id, op)) = self.node.poll_store() {
-            self.queue.push_back((id, op));
+            self.queue.push_back((id, op, issued));
         }
         self.dispatch();
         while let Some((to, msg)) = self.node.poll_peer() {
@@ -481,10 +502,16 @@ impl Loop {
 
     /// Starts queued operations up to the in-flight bound.
     fn dispatch(&mut self) {
-        while self.dispatched < self.max_inflight {
-            let Some((id, op)) = self.queue.pop_front() else {
+        while self.dispatched < self.limit.get() {
+            let Some((id, op, issued)) = self.queue.pop_front() else {
                 return;
             };
+            if issued.elapsed() >= self.store_timeout {
+                // The core already answered it as timed out; running it now would only
+                // load a store that is behind.
+                self.stats.expired_unsent += 1;
+                continue;
+            }
             let tx = self.ctl_tx.clone();
             match &self.store {
                 None => {
@@ -494,7 +521,7 @@ impl Loop {
                         wait_short: false,
                     };
                     self.dispatched += 1;
-                    let _ = tx.try_send(Ctl::Done(id, ex));
+                    let _ = tx.try_send(Ctl::Done(id, ex, issued));
                 }
                 Some(s) => {
                     let s = s.clone();
@@ -502,7 +529,7 @@ impl Loop {
                     self.ex
                         .spawn(async move {
                             let r = s.execute(&op).await;
-                            let _ = tx.send(Ctl::Done(id, r)).await;
+                            let _ = tx.send(Ctl::Done(id, r, issued)).await;
                         })
                         .detach();
                 }

@@ -8,6 +8,7 @@
 mod event_loop;
 mod import;
 mod io;
+mod limit;
 mod options;
 pub mod peer;
 mod status;

@@ -36,6 +36,11 @@ pub struct AdapterStats {
     pub store_connected: bool,
     /// Times the loop held push input back because the in-flight bound was reached.
     pub backpressure: u64,
+    /// The in-flight bound now (it follows the store's latency, up to
+    /// `--cluster-max-inflight`).
+    pub inflight_limit: usize,
+    /// Operations still queued when their time-out passed, so never sent.
+    pub expired_unsent: u64,
 }
 
 impl AdapterStats {
@@ -116,6 +121,8 @@ fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
             "timeouts": s.store_timeouts,
             "late": s.store_late,
             "inflight": node.inflight(),
+            "inflight_limit": a.inflight_limit,
+            "expired_unsent": a.expired_unsent,
             "wait_short": a.wait_short,
             "latency_ms": { "p50": a.quantile_ms(0.5), "p99": a.quantile_ms(0.99) },
         },
@@ -207,6 +214,18 @@ fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
         "gauge",
         "Store operations in flight.",
         node.inflight() as u64,
+    );
+    one(
+        "store_inflight_limit",
+        "gauge",
+        "The in-flight bound now (follows the store latency).",
+        a.inflight_limit as u64,
+    );
+    one(
+        "store_expired_unsent",
+        "counter",
+        "Store operations whose time-out passed before they were sent.",
+        a.expired_unsent,
     );
     let _ = writeln!(
         o,

@@ -16,15 +16,26 @@
 //!
 //! A drain asks every bucket of its node (one script per bucket, all in flight at once).
 //!
-//! # Durability
-//! After a push script, `WAIT n timeout` on the same master asks for `n` replicas
-//! (`--cluster-wait-replicas`); if fewer confirm in time, the push is answered per
-//! [`WaitFail`]. Scripts are loaded once on every node (`SCRIPT LOAD`) and called with
+//! # Durability and group commit
+//! Pushes go through one *lane* per Redis master (the masters of the buckets' slots, read
+//! with `CLUSTER SLOTS`). A lane sends its pushes as one pipeline, every waiting push's script
+//! and then one `WAIT n timeout` (`--cluster-wait-replicas`), and sends the next pipeline only
+//! when that one answered: the pushes that arrive meanwhile form the next group. One pipeline
+//! goes on one connection to one node, and `WAIT` covers every write made on its connection
+//! before it, so a push is confirmed only by a `WAIT` on the node where its script ran, even
+//! when the lane map is stale (a script redirected elsewhere fails and its push gets `0xFF`).
+//! One replica round trip per group instead of one per push: a `WAIT` blocks its connection
+//! until the replicas answered, so per-push `WAIT`s serialised every push of a master behind
+//! a replica round trip. If fewer replicas confirm in time, the group's pushes are answered
+//! per [`WaitFail`]. Scripts are loaded once on every node (`SCRIPT LOAD`) and called with
 //! `EVALSHA`; a node that lost its script cache (a restart) gets them again on `NOSCRIPT`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use async_channel::{Receiver, Sender};
 
 use ddpush_proto::cluster::{
     Gen, Mark, NodeId, StoreError, StoreOp, StoreReply, StoreResult, StoredRecord,
@@ -137,6 +148,7 @@ pub struct RedisStore {
     conn: ClusterConnection,
     scripts: Arc<Scripts>,
     cfg: StoreConfig,
+    lanes: Arc<Lanes>,
 }
 
 /// The outcome of one operation, with what the adapter's metrics want to know.
@@ -204,34 +216,26 @@ impl RedisStore {
                 seeds: seeds.into(),
                 reason,
             })?;
-        let store = RedisStore {
-            conn,
-            scripts: Arc::new(Scripts::new()),
-            cfg,
-        };
-        store
-            .load_scripts()
+        let scripts = Arc::new(Scripts::new());
+        load_scripts(&conn, &scripts, cfg.op_timeout)
             .await
             .map_err(|reason| ConnectError::Refused {
                 seeds: seeds.into(),
                 reason: format!("SCRIPT LOAD: {reason}"),
             })?;
-        Ok(store)
-    }
-
-    /// `SCRIPT LOAD` of every script on every node (masters and replicas), so that the first
-    /// `EVALSHA` after a fail-over finds them too.
-    async fn load_scripts(&self) -> Result<(), String> {
-        for s in self.scripts.all() {
-            // redis-rs routes SCRIPT LOAD to every node of the cluster.
-            timeout(
-                self.cfg.op_timeout * 4,
-                s.load_async(&mut self.conn.clone()),
-            )
-            .await?
-            .map_err(|e| e.to_string())?;
+        let lanes = Lanes::new(conn.clone(), scripts.clone(), cfg.clone());
+        // The first lane map now; without one every push takes one lane (correct, slower)
+        // until the next refresh.
+        match timeout(cfg.op_timeout, masters(&conn)).await {
+            Ok(Ok(m)) => lanes.apply(&m),
+            Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "CLUSTER SLOTS failed; one push lane until the next try"),
         }
-        Ok(())
+        Ok(RedisStore {
+            conn,
+            scripts,
+            cfg,
+            lanes,
+        })
     }
 
     /// Records where this node's peer link listens (`ddp:n:<node id>`), for the others to
@@ -285,8 +289,11 @@ impl RedisStore {
         let ttl = self.cfg.pending_ttl.as_millis().max(1).to_string();
         match op {
             StoreOp::Push { uuid, msg, at } => {
-                let mut inv = self.scripts.push.prepare_invoke();
-                inv.key(record_key(uuid));
+                // EVALSHA by hand: the lane pipelines it (NOSCRIPT is handled there).
+                let mut inv = redis::cmd("EVALSHA");
+                inv.arg(self.scripts.push.get_hash())
+                    .arg(1)
+                    .arg(record_key(uuid));
                 match msg {
                     PushMsg::Notify => inv.arg("n"),
                     PushMsg::Bits(_) => inv.arg("b"),
@@ -305,15 +312,26 @@ impl RedisStore {
                         inv.arg(p.bytes().as_ref());
                     }
                 }
-                let v: Value = inv.invoke_async(&mut self.conn.clone()).await?;
-                let rec = single(&v, "pushed")?;
-                if self.cfg.wait_replicas > 0 && !self.wait(uuid).await? {
+                let (tx, rx) = async_channel::bounded(1);
+                self.lanes.submit(
+                    bucket(uuid),
+                    Job {
+                        cmd: inv,
+                        slot: slot(uuid),
+                        reply: tx,
+                    },
+                );
+                let done = rx
+                    .recv()
+                    .await
+                    .map_err(|_| OpError::Reply("push lane stopped".into()))??;
+                if !done.replicated {
                     *wait_short = true;
                     if self.cfg.wait_fail == WaitFail::Ff {
                         return Err(OpError::WaitShort);
                     }
                 }
-                Ok(StoreReply::Pushed(rec))
+                Ok(StoreReply::Pushed(done.record))
             }
             StoreOp::Ack {
                 uuid,
@@ -361,20 +379,6 @@ impl RedisStore {
             }
             StoreOp::Drain { node, done, limit } => self.drain(node, done, *limit).await,
         }
-    }
-
-    /// `WAIT` on the master of the uuid's slot: true if enough replicas have every write made
-    /// on that connection so far (the push among them).
-    async fn wait(&self, uuid: &Uuid) -> Result<bool, OpError> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(self.cfg.wait_replicas)
-            .arg(self.cfg.wait_timeout.as_millis().max(1) as u64);
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-            redis::cluster_routing::Route::new(slot(uuid), SlotAddr::Master),
-        ));
-        let v = self.conn.clone().route_command(cmd, route).await?;
-        let n: i64 = redis::from_redis_value(v).map_err(|e| OpError::Reply(e.to_string()))?;
-        Ok(n >= i64::from(self.cfg.wait_replicas))
     }
 
     /// One drain: every bucket's script at once, then the first `limit` marks by uuid.
@@ -435,6 +439,299 @@ impl RedisStore {
     }
 }
 
+/// `SCRIPT LOAD` of every script on every node (masters and replicas), so that the first
+/// `EVALSHA` after a fail-over finds them too.
+async fn load_scripts(conn: &ClusterConnection, scripts: &Scripts, t: Duration) -> Result<(), String> {
+    for s in scripts.all() {
+        // redis-rs routes SCRIPT LOAD to every node of the cluster.
+        timeout(t * 4, s.load_async(&mut conn.clone()))
+            .await?
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Pushes in one pipeline at most (a bigger group waits for the next one).
+const MAX_GROUP: usize = 512;
+/// How often the lane map is read again without a reason.
+const LANE_REFRESH: Duration = Duration::from_secs(5);
+/// After a failed group, how soon the map may be read again.
+const LANE_RETRY: Duration = Duration::from_millis(200);
+
+/// One push waiting for its lane's next group.
+struct Job {
+    /// Its `EVALSHA`.
+    cmd: redis::Cmd,
+    /// Its record's slot (routes the group: every job of a lane has the same master).
+    slot: u16,
+    /// Where its outcome goes (the caller may have given up: then nobody reads it).
+    reply: Sender<Result<Grouped, OpError>>,
+}
+
+/// A push whose script ran, and whether its group's `WAIT` was satisfied.
+struct Grouped {
+    record: StoredRecord,
+    replicated: bool,
+}
+
+/// The push lanes: one per master, each a task that sends one group at a time.
+struct Lanes {
+    conn: ClusterConnection,
+    scripts: Arc<Scripts>,
+    cfg: StoreConfig,
+    state: Mutex<LaneMap>,
+}
+
+struct LaneMap {
+    /// The lane of every bucket.
+    of_bucket: Vec<usize>,
+    /// Per lane: its master's address and its queue.
+    lanes: Vec<(String, Sender<Job>)>,
+    /// When the map was last read (or a read was started).
+    read_at: Instant,
+    /// A group failed: the map may be stale.
+    stale: Arc<AtomicBool>,
+}
+
+impl Lanes {
+    /// One lane for every bucket until the first map is applied.
+    fn new(conn: ClusterConnection, scripts: Arc<Scripts>, cfg: StoreConfig) -> Arc<Self> {
+        let stale = Arc::new(AtomicBool::new(false));
+        let lanes = Arc::new(Lanes {
+            conn,
+            scripts,
+            cfg,
+            state: Mutex::new(LaneMap {
+                of_bucket: vec![0; BUCKETS],
+                lanes: Vec::new(),
+                read_at: Instant::now(),
+                stale,
+            }),
+        });
+        lanes.apply(&[]);
+        lanes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LaneMap> {
+        // The map is replaced whole under the lock: a panic elsewhere cannot leave it half
+        // written.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rebuilds the map from `(first slot, last slot, master address)` ranges, keeping the
+    /// lanes (and their tasks) of masters that stay.
+    fn apply(&self, ranges: &[(u16, u16, String)]) {
+        let mut st = self.lock();
+        let addr_of = |b: usize| {
+            let s = bucket_slot(b);
+            ranges
+                .iter()
+                .find(|(lo, hi, _)| (*lo..=*hi).contains(&s))
+                .map_or("?", |r| r.2.as_str())
+                .to_string()
+        };
+        let mut old: Vec<(String, Sender<Job>)> = std::mem::take(&mut st.lanes);
+        let mut lanes: Vec<(String, Sender<Job>)> = Vec::new();
+        let mut of_bucket = vec![0; BUCKETS];
+        for (b, lane) in of_bucket.iter_mut().enumerate() {
+            let a = addr_of(b);
+            *lane = match lanes.iter().position(|(x, _)| *x == a) {
+                Some(i) => i,
+                None => {
+                    let tx = match old.iter().position(|(x, _)| *x == a) {
+                        Some(i) => old.swap_remove(i).1,
+                        None => self.spawn_lane(st.stale.clone()),
+                    };
+                    lanes.push((a, tx));
+                    lanes.len() - 1
+                }
+            };
+        }
+        // Dropping the other senders ends their tasks once their queues are empty.
+        st.lanes = lanes;
+        st.of_bucket = of_bucket;
+    }
+
+    fn spawn_lane(&self, stale: Arc<AtomicBool>) -> Sender<Job> {
+        let (tx, rx) = async_channel::unbounded();
+        let (conn, scripts, cfg) = (self.conn.clone(), self.scripts.clone(), self.cfg.clone());
+        // redis-rs drives its connections on smol's global executor; the lanes run there too.
+        smol::spawn(lane(conn, scripts, cfg, rx, stale)).detach();
+        tx
+    }
+
+    /// Queues a push on its bucket's lane; reads the map again when it is old or a group
+    /// failed.
+    fn submit(self: &Arc<Self>, b: usize, job: Job) {
+        let mut st = self.lock();
+        let since = st.read_at.elapsed();
+        if since >= LANE_REFRESH || (since >= LANE_RETRY && st.stale.load(Ordering::Relaxed)) {
+            st.read_at = Instant::now();
+            st.stale.store(false, Ordering::Relaxed);
+            let me = Arc::downgrade(self);
+            let (conn, t) = (self.conn.clone(), self.cfg.op_timeout);
+            smol::spawn(async move {
+                match timeout(t, masters(&conn)).await {
+                    Ok(Ok(m)) => {
+                        if let Some(l) = me.upgrade() {
+                            l.apply(&m);
+                        }
+                    }
+                    Ok(Err(e)) | Err(e) => tracing::debug!(error = %e, "CLUSTER SLOTS failed"),
+                }
+            })
+            .detach();
+        }
+        let i = st.of_bucket[b];
+        if let Err(e) = st.lanes[i].1.try_send(job) {
+            // Unbounded and its task holds the receiver while the sender lives: not reached.
+            let _ = e
+                .into_inner()
+                .reply
+                .try_send(Err(OpError::Reply("push lane stopped".into())));
+        }
+    }
+}
+
+/// A lane: takes every push waiting (up to [`MAX_GROUP`]), sends them as one pipeline with one
+/// `WAIT`, hands out the outcomes, and only then takes the next group.
+async fn lane(
+    mut conn: ClusterConnection,
+    scripts: Arc<Scripts>,
+    cfg: StoreConfig,
+    rx: Receiver<Job>,
+    stale: Arc<AtomicBool>,
+) {
+    while let Ok(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        // Pushes whose caller gave up (time-out) are not sent: the core answered them.
+        group.retain(|j| !j.reply.is_closed());
+        if !group.is_empty() {
+            run_group(&mut conn, &scripts, &cfg, group, &stale).await;
+        }
+    }
+}
+
+/// One group: the scripts and one `WAIT` in one pipeline on one connection. Scripts that met
+/// `NOSCRIPT` did not run: the scripts are loaded again and those pushes go once more, as a
+/// group of their own with its own `WAIT`.
+async fn run_group(
+    conn: &mut ClusterConnection,
+    scripts: &Scripts,
+    cfg: &StoreConfig,
+    mut group: Vec<Job>,
+    stale: &AtomicBool,
+) {
+    let fail = |jobs: Vec<Job>, why: String| {
+        for j in jobs {
+            let _ = j.reply.try_send(Err(OpError::Reply(why.clone())));
+        }
+    };
+    for attempt in 0..2 {
+        let mut p = redis::pipe();
+        for j in &group {
+            p.add_command(j.cmd.clone());
+        }
+        let waits = cfg.wait_replicas > 0;
+        if waits {
+            p.cmd("WAIT")
+                .arg(cfg.wait_replicas)
+                .arg(cfg.wait_timeout.as_millis().max(1) as u64);
+        }
+        let n = group.len() + usize::from(waits);
+        let route = SingleNodeRoutingInfo::SpecificNode(redis::cluster_routing::Route::new(
+            group[0].slot,
+            SlotAddr::Master,
+        ));
+        let values = match conn.route_pipeline(p, 0, n, route).await {
+            Ok(v) if v.len() == n => v,
+            Ok(v) => {
+                return fail(group, format!("pipeline of {n} answered {} values", v.len()));
+            }
+            Err(e) => {
+                stale.store(true, Ordering::Relaxed);
+                return fail(group, e.to_string());
+            }
+        };
+        let replicated: Result<bool, String> = if waits {
+            match values.last() {
+                Some(Value::Int(k)) => Ok(*k >= i64::from(cfg.wait_replicas)),
+                other => Err(format!("WAIT answered {other:?}")),
+            }
+        } else {
+            Ok(true)
+        };
+        let mut again = Vec::new();
+        for (j, v) in group.into_iter().zip(values.iter()) {
+            match v {
+                Value::ServerError(e)
+                    if attempt == 0 && e.kind() == Some(redis::ServerErrorKind::NoScript) =>
+                {
+                    again.push(j);
+                }
+                v => {
+                    if matches!(v, Value::ServerError(_)) {
+                        stale.store(true, Ordering::Relaxed);
+                    }
+                    let out = single(v, "pushed").and_then(|record| {
+                        replicated
+                            .clone()
+                            .map(|replicated| Grouped { record, replicated })
+                            .map_err(OpError::Reply)
+                    });
+                    let _ = j.reply.try_send(out);
+                }
+            }
+        }
+        if again.is_empty() {
+            return;
+        }
+        if let Err(e) = load_scripts(conn, scripts, cfg.op_timeout).await {
+            return fail(again, format!("SCRIPT LOAD after NOSCRIPT: {e}"));
+        }
+        group = again;
+    }
+    fail(group, "NOSCRIPT after SCRIPT LOAD".into());
+}
+
+/// The master of every slot range, from `CLUSTER SLOTS` on any node:
+/// `(first slot, last slot, "host:port")`.
+async fn masters(conn: &ClusterConnection) -> Result<Vec<(u16, u16, String)>, String> {
+    let v = conn
+        .clone()
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let bad = || format!("CLUSTER SLOTS answered {v:?}");
+    let Value::Array(ranges) = &v else {
+        return Err(bad());
+    };
+    let mut out = Vec::new();
+    for r in ranges {
+        let Value::Array(f) = r else { return Err(bad()) };
+        let (Some(Value::Int(lo)), Some(Value::Int(hi)), Some(Value::Array(m))) =
+            (f.first(), f.get(1), f.get(2))
+        else {
+            return Err(bad());
+        };
+        let host = text(m.first()).map_err(|_| bad())?;
+        let port = number(m.get(1)).map_err(|_| bad())?;
+        let lo = u16::try_from(*lo).map_err(|_| bad())?;
+        let hi = u16::try_from(*hi).map_err(|_| bad())?;
+        out.push((lo, hi, format!("{host}:{port}")));
+    }
+    Ok(out)
+}
+
 /// The bucket of a uuid (its hash tag): FNV-1a of all 16 bytes, so that uuids spread over
 /// the buckets whatever their form (the SDKs' MD5 sums, or sequential ids with a common
 /// prefix).
@@ -462,7 +759,12 @@ fn dirty_prefix(uuid: &Uuid) -> String {
 /// The cluster slot of a uuid's keys: CRC16 (XMODEM) of the hash tag, mod 16384, as Redis
 /// computes it.
 pub fn slot(uuid: &Uuid) -> u16 {
-    let tag = format!("{:02x}", bucket(uuid));
+    bucket_slot(bucket(uuid))
+}
+
+/// The cluster slot of bucket `b`'s keys.
+fn bucket_slot(b: usize) -> u16 {
+    let tag = format!("{b:02x}");
     let mut crc: u16 = 0;
     for b in tag.bytes() {
         crc ^= u16::from(b) << 8;
