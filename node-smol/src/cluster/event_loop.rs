@@ -25,8 +25,8 @@ use ddpush_proto::{ConnId, Dest, Port, Time, Transmit};
 use futures_lite::{future, StreamExt};
 use tracing::{debug, info, warn};
 
-use super::limit::InflightLimit;
 use super::io::{accept_loop, bind_device, bind_tcp, write_loop, ConnHandle, ConnMsg, WRITE_QUEUE};
+use super::limit::InflightLimit;
 use super::peer::{self, Directory, PeerConfig, PeerEvent, Peers};
 use super::status::{self, AdapterStats};
 use super::store::{Executed, RedisStore, StoreConfig};

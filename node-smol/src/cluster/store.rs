@@ -228,7 +228,9 @@ impl RedisStore {
         // until the next refresh.
         match timeout(cfg.op_timeout, masters(&conn)).await {
             Ok(Ok(m)) => lanes.apply(&m),
-            Ok(Err(e)) | Err(e) => tracing::warn!(error = %e, "CLUSTER SLOTS failed; one push lane until the next try"),
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(error = %e, "CLUSTER SLOTS failed; one push lane until the next try")
+            }
         }
         Ok(RedisStore {
             conn,
@@ -441,7 +443,11 @@ impl RedisStore {
 
 /// `SCRIPT LOAD` of every script on every node (masters and replicas), so that the first
 /// `EVALSHA` after a fail-over finds them too.
-async fn load_scripts(conn: &ClusterConnection, scripts: &Scripts, t: Duration) -> Result<(), String> {
+async fn load_scripts(
+    conn: &ClusterConnection,
+    scripts: &Scripts,
+    t: Duration,
+) -> Result<(), String> {
     for s in scripts.all() {
         // redis-rs routes SCRIPT LOAD to every node of the cluster.
         timeout(t * 4, s.load_async(&mut conn.clone()))
@@ -652,7 +658,10 @@ async fn run_group(
         let values = match conn.route_pipeline(p, 0, n, route).await {
             Ok(v) if v.len() == n => v,
             Ok(v) => {
-                return fail(group, format!("pipeline of {n} answered {} values", v.len()));
+                return fail(
+                    group,
+                    format!("pipeline of {n} answered {} values", v.len()),
+                );
             }
             Err(e) => {
                 stale.store(true, Ordering::Relaxed);
@@ -717,7 +726,9 @@ async fn masters(conn: &ClusterConnection) -> Result<Vec<(u16, u16, String)>, St
     };
     let mut out = Vec::new();
     for r in ranges {
-        let Value::Array(f) = r else { return Err(bad()) };
+        let Value::Array(f) = r else {
+            return Err(bad());
+        };
         let (Some(Value::Int(lo)), Some(Value::Int(hi)), Some(Value::Array(m))) =
             (f.first(), f.get(1), f.get(2))
         else {
