@@ -294,9 +294,13 @@ impl Loop {
             if !open {
                 self.stats.backpressure += 1;
             }
+            let udp_open = self.udp_open();
             let wake = future::or(
                 future::or(
                     async {
+                        if !udp_open {
+                            return future::pending().await;
+                        }
                         let _ = self.udp.readable().await;
                         Wake::Udp
                     },
@@ -384,12 +388,33 @@ impl Loop {
         }
     }
 
+    /// Device datagrams are read while less than a bound's worth of store operations waits
+    /// for a slot: beyond, the binds and acks they would issue could only wait for their
+    /// time-out in our queue, so the datagrams wait in the socket buffer instead (where the
+    /// core's clock does not run for them; a full buffer drops, as UDP may). Heartbeats of
+    /// devices with a copy cost no store operation but wait with the rest.
+    fn udp_open(&self) -> bool {
+        self.queue.len() < self.limit.get()
+    }
+
+    /// Moves the core's new store operations to the queue (stamped now).
+    fn take_ops(&mut self) {
+        let issued = Instant::now();
+        while let Some((id, op)) = self.node.poll_store() {
+            self.queue.push_back((id, op, issued));
+        }
+    }
+
     fn drain_udp(&mut self) {
         for _ in 0..BATCH {
+            if !self.udp_open() {
+                break;
+            }
             match self.udp.get_ref().recv_from(&mut self.buf) {
                 Ok((n, from)) => {
                     let now = self.now();
                     self.node.handle_udp(now, from, &self.buf[..n]);
+                    self.take_ops();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -468,10 +493,7 @@ impl Loop {
 
     /// Drains the core's outputs.
     fn flush(&mut self) {
-        let issued = Instant::now();
-        while let Some((id, op)) = self.node.poll_store() {
-            self.queue.push_back((id, op, issued));
-        }
+        self.take_ops();
         self.dispatch();
         while let Some((to, msg)) = self.node.poll_peer() {
             if !self.peers.send(to, msg) {

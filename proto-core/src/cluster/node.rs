@@ -817,7 +817,12 @@ impl ClusterNode {
         match &rec.owner {
             Some(o) if *o == self.cc.node => {
                 let before = self.stats.deliveries;
-                self.learn(uuid, rec);
+                let ver = rec.ver;
+                if self.learn(uuid, rec) {
+                    // Merged from the reply: the push's dirty mark for us goes with the next
+                    // drain instead of coming back in it.
+                    self.done.push((uuid, ver));
+                }
                 (self.stats.deliveries - before) as u8
             }
             Some(o) => {
