@@ -361,6 +361,128 @@ fn heartbeats_and_nat_rebinds_cause_zero_redis_commands() {
     );
 }
 
+/// Calls of one Redis command (`cmdstat_NAME`) summed over every node of the test cluster.
+fn command_calls(name: &str) -> u64 {
+    seed_addrs()
+        .iter()
+        .map(|a| {
+            redis_cli(a, &["info", "commandstats"])
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:")))
+                .and_then(|s| s.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// The replica of the master at `master` (`host:port`), from CLUSTER NODES.
+fn replica_of(master: &str) -> String {
+    let nodes = redis_cli(&seed_addrs()[0], &["cluster", "nodes"]);
+    let lines: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let addr = |f: &[&str]| f[1].split('@').next().unwrap_or("").to_string();
+    let id = lines
+        .iter()
+        .find(|f| f.len() > 3 && addr(f) == master)
+        .map(|f| f[0])
+        .unwrap_or_else(|| panic!("{master} not in CLUSTER NODES"));
+    lines
+        .iter()
+        .find(|f| f.len() > 3 && f[2].contains("slave") && !f[2].contains("fail") && f[3] == id)
+        .map(|f| addr(f))
+        .unwrap_or_else(|| panic!("no replica of {master}"))
+}
+
+/// Group commit: a pipelined burst of pushes on one connection shares its `WAIT`s (one per
+/// group and master, not one per push), and still every push answered `0x00` is on its
+/// master's replica the moment the answer arrives (WAIT 1 confirmed it), read back there.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn a_pipelined_burst_shares_its_waits_and_every_00_is_on_a_replica() {
+    let run = run_id();
+    let a = Node::start(&format!("{run}-a"), &[]);
+    let n = 600;
+    let uuids: Vec<Uuid> = (0..n).map(|_| random_uuid()).collect();
+    let mut burst = Vec::new();
+    for u in &uuids {
+        burst.extend_from_slice(&push_req(u, 0x20, b"group"));
+    }
+    let waits_before = command_calls("wait");
+    let mut p = a.pusher();
+    p.write_all(&burst).expect("burst");
+    let mut replies = vec![0u8; n];
+    p.read_exact(&mut replies).expect("every reply");
+    let waits = command_calls("wait") - waits_before;
+    assert!(
+        replies.iter().all(|r| *r == 0x00 || *r == 0xFF),
+        "only 00 or FF"
+    );
+    let accepted: Vec<&Uuid> = uuids
+        .iter()
+        .zip(&replies)
+        .filter(|(_, r)| **r == 0x00)
+        .map(|(u, _)| u)
+        .collect();
+    assert!(accepted.len() > n / 2, "{} of {n} accepted", accepted.len());
+    assert!(
+        waits > 0 && waits * 4 < n as u64,
+        "{waits} WAITs for {n} pipelined pushes"
+    );
+    // Every accepted push's record, read on the replica of its slot's master right now.
+    let mut by_replica: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for u in &accepted {
+        let slot = ddpushd::cluster::store::slot(u);
+        let master = master_addr(slot).expect("master of the slot");
+        by_replica
+            .entry(replica_of(&master))
+            .or_default()
+            .push(ddpushd::cluster::store::record_key(u));
+    }
+    for (replica, keys) in &by_replica {
+        let (host, port) = replica.rsplit_once(':').expect("host:port");
+        let mut child = std::process::Command::new("redis-cli")
+            .args(["-h", host, "-p", port])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-cli");
+        let mut script = String::from("READONLY\n");
+        for k in keys {
+            script.push_str(&format!("EXISTS {k}\n"));
+        }
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("redis-cli output");
+        let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(lines.len(), keys.len() + 1, "{replica}: {lines:?}");
+        let missing: Vec<&String> = keys
+            .iter()
+            .zip(&lines[1..])
+            .filter(|(_, l)| l.trim() != "1")
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "accepted but not on replica {replica}: {missing:?}"
+        );
+    }
+    eprintln!(
+        "group commit: {} of {n} accepted with {waits} WAITs, read back on {} replicas",
+        accepted.len(),
+        by_replica.len()
+    );
+}
+
 /// Runs `ddpushd ARGS` expecting it to refuse to start; returns (exit code, stderr).
 fn refused(args: &[&str]) -> (Option<i32>, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ddpushd"))
