@@ -6,7 +6,11 @@
 //! the **oldest** unmatched send ([`SendLedger::on_ack`]); the item is cleared only if that send
 //! carried the item's current generation ([`Attribution::clears`]). The server and a cluster
 //! node use the same calls; only where the current generation lives differs (the record, or a
-//! shared store that clears with a compare-and-delete on the generation).
+//! shared store that clears with a compare-and-delete on the generation). The ledger is generic
+//! over the generation's type: the single node's records count pushes in a wrapping `u16`
+//! ([`Generation`]), the cluster store's generations are clock-based `u64`s
+//! ([`crate::cluster::Gen`]), and a cluster node keeps those in its ledgers as they are, so the
+//! generation an ack is attributed to is exactly the one the store compares.
 //!
 //! # Why oldest-first is exact
 //!
@@ -34,6 +38,10 @@
 //!   the source), so no ack of the old path's sends can count any more. This assumes a socket
 //!   the device has left does not hand its address to a later socket while its acks are still
 //!   in flight (connection ids are never reused; a new socket gets a new port).
+//! * **Superseded** ([`SendLedger::supersede`]): the item may have moved on without this ledger's
+//!   owner seeing it (a cluster node dropped its copy of the record). The unmatched sends stay
+//!   counted, so their acks are still consumed in order, but none of them can clear any more;
+//!   the next fence forgets them as usual.
 //! * Nothing is persisted: after a restart the ledger is empty, an ack matches nothing and
 //!   clears nothing until the first send after the restart; the first heartbeat's answer is
 //!   then the fence, so a restart does not make acks untrusted for any length of time.
@@ -43,8 +51,10 @@
 //!
 //! # Memory
 //!
-//! A ledger is 8 bytes (generation 2, counts 1 + 1, two send times 2 + 2); a record holds two
-//! ledgers and two item generations: 20 bytes, the same as the time-based guard it replaced.
+//! A single node's ledger is 8 bytes (generation 2, counts 1 + 1, two send times 2 + 2); a
+//! record holds two ledgers and two item generations: 20 bytes, the same as the time-based guard
+//! it replaced. A cluster node's ledger (`u64` generation) is 16 bytes, held only for the
+//! clients online at that node.
 
 use std::time::Duration;
 
@@ -69,19 +79,19 @@ const STUCK: u8 = u8::MAX;
 
 /// What an ack answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attribution {
+pub enum Attribution<G = Generation> {
     /// A send of this generation: clear the item if this is still its generation.
-    Generation(Generation),
+    Generation(G),
     /// A send of a generation older than the newest one sent: never clears.
     Older,
     /// No unmatched send (a stray, duplicated or pre-restart ack): never clears.
     Unmatched,
 }
 
-impl Attribution {
+impl<G: PartialEq> Attribution<G> {
     /// Whether the ack clears an item whose generation is `current`.
-    pub fn clears(self, current: Generation) -> bool {
-        self == Attribution::Generation(current)
+    pub fn clears(self, current: G) -> bool {
+        matches!(self, Attribution::Generation(g) if g == current)
     }
 }
 
@@ -108,10 +118,12 @@ fn tick(t: Time) -> u16 {
 ///
 /// Two groups are enough: the sends of the newest generation sent, and all older ones (an ack
 /// attributed to those never clears, so their generations need not be told apart).
+///
+/// `G` is the item generation's type (see the module docs); only equality is asked of it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SendLedger {
-    /// Generation of the newest group.
-    gen: Generation,
+pub struct SendLedger<G = Generation> {
+    /// Generation of the newest group (meaningless while `newest` is 0).
+    gen: G,
     /// Unmatched sends of `gen`.
     newest: u8,
     /// Unmatched sends of older generations.
@@ -132,9 +144,11 @@ impl SendLedger {
             older_at: 0,
         }
     }
+}
 
+impl<G: Copy + PartialEq> SendLedger<G> {
     /// A send of generation `gen` left at `now` (to the record's current path).
-    pub fn on_send(&mut self, gen: Generation, now: Time) {
+    pub fn on_send(&mut self, gen: G, now: Time) {
         if self.newest > 0 && gen != self.gen {
             self.older = add(self.older, self.newest);
             self.older_at = self.newest_at;
@@ -146,7 +160,7 @@ impl SendLedger {
     }
 
     /// An ack arrived on the record's current path: match it to the oldest unmatched send.
-    pub fn on_ack(&mut self) -> Attribution {
+    pub fn on_ack(&mut self) -> Attribution<G> {
         if self.older > 0 {
             self.older = sub(self.older);
             Attribution::Older
@@ -178,6 +192,17 @@ impl SendLedger {
     pub fn forget(&mut self) {
         self.newest = 0;
         self.older = 0;
+    }
+
+    /// The item may have a newer generation than any send made (the owner of this ledger lost
+    /// track of it): every unmatched send now counts as older, so its ack is still consumed in
+    /// order but never clears. Later sends start a new newest group as usual.
+    pub fn supersede(&mut self) {
+        if self.newest > 0 {
+            self.older = add(self.older, self.newest);
+            self.older_at = self.newest_at;
+            self.newest = 0;
+        }
     }
 
     /// No unmatched send.
@@ -300,6 +325,38 @@ mod tests {
         l.on_fence(ms(1_000), W);
         l.on_send(2, ms(1_000));
         assert!(l.on_ack().clears(2));
+    }
+
+    #[test]
+    fn superseded_sends_are_consumed_but_never_clear() {
+        let mut l = SendLedger::new();
+        l.on_send(1, ms(0));
+        l.on_send(1, ms(10));
+        l.supersede();
+        l.on_send(1, ms(20)); // the same generation sent again after, e.g., a re-bind
+        assert_eq!(l.on_ack(), Attribution::Older);
+        assert_eq!(l.on_ack(), Attribution::Older);
+        assert!(l.on_ack().clears(1), "only the ack of the send after it clears");
+        assert_eq!(l.on_ack(), Attribution::Unmatched);
+        // A fence settles superseded sends like any older group.
+        l.on_send(2, ms(30));
+        l.supersede();
+        l.on_fence(ms(300), W);
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn wide_generations_are_attributed_exactly() {
+        // A cluster store's generations: clock-based u64s, not a wrapping counter.
+        let mut l: SendLedger<u64> = SendLedger::default();
+        let (a, b) = (1_700_000_000_000u64, 1_700_000_000_150u64);
+        l.on_send(a, ms(0));
+        l.on_send(b, ms(150));
+        assert!(!l.on_ack().clears(b), "the ack of the older send");
+        let at = l.on_ack();
+        assert_eq!(at, Attribution::Generation(b));
+        assert!(!at.clears(a) && at.clears(b));
+        assert_eq!(std::mem::size_of::<SendLedger<u64>>(), 16);
     }
 
     #[test]

@@ -26,6 +26,10 @@ struct Cluster {
     udp: Vec<(usize, SocketAddr, Vec<u8>)>,
     /// Push replies: (node, conn, byte).
     replies: Vec<(usize, u64, u8)>,
+    /// Packets to devices on TCP connections: (node, conn, bytes).
+    tcp: Vec<(usize, u64, Vec<u8>)>,
+    /// Device-port connections opened: (node, conn).
+    tcp_open: Vec<(usize, u64)>,
 }
 
 const UUID: Uuid = Uuid([
@@ -57,6 +61,8 @@ impl Cluster {
             hold: false,
             udp: Vec::new(),
             replies: Vec::new(),
+            tcp: Vec::new(),
+            tcp_open: Vec::new(),
         }
     }
 
@@ -99,7 +105,7 @@ impl Cluster {
                     match (t.dest, t.payload) {
                         (Dest::Udp(a), _) => self.udp.push((i, a, b)),
                         (Dest::Tcp(c), Payload::Reply(r)) => self.replies.push((i, c, r.byte())),
-                        (Dest::Tcp(_), _) => {}
+                        (Dest::Tcp(c), _) => self.tcp.push((i, c, b)),
                     }
                 }
                 while self.nodes[i].poll_event().is_some() {}
@@ -136,6 +142,30 @@ impl Cluster {
         p.encode(&mut b);
         self.nodes[node].handle_udp(self.now, addr(port), &b);
         self.settle();
+    }
+
+    /// A device packet on device-port TCP connection `conn` of `node` (opened if new).
+    fn device_tcp(&mut self, node: usize, conn: u64, msg: DeviceMsg) {
+        if !self.tcp_open.contains(&(node, conn)) {
+            self.tcp_open.push((node, conn));
+            self.nodes[node].handle_tcp_open(self.now, conn, Port::Device);
+        }
+        let p = DevicePacket {
+            app_id: 1,
+            uuid: UUID,
+            msg,
+        };
+        let mut b = Vec::new();
+        p.encode(&mut b);
+        self.nodes[node].handle_tcp_data(self.now, conn, &b);
+        self.settle();
+    }
+
+    fn take_tcp(&mut self) -> Vec<(usize, u64, String)> {
+        std::mem::take(&mut self.tcp)
+            .into_iter()
+            .map(|(n, c, b)| (n, c, hex::encode(b)))
+            .collect()
     }
 
     fn push(&mut self, node: usize, msg: PushMsg) -> u8 {
@@ -351,4 +381,243 @@ fn a_stale_owner_never_clears_and_drops_its_copy() {
     c.device(0, 4000, DeviceMsg::AckNotify);
     assert!(c.store.get(&UUID).is_some_and(|r| r.notify.is_some()));
     assert!(c.nodes[0].copy(&UUID).is_none(), "stale copy dropped");
+}
+
+// ------------------------------------------------------------------------------------------
+// The ack rule of issue 12 through cluster nodes (one rule, `ddpush_proto::ack`, both modes)
+// ------------------------------------------------------------------------------------------
+
+/// Steps of the issue's sequences: as little as 0.15 s apart.
+const STEP: Duration = Duration::from_millis(150);
+
+/// `01 <app> 20 <len> <text>` as hex.
+fn down_20(app: u8, text: &str) -> String {
+    format!(
+        "01{app:02x}20{:04x}{}",
+        text.len(),
+        hex::encode(text.as_bytes())
+    )
+}
+
+fn payload(text: &'static str) -> PushMsg {
+    PushMsg::Payload(Content::from_static(text.as_bytes()))
+}
+
+fn pending_payload(c: &Cluster) -> Option<Content> {
+    c.store
+        .get(&UUID)
+        .and_then(|r| r.payload.as_ref().map(|p| p.1.clone()))
+}
+
+/// Case 1: heartbeat -> "three" (not acked); push "four" at another node (sent at once by the
+/// owner); heartbeat -> "four"; one ack: the next heartbeat gets nothing. Steps 150 ms apart.
+#[test]
+fn compat_one_ack_of_the_resend_clears_through_a_cluster() {
+    let mut c = Cluster::new(3);
+    assert_eq!(c.push(1, payload("three")), 0x00);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.take_udp(), vec![(0, down_20(1, "three"))]);
+    c.advance(STEP);
+    assert_eq!(c.push(2, payload("four")), 0x00);
+    assert_eq!(c.take_udp(), vec![(0, down_20(0, "four"))]);
+    c.advance(STEP);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.take_udp(), vec![(0, down_20(1, "four"))]);
+    c.advance(STEP);
+    c.device(0, 4000, DeviceMsg::AckPayload);
+    assert_eq!(pending_payload(&c), None, "the one ack cleared \"four\"");
+    c.advance(STEP);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert!(c.take_udp().is_empty(), "nothing after the ack");
+}
+
+/// Case 1: an item sent on three heartbeats and acked once, then a new push at another node, a
+/// heartbeat re-send and one ack: nothing more. For 0x20 and 0x10.
+#[test]
+fn compat_resends_acked_once_then_a_new_push_through_a_cluster() {
+    for notify in [false, true] {
+        let mut c = Cluster::new(2);
+        let (first, second, ack) = if notify {
+            (PushMsg::Notify, PushMsg::Notify, DeviceMsg::AckNotify)
+        } else {
+            (payload("x"), payload("y"), DeviceMsg::AckPayload)
+        };
+        let item = |hb: bool, text: &str| {
+            let app = u8::from(hb);
+            if notify {
+                format!("01{app:02x}100000")
+            } else {
+                down_20(app, text)
+            }
+        };
+        assert_eq!(c.push(1, first), 0x00);
+        for _ in 0..3 {
+            c.device(0, 4000, DeviceMsg::Heartbeat);
+            assert_eq!(c.take_udp(), vec![(0, item(true, "x"))]);
+            c.advance(STEP);
+        }
+        c.device(0, 4000, ack.clone());
+        let rec = c.store.get(&UUID).cloned().expect("record");
+        assert!(rec.notify.is_none() && rec.payload.is_none(), "one ack cleared");
+        c.advance(STEP);
+        assert_eq!(c.push(1, second), 0x00);
+        assert_eq!(c.take_udp(), vec![(0, item(false, "y"))]);
+        c.advance(STEP);
+        c.device(0, 4000, DeviceMsg::Heartbeat);
+        assert_eq!(c.take_udp(), vec![(0, item(true, "y"))]);
+        c.advance(STEP);
+        c.device(0, 4000, ack);
+        c.advance(STEP);
+        c.device(0, 4000, DeviceMsg::Heartbeat);
+        assert!(c.take_udp().is_empty(), "notify={notify}: nothing more");
+    }
+}
+
+/// Case 2: an immediate push (made at another node) acked at once is not re-sent.
+#[test]
+fn sdk_acked_immediate_push_is_not_resent_through_a_cluster() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.push(1, payload("hello")), 0x00);
+    assert_eq!(c.take_udp(), vec![(0, down_20(0, "hello"))]);
+    c.device(0, 4000, DeviceMsg::AckPayload);
+    assert_eq!(pending_payload(&c), None);
+    c.advance(Duration::from_secs(50));
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert!(c.take_udp().is_empty());
+}
+
+/// Case 2: the app is killed (still online for the node); "one" and "two" go out at once to the
+/// dead socket; the app comes back on a new socket, at the same node or (the load balancer moved
+/// it) at another: its first heartbeat gets "two", the SDK's ack clears it, nothing more comes.
+#[test]
+fn sdk_new_socket_after_sends_to_the_dead_one_through_a_cluster() {
+    for back_at in [0, 1] {
+        let mut c = Cluster::new(3);
+        c.device(0, 4000, DeviceMsg::Heartbeat);
+        assert_eq!(c.push(2, payload("one")), 0x00);
+        assert_eq!(c.push(2, payload("two")), 0x00);
+        assert_eq!(c.take_udp().len(), 2, "both sent to the dead socket");
+        c.advance(Duration::from_secs(3));
+        c.device(back_at, 4001, DeviceMsg::Heartbeat);
+        assert_eq!(c.take_udp(), vec![(back_at, down_20(1, "two"))]);
+        c.device(back_at, 4001, DeviceMsg::AckPayload);
+        assert_eq!(pending_payload(&c), None, "back at node {back_at}: the ack cleared");
+        c.advance(Duration::from_secs(2));
+        c.device(back_at, 4001, DeviceMsg::Heartbeat);
+        assert!(c.take_udp().is_empty(), "back at node {back_at}: no duplicate");
+    }
+}
+
+/// Case 3: heartbeat -> "A"; push "B" at another node (the owner's immediate send is lost); the
+/// ack of "A" arrives after "B" was pushed: "B" comes with the next heartbeat, and the ack of
+/// that re-send stops it. The same for the 0x10 flag. With the poke delivered the owner's ledger
+/// attributes the ack to the older send (no store op at all); with the poke lost the store's
+/// compare refuses it (the other test above).
+#[test]
+fn ack_of_an_older_send_does_not_clear_a_newer_push_made_at_another_node() {
+    for notify in [false, true] {
+        let mut c = Cluster::new(2);
+        let (a, b, ack) = if notify {
+            (PushMsg::Notify, PushMsg::Notify, DeviceMsg::AckNotify)
+        } else {
+            (payload("A"), payload("B"), DeviceMsg::AckPayload)
+        };
+        assert_eq!(c.push(0, a), 0x00);
+        c.device(0, 4000, DeviceMsg::Heartbeat);
+        assert_eq!(c.take_udp().len(), 1, "A");
+        c.advance(STEP);
+        assert_eq!(c.push(1, b), 0x00);
+        assert_eq!(c.take_udp().len(), 1, "B's immediate send (lost)");
+        let acks_before = c.nodes[0].stats().store_ops[1];
+        c.device(0, 4000, ack.clone());
+        assert_eq!(
+            c.nodes[0].stats().store_ops[1],
+            acks_before,
+            "attributed to the older send: no ack op"
+        );
+        let rec = c.store.get(&UUID).cloned().expect("record");
+        assert!(
+            rec.notify.is_some() || rec.payload.is_some(),
+            "notify={notify}: the newer push is still pending"
+        );
+        c.advance(Duration::from_secs(50));
+        c.device(0, 4000, DeviceMsg::Heartbeat);
+        let want = if notify {
+            "0101100000".to_string()
+        } else {
+            down_20(1, "B")
+        };
+        assert_eq!(c.take_udp(), vec![(0, want)]);
+        c.device(0, 4000, ack);
+        let rec = c.store.get(&UUID).cloned().expect("record");
+        assert!(rec.notify.is_none() && rec.payload.is_none(), "the re-send's ack clears");
+        c.advance(Duration::from_secs(50));
+        c.device(0, 4000, DeviceMsg::Heartbeat);
+        assert!(c.take_udp().is_empty());
+    }
+}
+
+/// Case 3 over a device TCP connection: "B" pushed at another node is on the stream when the
+/// device acks "A"; the device then acks both copies of "B" it reads.
+#[test]
+fn ack_of_an_older_send_does_not_clear_a_newer_push_over_tcp() {
+    let mut c = Cluster::new(2);
+    assert_eq!(c.push(1, payload("A")), 0x00);
+    c.device_tcp(0, 7, DeviceMsg::Heartbeat);
+    assert_eq!(c.take_tcp(), vec![(0, 7, down_20(1, "A"))]);
+    c.advance(STEP);
+    assert_eq!(c.push(1, payload("B")), 0x00);
+    assert_eq!(c.take_tcp(), vec![(0, 7, down_20(0, "B"))]);
+    c.device_tcp(0, 7, DeviceMsg::AckPayload); // the ack of A
+    assert_eq!(pending_payload(&c), Some(Content::from_static(b"B")));
+    c.advance(Duration::from_secs(50));
+    c.device_tcp(0, 7, DeviceMsg::Heartbeat);
+    assert_eq!(c.take_tcp(), vec![(0, 7, down_20(1, "B"))]);
+    c.device_tcp(0, 7, DeviceMsg::AckPayload);
+    c.device_tcp(0, 7, DeviceMsg::AckPayload);
+    assert_eq!(pending_payload(&c), None);
+}
+
+/// Acks count only from the path the sends went to: an ack from another UDP address of the same
+/// uuid clears nothing.
+#[test]
+fn an_ack_from_another_address_does_not_clear() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.push(1, payload("p")), 0x00);
+    c.take_udp();
+    c.device(0, 4999, DeviceMsg::AckPayload);
+    assert_eq!(pending_payload(&c), Some(Content::from_static(b"p")));
+    assert_eq!(c.nodes[0].stats().acks_unattributed, 1);
+    c.device(0, 4000, DeviceMsg::AckPayload);
+    assert_eq!(pending_payload(&c), None);
+}
+
+/// A copy dropped (the device was bound elsewhere) supersedes its sends: a late ack of a send
+/// made under the old epoch, arriving after the device came back and was bound again, clears
+/// nothing; the ack of the send made under the new epoch does.
+#[test]
+fn a_late_ack_of_a_send_under_an_old_epoch_never_clears() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.push(0, payload("p")), 0x00);
+    assert_eq!(c.take_udp().len(), 1, "sent under epoch 1, its ack still on the way");
+    // The device shows up at node 1 (bound there, epoch 2); node 0 learns it from the reply
+    // to a 0x11 pushed through it, which names the new owner.
+    c.device(1, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.take_udp(), vec![(1, down_20(1, "p"))]);
+    assert_eq!(c.push(0, PushMsg::Bits(1)), 0x00);
+    assert!(c.nodes[0].copy(&UUID).is_none(), "node 0 dropped its copy");
+    c.device(1, 4000, DeviceMsg::AckBits(1));
+    c.take_udp();
+    // ...and back at node 0 within the ack window of node 0's send: epoch 3.
+    c.advance(Duration::from_millis(50));
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.store.get(&UUID).map(|r| r.epoch), Some(3));
+    assert_eq!(c.take_udp(), vec![(0, down_20(1, "p"))]);
+    c.device(0, 4000, DeviceMsg::AckPayload); // the late ack of the epoch-1 send
+    assert_eq!(pending_payload(&c), Some(Content::from_static(b"p")));
+    c.device(0, 4000, DeviceMsg::AckPayload); // the ack of the epoch-3 send
+    assert_eq!(pending_payload(&c), None);
 }

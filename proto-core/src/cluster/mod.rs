@@ -17,10 +17,14 @@
 //!   node pokes it ([`PeerMsg::Poke`], a latency path only), and the same store operation
 //!   marked the uuid dirty for the owner, which drains its marks periodically and after a lost
 //!   link ([`store::StoreOp::Drain`]).
-//! * **Acks** of 0x10/0x20 clear in the store only if the generation matches the send the
-//!   acking node attributes the ack to, and only if that node still owns the record at the
-//!   epoch it bound under. A copy is dropped when the device goes offline here, when the store
-//!   says the node is stale, or when a drain or poke shows another owner.
+//! * **Acks** of 0x10/0x20 are attributed to a send by the single node's rule, in one place
+//!   ([`crate::ack::SendLedger`], one ledger per item, keyed by the store's generations): fenced
+//!   by every heartbeat, forgotten on a path change, taken only from the path the sends went
+//!   to, superseded when the copy is dropped. They clear in the store only if the attributed
+//!   generation is still the record's (the `Ack` op compares), and only if the acking node
+//!   still owns the record at the epoch it bound under. A copy is dropped when the device goes
+//!   offline here, when the store says the node is stale, or when a store reply, drain or poke
+//!   shows another owner.
 //!
 //! # Call order for an adapter
 //!
@@ -35,7 +39,6 @@
 //! 3. Sleep until the next input or [`ClusterNode::poll_timeout`].
 
 mod node;
-mod sends;
 pub mod store;
 
 use serde::{Deserialize, Serialize};

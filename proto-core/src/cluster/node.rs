@@ -14,7 +14,8 @@ use crate::stream::{Decoded, StreamDecoder};
 use crate::time::Time;
 use crate::{ConnId, Port};
 
-use super::sends::Sends;
+use crate::ack::{Attribution, SendLedger, Window};
+
 use super::store::{Gen, OpId, StoreError, StoreOp, StoreReply, StoreResult, StoredRecord};
 use super::{NodeId, PeerMsg};
 
@@ -151,7 +152,9 @@ pub struct ClusterStats {
     pub resends: u64,
     /// Acks from devices, and those the store cleared with.
     pub acks: [u64; 2],
-    /// Acks of 0x10/0x20 that could not be attributed to one send (left pending).
+    /// Acks of 0x10/0x20 the ack rule attributed to no send of the pending generation: to an
+    /// older or superseded send, to no send at all, or from a path no send went to (never
+    /// clear; no store operation).
     pub acks_unattributed: u64,
     /// Acks for clients without a copy here (ignored; the item is re-sent after a bind).
     pub acks_uncopied: u64,
@@ -189,8 +192,10 @@ struct Entry {
     bind: Option<(OpId, u8, Via, bool)>,
     /// A poke or drain that came while the bind was in flight.
     early: Option<StoredRecord>,
-    /// Sends of [0x10, 0x20] under the current copy's epoch.
-    sends: [Sends; 2],
+    /// The ack rule's ledgers of [0x10, 0x20] (`crate::ack`), by store generation. They
+    /// outlive a dropped copy (superseded, see [`ClusterNode`]'s `drop_copy`) so that late acks
+    /// of its sends are still consumed in order.
+    ledger: [SendLedger<Gen>; 2],
 }
 
 /// What a store operation in flight was for.
@@ -226,6 +231,8 @@ pub struct ClusterNode {
     cfg: Config,
     cc: ClusterConfig,
     window: Duration,
+    /// The ack rule's in-flight window (`Config::ack_window`).
+    ack_window: Window,
     entries: BTreeMap<Uuid, Entry>,
     offline_due: BinaryHeap<Reverse<(Time, Uuid)>>,
     conns: BTreeMap<ConnId, PushConn>,
@@ -261,6 +268,7 @@ impl ClusterNode {
         cc.validate()?;
         Ok(ClusterNode {
             window: cfg.online_window(),
+            ack_window: Window::new(cfg.ack_window),
             cfg,
             cc,
             entries: BTreeMap::new(),
@@ -489,9 +497,9 @@ impl ClusterNode {
     fn on_device(&mut self, p: DevicePacket, via: Via) {
         match p.msg {
             DeviceMsg::Heartbeat => self.heartbeat(p.app_id, p.uuid, via),
-            DeviceMsg::AckNotify => self.ack(p.uuid, Kind::Notify, 0),
-            DeviceMsg::AckBits(m) => self.ack(p.uuid, Kind::Bits, m),
-            DeviceMsg::AckPayload => self.ack(p.uuid, Kind::Payload, 0),
+            DeviceMsg::AckNotify => self.ack(p.uuid, Kind::Notify, 0, via),
+            DeviceMsg::AckBits(m) => self.ack(p.uuid, Kind::Bits, m, via),
+            DeviceMsg::AckPayload => self.ack(p.uuid, Kind::Payload, 0, via),
         }
     }
 
@@ -521,15 +529,30 @@ impl ClusterNode {
         let changed = match via {
             Via::Udp(a) => {
                 let changed = !e.sa_known || e.addr != Some(a);
+                if e.addr.is_some_and(|o| o != a) && e.tcp.is_none() {
+                    // A new socket: sends to the old address can no longer be acked (acks are
+                    // only taken from the recorded address, which moves now).
+                    e.ledger.iter_mut().for_each(SendLedger::forget);
+                }
                 e.addr = Some(a);
                 e.sa_known = true;
                 changed
             }
             Via::Tcp(c) => {
+                if e.tcp != Some(c) && e.addr.is_none() {
+                    // A new connection: sends on the old one can no longer be acked. With a
+                    // UDP address too, keep them (as a single node does).
+                    e.ledger.iter_mut().for_each(SendLedger::forget);
+                }
                 e.tcp = Some(c);
                 false
             }
         };
+        // The heartbeat is a fence for the ack rule (`crate::ack`), whatever it leads to.
+        let (now, window) = (self.now, self.ack_window);
+        for l in &mut e.ledger {
+            l.on_fence(now, window);
+        }
         if let Via::Tcp(c) = via {
             if let Some(conn) = self.conns.get_mut(&c) {
                 if !conn.attached.contains(&uuid) {
@@ -603,7 +626,7 @@ impl ClusterNode {
         let epoch = c.rec.epoch;
         for (msg, send) in out {
             if let Some((k, gen)) = send {
-                e.sends[k].on_send(gen, now);
+                e.ledger[k].on_send(gen, now);
                 self.events.push_back(ClusterEvent::Sent {
                     uuid,
                     kind: if k == 0 { Kind::Notify } else { Kind::Payload },
@@ -619,14 +642,31 @@ impl ClusterNode {
         }
     }
 
-    fn ack(&mut self, uuid: Uuid, kind: Kind, bits: u64) {
+    /// An ack from `via`. 0x10/0x20: the ack rule (`crate::ack`, the single node's rule)
+    /// attributes it to a send; only an ack attributed to the generation the copy holds as
+    /// pending becomes an `Ack` op, and the store clears only if that is still the record's
+    /// generation (and this node still owns it at the copy's epoch). 0x11 clears its bits.
+    fn ack(&mut self, uuid: Uuid, kind: Kind, bits: u64, via: Via) {
         let now = self.now;
-        let horizon = super::sends::HORIZON;
         self.stats.acks[0] += 1;
         let Some(e) = self.entries.get_mut(&uuid) else {
             self.stats.acks_uncopied += 1;
             return;
         };
+        // Only the path the sends went to can answer them (the SDK acks on the socket or
+        // connection a message came in on). The ack is consumed even without a copy: it
+        // answers a send made from the copy that was dropped.
+        let on_path = match via {
+            Via::Udp(a) => e.addr == Some(a),
+            Via::Tcp(c) => e.tcp == Some(c),
+        };
+        let attribution = kind_idx(kind).map(|k| {
+            if on_path {
+                e.ledger[k].on_ack()
+            } else {
+                Attribution::Unmatched
+            }
+        });
         if e.copy.is_none() {
             self.stats.acks_uncopied += 1;
             return;
@@ -640,17 +680,17 @@ impl ClusterNode {
             return;
         };
         let epoch = c.rec.epoch;
-        let (gen, pending) = match kind_idx(kind) {
-            Some(k) => {
-                let Some(g) = e.sends[k].on_ack(now, horizon) else {
-                    self.stats.acks_unattributed += 1;
-                    return;
-                };
+        let (gen, pending) = match attribution {
+            Some(Attribution::Generation(g)) => {
                 let pending = match kind {
                     Kind::Notify => c.rec.notify,
                     _ => c.rec.payload.as_ref().map(|p| p.0),
                 };
                 (g, pending == Some(g))
+            }
+            Some(_) => {
+                self.stats.acks_unattributed += 1;
+                return;
             }
             None => (0, c.rec.bits & bits != 0),
         };
@@ -771,7 +811,8 @@ impl ClusterNode {
                 };
                 let epoch = rec.epoch;
                 let fresh = e.copy.is_none();
-                e.sends.iter_mut().for_each(Sends::clear);
+                // Any send still in the ledger was made from a copy that was dropped, so it
+                // is superseded already: its ack is consumed first and clears nothing.
                 e.copy = Some(Copy { rec });
                 let online = e.online;
                 self.stats.binds += 1;
@@ -826,6 +867,9 @@ impl ClusterNode {
                 (self.stats.deliveries - before) as u8
             }
             Some(o) => {
+                // Another owner: a copy of ours is stale (dropped here rather than at the next
+                // drain, so that no send of ours goes out from it meanwhile).
+                self.learn(uuid, rec.clone());
                 self.stats.pokes[0] += 1;
                 self.peer_out
                     .push_back((o.clone(), PeerMsg::Poke { uuid, record: rec }));
@@ -885,7 +929,7 @@ impl ClusterNode {
         for (msg, send) in out {
             for d in &dests {
                 if let Some((k, gen)) = send {
-                    e.sends[k].on_send(gen, self.now);
+                    e.ledger[k].on_send(gen, self.now);
                     self.events.push_back(ClusterEvent::Sent {
                         uuid,
                         kind: if k == 0 { Kind::Notify } else { Kind::Payload },
@@ -911,7 +955,8 @@ impl ClusterNode {
             if e.copy.take().is_some() {
                 self.stats.owned -= 1;
                 self.stats.dropped += 1;
-                e.sends.iter_mut().for_each(Sends::clear);
+                // The record may move on without us: no ack of an earlier send may clear.
+                e.ledger.iter_mut().for_each(SendLedger::supersede);
                 self.events.push_back(ClusterEvent::Dropped { uuid });
             }
         }
@@ -960,6 +1005,10 @@ impl ClusterNode {
             if let Some(e) = self.entries.get_mut(&u) {
                 if e.tcp == Some(conn) {
                     e.tcp = None;
+                    if e.addr.is_none() {
+                        // Nothing sent on this connection can be acked any more.
+                        e.ledger.iter_mut().for_each(SendLedger::forget);
+                    }
                 }
             }
         }
@@ -1003,7 +1052,7 @@ impl ClusterNode {
             if e.copy.take().is_some() {
                 self.stats.owned -= 1;
             }
-            e.sends.iter_mut().for_each(Sends::clear);
+            e.ledger.iter_mut().for_each(SendLedger::supersede);
             self.events.push_back(ClusterEvent::Offline { uuid });
             if e.bind.is_none() && e.tcp.is_none() {
                 self.entries.remove(&uuid);
