@@ -336,7 +336,10 @@ mod tests {
         l.on_send(1, ms(20)); // the same generation sent again after, e.g., a re-bind
         assert_eq!(l.on_ack(), Attribution::Older);
         assert_eq!(l.on_ack(), Attribution::Older);
-        assert!(l.on_ack().clears(1), "only the ack of the send after it clears");
+        assert!(
+            l.on_ack().clears(1),
+            "only the ack of the send after it clears"
+        );
         assert_eq!(l.on_ack(), Attribution::Unmatched);
         // A fence settles superseded sends like any older group.
         l.on_send(2, ms(30));

@@ -458,7 +458,10 @@ fn compat_resends_acked_once_then_a_new_push_through_a_cluster() {
         }
         c.device(0, 4000, ack.clone());
         let rec = c.store.get(&UUID).cloned().expect("record");
-        assert!(rec.notify.is_none() && rec.payload.is_none(), "one ack cleared");
+        assert!(
+            rec.notify.is_none() && rec.payload.is_none(),
+            "one ack cleared"
+        );
         c.advance(STEP);
         assert_eq!(c.push(1, second), 0x00);
         assert_eq!(c.take_udp(), vec![(0, item(false, "y"))]);
@@ -502,10 +505,17 @@ fn sdk_new_socket_after_sends_to_the_dead_one_through_a_cluster() {
         c.device(back_at, 4001, DeviceMsg::Heartbeat);
         assert_eq!(c.take_udp(), vec![(back_at, down_20(1, "two"))]);
         c.device(back_at, 4001, DeviceMsg::AckPayload);
-        assert_eq!(pending_payload(&c), None, "back at node {back_at}: the ack cleared");
+        assert_eq!(
+            pending_payload(&c),
+            None,
+            "back at node {back_at}: the ack cleared"
+        );
         c.advance(Duration::from_secs(2));
         c.device(back_at, 4001, DeviceMsg::Heartbeat);
-        assert!(c.take_udp().is_empty(), "back at node {back_at}: no duplicate");
+        assert!(
+            c.take_udp().is_empty(),
+            "back at node {back_at}: no duplicate"
+        );
     }
 }
 
@@ -551,7 +561,10 @@ fn ack_of_an_older_send_does_not_clear_a_newer_push_made_at_another_node() {
         assert_eq!(c.take_udp(), vec![(0, want)]);
         c.device(0, 4000, ack);
         let rec = c.store.get(&UUID).cloned().expect("record");
-        assert!(rec.notify.is_none() && rec.payload.is_none(), "the re-send's ack clears");
+        assert!(
+            rec.notify.is_none() && rec.payload.is_none(),
+            "the re-send's ack clears"
+        );
         c.advance(Duration::from_secs(50));
         c.device(0, 4000, DeviceMsg::Heartbeat);
         assert!(c.take_udp().is_empty());
@@ -602,7 +615,11 @@ fn a_late_ack_of_a_send_under_an_old_epoch_never_clears() {
     let mut c = Cluster::new(2);
     c.device(0, 4000, DeviceMsg::Heartbeat);
     assert_eq!(c.push(0, payload("p")), 0x00);
-    assert_eq!(c.take_udp().len(), 1, "sent under epoch 1, its ack still on the way");
+    assert_eq!(
+        c.take_udp().len(),
+        1,
+        "sent under epoch 1, its ack still on the way"
+    );
     // The device shows up at node 1 (bound there, epoch 2); node 0 learns it from the reply
     // to a 0x11 pushed through it, which names the new owner.
     c.device(1, 4000, DeviceMsg::Heartbeat);

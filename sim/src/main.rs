@@ -46,7 +46,7 @@ fn usage() -> ExitCode {
         "usage: ddpush-sim [--scenario NAME|all] [--seed S | --seeds N [--first S]] [--scale K] \
          [--nat on|off]\n\
          scenarios: lossy offline partition crash tcp mixed, cluster (all of:) cluster-anynode\n\
-         cluster-kill cluster-freeze cluster-storecut cluster-crossing cluster-rolling\n\
+         cluster-kill cluster-freeze cluster-storecut cluster-crossing cluster-acks cluster-rolling\n\
          cluster-rehome cluster-failover"
     );
     ExitCode::from(2)

@@ -64,6 +64,26 @@ fn old_acks_crossing_newer_pushes() {
     assert!(r.acks_not_cleared > 10, "too few crossings happened: {r}");
 }
 
+/// The ack races of issue 12 across nodes: runs of 0x10/0x20 pushes at random nodes 100-300 ms
+/// apart while the network loses immediate sends and acks and moves devices to new sockets.
+#[test]
+fn ack_races_across_nodes() {
+    let r = check(Kind::Acks, 9);
+    common(&r);
+    assert!(
+        r.lost_down > 5 && r.lost_acks > 5 && r.rebinds > 10,
+        "too few faults happened: {r}"
+    );
+    assert!(
+        r.acks_older > 20,
+        "too few acks attributed to an older send: {r}"
+    );
+    assert!(
+        r.acks_not_cleared > 20,
+        "too few acks refused by the store's generation compare: {r}"
+    );
+}
+
 #[test]
 fn rolling_restart() {
     let r = check(Kind::Rolling, 6);

@@ -13,7 +13,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::app::{self, Planned};
-use super::world::{node_name, World};
+use super::world::{node_name, DeviceFaults, World};
 use super::{device, node, store};
 use crate::server::DEVICE_PORT;
 use crate::world::device_uuid;
@@ -31,6 +31,10 @@ pub enum Kind {
     StoreCut,
     /// Acks of older sends crossing newer pushes made at another node.
     Crossing,
+    /// The ack races of issue 12 across nodes: 0x10 and 0x20 pushed in quick runs at random
+    /// nodes while the network loses datagrams to devices (immediate sends), loses acks and moves
+    /// devices to new sockets.
+    Acks,
     /// Every node restarted in turn under load.
     Rolling,
     /// A node with a third of the devices is lost for good: mass re-home.
@@ -41,12 +45,13 @@ pub enum Kind {
 
 impl Kind {
     /// Every scenario.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::AnyNode,
         Kind::Kill,
         Kind::Freeze,
         Kind::StoreCut,
         Kind::Crossing,
+        Kind::Acks,
         Kind::Rolling,
         Kind::Rehome,
         Kind::Failover,
@@ -60,6 +65,7 @@ impl Kind {
             Kind::Freeze => "cluster-freeze",
             Kind::StoreCut => "cluster-storecut",
             Kind::Crossing => "cluster-crossing",
+            Kind::Acks => "cluster-acks",
             Kind::Rolling => "cluster-rolling",
             Kind::Rehome => "cluster-rehome",
             Kind::Failover => "cluster-failover",
@@ -105,6 +111,10 @@ const PUSHERS: usize = 3;
 /// Pushes in the 6 s around a fault.
 const BURST: usize = 60;
 const DEVICE_HOSTS: usize = 3;
+/// `cluster-acks`: the network's faults on device datagrams start here, after a steady window
+/// without them (a lost ack is a lost sign of life too, so it may legitimately take a device
+/// offline and cost a bind).
+const ACK_FAULTS_FROM: u64 = 120_000;
 
 impl Params {
     /// CI-sized parameters; `scale` multiplies the devices.
@@ -125,7 +135,7 @@ impl Params {
                 pushes_per_device: 1.0,
                 ..base
             },
-            Kind::Crossing => Params {
+            Kind::Crossing | Kind::Acks => Params {
                 pushes_per_device: 6.0,
                 ..base
             },
@@ -199,6 +209,15 @@ pub struct Report {
     pub steady_heartbeats: usize,
     /// Ack ops the store refused to clear with (generation crossed) or as stale.
     pub acks_not_cleared: usize,
+    /// Acks the nodes' ack rule attributed to an older or superseded send, to none, or that
+    /// came from a path no send went to: never cleared, no store op.
+    pub acks_older: u64,
+    /// Datagrams to devices the network lost, acks it lost, new device sockets.
+    pub lost_down: u64,
+    /// Acks lost.
+    pub lost_acks: u64,
+    /// New device sockets (source port changes).
+    pub rebinds: u64,
     /// Pokes sent.
     pub pokes: u64,
     /// Accepted pushes whose store write a fail-over dropped.
@@ -216,7 +235,8 @@ impl fmt::Display for Report {
             "{} seed={} devices={} attempts={} accepted={} ff={} unanswered={} delivered={} \
              dups/1000={:.1} rehome={} rehomed={} binds/s={:.1} ops/push={:.2} \
              push+ack-ops/push={:.2} ops/heartbeat(steady)={:.3} ({} hb) acks-not-cleared={} \
-             pokes={} lost-by-failover={} writes-dropped={} trace={:016x}",
+             acks-older={} lost-down={} lost-acks={} rebinds={} pokes={} lost-by-failover={} \
+             writes-dropped={} trace={:016x}",
             self.scenario,
             self.seed,
             self.devices,
@@ -235,6 +255,10 @@ impl fmt::Display for Report {
             self.ops_per_heartbeat_steady,
             self.steady_heartbeats,
             self.acks_not_cleared,
+            self.acks_older,
+            self.lost_down,
+            self.lost_acks,
+            self.rebinds,
             self.pokes,
             self.lost_by_failover,
             self.writes_dropped,
@@ -291,6 +315,24 @@ pub fn run(p: &Params) -> Result<Report, String> {
             k += 1;
             continue;
         }
+        if p.kind == Kind::Acks {
+            // A run of 2-3 pushes of one kind (0x10 or 0x20) for one device, 100-300 ms apart
+            // (issue 12's steps are as short as 150 ms), each at a random node: each one may
+            // cross the ack of the one before, or find its immediate send lost.
+            let notify = rng.random_bool(0.5);
+            let mut t = at;
+            for _ in 0..rng.random_range(2..=3) {
+                let msg = if notify {
+                    PushMsg::Notify
+                } else {
+                    payload(k, &mut rng)
+                };
+                pushes.push(Planned { at: t, device, msg });
+                k += 1;
+                t += rng.random_range(100..300);
+            }
+            continue;
+        }
         let msg = match rng.random_range(0..3) {
             0 => PushMsg::Notify,
             1 => PushMsg::Bits(1u64 << rng.random_range(0..64)),
@@ -322,7 +364,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
     // Faults.
     let mut faults: Vec<(u64, Fault)> = Vec::new();
     match p.kind {
-        Kind::AnyNode | Kind::Crossing => {}
+        Kind::AnyNode | Kind::Crossing | Kind::Acks => {}
         Kind::Kill => faults.push((mid, Fault::Kill(victim, Some(30_000)))),
         Kind::Freeze => faults.push((
             mid,
@@ -343,7 +385,19 @@ pub fn run(p: &Params) -> Result<Report, String> {
     }
 
     let uuids: Vec<_> = (0..n).map(device_uuid).collect();
-    let w = World::new(NODES, uuids, p.lag, true);
+    let net = if p.kind == Kind::Acks {
+        DeviceFaults {
+            down_loss: 0.05,
+            ack_loss: 0.05,
+            rebind: 0.2,
+            from: ACK_FAULTS_FROM,
+            until: push_end,
+            seed: rng.random(),
+        }
+    } else {
+        DeviceFaults::default()
+    };
+    let w = World::new(NODES, uuids, p.lag, true, net);
 
     let mut b = turmoil::Builder::new();
     b.simulation_duration(Duration::from_millis(end + 60_000))
@@ -420,7 +474,11 @@ pub fn run(p: &Params) -> Result<Report, String> {
     let mut later: Vec<(u64, Action)> = Vec::new();
     let mut lost_at: Option<(u64, usize)> = None;
     let mut store_cut: Option<(usize, u64, u64)> = None;
-    let mut steady_end = push_end;
+    let mut steady_end = if p.kind == Kind::Acks {
+        ACK_FAULTS_FROM
+    } else {
+        push_end
+    };
     loop {
         let done = sim.step().map_err(|e| format!("simulation error: {e}"))?;
         let now = sim.elapsed().as_millis() as u64;
@@ -565,7 +623,9 @@ fn check(
             None => report.unanswered += 1,
         }
     }
-    if matches!(p.kind, Kind::AnyNode | Kind::Crossing) && report.accepted != attempts.len() {
+    if matches!(p.kind, Kind::AnyNode | Kind::Crossing | Kind::Acks)
+        && report.accepted != attempts.len()
+    {
         errors.push(format!(
             "{} of {} attempts not accepted without any fault",
             attempts.len() - report.accepted,
@@ -844,6 +904,9 @@ fn check(
             (c.store_ops[0] + c.store_ops[1]) as f64 / report.accepted as f64;
     }
     report.pokes = c.pokes[0];
+    report.acks_older = c.unattributed;
+    let f = *w.fault_counts.borrow();
+    (report.lost_down, report.lost_acks, report.rebinds) = (f.lost_down, f.lost_acks, f.rebinds);
     // Steady window: every device started and bound, no fault yet.
     let from = 60_000;
     let hb: usize = (0..n)

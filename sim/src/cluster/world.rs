@@ -120,6 +120,45 @@ pub struct Logged {
     pub event: ClusterEvent,
 }
 
+/// What the network does to the devices' datagrams (the `cluster-acks` scenario; none in the
+/// others). Each device draws from its own RNG seeded from `seed`, so a run stays a pure function
+/// of its seed. Faults happen only from `from` until `until` (ms): the steady window before and
+/// the clean phase after have none.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceFaults {
+    /// Probability that a datagram to a device is lost (the SDK never sees it, so never acks it).
+    pub down_loss: f64,
+    /// Probability that an ack the SDK sends is lost on its way.
+    pub ack_loss: f64,
+    /// Probability, per heartbeat, that the device first moves to a new socket (an app restart
+    /// or a NAT rebind: a new source port; datagrams to the old one are lost).
+    pub rebind: f64,
+    /// Faults start at this time (ms).
+    pub from: u64,
+    /// Faults stop at this time (ms).
+    pub until: u64,
+    /// Seed of the devices' RNGs.
+    pub seed: u64,
+}
+
+impl DeviceFaults {
+    /// Whether any fault is configured.
+    pub fn any(&self) -> bool {
+        self.down_loss > 0.0 || self.ack_loss > 0.0 || self.rebind > 0.0
+    }
+}
+
+/// What the device faults did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FaultCounts {
+    /// Datagrams to devices lost.
+    pub lost_down: u64,
+    /// Acks lost.
+    pub lost_acks: u64,
+    /// New sockets.
+    pub rebinds: u64,
+}
+
 /// Per-node counters, summed over restarts.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NodeCounts {
@@ -159,11 +198,21 @@ pub struct World {
     pub live: RefCell<Vec<NodeCounts>>,
     /// Node device-port addresses, by index (set by the driver).
     pub node_addrs: RefCell<Vec<SocketAddr>>,
+    /// The network's faults on device datagrams.
+    pub faults: DeviceFaults,
+    /// What they did.
+    pub fault_counts: RefCell<FaultCounts>,
 }
 
 impl World {
     /// A world of `nodes` nodes and these devices.
-    pub fn new(nodes: usize, uuids: Vec<Uuid>, lag: u64, wait_replica: bool) -> Rc<Self> {
+    pub fn new(
+        nodes: usize,
+        uuids: Vec<Uuid>,
+        lag: u64,
+        wait_replica: bool,
+        faults: DeviceFaults,
+    ) -> Rc<Self> {
         Rc::new(World {
             nodes,
             store: RefCell::new(StoreState {
@@ -179,6 +228,8 @@ impl World {
             past: RefCell::new(vec![NodeCounts::default(); nodes]),
             live: RefCell::new(vec![NodeCounts::default(); nodes]),
             node_addrs: RefCell::default(),
+            faults,
+            fault_counts: RefCell::default(),
         })
     }
 
