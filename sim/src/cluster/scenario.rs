@@ -329,7 +329,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
                 };
                 pushes.push(Planned { at: t, device, msg });
                 k += 1;
-                t += rng.random_range(100..300);
+                t += rng.random_range(0..200);
             }
             continue;
         }
@@ -387,7 +387,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
     let uuids: Vec<_> = (0..n).map(device_uuid).collect();
     let net = if p.kind == Kind::Acks {
         DeviceFaults {
-            down_loss: 0.05,
+            down_loss: 0.15,
             ack_loss: 0.05,
             rebind: 0.2,
             from: ACK_FAULTS_FROM,
