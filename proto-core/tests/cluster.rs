@@ -456,7 +456,7 @@ fn compat_resends_acked_once_then_a_new_push_through_a_cluster() {
             assert_eq!(c.take_udp(), vec![(0, item(true, "x"))]);
             c.advance(STEP);
         }
-        c.device(0, 4000, ack.clone());
+        c.device(0, 4000, ack);
         let rec = c.store.get(&UUID).cloned().expect("record");
         assert!(
             rec.notify.is_none() && rec.payload.is_none(),
@@ -540,7 +540,7 @@ fn ack_of_an_older_send_does_not_clear_a_newer_push_made_at_another_node() {
         assert_eq!(c.push(1, b), 0x00);
         assert_eq!(c.take_udp().len(), 1, "B's immediate send (lost)");
         let acks_before = c.nodes[0].stats().store_ops[1];
-        c.device(0, 4000, ack.clone());
+        c.device(0, 4000, ack);
         assert_eq!(
             c.nodes[0].stats().store_ops[1],
             acks_before,
