@@ -22,10 +22,11 @@ cleanup() {
 }
 trap cleanup EXIT
 run_id="b$$"
-# start NAME ARGS... : starts ddpushd, waits for its listening line, sets UDP_x PUSH_x PID_x.
+# start NAME ARGS... : starts ddpushd, waits for its listening line, sets UDP_x PUSH_x ADMIN_x
+# PID_x.
 start() {
   local name="$1"; shift
-  "$bin" --listen 127.0.0.1:0 --push-listen 127.0.0.1:0 --admin-listen none \
+  "$bin" --listen 127.0.0.1:0 --push-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
     --data-dir "$work/$name" --limits false "$@" 2>"$work/$name.log" &
   local pid=$!
   pids+=("$pid")
@@ -33,6 +34,7 @@ start() {
   local line; line="$(grep -m1 listening "$work/$name.log")"
   eval "UDP_$name=$(sed -n 's/.* udp=\([0-9.:]*\).*/\1/p' <<<"$line")"
   eval "PUSH_$name=$(sed -n 's/.* push=\([0-9.:]*\).*/\1/p' <<<"$line")"
+  eval "ADMIN_$name=$(sed -n 's/.* admin=\([0-9.:]*\).*/\1/p' <<<"$line")"
   eval "PID_$name=$pid"
 }
 cluster_args() {
@@ -68,27 +70,81 @@ for mode in "16 16 pipelined" "1 1 one-at-a-time"; do
   printf '{"row":"cluster, 3 nodes at once, %s","result":[%s,%s,%s]}\n' "$3" \
     "$(cat "$work/three-a.json")" "$(cat "$work/three-b.json")" "$(cat "$work/three-c.json")"
 done
-# Mass re-home: 100,000 devices bound at A, then all heartbeating B (each a bind at B).
-row "bind 100000 at a" --udp "$UDP_a" --push "$PUSH_a" --clients 100000 --conns 1 --window 1 --secs 0.2 --first 1000000
-row "re-home 100000 from a to b" --udp "$UDP_b" --push "$PUSH_b" --clients 100000 --conns 1 --window 1 --secs 0.2 --first 1000000
-# Redis memory per pending record: 0x20 pushes (24-byte payload) to 50,000 new uuids.
-python3 - "$PUSH_c" "$DDPUSH_TEST_REDIS_CLUSTER" <<'PY'
-import json, os, socket, subprocess, sys, time
+# Redis memory: INFO used_memory summed over the masters (replicas hold as much again).
+used_memory() {
+  local total=0 a h p info
+  for a in ${DDPUSH_TEST_REDIS_CLUSTER//,/ }; do
+    a="${a#redis://}"; h="${a%:*}"; p="${a##*:}"
+    info="$(redis-cli -h "$h" -p "$p" info)"
+    if grep -q '^role:master' <<<"$info"; then
+      total=$((total + $(sed -n 's/^used_memory:\([0-9]*\).*/\1/p' <<<"$info")))
+    fi
+  done
+  echo "$total"
+}
+binds_of() { curl -s "http://$1/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["binds"])'; }
+
+# Mass re-home: REHOME_DEVICES (100,000) devices bound at node r1 (first contact: a bind each,
+# a new record each), r1 killed with -9, then every device heartbeats a survivor (half r2,
+# half r3: a bind each, moving the owner and marking the uuid dirty for r1). Fresh nodes that
+# answer every heartbeat (--heartbeat-reply always), so the load generator sees each bind
+# come back; each device sends one heartbeat (ddpush-bench --register: at most 1,024
+# unanswered per generator). binds/s is the nodes' own `binds` counter over the wall time.
+rehome_n="${REHOME_DEVICES:-100000}"
+half=$((rehome_n / 2))
+for n in r1 r2 r3; do
+  # shellcheck disable=SC2046
+  start "$n" $(cluster_args "$n") --heartbeat-reply always
+done
+m0="$(used_memory)"
+"$bench" heartbeat --target "$UDP_r1" --clients "$rehome_n" --first 1000000 --register --secs 0.1 >"$work/bind.json"
+b1="$(binds_of "$ADMIN_r1")"
+sleep 1
+m1="$(used_memory)"
+kill -9 "$PID_r1"
+b2="$(binds_of "$ADMIN_r2")"; b3="$(binds_of "$ADMIN_r3")"
+t0="$(date +%s.%N)"
+"$bench" heartbeat --target "$UDP_r2" --clients "$half" --first 1000000 --register --secs 0.1 >"$work/rehome-r2.json" &
+g2=$!
+"$bench" heartbeat --target "$UDP_r3" --clients "$((rehome_n - half))" --first $((1000000 + half)) --register --secs 0.1 >"$work/rehome-r3.json" &
+g3=$!
+wait "$g2" "$g3"
+t1="$(date +%s.%N)"
+a2="$(binds_of "$ADMIN_r2")"; a3="$(binds_of "$ADMIN_r3")"
+sleep 1
+m2="$(used_memory)"
+curl -s "http://$ADMIN_r2/status" >"$work/r2-status.json"
+python3 - "$work" "$b1" "$b2" "$b3" "$a2" "$a3" "$t0" "$t1" "$m0" "$m1" "$m2" <<'PY'
+import json, sys
+w = sys.argv[1]
+b1, b2, b3, a2, a3 = (int(x) for x in sys.argv[2:7])
+t0, t1 = float(sys.argv[7]), float(sys.argv[8])
+m0, m1, m2 = (int(x) for x in sys.argv[9:12])
+bind = json.load(open(f"{w}/bind.json"))["register"]
+gens = [json.load(open(f"{w}/rehome-{n}.json"))["register"] for n in ("r2", "r3")]
+st = json.load(open(f"{w}/r2-status.json"))
+print(json.dumps({"row": "bind, first contact at one node", "result": {
+    "devices": bind["sent"], "binds": b1, "secs": bind["secs"], "binds_per_s": b1 / bind["secs"]}}))
+rehomed = (a2 - b2) + (a3 - b3)
+print(json.dumps({"row": "mass re-home after kill -9, two survivors", "result": {
+    "devices": sum(g["sent"] for g in gens), "answered": sum(g["answered"] for g in gens),
+    "binds": rehomed, "secs": t1 - t0, "binds_per_s": rehomed / (t1 - t0),
+    "per_generator": gens, "store_at_r2": st["store"]}}))
+print(json.dumps({"row": "redis memory per bound record, nothing pending", "result": {
+    "records": b1, "bytes_per_record_masters": (m1 - m0) / max(b1, 1)}}))
+print(json.dumps({"row": "redis memory per dirty mark (re-home marks for the dead node)", "result": {
+    "marks": rehomed, "bytes_per_mark_masters": (m2 - m1) / max(rehomed, 1)}}))
+PY
+# Redis memory per pending record: 0x20 pushes (24-byte payload) to MEMORY_RECORDS new uuids
+# with no owner (so no dirty mark), 500 pipelined at a time; only accepted pushes count.
+mem_n="${MEMORY_RECORDS:-100000}"
+m3="$(used_memory)"
+accepted="$(python3 - "$PUSH_c" "$mem_n" <<'PY'
+import os, socket, sys
 push = sys.argv[1].rsplit(":", 1)
-seeds = [s.replace("redis://", "") for s in sys.argv[2].split(",")]
-def used():
-    total = 0
-    for s in seeds:
-        h, p = s.rsplit(":", 1)
-        info = subprocess.run(["redis-cli", "-h", h, "-p", p, "info"], capture_output=True, text=True).stdout
-        if "role:master" in info:
-            total += int([l for l in info.splitlines() if l.startswith("used_memory:")][0].split(":")[1])
-    return total
-n = 50000
-before = used()
+n = int(sys.argv[2])
 s = socket.create_connection((push[0], int(push[1])))
-batch = 500
-ok = 0
+batch, ok = 500, 0
 for i in range(0, n, batch):
     reqs = b"".join(bytes([1, 1, 0x20]) + os.urandom(16) + (24).to_bytes(2, "big") + os.urandom(24) for _ in range(batch))
     s.sendall(reqs)
@@ -96,7 +152,10 @@ for i in range(0, n, batch):
     while len(got) < batch:
         got += s.recv(batch - len(got))
     ok += got.count(0)
-time.sleep(1)
-after = used()
-print(json.dumps({"row": "redis memory per pending record", "result": {"records": n, "accepted": ok, "bytes_per_record_masters": (after - before) / n, "bytes_per_record_with_replicas": 2 * (after - before) / n}}))
+print(ok)
 PY
+)"
+sleep 1
+m4="$(used_memory)"
+printf '{"row":"redis memory per pending record","result":{"pushed":%s,"accepted":%s,"bytes_per_record_masters":%s}}\n' \
+  "$mem_n" "$accepted" "$(python3 -c "print(($m4 - $m3) / max($accepted, 1))")"

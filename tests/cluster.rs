@@ -483,6 +483,52 @@ fn a_pipelined_burst_shares_its_waits_and_every_00_is_on_a_replica() {
     );
 }
 
+/// `--pending-ttl` and an owner whose device stays online: the record (with its owner field)
+/// would expire under the node that serves the device from its copy, and a push at another
+/// node would then create an ownerless record that nobody delivers. The owner renews its
+/// record (a bind) once half the ttl is gone, so after more than a ttl of heartbeats the
+/// record is still there, still names the owner, and a push at B is delivered by A at once.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn an_online_device_keeps_its_record_and_owner_past_the_pending_ttl() {
+    let run = run_id();
+    let ttl = ["--pending-ttl", "4s"];
+    let a = Node::start(&format!("{run}-a"), &ttl);
+    let b = Node::start(&format!("{run}-b"), &ttl);
+    let uuid = random_uuid();
+    let dev = device_socket();
+    bind_at(&dev, &uuid, a.udp);
+    let key = ddpushd::cluster::store::record_key(&uuid);
+    let master = master_addr(ddpushd::cluster::store::slot(&uuid)).expect("master");
+    // 7 s of heartbeats every 400 ms at A: longer than the ttl, nothing pushed meanwhile.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(7) {
+        dev.send_to(&dev_pkt(&uuid, 1, 0x00, &[]), a.udp)
+            .expect("hb");
+        while recv_within(&dev, Duration::from_millis(400)).is_some() {}
+    }
+    let owner = redis_cli(&master, &["hget", &key, "o"]);
+    assert_eq!(owner.trim(), a.id, "the record still names its owner");
+    let pttl: i64 = redis_cli(&master, &["pttl", &key])
+        .trim()
+        .parse()
+        .expect("pttl");
+    assert!(pttl > 0, "the record still expires (PTTL {pttl})");
+    let mut p = b.pusher();
+    assert_eq!(push_one(&mut p, &push_req(&uuid, 0x10, &[])), Some(0x00));
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until && !got.iter().any(|h: &String| h == "0100100000") {
+        if let Some(h) = recv_within(&dev, Duration::from_millis(200)) {
+            got.push(h);
+        }
+    }
+    assert!(
+        got.iter().any(|h| h == "0100100000"),
+        "the push at B reached the device through its owner A: {got:?}"
+    );
+}
+
 /// Runs `ddpushd ARGS` expecting it to refuse to start; returns (exit code, stderr).
 fn refused(args: &[&str]) -> (Option<i32>, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ddpushd"))

@@ -3,7 +3,7 @@
 //! ```text
 //! ddpush-bench responder [--listen 127.0.0.1:0]
 //! ddpush-bench heartbeat --target ADDR [--clients N] [--sockets S] [--secs T]
-//!                        [--window W | --rate R] [--register] [--server-pid PID]
+//!                        [--window W | --rate R] [--register] [--first N] [--server-pid PID]
 //! ddpush-bench push --udp ADDR --push ADDR [--clients N] [--sockets S] [--conns C]
 //!                   [--window W] [--secs T] [--first N] [--server-pid PID]
 //! ddpush-bench seed --data-dir DIR --clients N
@@ -228,6 +228,7 @@ fn server_sample(pid: Option<u32>) -> Value {
 
 fn heartbeat(a: &Args) -> Result<Value, String> {
     let target: SocketAddr = a.need("target")?;
+    devices::FIRST.store(a.get("first", 0)?, std::sync::atomic::Ordering::Relaxed);
     let clients: u64 = a.get("clients", 10_000)?;
     let fleet = devices::Fleet::new(target, a.get("sockets", 4)?).map_err(|e| e.to_string())?;
     let pid: Option<u32> = a.0.get("server-pid").and_then(|p| p.parse().ok());

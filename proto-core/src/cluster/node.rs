@@ -177,6 +177,9 @@ enum Via {
 #[derive(Clone, Debug)]
 struct Copy {
     rec: StoredRecord,
+    /// When the store last restarted the record's `--pending-ttl` (its bind here, or the
+    /// newest push the copy has seen: both expire the record again).
+    renewed: Time,
 }
 
 /// The node-local part of one client.
@@ -560,13 +563,26 @@ impl ClusterNode {
                 }
             }
         }
+        let renew = self.renew_after();
         let Some(e) = self.entries.get_mut(&uuid) else {
             return;
         };
-        if e.copy.is_some() {
-            self.answer(uuid, app_id, via, changed);
-            return;
+        if let Some(c) = e.copy.as_ref() {
+            if self.now < c.renewed + renew {
+                self.answer(uuid, app_id, via, changed);
+                return;
+            }
+            // The store's record expires `--pending-ttl` after its last push or bind, but a
+            // device that stays online here needs its record (and its owner field: pushes at
+            // other nodes find us through it). So the owner renews it by binding again, at the
+            // first heartbeat once the ttl is half gone: one store operation per device per
+            // half ttl. The copy is dropped first, so this heartbeat takes the first-contact
+            // path (answered when the bind returns; a failed bind retries at the next one).
+            self.drop_copy(uuid);
         }
+        let Some(e) = self.entries.get_mut(&uuid) else {
+            return;
+        };
         if let Some(b) = e.bind.as_mut() {
             // A bind is in flight: answer this (newest) heartbeat when it returns.
             b.1 = app_id;
@@ -813,7 +829,10 @@ impl ClusterNode {
                 let fresh = e.copy.is_none();
                 // Any send still in the ledger was made from a copy that was dropped, so it
                 // is superseded already: its ack is consumed first and clears nothing.
-                e.copy = Some(Copy { rec });
+                e.copy = Some(Copy {
+                    renewed: newest_push(&rec).max(self.now),
+                    rec,
+                });
                 let online = e.online;
                 self.stats.binds += 1;
                 if fresh {
@@ -903,6 +922,7 @@ impl ClusterNode {
         if rec.epoch < c.rec.epoch || rec.ver <= c.rec.ver {
             return true;
         }
+        c.renewed = c.renewed.max(newest_push(&rec));
         let old = std::mem::replace(&mut c.rec, rec);
         let new = &c.rec;
         let mut out: Vec<(DownMsg, Option<(usize, Gen)>)> = Vec::new();
@@ -1014,6 +1034,13 @@ impl ClusterNode {
         }
     }
 
+    /// How long after its last renewal a copy's record is bound again: half the pending ttl,
+    /// and at least one online window before it ends (a device online here heartbeats within
+    /// every window, so its record is renewed before it expires).
+    fn renew_after(&self) -> Duration {
+        (self.cfg.pending_ttl / 2).min(self.cfg.pending_ttl.saturating_sub(self.window))
+    }
+
     fn idle_timeout(&self, port: Port) -> Duration {
         match port {
             Port::Device => self.cfg.device_tcp_idle,
@@ -1085,6 +1112,16 @@ impl ClusterNode {
         }
         self.maybe_drain();
     }
+}
+
+/// The newest push time in a record (a push restarts the record's expiry).
+fn newest_push(rec: &StoredRecord) -> Time {
+    rec.pushed_at
+        .iter()
+        .flatten()
+        .copied()
+        .max()
+        .unwrap_or(Time::ZERO)
 }
 
 fn dest(via: Via) -> Dest {
