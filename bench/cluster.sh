@@ -59,14 +59,14 @@ for mode in "16 16 pipelined" "1 1 one-at-a-time"; do
   row "cluster, push at a non-owner, $3" --udp "$UDP_a" --push "$PUSH_b" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --first 200000 --server-pid "$PID_b"
   # Three nodes at once, each with its own devices and pushers.
   i=0
+  gens=()
   for n in a b c; do
     u="UDP_$n"; p="PUSH_$n"
     "$bench" push --udp "${!u}" --push "${!p}" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --first $((300000 + i * 10000)) >"$work/three-$n.json" &
+    gens+=("$!")
     i=$((i + 1))
   done
-  wait_all=0
-  for n in a b c; do while ! [ -s "$work/three-$n.json" ]; do sleep 0.2; wait_all=$((wait_all + 1)); [ $wait_all -lt 600 ] || break; done; done
-  sleep 1
+  wait "${gens[@]}"
   printf '{"row":"cluster, 3 nodes at once, %s","result":[%s,%s,%s]}\n' "$3" \
     "$(cat "$work/three-a.json")" "$(cat "$work/three-b.json")" "$(cat "$work/three-c.json")"
 done
