@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod attacker;
 pub mod cluster;
 pub mod device;
 pub mod net;

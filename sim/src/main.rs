@@ -44,10 +44,10 @@ struct Sum {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: ddpush-sim [--scenario NAME|all] [--seed S | --seeds N [--first S]] [--scale K] \
-         [--nat on|off]\n\
-         scenarios: lossy offline partition crash tcp mixed, cluster (all of:) cluster-anynode\n\
-         cluster-kill cluster-freeze cluster-storecut cluster-crossing cluster-acks cluster-rolling\n\
-         cluster-rehome cluster-failover"
+         [--nat on|off] [--skew-ahead SECS]\n\
+         scenarios: lossy offline partition crash tcp mixed disk-full signed, cluster (all of:)\n\
+         cluster-anynode cluster-kill cluster-freeze cluster-storecut cluster-crossing cluster-acks\n\
+         cluster-rolling cluster-rehome cluster-failover"
     );
     ExitCode::from(2)
 }
@@ -58,6 +58,7 @@ fn main() -> ExitCode {
     let mut count = 1u64;
     let mut scale = 1usize;
     let mut nat = true;
+    let mut skew_ahead = 0i64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let Some(v) = args.next() else {
@@ -95,6 +96,10 @@ fn main() -> ExitCode {
                 Ok(n) => scale = n,
                 Err(_) => return usage(),
             },
+            "--skew-ahead" => match v.parse() {
+                Ok(s) => skew_ahead = s,
+                Err(_) => return usage(),
+            },
             "--nat" => match v.as_str() {
                 "on" => nat = true,
                 "off" => nat = false,
@@ -112,6 +117,9 @@ fn main() -> ExitCode {
                 Which::Single(k) => {
                     let mut p = Params::new(k, seed, scale);
                     p.nat = nat;
+                    if p.signed {
+                        p.max_skew_ahead_s = skew_ahead;
+                    }
                     let i = match sums.iter().position(|s| s.name == k.name()) {
                         Some(i) => i,
                         None => {

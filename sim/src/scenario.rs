@@ -4,11 +4,13 @@ use std::fmt;
 use std::rc::Rc;
 use std::time::Duration;
 
+use ddpush_proto::signed::{DeviceKey, SignedDrop};
 use ddpush_proto::{Config, Content, DownMsg, Event, Pending, PushMsg};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::app::{self, Planned};
+use crate::attacker::{self, AttackPlan, AttackStats};
 use crate::device::{self, Plan};
 use crate::net::{self, NatPlan, NetStats};
 use crate::server::{self, DEVICE_PORT, PUSH_PORT};
@@ -32,11 +34,16 @@ pub enum Kind {
     /// 7: the server's disk fills (journal writes and snapshots fail) and crashes come on top:
     /// pushes answered `0xFF` must never be delivered, every `0x00` must be.
     DiskFull,
+    /// 8: every device is signed (PROTOCOL.md 9), clocks skewed within the window, on lossy
+    /// and clean links, with offline periods and crashes; an attacker who knows every uuid
+    /// replays what it copies off the server's link and heartbeats every uuid in v1. It must
+    /// never get a mask or payload or move an address; the devices must still get every push.
+    Signed,
 }
 
 impl Kind {
     /// Every scenario.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Lossy,
         Kind::Offline,
         Kind::Partition,
@@ -44,6 +51,7 @@ impl Kind {
         Kind::Tcp,
         Kind::Mixed,
         Kind::DiskFull,
+        Kind::Signed,
     ];
 
     /// Its command-line name.
@@ -56,6 +64,7 @@ impl Kind {
             Kind::Tcp => "tcp",
             Kind::Mixed => "mixed",
             Kind::DiskFull => "disk-full",
+            Kind::Signed => "signed",
         }
     }
 
@@ -99,6 +108,17 @@ pub struct Params {
     /// UDP device hosts sit behind NATs that rebind idle mappings and, on lossy hosts,
     /// duplicate and hold back datagrams (`sim/src/net.rs`).
     pub nat: bool,
+    /// Every device is a signed device with its own key (provisioned before it starts).
+    pub signed: bool,
+    /// Largest amount a signed device's clock is behind the server's (s).
+    pub max_skew_s: i64,
+    /// Largest amount a signed device's clock is ahead of the server's (s). 0 in the signed
+    /// scenario: a clock ahead by d makes the last d seconds of its packets before a server
+    /// crash replayable after the restart (SECURITY.md); `--skew-ahead` shows it.
+    pub max_skew_ahead_s: i64,
+    /// An attacker host replays captured signed packets and heartbeats every uuid in v1
+    /// (`sim/src/attacker.rs`).
+    pub attacker: bool,
 }
 
 /// Clean phase at the end: no loss, no faults; long enough for every record to drain.
@@ -107,6 +127,8 @@ const CLEAN: u64 = 200_000;
 const QUIET: u64 = 70_000;
 /// When pushes start (every device has sent its first heartbeat).
 const PUSH_START: u64 = 55_000;
+/// Largest amount a signed scenario device's clock is behind the server's (s).
+const SIGNED_SKEW_S: i64 = 20;
 
 impl Params {
     /// The CI-sized parameters of a scenario (`scale` 1); larger scales multiply devices.
@@ -128,6 +150,10 @@ impl Params {
             tcp_drops: false,
             disk_full: false,
             nat: true,
+            signed: false,
+            max_skew_s: 0,
+            max_skew_ahead_s: 0,
+            attacker: false,
         };
         match kind {
             Kind::Lossy => Params {
@@ -183,17 +209,34 @@ impl Params {
                 disk_full: true,
                 ..base
             },
+            Kind::Signed => Params {
+                udp_devices: 200 * s,
+                tcp_devices: 40 * s,
+                settle: 200_000,
+                loss: true,
+                offline: 0.2,
+                crashes: 3,
+                signed: true,
+                max_skew_s: SIGNED_SKEW_S,
+                attacker: true,
+                ..base
+            },
         }
     }
 
     /// The command that replays this run.
     pub fn replay(&self, scale: usize) -> String {
         format!(
-            "cargo run -p ddpush-sim --release -- --scenario {} --seed {} --scale {}{}",
+            "cargo run -p ddpush-sim --release -- --scenario {} --seed {} --scale {}{}{}",
             self.kind.name(),
             self.seed,
             scale,
-            if self.nat { "" } else { " --nat off" }
+            if self.nat { "" } else { " --nat off" },
+            if self.max_skew_ahead_s > 0 {
+                format!(" --skew-ahead {}", self.max_skew_ahead_s)
+            } else {
+                String::new()
+            }
         )
     }
 }
@@ -295,6 +338,13 @@ pub struct Report {
     /// Devices whose last receipt was an older payload that the network delivered after the
     /// newest (both were in flight together).
     pub reordered_payloads: usize,
+    /// Signed scenario: the server's signed-device counters, summed over restarts.
+    pub signed: Option<crate::world::SignedCounts>,
+    /// Server packets signed devices dropped unacked (a NAT's duplicate of a sealed answer
+    /// is a replay to the device).
+    pub device_refused: u64,
+    /// Signed scenario: what the attacker did and got.
+    pub attack: Option<AttackStats>,
 }
 
 impl Report {
@@ -343,7 +393,35 @@ impl fmt::Display for Report {
             self.reordered_payloads,
             self.trace,
             self.trace_items
-        )
+        )?;
+        if let Some(s) = &self.signed {
+            write!(
+                f,
+                " signed: accepted={} dropped={:?} unsigned-refused={:?} device-refused={}",
+                s.accepted, s.dropped, s.unsigned, self.device_refused
+            )?;
+        }
+        if let Some(a) = &self.attack {
+            write!(
+                f,
+                " attacker: replayed={} tcp-replayed={} forged={} v1-heartbeats={} v1-acks={} \
+                 got: bare-0x10={} 0x11={} 0x20={} heartbeat-replies={} sealed={} other={} \
+                 address-moves={}",
+                a.replayed,
+                a.tcp_replayed,
+                a.forged,
+                a.v1_heartbeats,
+                a.v1_acks,
+                a.got_notify,
+                a.got_bits,
+                a.got_payload,
+                a.got_reply,
+                a.got_sealed,
+                a.got_other,
+                a.moved
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -405,18 +483,36 @@ pub fn run(p: &Params) -> Result<Report, String> {
             let from = rng.random_range(PUSH_START..push_end - 250_000);
             away.push((from, from + rng.random_range(90_000..240_000)));
         }
+        // Drawn in the order the fields were always drawn in (appId, start, then the seed
+        // below), so the other scenarios' runs stay as they were.
+        let app_id = rng.random_range(1..=3);
+        let start = rng.random_range(0..50_000);
+        // A signed device's key and clock skew (drawn only in the signed scenario). A clock
+        // behind the server's is at most as far behind as the device's start, so it never
+        // reads a time before the simulation's epoch (1970 for a real clock).
+        let (key, skew_s) = if p.signed {
+            let id: u8 = rng.random();
+            let key = DeviceKey::new(rng.random());
+            let behind = p.max_skew_s.min(start as i64 / 1000 - 1).max(0);
+            (
+                Some((id, key)),
+                rng.random_range(-behind..=p.max_skew_ahead_s),
+            )
+        } else {
+            (None, 0)
+        };
         host_of.push(host);
         plans.push(Plan {
             idx: i,
-            app_id: rng.random_range(1..=3),
+            app_id,
             tcp,
             loss,
-            start: rng.random_range(0..50_000),
+            start,
             away,
             end,
             seed: rng.random(),
-            key: None,
-            skew_s: 0,
+            key,
+            skew_s,
         });
     }
 
@@ -487,8 +583,17 @@ pub fn run(p: &Params) -> Result<Report, String> {
     }
     faults.sort_by_key(|f| f.0);
 
-    let uuids = (0..n).map(device_uuid).collect();
-    let sh = Shared::new(uuids);
+    let uuids: Vec<_> = (0..n).map(device_uuid).collect();
+    let sh = Shared::new(uuids.clone());
+    *sh.provision.borrow_mut() = plans
+        .iter()
+        .filter_map(|pl| pl.key.clone().map(|(id, k)| (uuids[pl.idx], id, k)))
+        .collect();
+    let signed_uuids: Vec<_> = plans
+        .iter()
+        .filter(|pl| pl.key.is_some())
+        .map(|pl| uuids[pl.idx])
+        .collect();
 
     let mut b = turmoil::Builder::new();
     b.simulation_duration(Duration::from_millis(end + 120_000))
@@ -582,6 +687,27 @@ pub fn run(p: &Params) -> Result<Report, String> {
         let push_addr = (server_ip, PUSH_PORT).into();
         sim.client("app", app::run(sh, pushes, push_addr, clean_at + CLEAN / 2));
     }
+    let attacker_ip = if p.attacker {
+        let plan = AttackPlan {
+            seed: p.seed ^ 0x5eed_0003,
+            start: 20_000,
+            end,
+            uuids: uuids.clone(),
+        };
+        let sh = sh.clone();
+        let tcp_addr = (server_ip, DEVICE_PORT).into();
+        sim.client(
+            "attacker",
+            attacker::run(sh.clone(), plan, udp_addr, tcp_addr),
+        );
+        let ip = sim.lookup("attacker");
+        sh.capture.borrow_mut().on = Some(ip);
+        Some(ip)
+    } else {
+        None
+    };
+    let mut moved_seen = std::collections::BTreeSet::new();
+    let mut next_addr_check = 0u64;
 
     // Drive.
     let mut errors: Vec<String> = Vec::new();
@@ -632,6 +758,9 @@ pub fn run(p: &Params) -> Result<Report, String> {
                 CrashHow::AtRandom => {}
             }
             pre_crash = sh.node.borrow().as_ref().map(|n| n.pending());
+            if let Some(node) = sh.node.borrow().as_ref() {
+                sh.signed.borrow_mut().add(node);
+            }
             sim.crash("server");
             *sh.node.borrow_mut() = None;
             {
@@ -691,6 +820,27 @@ pub fn run(p: &Params) -> Result<Report, String> {
             }
         });
 
+        // No signed-only uuid's recorded address may ever be the attacker's.
+        if let (Some(ip), true) = (attacker_ip, now >= next_addr_check) {
+            next_addr_check = now + 1_000;
+            if let Some(node) = sh.node.borrow().as_ref() {
+                for u in &signed_uuids {
+                    let at_attacker = node
+                        .record(u)
+                        .and_then(|r| r.addr)
+                        .is_some_and(|a| a.ip() == ip);
+                    if at_attacker {
+                        sh.attack.borrow_mut().moved += 1;
+                        if moved_seen.insert(*u) {
+                            errors.push(format!(
+                                "{now} ms: the attacker moved signed-only uuid {u}'s address"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+
         if !clean_done && now >= clean_at {
             // The clean phase: no loss anywhere, every fault healed, nothing armed.
             clean_done = true;
@@ -732,6 +882,18 @@ pub fn run(p: &Params) -> Result<Report, String> {
     report.snapshots = (st.snapshots, st.torn);
     report.app_reconnects = sh.app.borrow().reconnects;
     report.net = *sh.net.borrow();
+    report.device_refused = sh.devices.iter().map(|d| d.borrow().refused).sum();
+    if p.signed {
+        if let Some(node) = sh.node.borrow().as_ref() {
+            sh.signed.borrow_mut().add(node);
+        }
+        report.signed = Some(sh.signed.borrow().clone());
+    }
+    if p.attacker {
+        let a = *sh.attack.borrow();
+        check_attack(&a, report.signed.as_ref(), &mut errors);
+        report.attack = Some(a);
+    }
     if errors.is_empty() {
         Ok(report)
     } else {
@@ -741,6 +903,37 @@ pub fn run(p: &Params) -> Result<Report, String> {
             errors.push(format!("... and {more} more"));
         }
         Err(format!("{}\n{report}", errors.join("\n")))
+    }
+}
+
+/// What the attacker may get from signed-only uuids: bare `0x10`s, nothing else; and the
+/// attack must really have happened (replays sent and refused as replays, forgeries refused
+/// by their tag, v1 heartbeats answered with the bare `0x10`).
+fn check_attack(
+    a: &AttackStats,
+    signed: Option<&crate::world::SignedCounts>,
+    errors: &mut Vec<String>,
+) {
+    for (what, n) in [
+        ("0x11 masks", a.got_bits),
+        ("0x20 payloads", a.got_payload),
+        ("heartbeat replies", a.got_reply),
+        ("sealed packets", a.got_sealed),
+        ("undecodable packets", a.got_other),
+    ] {
+        if n > 0 {
+            errors.push(format!("the attacker received {n} {what}"));
+        }
+    }
+    let refused = |r: SignedDrop| signed.map_or(0, |s| s.dropped.get(r));
+    if a.replayed == 0 || refused(SignedDrop::Replayed) == 0 {
+        errors.push("no captured packet was replayed and refused: the attack did not run".into());
+    }
+    if a.forged == 0 || refused(SignedDrop::Tag) == 0 {
+        errors.push("no forgery was sent and refused".into());
+    }
+    if a.v1_heartbeats == 0 || a.got_notify == 0 {
+        errors.push("no v1 heartbeat of the attacker got its bare 0x10".into());
     }
 }
 

@@ -26,6 +26,8 @@ pub const PUSH_PORT: u16 = 9999;
 /// How often a snapshot is written, and how many records each simulated write step holds.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(45);
 const SNAPSHOT_CHUNK: usize = 256;
+/// Rotation grace of provisioned keys (the admin API's default).
+const KEY_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 enum Input {
     Data(ConnId, Vec<u8>),
@@ -45,6 +47,9 @@ fn restore(sh: &Shared, cfg: &Config) -> Node {
     }
     for st in store.snapshot.iter().cloned() {
         rec.record(st);
+    }
+    for (uuid, keys) in store.keys.iter().cloned() {
+        rec.key(uuid, keys);
     }
     for c in &store.journal {
         rec.change(c);
@@ -78,6 +83,20 @@ pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
     let mut buf = vec![0u8; 2048];
     let mut driver = Driver::new();
 
+    // The app server provisions signed devices' keys before they start (the admin API's
+    // PUT /clients/{uuid}/key); on a restart they are already in the store.
+    let provision = sh.provision.borrow().clone();
+    if !provision.is_empty() {
+        with_node(&sh, |node| {
+            for (uuid, id, key) in provision {
+                if node.key_state(&uuid).is_none() {
+                    let _ = node.set_key(now(), uuid, id, key, KEY_GRACE);
+                }
+            }
+        });
+        flush(&sh, &mut driver, &udp, &mut writers).await;
+    }
+
     loop {
         let deadline = sh.node.borrow().as_ref().and_then(Node::poll_timeout);
         let wait = deadline.map_or(Duration::from_secs(3600), |d| {
@@ -88,6 +107,7 @@ pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
             r = udp.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
                     sh.trace.borrow_mut().add(b'u', now_ms(), &buf[..n]);
+                    crate::attacker::tap(&sh, from, false, &buf[..n]);
                     with_node(&sh, |node| node.handle_udp(now(), from, &buf[..n]));
                 }
             }
@@ -121,8 +141,13 @@ pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
 
         if now_ms() >= next_snapshot && !snapshot_busy.get() {
             next_snapshot = now_ms() + SNAPSHOT_EVERY.as_millis() as u64;
-            let records: Vec<_> = sh.node.borrow().as_ref().expect("node").records().collect();
+            let (records, keys): (Vec<_>, _) = {
+                let node = sh.node.borrow();
+                let node = node.as_ref().expect("node");
+                (node.records().collect(), node.key_states())
+            };
             let mark = sh.store.borrow().journal.len();
+            sh.store.borrow_mut().staging_keys = keys;
             snapshot_busy.set(true);
             tokio::task::spawn_local(write_snapshot(
                 sh.clone(),
@@ -139,7 +164,7 @@ fn with_node<R>(sh: &Shared, f: impl FnOnce(&mut Node) -> R) -> R {
 }
 
 fn open(
-    sh: &Shared,
+    sh: &Rc<Shared>,
     s: TcpStream,
     peer: SocketAddr,
     port: Port,
@@ -154,6 +179,7 @@ fn open(
     }
     let (mut rd, wr) = s.into_split();
     let tx = tx.clone();
+    let sh = sh.clone();
     let reader = tokio::task::spawn_local(async move {
         let mut buf = vec![0u8; 4096];
         loop {
@@ -163,6 +189,9 @@ fn open(
                     return;
                 }
                 Ok(n) => {
+                    if port == Port::Device {
+                        crate::attacker::tap(&sh, peer, true, &buf[..n]);
+                    }
                     let _ = tx.send(Input::Data(id, buf[..n].to_vec()));
                 }
             }
@@ -272,6 +301,7 @@ async fn write_snapshot(
             store.failed_writes += 1;
         } else {
             store.snapshot = s;
+            store.keys = std::mem::take(&mut store.staging_keys);
             store.journal.drain(..mark);
             store.snapshots += 1;
         }

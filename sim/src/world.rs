@@ -6,7 +6,10 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use ddpush_proto::{Change, DownMsg, Event, Node, Pending, PushMsg, RecordState, Uuid};
+use ddpush_proto::signed::{DeviceKey, KeyState, SignedDrop, Unsigned};
+use ddpush_proto::{Change, Counters, DownMsg, Event, Node, Pending, PushMsg, RecordState, Uuid};
+
+use crate::attacker::{AttackStats, Capture};
 
 /// The in-memory stand-in for the server's data dir, with the same contract: a snapshot plus
 /// the journal of every change since. A new snapshot is written aside (`staging`) and replaces
@@ -16,10 +19,14 @@ use ddpush_proto::{Change, DownMsg, Event, Node, Pending, PushMsg, RecordState, 
 pub struct Store {
     /// The last complete snapshot.
     pub snapshot: Vec<RecordState>,
+    /// The keys of signed-only uuids in that snapshot.
+    pub keys: Vec<(Uuid, KeyState)>,
     /// Changes since that snapshot, in order.
     pub journal: Vec<Change>,
     /// A snapshot being written; discarded at restart.
     pub staging: Option<Vec<RecordState>>,
+    /// The keys of the snapshot being written.
+    pub staging_keys: Vec<(Uuid, KeyState)>,
     /// Snapshots completed.
     pub snapshots: u64,
     /// Snapshots abandoned by a crash.
@@ -174,6 +181,39 @@ pub struct Shared {
     pub app: RefCell<AppLog>,
     /// What the NATs did.
     pub net: RefCell<crate::net::NetStats>,
+    /// Keys the app server provisions before the devices start: (uuid, key id, key).
+    pub provision: RefCell<Vec<(Uuid, u8, DeviceKey)>>,
+    /// Packets the attacker copied off the server's link.
+    pub capture: RefCell<Capture>,
+    /// What the attacker did and got.
+    pub attack: RefCell<AttackStats>,
+    /// The server's signed-device counters, summed over restarts.
+    pub signed: RefCell<SignedCounts>,
+}
+
+/// The server's signed-device counters, summed over every run of the node.
+#[derive(Clone, Debug, Default)]
+pub struct SignedCounts {
+    /// Signed packets that passed every check.
+    pub accepted: u64,
+    /// Signed packets dropped, by reason.
+    pub dropped: Counters<SignedDrop, 6>,
+    /// v1 packets naming a signed-only uuid, by kind.
+    pub unsigned: Counters<Unsigned, 2>,
+}
+
+impl SignedCounts {
+    /// Adds a node's counters (at a crash, and at the end).
+    pub fn add(&mut self, node: &Node) {
+        let st = node.stats();
+        self.accepted += st.signed_accepted;
+        for (k, v) in st.signed_dropped.iter() {
+            self.dropped.add(k, v);
+        }
+        for (k, v) in st.unsigned_refused.iter() {
+            self.unsigned.add(k, v);
+        }
+    }
 }
 
 impl Shared {
@@ -201,6 +241,10 @@ impl Shared {
                 .collect(),
             app: RefCell::default(),
             net: RefCell::default(),
+            provision: RefCell::default(),
+            capture: RefCell::default(),
+            attack: RefCell::default(),
+            signed: RefCell::default(),
         })
     }
 }

@@ -87,3 +87,37 @@ fn same_seed_same_trace() {
     let c = run(&p).expect("other seed");
     assert_ne!(a.trace, c.trace, "different seeds gave the same trace");
 }
+
+#[test]
+fn signed_devices_and_a_replaying_attacker() {
+    use ddpush_proto::signed::SignedDrop;
+    let r = check(Kind::Signed, 8);
+    // check() failed the run if the attacker got a mask, a payload, a heartbeat reply or a
+    // sealed packet, or moved a signed-only uuid's address, or if a device missed a push.
+    let a = r.attack.expect("attacker stats");
+    let s = r.signed.clone().expect("signed counters");
+    assert!(
+        a.replayed > 500 && a.tcp_replayed > 20,
+        "too few replays: {a:?}"
+    );
+    assert!(a.v1_heartbeats > 10_000 && a.got_notify > 100, "{a:?}");
+    assert!(s.accepted > 1_000, "{s:?}");
+    assert!(s.dropped.get(SignedDrop::Replayed) > 500, "{s:?}");
+    assert!(
+        s.dropped.get(SignedDrop::Expired) > 10,
+        "late replays: {s:?}"
+    );
+    assert!(s.dropped.get(SignedDrop::Tag) > 10, "forgeries: {s:?}");
+    assert!(r.crashes >= 2 && r.accepted > 500, "{r}");
+}
+
+#[test]
+fn signed_same_seed_same_trace() {
+    let mut p = Params::new(Kind::Signed, 21, 1);
+    p.udp_devices = 40;
+    p.tcp_devices = 10;
+    let a = run(&p).expect("first run");
+    let b = run(&p).expect("second run");
+    assert_eq!(a.trace, b.trace, "same seed gave different traces");
+    assert_eq!(a.attack.map(|x| x.replayed), b.attack.map(|x| x.replayed));
+}
