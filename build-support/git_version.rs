@@ -27,15 +27,30 @@ fn main() {
         None => format!("{version} (not built from a git checkout)"),
     };
     println!("cargo:rustc-env=DDPUSH_VERSION={text}");
-    // Rebuild when HEAD moves (a commit, a checkout) so the reported commit stays true.
-    if let Some(path) = git(&["rev-parse", "--git-path", "HEAD"]) {
-        println!("cargo:rerun-if-changed={path}");
-    }
-    if let Some(path) = git(&["rev-parse", "--git-path", "packed-refs"]) {
-        println!("cargo:rerun-if-changed={path}");
-    }
+    // Rebuild when HEAD moves (a commit, a checkout) so the reported commit stays true. Only
+    // files that exist are named: cargo treats a missing one as always changed, which would
+    // rebuild both binaries on every cargo invocation (a fresh clone has no packed-refs, a
+    // packed branch no loose ref file).
+    let dir = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let mut watch = vec![
+        git(&["rev-parse", "--git-path", "HEAD"]),
+        git(&["rev-parse", "--git-path", "packed-refs"]),
+    ];
     if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
         if let Some(path) = git(&["rev-parse", "--git-path", &r]) {
+            // A packed branch has no loose file until its next commit writes one: watch the
+            // folder it will appear in.
+            let loose = std::path::Path::new(&path);
+            match loose.parent() {
+                Some(parent) if !dir.join(loose).exists() => {
+                    watch.push(Some(parent.display().to_string()))
+                }
+                _ => watch.push(Some(path)),
+            }
+        }
+    }
+    for path in watch.into_iter().flatten() {
+        if dir.join(&path).exists() {
             println!("cargo:rerun-if-changed={path}");
         }
     }
