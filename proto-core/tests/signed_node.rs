@@ -478,3 +478,37 @@ fn a_key_change_whose_write_fails_is_taken_back() {
     assert_eq!((k.id, k.previous.is_none()), (1, true));
     assert_eq!(node.stats().keys, 1);
 }
+
+#[test]
+fn a_v1_address_in_the_snapshot_is_forgotten_when_the_journal_provisions_the_key() {
+    // A v1 heartbeat (anyone's) recorded an address, a snapshot holds it, then the key is
+    // provisioned (journal only). Live, provisioning forgot the address; a restart from that
+    // snapshot + journal must forget it too, or pushes go, sealed but readable, to whoever sent
+    // the v1 heartbeat.
+    let mut h = default_harness();
+    let attacker = addr(66, 6666);
+    h.heartbeat(attacker, 1, alice());
+    h.take_transmits();
+    h.take_changes();
+    let snapshot: Vec<_> = h.node.records().collect();
+    let now = h.now();
+    h.node.set_key(now, alice(), 1, key(7), secs(0)).unwrap();
+    h.drain();
+    let journal = h.take_changes();
+
+    let restart = h.now() + secs(1);
+    let mut n = Node::new(Config::default()).unwrap();
+    for r in snapshot {
+        n.restore(restart, r);
+    }
+    for c in &journal {
+        n.apply(c);
+    }
+    assert_eq!(n.record(&alice()).unwrap().addr, None);
+    let mut h2 = Harness::with_node(n, restart);
+    h2.push(alice(), payload(b"secret"));
+    assert!(
+        h2.take_transmits().is_empty(),
+        "nothing to the address a v1 heartbeat set before the key"
+    );
+}

@@ -123,6 +123,12 @@ impl Node {
             Change::Keyed { uuid, keys } => {
                 if !self.keys.contains(uuid) {
                     self.stats.keys += 1;
+                    // As `set_key` did live: an address in the snapshot may come from a v1
+                    // heartbeat (anyone's) before the key; the journal does not record that
+                    // provisioning forgot it, so forget it again here.
+                    if let Some(slot) = self.reg.find(uuid) {
+                        self.forget_route(slot);
+                    }
                 }
                 self.keys.set(*uuid, keys.clone());
             }
