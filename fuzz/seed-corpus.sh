@@ -16,7 +16,7 @@ command -v jq >/dev/null || { echo "seed-corpus: jq is required" >&2; exit 1; }
 command -v xxd >/dev/null || { echo "seed-corpus: xxd is required" >&2; exit 1; }
 
 c="$here/corpus"
-mkdir -p "$c"/{device_packet,push_request,stream_decoder,node_ops,node_status,snapshot,journal}
+mkdir -p "$c"/{device_packet,push_request,stream_decoder,node_ops,node_status,snapshot,journal,signed_ops}
 
 # put TARGET NAME HEX: writes one seed file.
 put() { printf '%s' "$3" | xxd -r -p > "$c/$1/seed-$2"; }
@@ -62,6 +62,7 @@ sdown=$(jq -r '.server_to_device[] | "\(.name) \(.hex)"' "$sv")
 while read -r name hex; do
   put device_packet "signed-$name" "$hex"
   put node_ops "signed-$name" "$hex"
+  put signed_ops "signed-$name" "$hex"
   put stream_decoder "signed-$name" "0000$hex"
 done <<< "$sdev"
 while read -r name hex; do

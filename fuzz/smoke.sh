@@ -7,7 +7,7 @@ set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 secs="${FUZZ_SECONDS:-20}"
-targets=(device_packet push_request stream_decoder node_status snapshot journal node_ops)
+targets=(device_packet push_request stream_decoder node_status snapshot journal node_ops signed_ops)
 export RUSTC_BOOTSTRAP=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
