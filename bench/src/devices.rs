@@ -74,6 +74,8 @@ pub struct Drive<'a> {
     pub duration: Duration,
     /// Pacing.
     pub pace: Pace,
+    /// Signed devices (PROTOCOL.md 9): heartbeats signed by this, sealed answers expected.
+    pub signer: Option<&'a crate::signed::Signer>,
 }
 
 /// What a heartbeat run saw.
@@ -116,7 +118,11 @@ pub fn drive(fleet: &Fleet, d: &Drive<'_>, sample: &mut dyn FnMut()) -> DriveRes
     let mut exhausted = vec![false; fleet.socks.len()];
     let mut outstanding = vec![0usize; fleet.socks.len()];
     let mut last_reply = vec![Instant::now(); fleet.socks.len()];
-    let mut buf = Vec::with_capacity(BATCH * HB_LEN);
+    let hb_len = match d.signer {
+        Some(_) => crate::signed::SIGNED_HB_LEN,
+        None => HB_LEN,
+    };
+    let mut buf = Vec::with_capacity(BATCH * hb_len);
     let mut rx = Receiver::default();
     let mut r = DriveResult::default();
     let start = Instant::now();
@@ -161,6 +167,15 @@ pub fn drive(fleet: &Fleet, d: &Drive<'_>, sample: &mut dyn FnMut()) -> DriveRes
                 progressed = true;
                 last_reply[s] = now;
                 for i in 0..n {
+                    if d.signer.is_some() {
+                        if crate::signed::Signer::is_reply(rx.get(i)) {
+                            r.answered += 1;
+                            outstanding[s] = outstanding[s].saturating_sub(1);
+                        } else {
+                            r.other += 1;
+                        }
+                        continue;
+                    }
                     match DownPacket::decode(rx.get(i)) {
                         Ok(DownPacket {
                             msg: DownMsg::HeartbeatReply,
@@ -207,14 +222,17 @@ pub fn drive(fleet: &Fleet, d: &Drive<'_>, sample: &mut dyn FnMut()) -> DriveRes
                             break;
                         }
                     }
-                    heartbeat(next[s], &mut buf);
+                    match d.signer {
+                        Some(sg) => sg.heartbeat(next[s], &mut buf),
+                        None => heartbeat(next[s], &mut buf),
+                    }
                     next[s] += s_n;
                     k += 1;
                 }
                 if k == 0 {
                     break;
                 }
-                let sent = net::send_many(sock, &buf, HB_LEN, k);
+                let sent = net::send_many(sock, &buf, hb_len, k);
                 if sent < k {
                     // Kernel buffer full: rewind the devices not sent and move on.
                     let back = (k - sent) as u64 * s_n;
@@ -265,6 +283,7 @@ pub fn register(fleet: &Fleet, label: &str, lo: u64, hi: u64) -> DriveResult {
             once: true,
             duration: Duration::from_secs(120),
             pace: Pace::Window(256),
+            signer: None,
         },
         &mut || {},
     )

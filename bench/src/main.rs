@@ -9,6 +9,7 @@
 //! ddpush-bench seed --data-dir DIR --clients N
 //! ddpush-bench tcp --server PATH/ddpushd [--smoke] [--steps 10000,50000,100000]
 //! ddpush-bench suite --server PATH/ddpushd [--smoke] [--work-dir DIR] [--out FILE]
+//! ddpush-bench signed --server PATH/ddpushd [--clients N] [--rounds K] [--secs T]
 //! ddpush-bench report --in FILE --doc docs/BENCHMARKS.md --charts docs/bench
 //! ```
 //!
@@ -19,6 +20,7 @@ mod net;
 mod proc;
 mod push;
 mod report;
+mod signed;
 mod suite;
 mod tcp;
 
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         "seed" => seed(&a),
         "suite" => suite::run(&a),
         "tcp" => tcp::run(&a),
+        "signed" => signed::run(&a),
         "report" => report::run(&a),
         "check" => check(&a),
         "-h" | "--help" | "help" => {
@@ -96,7 +99,7 @@ fn main() -> ExitCode {
                 "{}",
                 include_str!("main.rs")
                     .lines()
-                    .take(14)
+                    .take(15)
                     .collect::<Vec<_>>()
                     .join("\n")
             );
@@ -248,6 +251,7 @@ fn heartbeat(a: &Args) -> Result<Value, String> {
             once: false,
             duration: Duration::from_secs_f64(a.get("secs", 5.0)?),
             pace,
+            signer: None,
         },
         &mut || {},
     );

@@ -114,6 +114,7 @@ fn udp_figures(pid: u32, fleet: &Fleet, sc: &Scale, who: &str) -> Value {
             once: false,
             duration: Duration::from_secs_f64(sc.hb_secs),
             pace: Pace::Window(sc.window),
+            signer: None,
         },
         &mut || {},
     );
@@ -126,6 +127,7 @@ fn udp_figures(pid: u32, fleet: &Fleet, sc: &Scale, who: &str) -> Value {
             once: false,
             duration: Duration::from_secs_f64(sc.hb_secs),
             pace: Pace::Rate(sc.cpu_rate),
+            signer: None,
         },
         &mut || {},
     );
@@ -221,6 +223,7 @@ pub fn run(a: &Args) -> Result<Value, String> {
             once: false,
             duration: Duration::from_secs_f64(sc.hb_secs),
             pace: Pace::Rate(0.0),
+            signer: None,
         },
         &mut || rss_max = rss_max.max(proc::rss(pid).unwrap_or(0)),
     );

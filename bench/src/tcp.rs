@@ -289,6 +289,7 @@ fn udp_heartbeats(admin: SocketAddr, pid: u32, fleet: &Fleet, n: u64, secs: f64)
             once: false,
             duration: Duration::from_secs_f64(secs),
             pace: Pace::Window(256),
+            signer: None,
         },
         &mut || {},
     );
