@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use ddpush_proto::session::ack_for;
 use ddpush_proto::{
-    Content, DeviceMsg, DevicePacket, DownMsg, DownPacket, PushMsg, PushReply, PushRequest,
+    Content, DeviceMsg, DevicePacket, DownMsg, DownPacket, DownStreamDecoder, PushMsg, PushReply,
+    PushRequest,
 };
 use serde_json::{json, Value};
 
@@ -337,7 +338,7 @@ fn tcp_receiver(hot: &[TcpStream], epoch: Instant, done: &AtomicBool) -> Deliver
         // SAFETY: as above.
         unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) };
     }
-    let mut partial: Vec<Vec<u8>> = vec![Vec::new(); hot.len()];
+    let mut streams: Vec<DownStreamDecoder> = vec![DownStreamDecoder::new(); hot.len()];
     let mut evs = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut buf = [0u8; 16 * 1024];
     while !done.load(Ordering::Relaxed) {
@@ -349,21 +350,14 @@ fn tcp_receiver(hot: &[TcpStream], epoch: Instant, done: &AtomicBool) -> Deliver
             loop {
                 match s.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(k) => partial[i].extend_from_slice(&buf[..k]),
+                    Ok(k) => streams[i].extend(&buf[..k]),
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(_) => break,
                 }
             }
             let now = epoch.elapsed().as_nanos() as u64;
             let mut acks = Vec::new();
-            let p = &mut partial[i];
-            let mut off = 0;
-            while p.len() - off >= 5 {
-                let len = u16::from_be_bytes([p[off + 3], p[off + 4]]) as usize;
-                if p.len() - off < 5 + len {
-                    break;
-                }
-                let pkt = DownPacket::decode(&p[off..off + 5 + len]);
+            while let Some(pkt) = streams[i].next_packet() {
                 let ack = pkt.as_ref().ok().and_then(|p| ack_for(&p.msg));
                 match (pkt, ack) {
                     (
@@ -400,9 +394,7 @@ fn tcp_receiver(hot: &[TcpStream], epoch: Instant, done: &AtomicBool) -> Deliver
                     }
                     _ => d.other += 1,
                 }
-                off += 5 + len;
             }
-            p.drain(..off);
             let mut w = &hot[i];
             let mut a = &acks[..];
             while !a.is_empty() {
