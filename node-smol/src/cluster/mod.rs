@@ -8,9 +8,12 @@
 mod event_loop;
 mod import;
 mod io;
+mod keys;
+mod lanes;
 mod limit;
 mod options;
 pub mod peer;
+mod reply;
 mod status;
 pub mod store;
 

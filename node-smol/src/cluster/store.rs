@@ -31,23 +31,22 @@
 //! `EVALSHA`; a node that lost its script cache (a restart) gets them again on `NOSCRIPT`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_channel::{Receiver, Sender};
-
-use ddpush_proto::cluster::{
-    Gen, Mark, NodeId, StoreError, StoreOp, StoreReply, StoreResult, StoredRecord,
-};
-use ddpush_proto::{Content, Kind, PushMsg, Time, Uuid};
+use ddpush_proto::cluster::{Mark, NodeId, StoreError, StoreOp, StoreReply, StoreResult};
+use ddpush_proto::{Kind, PushMsg, Uuid};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{RedisError, Script, Value};
+use redis::{Script, Value};
 
 /// Buckets of uuids (the hash tags). 256 tags spread over the 16384 slots, so a cluster can
 /// grow to 256 masters; a drain costs one script per bucket.
 pub const BUCKETS: usize = 256;
+
+pub use super::keys::{bucket, record_key, slot};
+use super::keys::{dirty_prefix, node_key};
+use super::lanes::{masters, Job, Lanes};
+use super::reply::{array, number, record, single, text, OpError, RECORD_LEN};
 
 const PROLOGUE: &str = include_str!("lua/record.lua");
 
@@ -118,7 +117,7 @@ pub enum ConnectError {
 }
 
 /// The loaded scripts.
-struct Scripts {
+pub(super) struct Scripts {
     push: Script,
     ack: Script,
     bind: Script,
@@ -443,7 +442,7 @@ impl RedisStore {
 
 /// `SCRIPT LOAD` of every script on every node (masters and replicas), so that the first
 /// `EVALSHA` after a fail-over finds them too.
-async fn load_scripts(
+pub(super) async fn load_scripts(
     conn: &ClusterConnection,
     scripts: &Scripts,
     t: Duration,
@@ -455,339 +454,6 @@ async fn load_scripts(
             .map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-/// Pushes in one pipeline at most (a bigger group waits for the next one).
-const MAX_GROUP: usize = 512;
-/// How often the lane map is read again without a reason.
-const LANE_REFRESH: Duration = Duration::from_secs(5);
-/// After a failed group, how soon the map may be read again.
-const LANE_RETRY: Duration = Duration::from_millis(200);
-
-/// One push waiting for its lane's next group.
-struct Job {
-    /// Its `EVALSHA`.
-    cmd: redis::Cmd,
-    /// Its record's slot (routes the group: every job of a lane has the same master).
-    slot: u16,
-    /// Where its outcome goes (the caller may have given up: then nobody reads it).
-    reply: Sender<Result<Grouped, OpError>>,
-}
-
-/// A push whose script ran, and whether its group's `WAIT` was satisfied.
-struct Grouped {
-    record: StoredRecord,
-    replicated: bool,
-}
-
-/// The push lanes: one per master, each a task that sends one group at a time.
-struct Lanes {
-    conn: ClusterConnection,
-    scripts: Arc<Scripts>,
-    cfg: StoreConfig,
-    state: Mutex<LaneMap>,
-}
-
-struct LaneMap {
-    /// The lane of every bucket.
-    of_bucket: Vec<usize>,
-    /// Per lane: its master's address and its queue.
-    lanes: Vec<(String, Sender<Job>)>,
-    /// When the map was last read (or a read was started).
-    read_at: Instant,
-    /// A group failed: the map may be stale.
-    stale: Arc<AtomicBool>,
-}
-
-impl Lanes {
-    /// One lane for every bucket until the first map is applied.
-    fn new(conn: ClusterConnection, scripts: Arc<Scripts>, cfg: StoreConfig) -> Arc<Self> {
-        let stale = Arc::new(AtomicBool::new(false));
-        let lanes = Arc::new(Lanes {
-            conn,
-            scripts,
-            cfg,
-            state: Mutex::new(LaneMap {
-                of_bucket: vec![0; BUCKETS],
-                lanes: Vec::new(),
-                read_at: Instant::now(),
-                stale,
-            }),
-        });
-        lanes.apply(&[]);
-        lanes
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LaneMap> {
-        // The map is replaced whole under the lock: a panic elsewhere cannot leave it half
-        // written.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Rebuilds the map from `(first slot, last slot, master address)` ranges, keeping the
-    /// lanes (and their tasks) of masters that stay.
-    fn apply(&self, ranges: &[(u16, u16, String)]) {
-        let mut st = self.lock();
-        let addr_of = |b: usize| {
-            let s = bucket_slot(b);
-            ranges
-                .iter()
-                .find(|(lo, hi, _)| (*lo..=*hi).contains(&s))
-                .map_or("?", |r| r.2.as_str())
-                .to_string()
-        };
-        let mut old: Vec<(String, Sender<Job>)> = std::mem::take(&mut st.lanes);
-        let mut lanes: Vec<(String, Sender<Job>)> = Vec::new();
-        let mut of_bucket = vec![0; BUCKETS];
-        for (b, lane) in of_bucket.iter_mut().enumerate() {
-            let a = addr_of(b);
-            *lane = match lanes.iter().position(|(x, _)| *x == a) {
-                Some(i) => i,
-                None => {
-                    let tx = match old.iter().position(|(x, _)| *x == a) {
-                        Some(i) => old.swap_remove(i).1,
-                        None => self.spawn_lane(st.stale.clone()),
-                    };
-                    lanes.push((a, tx));
-                    lanes.len() - 1
-                }
-            };
-        }
-        // Dropping the other senders ends their tasks once their queues are empty.
-        st.lanes = lanes;
-        st.of_bucket = of_bucket;
-    }
-
-    fn spawn_lane(&self, stale: Arc<AtomicBool>) -> Sender<Job> {
-        let (tx, rx) = async_channel::unbounded();
-        let (conn, scripts, cfg) = (self.conn.clone(), self.scripts.clone(), self.cfg.clone());
-        // redis-rs drives its connections on smol's global executor; the lanes run there too.
-        smol::spawn(lane(conn, scripts, cfg, rx, stale)).detach();
-        tx
-    }
-
-    /// Queues a push on its bucket's lane; reads the map again when it is old or a group
-    /// failed.
-    fn submit(self: &Arc<Self>, b: usize, job: Job) {
-        let mut st = self.lock();
-        let since = st.read_at.elapsed();
-        if since >= LANE_REFRESH || (since >= LANE_RETRY && st.stale.load(Ordering::Relaxed)) {
-            st.read_at = Instant::now();
-            st.stale.store(false, Ordering::Relaxed);
-            let me = Arc::downgrade(self);
-            let (conn, t) = (self.conn.clone(), self.cfg.op_timeout);
-            smol::spawn(async move {
-                match timeout(t, masters(&conn)).await {
-                    Ok(Ok(m)) => {
-                        if let Some(l) = me.upgrade() {
-                            l.apply(&m);
-                        }
-                    }
-                    Ok(Err(e)) | Err(e) => tracing::debug!(error = %e, "CLUSTER SLOTS failed"),
-                }
-            })
-            .detach();
-        }
-        let i = st.of_bucket[b];
-        if let Err(e) = st.lanes[i].1.try_send(job) {
-            // Unbounded and its task holds the receiver while the sender lives: not reached.
-            let _ = e
-                .into_inner()
-                .reply
-                .try_send(Err(OpError::Reply("push lane stopped".into())));
-        }
-    }
-}
-
-/// A lane: takes every push waiting (up to [`MAX_GROUP`]), sends them as one pipeline with one
-/// `WAIT`, hands out the outcomes, and only then takes the next group.
-async fn lane(
-    mut conn: ClusterConnection,
-    scripts: Arc<Scripts>,
-    cfg: StoreConfig,
-    rx: Receiver<Job>,
-    stale: Arc<AtomicBool>,
-) {
-    while let Ok(first) = rx.recv().await {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => group.push(j),
-                Err(_) => break,
-            }
-        }
-        // Pushes whose caller gave up (time-out) are not sent: the core answered them.
-        group.retain(|j| !j.reply.is_closed());
-        if !group.is_empty() {
-            run_group(&mut conn, &scripts, &cfg, group, &stale).await;
-        }
-    }
-}
-
-/// One group: the scripts and one `WAIT` in one pipeline on one connection. Scripts that met
-/// `NOSCRIPT` did not run: the scripts are loaded again and those pushes go once more, as a
-/// group of their own with its own `WAIT`.
-async fn run_group(
-    conn: &mut ClusterConnection,
-    scripts: &Scripts,
-    cfg: &StoreConfig,
-    mut group: Vec<Job>,
-    stale: &AtomicBool,
-) {
-    let fail = |jobs: Vec<Job>, why: String| {
-        for j in jobs {
-            let _ = j.reply.try_send(Err(OpError::Reply(why.clone())));
-        }
-    };
-    for attempt in 0..2 {
-        let mut p = redis::pipe();
-        for j in &group {
-            p.add_command(j.cmd.clone());
-        }
-        let waits = cfg.wait_replicas > 0;
-        if waits {
-            p.cmd("WAIT")
-                .arg(cfg.wait_replicas)
-                .arg(cfg.wait_timeout.as_millis().max(1) as u64);
-        }
-        let n = group.len() + usize::from(waits);
-        let route = SingleNodeRoutingInfo::SpecificNode(redis::cluster_routing::Route::new(
-            group[0].slot,
-            SlotAddr::Master,
-        ));
-        let values = match conn.route_pipeline(p, 0, n, route).await {
-            Ok(v) if v.len() == n => v,
-            Ok(v) => {
-                return fail(
-                    group,
-                    format!("pipeline of {n} answered {} values", v.len()),
-                );
-            }
-            Err(e) => {
-                stale.store(true, Ordering::Relaxed);
-                return fail(group, e.to_string());
-            }
-        };
-        let replicated: Result<bool, String> = if waits {
-            match values.last() {
-                Some(Value::Int(k)) => Ok(*k >= i64::from(cfg.wait_replicas)),
-                other => Err(format!("WAIT answered {other:?}")),
-            }
-        } else {
-            Ok(true)
-        };
-        let mut again = Vec::new();
-        for (j, v) in group.into_iter().zip(values.iter()) {
-            match v {
-                Value::ServerError(e)
-                    if attempt == 0 && e.kind() == Some(redis::ServerErrorKind::NoScript) =>
-                {
-                    again.push(j);
-                }
-                v => {
-                    if matches!(v, Value::ServerError(_)) {
-                        stale.store(true, Ordering::Relaxed);
-                    }
-                    let out = single(v, "pushed").and_then(|record| {
-                        replicated
-                            .clone()
-                            .map(|replicated| Grouped { record, replicated })
-                            .map_err(OpError::Reply)
-                    });
-                    let _ = j.reply.try_send(out);
-                }
-            }
-        }
-        if again.is_empty() {
-            return;
-        }
-        if let Err(e) = load_scripts(conn, scripts, cfg.op_timeout).await {
-            return fail(again, format!("SCRIPT LOAD after NOSCRIPT: {e}"));
-        }
-        group = again;
-    }
-    fail(group, "NOSCRIPT after SCRIPT LOAD".into());
-}
-
-/// The master of every slot range, from `CLUSTER SLOTS` on any node:
-/// `(first slot, last slot, "host:port")`.
-async fn masters(conn: &ClusterConnection) -> Result<Vec<(u16, u16, String)>, String> {
-    let v = conn
-        .clone()
-        .route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let bad = || format!("CLUSTER SLOTS answered {v:?}");
-    let Value::Array(ranges) = &v else {
-        return Err(bad());
-    };
-    let mut out = Vec::new();
-    for r in ranges {
-        let Value::Array(f) = r else {
-            return Err(bad());
-        };
-        let (Some(Value::Int(lo)), Some(Value::Int(hi)), Some(Value::Array(m))) =
-            (f.first(), f.get(1), f.get(2))
-        else {
-            return Err(bad());
-        };
-        let host = text(m.first()).map_err(|_| bad())?;
-        let port = number(m.get(1)).map_err(|_| bad())?;
-        let lo = u16::try_from(*lo).map_err(|_| bad())?;
-        let hi = u16::try_from(*hi).map_err(|_| bad())?;
-        out.push((lo, hi, format!("{host}:{port}")));
-    }
-    Ok(out)
-}
-
-/// The bucket of a uuid (its hash tag): FNV-1a of all 16 bytes, so that uuids spread over
-/// the buckets whatever their form (the SDKs' MD5 sums, or sequential ids with a common
-/// prefix).
-pub fn bucket(uuid: &Uuid) -> usize {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in uuid.0 {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
-    ((h ^ (h >> 8) ^ (h >> 16) ^ (h >> 24)) as usize) % BUCKETS
-}
-
-/// The key of a uuid's record.
-pub fn record_key(uuid: &Uuid) -> String {
-    format!("ddp:{{{:02x}}}:r:{}", bucket(uuid), uuid.to_hex())
-}
-
-fn node_key(node: &NodeId) -> String {
-    format!("ddp:n:{}", node.0)
-}
-
-fn dirty_prefix(uuid: &Uuid) -> String {
-    format!("ddp:{{{:02x}}}:d:", bucket(uuid))
-}
-
-/// The cluster slot of a uuid's keys: CRC16 (XMODEM) of the hash tag, mod 16384, as Redis
-/// computes it.
-pub fn slot(uuid: &Uuid) -> u16 {
-    bucket_slot(bucket(uuid))
-}
-
-/// The cluster slot of bucket `b`'s keys.
-fn bucket_slot(b: usize) -> u16 {
-    let tag = format!("{b:02x}");
-    let mut crc: u16 = 0;
-    for b in tag.bytes() {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
 }
 
 /// Connects to the seeds one by one with a plain connection and asks `INFO cluster`: a
@@ -834,99 +500,11 @@ async fn check_cluster_mode(
     })
 }
 
-/// Why one operation failed (all of it becomes [`StoreError::Unavailable`] for the core).
-#[derive(Debug, thiserror::Error)]
-enum OpError {
-    #[error(transparent)]
-    Redis(#[from] RedisError),
-    #[error("unexpected reply: {0}")]
-    Reply(String),
-    #[error("fewer replicas than --cluster-wait-replicas confirmed the write in time")]
-    WaitShort,
-}
-
-/// Fields of a record in a script reply.
-const RECORD_LEN: usize = 11;
-
-fn array(v: &Value) -> Result<&[Value], OpError> {
-    match v {
-        Value::Array(a) => Ok(a),
-        other => Err(OpError::Reply(format!("expected an array, got {other:?}"))),
-    }
-}
-
-fn bytes(v: Option<&Value>) -> Result<&[u8], OpError> {
-    match v {
-        Some(Value::BulkString(b)) => Ok(b),
-        Some(Value::SimpleString(s)) => Ok(s.as_bytes()),
-        other => Err(OpError::Reply(format!("expected a string, got {other:?}"))),
-    }
-}
-
-fn text(v: Option<&Value>) -> Result<&str, OpError> {
-    std::str::from_utf8(bytes(v)?).map_err(|_| OpError::Reply("not UTF-8".into()))
-}
-
-fn number(v: Option<&Value>) -> Result<u64, OpError> {
-    if let Some(Value::Int(i)) = v {
-        return u64::try_from(*i).map_err(|_| OpError::Reply("negative number".into()));
-    }
-    let t = text(v)?;
-    t.parse()
-        .map_err(|_| OpError::Reply(format!("not a number: {t:?}")))
-}
-
-fn opt_number(v: Option<&Value>) -> Result<Option<u64>, OpError> {
-    if bytes(v)?.is_empty() {
-        Ok(None)
-    } else {
-        number(v).map(Some)
-    }
-}
-
-/// A reply `{tag, record...}` with the expected tag.
-fn single(v: &Value, tag: &str) -> Result<StoredRecord, OpError> {
-    let items = array(v)?;
-    let got = text(items.first())?;
-    if got != tag {
-        return Err(OpError::Reply(format!("expected {tag:?}, got {got:?}")));
-    }
-    record(&items[1..])
-}
-
-/// The 11 record fields of a reply (see `lua/record.lua`).
-fn record(f: &[Value]) -> Result<StoredRecord, OpError> {
-    if f.len() < RECORD_LEN {
-        return Err(OpError::Reply("short record in reply".into()));
-    }
-    let owner = text(f.get(1))?;
-    let bh = number(f.get(4))?;
-    let bl = number(f.get(5))?;
-    if bh > u64::from(u32::MAX) || bl > u64::from(u32::MAX) {
-        return Err(OpError::Reply("mask half out of range".into()));
-    }
-    let payload = match opt_number(f.get(6))? {
-        None => None,
-        Some(g) => Some((
-            g as Gen,
-            Content::copy_from_slice(bytes(f.get(7))?)
-                .map_err(|_| OpError::Reply("payload longer than a length field".into()))?,
-        )),
-    };
-    let t = |i: usize| opt_number(f.get(i)).map(|o| o.map(Time));
-    Ok(StoredRecord {
-        ver: number(f.first())?,
-        owner: (!owner.is_empty()).then(|| NodeId(owner.to_string())),
-        epoch: number(f.get(2))?,
-        notify: opt_number(f.get(3))?,
-        bits: (bh << 32) | bl,
-        payload,
-        pushed_at: [t(8)?, t(9)?, t(10)?],
-    })
-}
-
 /// Runs `f` for at most `t`.
-async fn timeout<T>(t: Duration, f: impl std::future::Future<Output = T>) -> Result<T, String> {
+pub(super) async fn timeout<T>(
+    t: Duration,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, String> {
     futures_lite::future::or(async { Ok(f.await) }, async {
         async_io::Timer::after(t).await;
         Err(format!("no answer within {t:?}"))
