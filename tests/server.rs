@@ -79,15 +79,7 @@ impl Server {
         configure(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| e.to_string())?;
         let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(stderr);
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut seen = Vec::new();
         loop {
@@ -234,6 +226,21 @@ pub fn golden() -> serde_json::Value {
     let text = std::fs::read_to_string(&p)
         .unwrap_or_else(|e| panic!("golden vectors at {} are required: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
+}
+
+/// The lines a child writes to `stream`, read on a thread of their own so that the child never
+/// blocks on a full pipe.
+pub fn lines_of(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// The value of one sample in a `/metrics` text: `name` with its labels exactly as printed.
