@@ -307,6 +307,100 @@ fn push_at_any_node_is_delivered_by_the_owner_with_the_golden_bytes() {
         .is_some_and(|p| !p.is_empty()));
 }
 
+/// A device on TCP in cluster mode, through the single node's socket layer: its heartbeat
+/// split across writes binds it, pushes at another node reach it over its connection with
+/// the golden bytes, its acks on the connection clear them, and a frame that cannot be
+/// delimited closes the connection (as on a single node) without harming the others.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn a_tcp_device_is_bound_pushed_to_from_another_node_and_acks_over_tcp() {
+    let run = run_id();
+    let a = Node::start(&format!("{run}-a"), &[]);
+    let b = Node::start(&format!("{run}-b"), &[]);
+    let uuid = random_uuid();
+    let mut dev = a.device_tcp();
+    let hb = dev_pkt(&uuid, 1, 0x00, &[]);
+    dev.write_all(&hb[..10]).expect("first half");
+    std::thread::sleep(Duration::from_millis(50));
+    dev.write_all(&hb[10..]).expect("second half");
+    // Heartbeats on TCP get no reply (the connection says it is alive); the bind shows in
+    // the owner's status.
+    let t = Instant::now();
+    while a.status()["owned"] != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no bind: {}",
+            a.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let want = golden_immediate();
+    let reqs: [(u8, Vec<u8>); 3] = [
+        (0x10, vec![]),
+        (0x11, 5u64.to_be_bytes().to_vec()),
+        (0x20, b"hello".to_vec()),
+    ];
+    let mut p = b.pusher();
+    for round in 0..3 {
+        for (i, (cmd, content)) in reqs.iter().enumerate() {
+            assert_eq!(
+                push_one(&mut p, &push_req(&uuid, *cmd, content)),
+                Some(0x00),
+                "round {round}: push 0x{cmd:02x} at node B"
+            );
+            assert_eq!(
+                server::read_exact_hex(&mut dev, want[i].len() / 2),
+                want[i],
+                "round {round}: golden bytes of 0x{cmd:02x} on the device's connection"
+            );
+            let ack = match cmd {
+                0x11 => dev_pkt(&uuid, 1, 0x11, content),
+                c => dev_pkt(&uuid, 1, *c, &[]),
+            };
+            dev.write_all(&ack).expect("ack");
+        }
+    }
+    // The acks cleared everything: the next heartbeat re-sends nothing.
+    std::thread::sleep(Duration::from_millis(300));
+    dev.write_all(&hb).expect("heartbeat");
+    dev.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut extra = [0u8; 64];
+    match dev.read(&mut extra) {
+        Ok(n) => panic!(
+            "nothing pending after the acks, got {}",
+            hex::encode(&extra[..n])
+        ),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+    }
+    let s = a.status();
+    assert_eq!(s["owned"], 1, "{s}");
+    assert!(s["acks"]["cleared"].as_u64() >= Some(9), "{s}");
+    // A header announcing more content than any device packet has closes that connection.
+    let mut bad = a.device_tcp();
+    let mut frame = dev_pkt(&random_uuid(), 1, 0x00, &[]);
+    let n = frame.len();
+    frame[n - 2..].copy_from_slice(&[0xff, 0xff]);
+    bad.write_all(&frame).expect("bad frame");
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        bad.read(&mut buf).ok(),
+        Some(0),
+        "closed on the framing error"
+    );
+    // The good connection is untouched.
+    dev.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert_eq!(push_one(&mut p, &push_req(&uuid, 0x10, &[])), Some(0x00));
+    assert_eq!(server::read_exact_hex(&mut dev, 5), want[0]);
+}
+
 /// Test 6: steady heartbeats, NAT rebinds (a new source port each time) and the re-sends
 /// they trigger cost zero Redis commands. (The periodic drain is moved out of the window:
 /// it is the one timer that talks to the store.)

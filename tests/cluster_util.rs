@@ -84,6 +84,8 @@ pub struct Node {
     pub id: String,
     pub child: Child,
     pub udp: SocketAddr,
+    /// Device TCP (same port as UDP), if enabled.
+    pub tcp: Option<SocketAddr>,
     pub push: SocketAddr,
     pub admin: SocketAddr,
     pub peer: SocketAddr,
@@ -164,6 +166,7 @@ impl Node {
                     return Ok(Node {
                         id: id.to_string(),
                         udp: get("udp")?,
+                        tcp: field(&line, "tcp"),
                         push: get("push")?,
                         admin: get("admin")?,
                         peer: get("peer")?,
@@ -256,6 +259,15 @@ impl Node {
 
     pub fn pusher(&self) -> TcpStream {
         let s = TcpStream::connect(self.push).expect("push connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.set_nodelay(true).expect("nodelay");
+        s
+    }
+
+    /// A device connection on the node's TCP port.
+    pub fn device_tcp(&self) -> TcpStream {
+        let s = TcpStream::connect(self.tcp.expect("device TCP enabled")).expect("tcp connect");
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         s.set_nodelay(true).expect("nodelay");

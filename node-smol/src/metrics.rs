@@ -5,7 +5,7 @@
 //! prometheus-client so the exposition format is not hand-written.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ddpush_proto::{Stats, Time};
@@ -18,17 +18,41 @@ use prometheus_client::registry::Registry;
 
 use crate::console::history::{History, Latency, Rates};
 
-/// Counters kept by the adapter.
-#[derive(Debug)]
-pub struct Metrics {
-    /// Journal frames written (one per turn with changes).
-    pub journal_writes: AtomicU64,
+/// Counters of the socket layer, the same in single-node and cluster mode.
+#[derive(Debug, Default)]
+pub struct SocketStats {
     /// Push connections closed for coming from outside `--push-allow`.
     pub push_denied: AtomicU64,
     /// Connections closed because they stopped reading their replies.
     pub stalled_closed: AtomicU64,
     /// UDP sends that failed.
     pub udp_send_errors: AtomicU64,
+}
+
+impl SocketStats {
+    /// Adds one to `c`.
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (push_denied, stalled_closed, udp_send_errors) now.
+    pub fn get(&self) -> [u64; 3] {
+        [
+            &self.push_denied,
+            &self.stalled_closed,
+            &self.udp_send_errors,
+        ]
+        .map(|a| a.load(Ordering::Relaxed))
+    }
+}
+
+/// Counters kept by the adapter.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Journal frames written (one per turn with changes).
+    pub journal_writes: AtomicU64,
+    /// The socket layer's counters.
+    pub sockets: Arc<SocketStats>,
     /// Last snapshot duration in ms and size in bytes.
     pub snapshot_ms: AtomicU64,
     /// Last snapshot size.
@@ -61,9 +85,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             journal_writes: AtomicU64::new(0),
-            push_denied: AtomicU64::new(0),
-            stalled_closed: AtomicU64::new(0),
-            udp_send_errors: AtomicU64::new(0),
+            sockets: Arc::default(),
             snapshot_ms: AtomicU64::new(0),
             snapshot_bytes: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
@@ -296,21 +318,18 @@ impl Metrics {
             c(s.conns_idle),
         );
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let [denied, stalled, udp_errors] = self.sockets.get();
         r.register(
             "push_denied",
             "Push connections outside --push-allow",
-            c(ld(&self.push_denied)),
+            c(denied),
         );
         r.register(
             "tcp_closed_stalled",
             "Connections closed for not reading",
-            c(ld(&self.stalled_closed)),
+            c(stalled),
         );
-        r.register(
-            "udp_send_errors",
-            "UDP sends that failed",
-            c(ld(&self.udp_send_errors)),
-        );
+        r.register("udp_send_errors", "UDP sends that failed", c(udp_errors));
         r.register(
             "journal_writes",
             "Journal frames written",

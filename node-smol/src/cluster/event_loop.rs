@@ -1,41 +1,43 @@
-//! The cluster node's event loop: one task owns the [`ClusterNode`]; socket tasks, store
-//! operations and peer links only move values.
+//! The cluster node's event loop: one task owns the [`ClusterNode`]; store operations and
+//! peer links only move values. The device and push sockets are the single node's socket
+//! layer ([`Sockets`]: batched UDP, readiness-driven TCP connections, the stall rule), fed to
+//! the core through [`SocketCore`].
 //!
-//! Each turn: wake on the UDP socket, a connection message, a store result, a peer event, an
-//! admin request, a timer or a signal; feed everything that is ready to the core; then drain
-//! its outputs: store operations go to Redis (at most the in-flight bound at once, the rest
-//! queued in order), peer messages to their links, transmits to the sockets. While that many
-//! operations are outstanding (issued and not yet answered by Redis, including those the core
-//! already timed out) the loop stops taking connection input, so a pusher beyond the bound
+//! Each turn: wake on the UDP socket, a ready connection, an accepted connection or admin
+//! request, a store result, a peer event, a timer or a signal; feed everything that is ready
+//! to the core; then drain its outputs: store operations go to Redis (at most the in-flight
+//! bound at once, the rest queued in order), peer messages to their links, transmits to the
+//! sockets. While that many operations are outstanding (issued and not yet answered by
+//! Redis, including those the core already timed out) the loop stops reading connections
+//! (the bound is checked before every read of at most 4 KiB), so a pusher beyond the bound
 //! waits in TCP flow control; nothing is dropped. The bound adapts to the store's latency
 //! ([`InflightLimit`]) so that operations do not queue past their time-out; an operation
 //! still queued when its time-out passed is not sent at all (the core has answered it).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
-use std::net::{Shutdown, UdpSocket};
-use std::sync::atomic::AtomicU64;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use async_channel::{Receiver, Sender, TrySendError};
+use async_channel::{Receiver, Sender};
 use async_io::{Async, Timer};
 use ddpush_proto::cluster::{ClusterConfig, ClusterEvent, ClusterNode, OpId, StoreError, StoreOp};
-use ddpush_proto::{ConnId, Dest, Port, Time, Transmit};
+use ddpush_proto::{ConnId, Port, Time, Transmit};
 use futures_lite::{future, StreamExt};
 use tracing::{debug, info, warn};
 
-use super::io::{accept_loop, bind_device, bind_tcp, write_loop, ConnHandle, ConnMsg, WRITE_QUEUE};
 use super::limit::InflightLimit;
 use super::peer::{self, Directory, PeerConfig, PeerEvent, Peers};
 use super::status::{self, AdapterStats};
 use super::store::{Executed, RedisStore, StoreConfig};
 use super::ClusterOptions;
 use crate::admin;
-use crate::server::{Executor, Msg, ServerError};
-use crate::settings::{AdminListen, ServerConfig};
+use crate::server::sockets::{Listeners, ReadSize, SocketCore, Sockets};
+use crate::server::{bind_tcp, Clock, Executor, Msg, ServerError};
+use crate::settings::ServerConfig;
 
-/// Messages queued from connection tasks before they wait for the loop.
+/// Accepted connections and admin requests queued before their tasks wait for the loop.
 const MSG_QUEUE: usize = 8192;
 /// Inputs of one kind handled per turn before the others get a chance.
 const BATCH: usize = 4096;
@@ -46,10 +48,10 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 enum Wake {
     Udp,
-    Conn(ConnMsg),
+    Conns,
+    Msg(Msg),
     Ctl(Ctl),
     Peer(PeerEvent),
-    Admin(Msg),
     Timer,
     Signal,
 }
@@ -64,21 +66,10 @@ enum Ctl {
 /// Runs a cluster node until SIGTERM or SIGINT; then stops reading input, lets the store
 /// operations in flight finish (their push replies go out) and returns.
 pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
-    let (udp, tcp) =
-        bind_device(cfg.listen, cfg.udp_buffer, cfg.device_tcp).map_err(|e| ServerError::Bind {
-            what: "device UDP/TCP",
-            addr: cfg.listen,
-            source: e,
-        })?;
-    let bind = |what: &'static str, addr| {
-        bind_tcp(addr).map_err(|source| ServerError::Bind { what, addr, source })
-    };
-    let push = bind("push TCP", cfg.push_listen)?;
-    let peer_l = bind("peer TCP", opts.peer_listen)?;
-    let admin_l = match cfg.admin_listen {
-        AdminListen::Addr(a) => Some(bind("admin HTTP", a)?),
-        AdminListen::None => None,
-    };
+    let clock = Clock::new();
+    let mut listeners = Listeners::bind(&cfg)?;
+    let peer_l = bind_tcp("peer TCP", opts.peer_listen, None)?;
+    let admin_l = listeners.admin.take();
     let signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
     let peer_addr = peer_l.local_addr()?;
@@ -137,12 +128,16 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
     };
     let node = ClusterNode::new(cfg.core.clone(), cc)
         .map_err(|e| io::Error::other(format!("cluster configuration: {e}")))?;
-    let udp_addr = udp.local_addr()?;
+    let tcp_addr = |l: &Option<std::net::TcpListener>| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or("off".into(), |a| a.to_string())
+    };
     info!(
-        udp = %udp_addr,
-        tcp = %tcp.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string()),
-        push = %push.local_addr()?,
-        admin = %admin_l.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string()),
+        udp = %listeners.udp.local_addr()?,
+        tcp = %tcp_addr(&listeners.tcp),
+        push = %listeners.push.local_addr()?,
+        admin = %tcp_addr(&admin_l),
         peer = %peer_addr,
         advertise = %advertise,
         node_id = %opts.node,
@@ -150,33 +145,21 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
         "ddpushd listening (cluster mode)"
     );
     let dir: Directory = Arc::new(Mutex::new(store.clone()));
-    let (conn_tx, conn_rx) = async_channel::bounded::<ConnMsg>(MSG_QUEUE);
+    let (msg_tx, msg_rx) = async_channel::bounded::<Msg>(MSG_QUEUE);
     let (peer_tx, peer_rx) = async_channel::bounded::<PeerEvent>(MSG_QUEUE);
-    let (admin_tx, admin_rx) = async_channel::bounded::<Msg>(64);
     let pcfg = Arc::new(PeerConfig {
         me: opts.node.clone(),
         secret: opts.secret.clone().map(String::into_bytes),
     });
-    let next_id = Arc::new(AtomicU64::new(1));
-    let mut tasks = Vec::new();
-    if let Some(l) = tcp {
-        tasks.push(ex.spawn(accept_loop(
-            ex.clone(),
-            Async::new(l)?,
-            Port::Device,
-            Vec::new(),
-            conn_tx.clone(),
-            next_id.clone(),
-        )));
-    }
-    tasks.push(ex.spawn(accept_loop(
-        ex.clone(),
-        Async::new(push)?,
-        Port::Push,
-        cfg.push_allow.clone(),
-        conn_tx.clone(),
-        next_id.clone(),
-    )));
+    let stats = AdapterStats::default();
+    let (sockets, mut tasks) = Sockets::start(
+        &ex,
+        listeners,
+        &cfg,
+        ReadSize::Small,
+        msg_tx.clone(),
+        stats.sockets.clone(),
+    )?;
     tasks.push(ex.spawn(peer::listen(
         ex.clone(),
         Async::new(peer_l)?,
@@ -187,39 +170,32 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
         tasks.push(ex.spawn(admin::serve(
             ex.clone(),
             Async::new(l)?,
-            admin_tx,
+            msg_tx,
             cfg.admin_token.clone(),
         )));
     }
-    let epoch_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     let mut lp = Loop {
         peers: Peers::new(ex.clone(), pcfg, dir.clone(), peer_tx),
         ex: ex.clone(),
         node,
-        start: Instant::now(),
-        epoch_ms,
+        clock,
         limit: InflightLimit::new(
             opts.max_inflight,
             InflightLimit::target_for(opts.store_timeout, opts.wait_timeout),
         ),
         store_timeout: opts.store_timeout,
-        udp: Async::new(udp)?,
-        conns: HashMap::new(),
-        tcp_out: HashMap::new(),
+        sockets,
         store,
         dir,
         ctl_tx,
         queue: VecDeque::new(),
         dispatched: 0,
-        stats: AdapterStats::default(),
-        buf: vec![0u8; 2048],
+        stats,
+        next_second: Instant::now(),
     };
     lp.stats.store_connected = lp.store.is_some();
     lp.stats.inflight_limit = lp.limit.get();
-    smol::block_on(ex.run(lp.run(conn_rx, ctl_rx, peer_rx, admin_rx, signals)));
+    smol::block_on(ex.run(lp.run(msg_rx, ctl_rx, peer_rx, signals)));
     drop(tasks);
     let s = lp.node.stats();
     info!(
@@ -234,13 +210,11 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
 struct Loop {
     ex: Executor,
     node: ClusterNode,
-    start: Instant,
-    epoch_ms: u64,
+    clock: Clock,
     limit: InflightLimit,
     store_timeout: Duration,
-    udp: Async<UdpSocket>,
-    conns: HashMap<ConnId, ConnHandle>,
-    tcp_out: HashMap<ConnId, Vec<u8>>,
+    /// The device and push sockets (the single node's socket layer).
+    sockets: Sockets,
     store: Option<RedisStore>,
     dir: Directory,
     ctl_tx: Sender<Ctl>,
@@ -249,31 +223,91 @@ struct Loop {
     dispatched: usize,
     peers: Peers,
     stats: AdapterStats,
-    buf: Vec<u8>,
+    /// When the once-a-second socket upkeep (lingering closes) is next due.
+    next_second: Instant,
 }
 
-impl Loop {
-    fn now(&self) -> Time {
-        Time(self.epoch_ms + self.start.elapsed().as_millis() as u64)
+/// The inputs the socket layer needs from a node; the cluster core accepts every connection
+/// (it applies no connection limits of its own yet).
+impl SocketCore for ClusterNode {
+    fn handle_udp(&mut self, now: Time, from: SocketAddr, data: &[u8]) {
+        ClusterNode::handle_udp(self, now, from, data);
     }
 
-    fn instant(&self, t: Time) -> Instant {
-        self.start + Duration::from_millis(t.0.saturating_sub(self.epoch_ms))
+    fn handle_tcp_open(&mut self, now: Time, conn: ConnId, port: Port, _: SocketAddr) -> bool {
+        ClusterNode::handle_tcp_open(self, now, conn, port);
+        true
+    }
+
+    fn handle_tcp_data(&mut self, now: Time, conn: ConnId, data: &[u8]) {
+        ClusterNode::handle_tcp_data(self, now, conn, data);
+    }
+
+    fn handle_tcp_close(&mut self, now: Time, conn: ConnId) {
+        ClusterNode::handle_tcp_close(self, now, conn);
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        ClusterNode::poll_transmit(self)
+    }
+
+    fn poll_close(&mut self) -> Option<ConnId> {
+        ClusterNode::poll_close(self)
+    }
+}
+
+/// Operations the core issued that wait for a free in-flight slot, with when they were
+/// issued, and the bound; what decides whether the loop may read more input.
+struct Backlog<'a> {
+    queue: &'a mut VecDeque<(OpId, StoreOp, Instant)>,
+    dispatched: usize,
+    limit: usize,
+}
+
+impl<'a> Backlog<'a> {
+    fn of(
+        queue: &'a mut VecDeque<(OpId, StoreOp, Instant)>,
+        dispatched: usize,
+        limit: &InflightLimit,
+    ) -> Self {
+        Backlog {
+            queue,
+            dispatched,
+            limit: limit.get(),
+        }
+    }
+
+    /// Moves the core's new store operations to the queue (stamped now).
+    fn take(&mut self, node: &mut ClusterNode) {
+        let issued = Instant::now();
+        while let Some((id, op)) = node.poll_store() {
+            self.queue.push_back((id, op, issued));
+        }
     }
 
     /// Connection input is read only below the in-flight bound. Outstanding counts what the
     /// core waits for and what Redis still works on (operations the core timed out included:
     /// they still load the store).
-    fn below_bound(&self) -> bool {
-        self.node.inflight().max(self.dispatched + self.queue.len()) < self.limit.get()
+    fn below_bound(&self, node: &ClusterNode) -> bool {
+        node.inflight().max(self.dispatched + self.queue.len()) < self.limit
     }
 
+    /// Device datagrams are read while less than a bound's worth of store operations waits
+    /// for a slot: beyond, the binds and acks they would issue could only wait for their
+    /// time-out in our queue, so the datagrams wait in the socket buffer instead (where the
+    /// core's clock does not run for them; a full buffer drops, as UDP may). Heartbeats of
+    /// devices with a copy cost no store operation but wait with the rest.
+    fn udp_open(&self) -> bool {
+        self.queue.len() < self.limit
+    }
+}
+
+impl Loop {
     async fn run(
         &mut self,
-        conn_rx: Receiver<ConnMsg>,
+        msg_rx: Receiver<Msg>,
         ctl_rx: Receiver<Ctl>,
         peer_rx: Receiver<PeerEvent>,
-        admin_rx: Receiver<Msg>,
         mut signals: async_signal::Signals,
     ) {
         let mut stopping: Option<Instant> = None;
@@ -281,8 +315,9 @@ impl Loop {
             let deadline = self
                 .node
                 .poll_timeout()
-                .map(|t| self.instant(t))
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+                .map(|t| self.clock.instant(t))
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1))
+                .min(self.next_second);
             // A stop lets the operations in flight finish (their replies go out), then ends.
             if let Some(t) = stopping {
                 if self.node.inflight() == 0 || t.elapsed() > STOP_GRACE {
@@ -290,28 +325,27 @@ impl Loop {
                 }
             }
             // Back-pressure: with the core's in-flight bound reached, connection input waits.
-            let open = self.below_bound() && stopping.is_none();
+            let backlog = Backlog::of(&mut self.queue, self.dispatched, &self.limit);
+            let open = backlog.below_bound(&self.node) && stopping.is_none();
+            let udp_open = backlog.udp_open();
             if !open {
                 self.stats.backpressure += 1;
             }
-            let udp_open = self.udp_open();
             let wake = future::or(
                 future::or(
                     async {
                         if !udp_open {
                             return future::pending().await;
                         }
-                        let _ = self.udp.readable().await;
+                        self.sockets.udp_readable().await;
                         Wake::Udp
                     },
                     async {
                         if !open {
                             return future::pending().await;
                         }
-                        match conn_rx.recv().await {
-                            Ok(m) => Wake::Conn(m),
-                            Err(_) => future::pending().await,
-                        }
+                        future::poll_fn(|cx| self.sockets.poll_conns(cx)).await;
+                        Wake::Conns
                     },
                 ),
                 future::or(
@@ -331,8 +365,8 @@ impl Loop {
                     ),
                     future::or(
                         async {
-                            match admin_rx.recv().await {
-                                Ok(m) => Wake::Admin(m),
+                            match msg_rx.recv().await {
+                                Ok(m) => Wake::Msg(m),
                                 Err(_) => future::pending().await,
                             }
                         },
@@ -354,11 +388,10 @@ impl Loop {
                 Wake::Signal => {
                     stopping.get_or_insert_with(Instant::now);
                 }
-                Wake::Udp | Wake::Timer => {}
-                Wake::Conn(m) => self.on_conn(m),
+                Wake::Udp | Wake::Timer | Wake::Conns => {}
+                Wake::Msg(m) => self.on_msg(m),
                 Wake::Ctl(c) => self.on_ctl(c),
                 Wake::Peer(p) => self.on_peer(p),
-                Wake::Admin(m) => self.on_admin(m),
             }
             self.drain_udp();
             for _ in 0..BATCH {
@@ -374,75 +407,61 @@ impl Loop {
                 }
             }
             for _ in 0..BATCH {
-                if !self.below_bound() || stopping.is_some() {
-                    break;
-                }
-                match conn_rx.try_recv() {
-                    Ok(m) => self.on_conn(m),
+                match msg_rx.try_recv() {
+                    Ok(m) => self.on_msg(m),
                     Err(_) => break,
                 }
             }
-            let now = self.now();
+            if stopping.is_none() {
+                let now = self.clock.now();
+                let mut backlog = Backlog::of(&mut self.queue, self.dispatched, &self.limit);
+                self.sockets.service(&mut self.node, now, |node| {
+                    backlog.take(node);
+                    backlog.below_bound(node)
+                });
+            }
+            let now = self.clock.now();
             self.node.handle_timeout(now);
+            if Instant::now() >= self.next_second {
+                self.next_second = Instant::now() + Duration::from_secs(1);
+                self.sockets.expire_lingering();
+            }
             self.flush();
         }
     }
 
-    /// Device datagrams are read while less than a bound's worth of store operations waits
-    /// for a slot: beyond, the binds and acks they would issue could only wait for their
-    /// time-out in our queue, so the datagrams wait in the socket buffer instead (where the
-    /// core's clock does not run for them; a full buffer drops, as UDP may). Heartbeats of
-    /// devices with a copy cost no store operation but wait with the rest.
-    fn udp_open(&self) -> bool {
-        self.queue.len() < self.limit.get()
-    }
-
-    /// Moves the core's new store operations to the queue (stamped now).
-    fn take_ops(&mut self) {
-        let issued = Instant::now();
-        while let Some((id, op)) = self.node.poll_store() {
-            self.queue.push_back((id, op, issued));
-        }
-    }
-
     fn drain_udp(&mut self) {
-        for _ in 0..BATCH {
-            if !self.udp_open() {
-                break;
-            }
-            match self.udp.get_ref().recv_from(&mut self.buf) {
-                Ok((n, from)) => {
-                    let now = self.now();
-                    self.node.handle_udp(now, from, &self.buf[..n]);
-                    self.take_ops();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // ICMP errors of earlier sends surface here: not ours to fix.
-                Err(_) => continue,
-            }
-        }
+        let mut backlog = Backlog::of(&mut self.queue, self.dispatched, &self.limit);
+        self.sockets.drain_udp(&mut self.node, &self.clock, |node| {
+            backlog.take(node);
+            backlog.udp_open()
+        });
     }
 
-    fn on_conn(&mut self, m: ConnMsg) {
-        let now = self.now();
+    /// An accepted connection (through the core, which may refuse it) or an admin request.
+    fn on_msg(&mut self, m: Msg) {
         match m {
-            ConnMsg::Open { conn, port, stream } => {
-                self.node.handle_tcp_open(now, conn, port);
-                let (tx, rx) = async_channel::bounded(WRITE_QUEUE);
-                self.ex.spawn(write_loop(stream.clone(), rx)).detach();
-                self.conns.insert(conn, ConnHandle { tx, stream });
+            Msg::Open {
+                conn,
+                port,
+                peer,
+                stream,
+            } => {
+                let now = self.clock.now();
+                self.sockets
+                    .open(&mut self.node, now, conn, port, peer, stream);
             }
-            ConnMsg::Data { conn, bytes } => self.node.handle_tcp_data(now, conn, &bytes),
-            ConnMsg::Closed { conn } => {
-                self.node.handle_tcp_close(now, conn);
-                self.conns.remove(&conn);
+            Msg::Admin(req) => {
+                let resp = status::handle(&req, &self.node, &self.stats);
+                let _ = req.reply.try_send(resp);
             }
+            // Snapshots are single-node state; no cluster task sends this.
+            Msg::SnapshotDone { .. } => {}
         }
     }
 
     fn on_ctl(&mut self, c: Ctl) {
-        let now = self.now();
+        let now = self.clock.now();
         match c {
             Ctl::Done(id, ex, issued) => {
                 self.dispatched = self.dispatched.saturating_sub(1);
@@ -470,7 +489,7 @@ impl Loop {
     }
 
     fn on_peer(&mut self, p: PeerEvent) {
-        let now = self.now();
+        let now = self.clock.now();
         match p {
             PeerEvent::Msg(m) => self.node.handle_peer(now, m),
             PeerEvent::Up(n) => {
@@ -484,39 +503,16 @@ impl Loop {
         }
     }
 
-    fn on_admin(&mut self, m: Msg) {
-        if let Msg::Admin(req) = m {
-            let resp = status::handle(&req, &self.node, &self.stats);
-            let _ = req.reply.try_send(resp);
-        }
-    }
-
     /// Drains the core's outputs.
     fn flush(&mut self) {
-        self.take_ops();
+        Backlog::of(&mut self.queue, self.dispatched, &self.limit).take(&mut self.node);
         self.dispatch();
         while let Some((to, msg)) = self.node.poll_peer() {
             if !self.peers.send(to, msg) {
                 self.stats.pokes_dropped += 1;
             }
         }
-        while let Some(t) = self.node.poll_transmit() {
-            self.send(t);
-        }
-        for (conn, bytes) in self.tcp_out.drain() {
-            if let Some(h) = self.conns.get(&conn) {
-                match h.tx.try_send(bytes) {
-                    Ok(()) | Err(TrySendError::Closed(_)) => {}
-                    Err(TrySendError::Full(_)) => {
-                        // A peer that does not read: drop it rather than buffer without bound.
-                        let _ = h.stream.get_ref().shutdown(Shutdown::Both);
-                    }
-                }
-            }
-        }
-        while let Some(conn) = self.node.poll_close() {
-            self.conns.remove(&conn);
-        }
+        self.sockets.output(&mut self.node);
         while let Some(e) = self.node.poll_event() {
             log_event(&e);
         }
@@ -556,19 +552,6 @@ impl Loop {
                         .detach();
                 }
             }
-        }
-    }
-
-    fn send(&mut self, t: Transmit) {
-        match t.dest {
-            Dest::Udp(a) => {
-                let mut b = Vec::with_capacity(512);
-                t.encode(&mut b);
-                // UDP is lossy by contract: a refused datagram goes out again on the next
-                // heartbeat.
-                let _ = self.udp.get_ref().send_to(&b, a);
-            }
-            Dest::Tcp(c) => t.encode(self.tcp_out.entry(c).or_default()),
         }
     }
 }

@@ -7,7 +7,6 @@
 
 mod event_loop;
 mod import;
-mod io;
 mod keys;
 mod lanes;
 mod limit;

@@ -5,12 +5,14 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ddpush_proto::cluster::{ClusterNode, NodeId};
 use serde_json::json;
 
 use crate::admin::{AdminRequest, Response};
+use crate::metrics::SocketStats;
 
 /// Upper bounds (ms) of the store latency histogram's buckets.
 const BOUNDS_MS: [f64; 12] = [
@@ -41,6 +43,8 @@ pub struct AdapterStats {
     pub inflight_limit: usize,
     /// Operations still queued when their time-out passed, so never sent.
     pub expired_unsent: u64,
+    /// The socket layer's counters (the same as a single node's).
+    pub sockets: Arc<SocketStats>,
 }
 
 impl AdapterStats {
@@ -101,6 +105,7 @@ pub fn handle(req: &AdminRequest, node: &ClusterNode, a: &AdapterStats) -> Respo
 
 fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
     let s = node.stats();
+    let [denied, stalled, udp_errors] = a.sockets.get();
     json!({
         "mode": "cluster",
         "node_id": node.id().0,
@@ -128,6 +133,11 @@ fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
         },
         "peer_refused": a.peer_refused,
         "backpressure": a.backpressure,
+        "sockets": {
+            "push_denied": denied,
+            "tcp_closed_stalled": stalled,
+            "udp_send_errors": udp_errors,
+        },
     })
 }
 
@@ -208,6 +218,25 @@ fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
         "counter",
         "Pushes answered 0xFF.",
         s.pushes[2],
+    );
+    let [denied, stalled, udp_errors] = a.sockets.get();
+    one(
+        "push_denied",
+        "counter",
+        "Push connections outside --push-allow.",
+        denied,
+    );
+    one(
+        "tcp_closed_stalled",
+        "counter",
+        "Connections closed for not reading.",
+        stalled,
+    );
+    one(
+        "udp_send_errors",
+        "counter",
+        "UDP sends that failed.",
+        udp_errors,
     );
     one(
         "store_inflight",

@@ -68,11 +68,11 @@ fn bind_udp(addr: SocketAddr, buf: usize) -> Result<UdpSocket, ServerError> {
 /// actually queued: an idle connection costs none of it. Setting them turns off autotuning,
 /// which is the point: they bound what one slow or hostile peer can pin in kernel memory.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct TcpBuffers {
+pub(crate) struct TcpBuffers {
     /// `SO_RCVBUF`.
-    pub(super) recv: usize,
+    pub(crate) recv: usize,
     /// `SO_SNDBUF`.
-    pub(super) send: usize,
+    pub(crate) send: usize,
 }
 
 /// Device streams carry 21..29-byte packets up and a few packets of at most 505 bytes down
@@ -94,7 +94,7 @@ pub(super) const PUSH_BUFFERS: TcpBuffers = TcpBuffers {
 /// restart arrives in bursts (the kernel caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
 
-pub(super) fn bind_tcp(
+pub(crate) fn bind_tcp(
     what: &'static str,
     addr: SocketAddr,
     buffers: Option<TcpBuffers>,

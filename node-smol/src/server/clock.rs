@@ -27,7 +27,7 @@ impl Clock {
         Time(self.epoch_ms + self.start.elapsed().as_millis() as u64)
     }
 
-    pub(super) fn instant(&self, t: Time) -> Instant {
+    pub(crate) fn instant(&self, t: Time) -> Instant {
         self.start + Duration::from_millis(t.0.saturating_sub(self.epoch_ms))
     }
 }

@@ -1,4 +1,5 @@
-//! TCP connections (device port 9966 and push port 9999), driven by readiness from the loop.
+//! TCP connections (device port 9966 and push port 9999), driven by readiness from the loop,
+//! for a node of either kind ([`SocketCore`]).
 //!
 //! An open connection is a small [`Conn`] in one map: the registered socket, a waker that names
 //! it, and nothing else while it is idle: no task, no channel, no read buffer, no write queue,
@@ -21,16 +22,15 @@ use std::time::{Duration, Instant};
 
 use async_channel::Sender;
 use async_io::{Async, Timer};
-use ddpush_proto::{ConnId, Node, Port, Time};
+use ddpush_proto::{ConnId, Port, Time};
 use futures_lite::AsyncWrite;
 use tracing::{debug, warn};
 
+use super::sockets::SocketCore;
 use super::Msg;
-use crate::metrics::Metrics;
-use crate::settings::ServerConfig;
+use crate::metrics::SocketStats;
+use crate::settings::Cidr;
 
-/// The buffer every connection is read into (one for all of them).
-const READ_BUF: usize = 64 * 1024;
 /// Reads per connection per wake-up before the others get a turn; a connection that still
 /// has data goes back on the ready list.
 const READS_PER_WAKE: usize = 4;
@@ -107,6 +107,8 @@ pub(super) struct Conns {
     ready: Arc<Ready>,
     /// Taken from `ready` for one turn (kept to reuse its allocation).
     batch: Vec<ConnId>,
+    /// The buffer every connection is read into (one for all of them); its size is the
+    /// most one read hands to the core.
     buf: Box<[u8]>,
     /// Closed by their peer in this turn: shut down after the turn's writes.
     peer_closed: Vec<ConnId>,
@@ -115,12 +117,13 @@ pub(super) struct Conns {
 }
 
 impl Conns {
-    pub(super) fn new() -> Self {
+    /// No connections yet; reads of at most `read_buf` bytes.
+    pub(super) fn new(read_buf: usize) -> Self {
         Conns {
             map: HashMap::new(),
             ready: Arc::new(Ready::default()),
             batch: Vec::new(),
-            buf: vec![0u8; READ_BUF].into_boxed_slice(),
+            buf: vec![0u8; read_buf].into_boxed_slice(),
             peer_closed: Vec::new(),
             lingering: Vec::new(),
         }
@@ -170,8 +173,15 @@ impl Conns {
     }
 
     /// Services every ready connection: writes what is pending, reads what arrived into the
-    /// core (`handle_tcp_data`, `handle_tcp_close`). Returns how many were serviced.
-    pub(super) fn service(&mut self, node: &mut Node, now: Time) -> usize {
+    /// core (`handle_tcp_data`, `handle_tcp_close`) while `more` (asked before each read)
+    /// allows. A connection not read because `more` said stop stays on the list for the next
+    /// service. Returns how many were serviced.
+    pub(super) fn service<C: SocketCore>(
+        &mut self,
+        node: &mut C,
+        now: Time,
+        mut more: impl FnMut(&mut C) -> bool,
+    ) -> usize {
         self.batch.append(
             &mut self
                 .ready
@@ -181,7 +191,15 @@ impl Conns {
         );
         let batch = std::mem::take(&mut self.batch);
         let mut again = Vec::new();
-        for &id in &batch {
+        let mut serviced = 0;
+        for (i, &id) in batch.iter().enumerate() {
+            if !more(node) {
+                // Held back: these stay queued (their flags are still set) for the next
+                // service, their data waiting in the kernel (TCP flow control).
+                again.extend_from_slice(&batch[i..]);
+                break;
+            }
+            serviced += 1;
             let Some(c) = self.map.get_mut(&id) else {
                 continue;
             };
@@ -198,7 +216,7 @@ impl Conns {
             }
             let mut reads = 0;
             while !gone {
-                if reads == READS_PER_WAKE {
+                if reads == READS_PER_WAKE || (reads > 0 && !more(node)) {
                     c.wake.queued.store(true, Ordering::Release);
                     again.push(id);
                     break;
@@ -237,11 +255,10 @@ impl Conns {
                 self.peer_closed.push(id);
             }
         }
-        let n = batch.len();
         self.batch = batch;
         self.batch.clear();
         self.batch.append(&mut again);
-        n
+        serviced
     }
 
     /// Writes `bytes` to `id` now; what the kernel does not take is queued. Returns false if
@@ -380,8 +397,8 @@ pub(super) async fn accept_loop(
     port: Port,
     tx: Sender<Msg>,
     next_id: Arc<AtomicU64>,
-    cfg: ServerConfig,
-    metrics: Arc<Metrics>,
+    push_allow: Vec<Cidr>,
+    stats: Arc<SocketStats>,
 ) {
     loop {
         let (stream, peer) = match l.accept().await {
@@ -394,10 +411,10 @@ pub(super) async fn accept_loop(
             }
         };
         if port == Port::Push
-            && !cfg.push_allow.is_empty()
-            && !cfg.push_allow.iter().any(|c| c.contains(peer.ip()))
+            && !push_allow.is_empty()
+            && !push_allow.iter().any(|c| c.contains(peer.ip()))
         {
-            metrics.push_denied.fetch_add(1, Ordering::Relaxed);
+            SocketStats::bump(&stats.push_denied);
             debug!(%peer, "push connection from outside --push-allow closed");
             continue;
         }
@@ -415,5 +432,94 @@ pub(super) async fn accept_loop(
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ddpush_proto::Transmit;
+    use std::net::SocketAddr;
+
+    /// A core that only records what the connection layer hands it.
+    #[derive(Default)]
+    struct Recorder {
+        data: Vec<u8>,
+        closed: bool,
+    }
+
+    impl SocketCore for Recorder {
+        fn handle_udp(&mut self, _: Time, _: SocketAddr, _: &[u8]) {}
+        fn handle_tcp_open(&mut self, _: Time, _: ConnId, _: Port, _: SocketAddr) -> bool {
+            true
+        }
+        fn handle_tcp_data(&mut self, _: Time, _: ConnId, data: &[u8]) {
+            self.data.extend_from_slice(data);
+        }
+        fn handle_tcp_close(&mut self, _: Time, _: ConnId) {
+            self.closed = true;
+        }
+        fn poll_transmit(&mut self) -> Option<Transmit> {
+            None
+        }
+        fn poll_close(&mut self) -> Option<ConnId> {
+            None
+        }
+    }
+
+    /// A connected pair: our end registered with the reactor, the peer's plain.
+    fn pair() -> (Async<TcpStream>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = l.accept().expect("accept");
+        (Async::new(ours).expect("async"), peer)
+    }
+
+    /// Services until `done` or a second passes (the reactor reports readiness shortly).
+    fn service_until(
+        conns: &mut Conns,
+        core: &mut Recorder,
+        mut more: impl FnMut(&mut Recorder) -> bool,
+        done: impl Fn(&Recorder) -> bool,
+    ) {
+        let t = Instant::now();
+        while !done(core) && t.elapsed() < Duration::from_secs(1) {
+            smol::block_on(async {
+                let _ = futures_lite::future::poll_once(std::future::poll_fn(|cx| {
+                    conns.poll_ready(cx)
+                }))
+                .await;
+            });
+            conns.service(core, Time(0), &mut more);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_held_back_connection_keeps_its_bytes_until_input_is_allowed_again() {
+        let (ours, mut peer) = pair();
+        let mut conns = Conns::new(4096);
+        conns.insert(1, ours);
+        let sent: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        peer.write_all(&sent).expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        let mut core = Recorder::default();
+        // Held back: nothing is read, however often it is serviced.
+        for _ in 0..3 {
+            assert_eq!(conns.service(&mut core, Time(0), |_| false), 0);
+        }
+        assert!(core.data.is_empty());
+        // One read allowed: at most one buffer's worth reaches the core.
+        let mut asked = 0;
+        conns.service(&mut core, Time(0), |_| {
+            asked += 1;
+            asked == 1
+        });
+        assert_eq!(core.data.len(), 4096, "one read of the 4 KiB buffer");
+        // Allowed again: the rest arrives, in order, and then the close.
+        drop(peer);
+        service_until(&mut conns, &mut core, |_| true, |c| c.closed);
+        assert_eq!(core.data, sent);
+        assert!(core.closed);
     }
 }

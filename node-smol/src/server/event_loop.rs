@@ -5,21 +5,18 @@
 //! changes (fsync under `--fsync always`) *before* sending its transmits, so a `0x00` reply
 //! always follows the write that makes its push survive a crash.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{Shutdown, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
-use async_io::{Async, Timer};
-use ddpush_proto::{ConnId, Driver, Node, Uuid};
+use async_io::Timer;
+use ddpush_proto::{Driver, Node, Uuid};
 use futures_lite::{future, StreamExt};
 use tracing::{debug, error, info};
 
 use super::clock::Clock;
-use super::conn::Conns;
-use super::udp::{UdpBatch, MMSG};
+use super::sockets::{AcceptTasks, Listeners, ReadSize, Sockets};
 use super::{Executor, Msg};
 use crate::admin;
 use crate::metrics::Metrics;
@@ -28,8 +25,6 @@ use crate::settings::ServerConfig;
 
 mod turn;
 
-/// Datagrams read per turn before other work gets a chance.
-const UDP_BATCH: usize = 4096;
 /// Messages queued from socket tasks before they wait for the loop.
 const MSG_QUEUE: usize = 8192;
 /// Messages from connection tasks handled per turn.
@@ -55,16 +50,14 @@ pub(super) struct Loop {
     store: Store,
     clock: Clock,
     cfg: ServerConfig,
-    udp: Async<UdpSocket>,
-    conns: Conns,
+    /// The device and push sockets (shared with cluster mode).
+    sockets: Sockets,
     tx: Sender<Msg>,
     metrics: Arc<Metrics>,
     /// The core's turn: commit, then outputs; it decides every acceptance.
     driver: Driver,
     /// Records whose item an ack cleared this turn (for the push-to-ack histogram).
     acked: Vec<Uuid>,
-    tcp_out: HashMap<ConnId, Vec<u8>>,
-    udp_batch: UdpBatch,
     next_snapshot: Instant,
     next_sync: Instant,
     snapshot_in_flight: bool,
@@ -75,16 +68,26 @@ pub(super) struct Loop {
 }
 
 impl Loop {
-    /// A loop over a loaded node, and the receiving half of its message channel (for `run`).
+    /// A loop over a loaded node on `listeners` (their admin listener taken out), the
+    /// receiving half of its message channel (for `run`), and the accept tasks.
     pub(super) fn new(
         ex: Executor,
         node: Node,
         store: Store,
         clock: Clock,
         cfg: ServerConfig,
-        udp: Async<UdpSocket>,
-    ) -> (Self, Receiver<Msg>) {
+        listeners: Listeners,
+    ) -> io::Result<(Self, Receiver<Msg>, AcceptTasks)> {
         let (tx, rx) = async_channel::bounded::<Msg>(MSG_QUEUE);
+        let metrics = Arc::new(Metrics::default());
+        let (sockets, tasks) = Sockets::start(
+            &ex,
+            listeners,
+            &cfg,
+            ReadSize::Large,
+            tx.clone(),
+            metrics.sockets.clone(),
+        )?;
         let now = Instant::now();
         let lp = Loop {
             ex,
@@ -94,29 +97,21 @@ impl Loop {
             next_snapshot: now + cfg.snapshot_interval,
             next_sync: now + Duration::from_secs(1),
             cfg,
-            udp,
-            conns: Conns::new(),
+            sockets,
             tx,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             driver: Driver::new(),
             acked: Vec::new(),
-            tcp_out: HashMap::new(),
-            udp_batch: UdpBatch::new(),
             snapshot_in_flight: false,
             snapshot_failing: false,
             admin_out: Vec::new(),
         };
-        (lp, rx)
+        Ok((lp, rx, tasks))
     }
 
     /// A sender for the tasks that feed the loop.
     pub(super) fn sender(&self) -> Sender<Msg> {
         self.tx.clone()
-    }
-
-    /// The counters the loop and the socket tasks share.
-    pub(super) fn metrics(&self) -> Arc<Metrics> {
-        self.metrics.clone()
     }
 
     /// Runs turns until SIGTERM or SIGINT, or until `stop` says so. Returns how it stopped.
@@ -132,11 +127,11 @@ impl Loop {
             let race = future::or(
                 future::or(
                     async {
-                        let _ = self.udp.readable().await;
+                        self.sockets.udp_readable().await;
                         Wake::Udp
                     },
                     async {
-                        future::poll_fn(|cx| self.conns.poll_ready(cx)).await;
+                        future::poll_fn(|cx| self.sockets.poll_conns(cx)).await;
                         Wake::Conns
                     },
                 ),
@@ -207,7 +202,7 @@ impl Loop {
                 }
             }
             let now = self.clock.now();
-            if self.conns.service(&mut self.node, now) > 0 {
+            if self.sockets.service(&mut self.node, now, |_| true) > 0 {
                 tcp_turn = true;
             }
             self.node.handle_timeout(now);
@@ -234,26 +229,8 @@ impl Loop {
     }
 
     fn drain_udp(&mut self) {
-        let mut read = 0;
-        while read < UDP_BATCH {
-            let now = self.clock.now();
-            let node = &mut self.node;
-            match self.udp_batch.recv(self.udp.get_ref(), |from, data| {
-                node.handle_udp(now, from, data)
-            }) {
-                Ok(0) => break,
-                Ok(n) => {
-                    read += n;
-                    if n < MMSG {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // ICMP errors from earlier sends surface here on some systems: not ours to fix.
-                Err(_) => read += 1,
-            }
-        }
+        self.sockets
+            .drain_udp(&mut self.node, &self.clock, |_| true);
     }
 
     fn on_msg(&mut self, m: Msg) {
@@ -264,13 +241,9 @@ impl Loop {
                 port,
                 peer,
                 stream,
-            } => {
-                if self.node.handle_tcp_open(now, conn, port, peer) {
-                    self.conns.insert(conn, stream);
-                } else {
-                    let _ = stream.get_ref().shutdown(Shutdown::Both);
-                }
-            }
+            } => self
+                .sockets
+                .open(&mut self.node, now, conn, port, peer, stream),
             Msg::SnapshotDone { gen, result } => {
                 self.snapshot_in_flight = false;
                 match result {
@@ -313,7 +286,7 @@ impl Loop {
         let now = Instant::now();
         if now >= self.next_sync {
             self.next_sync = now + Duration::from_secs(1);
-            self.conns.expire_lingering();
+            self.sockets.expire_lingering();
             self.metrics
                 .sample_history(self.clock.now(), self.node.stats());
             if self.cfg.fsync == Fsync::Interval {

@@ -6,19 +6,21 @@
 //! - `clock`: the wall clock the core's `Time` comes from;
 //! - `udp`: batched datagram I/O on the device socket;
 //! - `conn`: accept, read and write tasks of TCP connections;
+//! - `sockets`: the socket layer built of those two, shared with cluster mode through the
+//!   [`sockets::SocketCore`] trait;
 //! - `event_loop`: the loop that owns the node and the store, and its turn.
 
 mod bind;
 mod clock;
 mod conn;
 mod event_loop;
+pub(crate) mod sockets;
 mod state;
 mod udp;
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::rc::Rc;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +31,11 @@ use tracing::info;
 
 use crate::admin::{self, AdminRequest};
 use crate::persist::{Disk, OsDisk, PersistError};
-use crate::settings::{AdminListen, ServerConfig};
-use bind::{bind_device, bind_tcp, PUSH_BUFFERS};
-use clock::Clock;
-use conn::accept_loop;
+use crate::settings::ServerConfig;
+pub(crate) use bind::bind_tcp;
+pub(crate) use clock::Clock;
 use event_loop::Loop;
+use sockets::Listeners;
 pub use state::import;
 use state::load;
 
@@ -123,13 +125,7 @@ pub fn run_with(
     ctl: Option<Control>,
 ) -> Result<(), ServerError> {
     let clock = Clock::new();
-    let (udp, tcp) = bind_device(cfg.listen, cfg.udp_buffer, cfg.device_tcp)?;
-    let udp_addr = udp.local_addr()?;
-    let push = bind_tcp("push TCP", cfg.push_listen, Some(PUSH_BUFFERS))?;
-    let admin_l = match cfg.admin_listen {
-        AdminListen::Addr(a) => Some(bind_tcp("admin HTTP", a, None)?),
-        AdminListen::None => None,
-    };
+    let mut listeners = Listeners::bind(&cfg)?;
     // Signals are registered before loading so a SIGTERM during a long load is not lost.
     let signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
@@ -138,10 +134,14 @@ pub fn run_with(
     let mut xfsz = async_signal::Signals::new([async_signal::Signal::Xfsz])?;
     let (node, store) = load(&cfg, &clock, disk)?;
     let bound = Bound {
-        udp: udp_addr,
-        tcp: tcp.as_ref().map(|l| l.local_addr()).transpose()?,
-        push: push.local_addr()?,
-        admin: admin_l.as_ref().map(|l| l.local_addr()).transpose()?,
+        udp: listeners.udp.local_addr()?,
+        tcp: listeners.tcp.as_ref().map(|l| l.local_addr()).transpose()?,
+        push: listeners.push.local_addr()?,
+        admin: listeners
+            .admin
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?,
     };
     info!(
         udp = %bound.udp,
@@ -153,34 +153,15 @@ pub fn run_with(
         clients = node.len(),
         "ddpushd listening"
     );
-    let next_id = Arc::new(AtomicU64::new(1));
-    let udp = Async::new(udp)?;
     // Everything runs on this one thread: the loop, the accept, read and write tasks. Handing a
     // request from a reader to the loop to a writer is then a local wake-up, not a cross-thread
     // one, which is what a one-request-at-a-time pusher waits for; the other core is left to
     // the kernel's network stack.
     let ex: Executor = Rc::new(smol::LocalExecutor::new());
-    let (mut lp, rx) = Loop::new(ex.clone(), node, store, clock, cfg.clone(), udp);
-    let (tx, metrics) = (lp.sender(), lp.metrics());
-    let mut tasks = Vec::new();
-    if let Some(l) = tcp {
-        tasks.push(ex.spawn(accept_loop(
-            Async::new(l)?,
-            Port::Device,
-            tx.clone(),
-            next_id.clone(),
-            cfg.clone(),
-            metrics.clone(),
-        )));
-    }
-    tasks.push(ex.spawn(accept_loop(
-        Async::new(push)?,
-        Port::Push,
-        tx.clone(),
-        next_id.clone(),
-        cfg.clone(),
-        metrics.clone(),
-    )));
+    let admin_l = listeners.admin.take();
+    let (mut lp, rx, mut tasks) =
+        Loop::new(ex.clone(), node, store, clock, cfg.clone(), listeners)?;
+    let tx = lp.sender();
     if let Some(l) = admin_l {
         tasks.push(ex.spawn(admin::serve(
             ex.clone(),

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use ddpush_proto::{Change, Commit, Dest, Event, Transmit};
+use ddpush_proto::{Change, Commit, Event};
 use tracing::{debug, error, info, warn};
 
 use crate::admin;
@@ -72,47 +72,9 @@ impl Loop {
             };
             let _ = tx.try_send(resp);
         }
-        while let Some(t) = self.node.poll_transmit() {
-            self.send(t);
-        }
-        self.send_udp();
-        for (conn, bytes) in self.tcp_out.drain() {
-            if !self.conns.send(conn, &bytes) {
-                // A peer that does not read what it is sent: closed rather than buffered
-                // without bound.
-                self.metrics.stalled_closed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        while let Some(conn) = self.node.poll_close() {
-            // Shut down once what is queued for it is written.
-            self.conns.close(conn);
-        }
-        self.conns.finish_closed();
+        self.sockets.output(&mut self.node);
         while let Some(e) = self.node.poll_event() {
             log_event(&e);
-        }
-    }
-
-    fn send(&mut self, t: Transmit) {
-        match t.dest {
-            Dest::Udp(a) => {
-                // Queued for one `sendmmsg` at the end of the turn's transmits.
-                if self.udp_batch.push(a, |buf| t.encode(buf)) {
-                    self.send_udp();
-                }
-            }
-            Dest::Tcp(c) => t.encode(self.tcp_out.entry(c).or_default()),
-        }
-    }
-
-    /// Sends the queued datagrams. UDP is lossy by contract: one the kernel refuses stays
-    /// pending and goes out again on the next heartbeat.
-    fn send_udp(&mut self) {
-        let failed = self.udp_batch.flush(self.udp.get_ref());
-        if failed > 0 {
-            self.metrics
-                .udp_send_errors
-                .fetch_add(failed, Ordering::Relaxed);
         }
     }
 
