@@ -318,3 +318,71 @@ fn ack_of_an_older_send_does_not_clear_the_newer_push_tcp() {
         }
     }
 }
+
+/// Case 3 across an operator's removal, over TCP (fuzz finding 8, docs/FUZZING.md): the flag is
+/// sent twice on the device's connection (its immediate send, and a heartbeat's answer: the
+/// heartbeat crossed it), the operator clears the client, the app server pushes a new 0x10
+/// (the record is re-created with the removed one's ledger), the device heartbeats on the same
+/// connection and gets the new flag, and only then does the ack of one of the first sends
+/// arrive. It must not clear the new flag; the next heartbeat re-sends it. The ack window is
+/// set to 30 s so that the whole sequence is inside it however slow the machine (with the
+/// default 200 ms, a slower heartbeat would settle the first sends, condition C of
+/// PROTOCOL-NOTES.md).
+#[test]
+fn ack_across_a_removal_does_not_clear_the_push_after_it_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::start(
+        dir.path(),
+        &["--admin-listen", "127.0.0.1:0", "--ack-window", "30s"],
+    );
+    let admin = srv.admin.expect("admin address in the listening line");
+    let mut p = srv.pusher();
+    let mut s = srv.device_tcp();
+    s.write_all(&b(HB)).unwrap();
+    pause();
+    push_10(&mut p);
+    assert_eq!(
+        read_exact_hex(&mut s, 5),
+        "0100100000",
+        "the immediate send"
+    );
+    s.write_all(&b(HB)).unwrap();
+    assert_eq!(
+        read_exact_hex(&mut s, 5),
+        "0101100000",
+        "the heartbeat's re-send"
+    );
+    let (st, body) = http(
+        admin,
+        "POST",
+        &format!("/clients/{UUID_HEX}/clear"),
+        None,
+        "",
+    );
+    assert_eq!(st, 200, "{body}");
+    push_10(&mut p);
+    s.write_all(&b(HB)).unwrap();
+    // appId 1: the heartbeat's answer (the re-created record had no path for an immediate send).
+    assert_eq!(read_exact_hex(&mut s, 5), "0101100000", "the new flag");
+    // The late ack of a send made before the removal.
+    s.write_all(&b(ACK_10)).unwrap();
+    pause();
+    s.write_all(&b(HB)).unwrap();
+    s.set_read_timeout(Some(QUIET)).unwrap();
+    let mut got = [0u8; 5];
+    match s.read_exact(&mut got) {
+        Ok(()) => assert_eq!(hex::encode(got), "0101100000"),
+        Err(e) => panic!("the new flag was cleared by the ack of an older send: {e}"),
+    }
+    // The device acks the other first send and both copies of the new flag: cleared.
+    for _ in 0..3 {
+        s.write_all(&b(ACK_10)).unwrap();
+    }
+    pause();
+    s.write_all(&b(HB)).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("expected nothing, got {other:?} {buf:02x?}"),
+    }
+}

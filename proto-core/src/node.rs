@@ -751,9 +751,14 @@ impl Node {
         if !self.conns.contains_key(&conn) {
             return;
         }
-        if self.reg.addr(slot).is_none() {
-            // A new connection: sends on the old one can no longer be acked (acks are only
-            // taken from the attached connection). With a UDP address too, keep them.
+        if self.reg.addr(slot).is_none() && self.reg.tcp.contains_key(&slot) {
+            // Another connection replaces the attached one: sends on the old one can no longer
+            // be acked (acks are only taken from the attached connection). With a UDP address
+            // too, keep them. With no connection attached there is nothing to forget: a closed
+            // connection's sends were forgotten when it closed, and a record re-created within
+            // the ack window holds the removed record's sends, which may have gone to this very
+            // connection (fuzz finding 8); if they went elsewhere, keeping them only makes the
+            // next acks count as acks of older sends (a duplicate at worst) until the fence.
             self.forget_sends(slot);
         }
         let Some(c) = self.conns.get_mut(&conn) else {

@@ -171,3 +171,55 @@ fn ack_of_a_send_before_removal_keeps_the_push_after_it() {
         "ack of a send made before the removal cleared the push made after it"
     );
 }
+
+/// fuzz/regressions/node_ops/ack-of-v1-cleared-v2 (finding 8 in docs/FUZZING.md): a 0x10 is
+/// sent twice on a device TCP connection, an operator removes the record, a new 0x10 push
+/// re-creates it (inheriting the removed record's ledger, finding 3), and a heartbeat on the
+/// *same* connection attaches it and gets the new 0x10. The device's ack of one of the first
+/// sends, still in flight, cleared the new message: attaching the re-created record counted as
+/// a new connection and forgot the inherited sends, although their acks still come on it.
+#[test]
+fn ack_on_the_same_connection_after_removal_keeps_the_push_after_it() {
+    let mut node = Node::new(config()).unwrap();
+    let uuid = Uuid([0xC0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    let t = Time::from_millis(261_245_220_571);
+    let peer: SocketAddr = "10.0.0.2:40001".parse().unwrap();
+    let notify = PushRequest {
+        app_id: 29,
+        uuid,
+        msg: PushMsg::Notify,
+    };
+    assert!(node.handle_tcp_open(t, 1, ddpush_proto::Port::Device, peer));
+    node.handle_tcp_data(t, 1, &device(109, 0x00, &uuid, &[]));
+    assert_eq!(node.handle_push(t, notify.clone()), PushReply::Accepted);
+    assert_eq!(downs(&drain(&mut node)), vec![DownMsg::Notify]);
+    // A heartbeat that crossed the immediate send: version 1 goes out a second time.
+    node.handle_tcp_data(t, 1, &device(81, 0x00, &uuid, &[]));
+    assert_eq!(downs(&drain(&mut node)), vec![DownMsg::Notify]);
+    assert!(node.remove(t, &uuid));
+    assert_eq!(node.handle_push(t, notify), PushReply::Accepted);
+    assert!(
+        downs(&drain(&mut node)).is_empty(),
+        "no path yet: nothing sent"
+    );
+    // The device heartbeats on the same connection and gets version 2.
+    node.handle_tcp_data(t, 1, &device(81, 0x00, &uuid, &[]));
+    assert_eq!(downs(&drain(&mut node)), vec![DownMsg::Notify]);
+    // The ack of a send of version 1 arrives: it must not clear version 2.
+    node.handle_tcp_data(t, 1, &device(1, 0x10, &uuid, &[]));
+    drain(&mut node);
+    assert!(
+        node.record(&uuid).unwrap().notify,
+        "ack of a send made before the removal cleared the push made after it"
+    );
+    // The acks of the other version-1 send and of version 2 follow; the second one clears.
+    node.handle_tcp_data(t, 1, &device(1, 0x10, &uuid, &[]));
+    drain(&mut node);
+    assert!(node.record(&uuid).unwrap().notify);
+    node.handle_tcp_data(t, 1, &device(1, 0x10, &uuid, &[]));
+    drain(&mut node);
+    assert!(
+        !node.record(&uuid).unwrap().notify,
+        "the ack of version 2 clears it"
+    );
+}
