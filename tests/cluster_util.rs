@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use ddpush_proto::Uuid;
-use ddpushd::cluster::store::{StoreConfig, WaitFail};
+use ddpushd::cluster::store::StoreConfig;
 
 /// The seeds exported by `.ci/redis-cluster.sh`.
 pub fn seeds() -> String {
@@ -29,7 +29,6 @@ pub fn store_config(wait_replicas: u32) -> StoreConfig {
         pending_ttl: Duration::from_secs(30 * 86400),
         wait_replicas,
         wait_timeout: Duration::from_millis(200),
-        wait_fail: WaitFail::Ff,
         op_timeout: Duration::from_secs(2),
     }
 }

@@ -5,20 +5,29 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ddpush_proto::cluster::{
-    ClusterConfig, ClusterNode, MemStore, NodeId, OpId, StoreError, StoreOp,
+    ClusterConfig, ClusterNode, MemStore, NodeId, OpId, StoreError, StoreOp, StoreReply,
 };
+use ddpush_proto::driver::{StoreConfirmed, WaitPolicy};
+use ddpush_proto::Driver;
 use ddpush_proto::{
-    Config, Content, Dest, DeviceMsg, DevicePacket, Payload, Port, PushMsg, PushRequest, Time, Uuid,
+    Config, Content, Dest, DeviceMsg, DevicePacket, Payload, Port, PushMsg, PushReply, PushRequest,
+    Time, Uuid,
 };
 
 struct Cluster {
     store: MemStore,
     nodes: Vec<ClusterNode>,
+    /// The turn driver of each node (the acceptance step: the store's confirmations).
+    drivers: Vec<Driver>,
     now: Time,
     /// Store down: every op fails.
     store_down: bool,
     /// Pokes are dropped.
     drop_pokes: bool,
+    /// Pushes are stored but reported as not replicated in time (a short Redis `WAIT`).
+    unreplicated: bool,
+    /// The acceptance step's replica policy.
+    wait: WaitPolicy,
     /// Ops held back (not answered yet), per node.
     held: Vec<(usize, OpId, StoreOp)>,
     hold: bool,
@@ -53,10 +62,13 @@ impl Cluster {
             .collect();
         Cluster {
             store: MemStore::new(),
+            drivers: (0..n).map(|_| Driver::new()).collect(),
             nodes,
             now: Time::from_secs(1000),
             store_down: false,
             drop_pokes: false,
+            unreplicated: false,
+            wait: WaitPolicy::default(),
             held: Vec::new(),
             hold: false,
             udp: Vec::new(),
@@ -87,10 +99,18 @@ impl Cluster {
                     let r = if self.store_down {
                         Err(StoreError::Unavailable)
                     } else {
-                        Ok(self.store.apply(&op))
+                        match self.store.apply(&op) {
+                            StoreReply::Pushed(r) if self.unreplicated => {
+                                Ok(StoreReply::PushedUnreplicated(r))
+                            }
+                            r => Ok(r),
+                        }
                     };
                     self.nodes[i].handle_store(self.now, id, r);
                 }
+                // The turn's acceptance step, before any output leaves.
+                let step = StoreConfirmed { wait: self.wait };
+                let _ = self.drivers[i].end_turn(&mut self.nodes[i], step);
                 while let Some((to, msg)) = self.nodes[i].poll_peer() {
                     moved = true;
                     if !self.drop_pokes {
@@ -637,4 +657,90 @@ fn a_late_ack_of_a_send_under_an_old_epoch_never_clears() {
     assert_eq!(pending_payload(&c), Some(Content::from_static(b"p")));
     c.device(0, 4000, DeviceMsg::AckPayload); // the ack of the epoch-3 send
     assert_eq!(pending_payload(&c), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The acceptance step (`Driver::end_turn` with `StoreConfirmed`): the driver the single node
+// uses, with the cluster's rule.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_push_the_replicas_did_not_confirm_is_ff_and_unsent_unless_the_policy_accepts_it() {
+    for (wait, want, sent) in [(WaitPolicy::Refuse, 0xFF, 0), (WaitPolicy::Accept, 0x00, 1)] {
+        let mut c = Cluster::new(1);
+        c.wait = wait;
+        c.device(0, 4000, DeviceMsg::Heartbeat);
+        c.take_udp();
+        c.unreplicated = true;
+        assert_eq!(c.push(0, PushMsg::Notify), want, "{wait:?}");
+        assert_eq!(c.take_udp().len(), sent, "{wait:?}: sent at once");
+        let s = c.nodes[0].stats();
+        assert_eq!(s.unreplicated_refused, 1 - sent as u64, "{wait:?}");
+        assert_eq!(s.store_errors, 0, "a short WAIT is not a store error");
+        // Either way the push is in the store: the next heartbeat's bind-free answer (from
+        // the copy) or a drain brings it; under Refuse the app server's retry is a duplicate.
+        assert!(c.store.get(&UUID).and_then(|r| r.notify).is_some());
+        assert_eq!(c.drivers[0].storage_ok(), sent == 1, "{wait:?}: durability health");
+    }
+}
+
+#[test]
+fn a_front_end_push_through_the_driver_is_answered_once_the_store_confirmed_it() {
+    let mut c = Cluster::new(2);
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    c.take_udp();
+    let req = |msg| PushRequest {
+        app_id: 1,
+        uuid: UUID,
+        msg,
+    };
+    c.hold = true;
+    let now = c.now;
+    let t = c.drivers[1].handle_push(&mut c.nodes[1], now, req(PushMsg::Notify));
+    c.settle();
+    assert_eq!(c.drivers[1].poll_reply(), None, "no answer before the store");
+    assert_eq!(c.drivers[1].undecided(), 1);
+    c.hold = false;
+    c.release();
+    assert_eq!(c.drivers[1].poll_reply(), Some((t, PushReply::Accepted)));
+    assert_eq!(
+        c.take_udp(),
+        vec![(0, "0100100000".to_string())],
+        "delivered by the owner"
+    );
+    // The store down: 0xFF, and the durability episode starts once.
+    c.store_down = true;
+    let t = c.drivers[1].handle_push(&mut c.nodes[1], now, req(PushMsg::Bits(1)));
+    c.settle();
+    assert_eq!(c.drivers[1].poll_reply(), Some((t, PushReply::Failed)));
+    assert!(!c.drivers[1].storage_ok());
+    // A payload over max_content is 0x01 at once, with no store operation.
+    let ops = c.store_ops();
+    let big = Content::new(vec![b'x'; 501]).expect("content");
+    let t = c.drivers[1].handle_push(&mut c.nodes[1], now, req(PushMsg::Payload(big)));
+    c.settle();
+    assert_eq!(c.drivers[1].poll_reply(), Some((t, PushReply::Rejected)));
+    assert_eq!(c.store_ops(), ops);
+    assert_eq!(c.drivers[1].undecided(), 0);
+}
+
+#[test]
+#[should_panic(expected = "acceptance step")]
+#[cfg(debug_assertions)]
+fn polling_a_transmit_before_the_acceptance_step_panics_in_debug_builds() {
+    let mut n = ClusterNode::new(Config::default(), ClusterConfig::new("n0".into())).expect("cfg");
+    n.handle_tcp_open(Time::from_secs(1), 1, Port::Push);
+    let req = PushRequest {
+        app_id: 1,
+        uuid: UUID,
+        msg: PushMsg::Notify,
+    }
+    .to_vec();
+    n.handle_tcp_data(Time::from_secs(1), 1, &req);
+    let mut store = MemStore::new();
+    while let Some((id, op)) = n.poll_store() {
+        let r = store.apply(&op);
+        n.handle_store(Time::from_secs(1), id, Ok(r));
+    }
+    let _ = n.poll_transmit();
 }

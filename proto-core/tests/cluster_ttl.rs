@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ddpush_proto::cluster::{ClusterConfig, ClusterNode, MemStore, NodeId, StoreOp};
+use ddpush_proto::driver::StoreConfirmed;
+use ddpush_proto::Driver;
 use ddpush_proto::{Config, DeviceMsg, DevicePacket, Port, PushMsg, PushRequest, Time, Uuid};
 
 const UUID: Uuid = Uuid([7; 16]);
@@ -21,6 +23,7 @@ fn addr() -> SocketAddr {
 struct Two {
     store: MemStore,
     nodes: [ClusterNode; 2],
+    drivers: [Driver; 2],
     binds: usize,
 }
 
@@ -39,6 +42,7 @@ impl Two {
         Two {
             store: MemStore::new(),
             nodes: [node(0), node(1)],
+            drivers: [Driver::new(), Driver::new()],
             binds: 0,
         }
     }
@@ -56,6 +60,7 @@ impl Two {
                     let r = self.store.apply(&op);
                     self.nodes[i].handle_store(now, id, Ok(r));
                 }
+                let _ = self.drivers[i].end_turn(&mut self.nodes[i], StoreConfirmed::default());
                 while let Some((_, msg)) = self.nodes[i].poll_peer() {
                     moved = true;
                     self.nodes[1 - i].handle_peer(now, msg);

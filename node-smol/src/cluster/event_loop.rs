@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use async_channel::{Receiver, Sender};
 use async_io::{Async, Timer};
 use ddpush_proto::cluster::{ClusterConfig, ClusterEvent, ClusterNode, OpId, StoreError, StoreOp};
-use ddpush_proto::{ConnId, Port, Time, Transmit};
+use ddpush_proto::driver::StoreConfirmed;
+use ddpush_proto::{ConnId, Driver, Port, Time, Transmit};
 use futures_lite::{future, StreamExt};
 use tracing::{debug, info, warn};
 
@@ -78,7 +79,6 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
         pending_ttl: cfg.core.pending_ttl,
         wait_replicas: opts.wait_replicas,
         wait_timeout: opts.wait_timeout,
-        wait_fail: opts.wait_fail,
         op_timeout: opts.store_timeout,
     };
     let ex: Executor = std::rc::Rc::new(smol::LocalExecutor::new());
@@ -179,6 +179,10 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
         ex: ex.clone(),
         node,
         clock,
+        driver: Driver::new(),
+        accept: StoreConfirmed {
+            wait: opts.wait_fail.policy(),
+        },
         limit: InflightLimit::new(
             opts.max_inflight,
             InflightLimit::target_for(opts.store_timeout, opts.wait_timeout),
@@ -211,6 +215,10 @@ struct Loop {
     ex: Executor,
     node: ClusterNode,
     clock: Clock,
+    /// The core's turn (shared with the single node): its acceptance step decides every push.
+    driver: Driver,
+    /// The cluster's acceptance step: `0x00` only once the store confirmed (`--cluster-wait-fail`).
+    accept: StoreConfirmed,
     limit: InflightLimit,
     store_timeout: Duration,
     /// The device and push sockets (the single node's socket layer).
@@ -503,8 +511,16 @@ impl Loop {
         }
     }
 
-    /// Drains the core's outputs.
+    /// Ends the turn through the core's driver (the acceptance step decides the pushes whose
+    /// store results came in), then drains the core's outputs.
     fn flush(&mut self) {
+        let settled = self.driver.end_turn(&mut self.node, self.accept);
+        if settled.first {
+            warn!("the store did not confirm a push; answering 0xFF until it does again");
+        }
+        if settled.recovered {
+            info!("the store confirms pushes again");
+        }
         Backlog::of(&mut self.queue, self.dispatched, &self.limit).take(&mut self.node);
         self.dispatch();
         while let Some((to, msg)) = self.node.poll_peer() {

@@ -7,8 +7,9 @@
 use std::io;
 use std::path::Path;
 
-use ddpush_proto::cluster::StoreOp;
-use ddpush_proto::{upstream, PushMsg};
+use ddpush_proto::cluster::{Confirmation, StoreOp};
+use ddpush_proto::driver::StoreConfirmed;
+use ddpush_proto::{upstream, PushMsg, PushReply};
 
 use super::store::{RedisStore, StoreConfig};
 use super::ClusterOptions;
@@ -73,8 +74,10 @@ pub fn import(
         pending_ttl: cfg.core.pending_ttl,
         wait_replicas: opts.wait_replicas,
         wait_timeout: opts.wait_timeout,
-        wait_fail: opts.wait_fail,
         op_timeout: opts.store_timeout,
+    };
+    let step = StoreConfirmed {
+        wait: opts.wait_fail.policy(),
     };
     smol::block_on(async {
         let store = RedisStore::connect(&opts.redis, store_cfg)
@@ -85,10 +88,17 @@ pub fn import(
             let results =
                 futures_util::future::join_all(chunk.iter().map(|op| store.execute(op))).await;
             for (op, r) in chunk.iter().zip(results) {
-                if let Err(e) = r.result {
+                // The same acceptance rule as a node's pushes (`--cluster-wait-fail`).
+                let c = Confirmation::of(&r.result);
+                if step.reply(&c) != PushReply::Accepted {
+                    let why = match c {
+                        Confirmation::Failed(e) => e.to_string(),
+                        _ => "fewer replicas than --cluster-wait-replicas confirmed it in time"
+                            .to_string(),
+                    };
                     let uuid = op.uuid().map(|u| u.to_hex()).unwrap_or_default();
                     return Err(ServerError::from(io::Error::other(format!(
-                        "storing {uuid} failed ({e}) after {done} of {} items; nothing was \
+                        "storing {uuid} failed ({why}) after {done} of {} items; nothing was \
                          rolled back, running the import again is safe",
                         ops.len()
                     ))));

@@ -12,8 +12,6 @@ pub(super) enum OpError {
     Redis(#[from] RedisError),
     #[error("unexpected reply: {0}")]
     Reply(String),
-    #[error("fewer replicas than --cluster-wait-replicas confirmed the write in time")]
-    WaitShort,
 }
 
 /// Fields of a record in a script reply.

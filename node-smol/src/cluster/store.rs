@@ -26,8 +26,9 @@
 //! when the lane map is stale (a script redirected elsewhere fails and its push gets `0xFF`).
 //! One replica round trip per group instead of one per push: a `WAIT` blocks its connection
 //! until the replicas answered, so per-push `WAIT`s serialised every push of a master behind
-//! a replica round trip. If fewer replicas confirm in time, the group's pushes are answered
-//! per [`WaitFail`]. Scripts are loaded once on every node (`SCRIPT LOAD`) and called with
+//! a replica round trip. If fewer replicas confirm in time, the group's pushes come back as
+//! `PushedUnreplicated` and the core's acceptance rule answers them per [`WaitFail`]
+//! (`ddpush_proto::driver::WaitPolicy`). Scripts are loaded once on every node (`SCRIPT LOAD`) and called with
 //! `EVALSHA`; a node that lost its script cache (a restart) gets them again on `NOSCRIPT`.
 
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ddpush_proto::cluster::{Mark, NodeId, StoreError, StoreOp, StoreReply, StoreResult};
+use ddpush_proto::driver::WaitPolicy;
 use ddpush_proto::{Kind, PushMsg, Uuid};
 use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
@@ -63,6 +65,16 @@ pub enum WaitFail {
     Accept,
 }
 
+impl WaitFail {
+    /// The core's acceptance policy this choice stands for.
+    pub fn policy(self) -> WaitPolicy {
+        match self {
+            WaitFail::Ff => WaitPolicy::Refuse,
+            WaitFail::Accept => WaitPolicy::Accept,
+        }
+    }
+}
+
 /// How the adapter talks to the store.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -72,8 +84,6 @@ pub struct StoreConfig {
     pub wait_replicas: u32,
     /// How long to wait for them.
     pub wait_timeout: Duration,
-    /// What to answer when they do not confirm.
-    pub wait_fail: WaitFail,
     /// Every operation gives up after this long (the core also times out on its own).
     pub op_timeout: Duration,
 }
@@ -327,10 +337,9 @@ impl RedisStore {
                     .await
                     .map_err(|_| OpError::Reply("push lane stopped".into()))??;
                 if !done.replicated {
+                    // Whether this is `0x00` is the core's acceptance rule (`WaitPolicy`).
                     *wait_short = true;
-                    if self.cfg.wait_fail == WaitFail::Ff {
-                        return Err(OpError::WaitShort);
-                    }
+                    return Ok(StoreReply::PushedUnreplicated(done.record));
                 }
                 Ok(StoreReply::Pushed(done.record))
             }

@@ -43,7 +43,7 @@ pub mod store;
 
 use serde::{Deserialize, Serialize};
 
-pub use node::{ClusterConfig, ClusterEvent, ClusterNode, ClusterStats};
+pub use node::{ClusterConfig, ClusterEvent, ClusterNode, ClusterStats, Confirmation};
 pub use store::{
     Gen, Mark, MemStore, OpId, StoreError, StoreOp, StoreReply, StoreResult, StoredRecord,
 };

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::codec::{
-    DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushReply, PushRequest, Uuid,
+    check_payload_len, DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushMsg,
+    PushReply, PushRequest, Uuid,
 };
 use crate::config::{Config, ConfigError, ReplyPolicy};
 use crate::output::{Dest, Payload, Transmit};
@@ -150,6 +151,9 @@ pub struct ClusterStats {
     pub deliveries: u64,
     /// Packets re-sent in answer to heartbeats.
     pub resends: u64,
+    /// Pushes the store ran on its primary but did not replicate in time, answered `0xFF`
+    /// under [`crate::driver::WaitPolicy::Refuse`].
+    pub unreplicated_refused: u64,
     /// Acks from devices, and those the store cleared with.
     pub acks: [u64; 2],
     /// Acks of 0x10/0x20 the ack rule attributed to no send of the pending generation: to an
@@ -164,6 +168,39 @@ pub struct ClusterStats {
     pub online: u64,
     /// Copies held (gauge): clients this node serves from its cache.
     pub owned: u64,
+}
+
+/// What the store said about a push, for the acceptance step ([`crate::driver::StoreConfirmed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirmation {
+    /// Stored (and replicated as asked).
+    Stored,
+    /// Stored on the primary; the replicas did not confirm it in time.
+    Unreplicated,
+    /// Not confirmed: an error or a time-out (the push may or may not be in the store).
+    Failed(StoreError),
+}
+
+impl Confirmation {
+    /// What a push operation's result says (a reply of another kind is a store fault).
+    pub fn of(result: &StoreResult) -> Confirmation {
+        match result {
+            Ok(StoreReply::Pushed(_)) => Confirmation::Stored,
+            Ok(StoreReply::PushedUnreplicated(_)) => Confirmation::Unreplicated,
+            Ok(_) => Confirmation::Failed(StoreError::Unavailable),
+            Err(e) => Confirmation::Failed(*e),
+        }
+    }
+}
+
+/// A push whose store operation finished and that the acceptance step has not decided yet.
+#[derive(Debug)]
+struct Finished {
+    id: OpId,
+    conn: Option<ConnId>,
+    uuid: Uuid,
+    kind: Kind,
+    result: StoreResult,
 }
 
 /// Where a device packet came from.
@@ -248,6 +285,8 @@ pub struct ClusterNode {
     draining: bool,
     done: Vec<(Uuid, u64)>,
     ops: VecDeque<(OpId, StoreOp)>,
+    /// Pushes whose results came in this turn, in order, waiting for the acceptance step.
+    finished: VecDeque<Finished>,
     peer_out: VecDeque<(NodeId, PeerMsg)>,
     transmits: VecDeque<Transmit>,
     closes: VecDeque<ConnId>,
@@ -286,6 +325,7 @@ impl ClusterNode {
             draining: false,
             done: Vec::new(),
             ops: VecDeque::new(),
+            finished: VecDeque::new(),
             peer_out: VecDeque::new(),
             transmits: VecDeque::new(),
             closes: VecDeque::new(),
@@ -408,6 +448,20 @@ impl ClusterNode {
         }
     }
 
+    /// A push from a front end other than port 9999, through [`crate::Driver::handle_push`]:
+    /// the store operation it became, or its reply at once (`0x01` for a 0x20 payload longer
+    /// than `max_content`, which on port 9999 never gets this far).
+    pub fn handle_push(&mut self, now: Time, req: PushRequest) -> Result<OpId, PushReply> {
+        self.advance(now);
+        if let PushMsg::Payload(p) = &req.msg {
+            if check_payload_len(p.len(), self.cfg.max_content).is_err() {
+                self.stats.pushes[1] += 1;
+                return Err(PushReply::Rejected);
+            }
+        }
+        Ok(self.push(None, req))
+    }
+
     /// A connection closed.
     pub fn handle_tcp_close(&mut self, now: Time, conn: ConnId) {
         self.advance(now);
@@ -465,9 +519,15 @@ impl ClusterNode {
         self.peer_out.pop_front()
     }
 
-    /// The next packet or reply to send, in order.
+    /// The next packet or reply to send, in order. Run the turn's acceptance step
+    /// ([`crate::Driver::end_turn`] with [`crate::driver::StoreConfirmed`]) first: a debug
+    /// build panics if a push result is still undecided.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        debug_assert!(
+            self.finished.is_empty(),
+            "a transmit was polled before the turn's acceptance step decided its pushes"
+        );
         self.transmits.pop_front()
     }
 
@@ -776,31 +836,14 @@ impl ClusterNode {
         }
         match p {
             Purpose::Push { conn, uuid, kind } => {
-                let (reply, sent) = match result {
-                    Ok(StoreReply::Pushed(rec)) => {
-                        self.stats.pushes[0] += 1;
-                        let sent = self.pushed(uuid, rec);
-                        (PushReply::Accepted, sent)
-                    }
-                    _ => {
-                        self.stats.pushes[2] += 1;
-                        (PushReply::Failed, 0)
-                    }
-                };
-                self.events.push_back(ClusterEvent::PushAnswered {
+                // Decided by the acceptance step at the end of the turn, not here.
+                self.finished.push_back(Finished {
+                    id,
+                    conn,
                     uuid,
                     kind,
-                    reply,
-                    sent,
+                    result,
                 });
-                if let Some(conn) = conn {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        if let Some(s) = c.replies.iter_mut().find(|s| **s == Err(id)) {
-                            *s = Ok(reply);
-                        }
-                    }
-                    self.flush_replies(conn);
-                }
             }
             Purpose::Ack { uuid } => match result {
                 Ok(StoreReply::Acked { record, cleared }) => {
@@ -870,6 +913,52 @@ impl ClusterNode {
                 self.maybe_drain();
             }
         }
+    }
+
+    /// The acceptance step's way in ([`crate::driver::StoreConfirmed`]): takes the oldest
+    /// push whose store operation finished, lets `rule` decide its reply from what the store
+    /// said, and applies the decision: an accepted push updates the copy and is sent, or
+    /// pokes its owner; a refused one sends nothing. Its reply slot is filled and the
+    /// connection's replies leave in request order.
+    pub(crate) fn settle_next(
+        &mut self,
+        rule: impl FnOnce(&Confirmation) -> PushReply,
+    ) -> Option<(OpId, PushReply)> {
+        let f = self.finished.pop_front()?;
+        let confirmation = Confirmation::of(&f.result);
+        let rec = match f.result {
+            Ok(StoreReply::Pushed(rec) | StoreReply::PushedUnreplicated(rec)) => Some(rec),
+            _ => None,
+        };
+        let (reply, sent) = match (rule(&confirmation), rec) {
+            // Only a stored record can be accepted, whatever the rule says.
+            (PushReply::Accepted, Some(rec)) => {
+                self.stats.pushes[0] += 1;
+                (PushReply::Accepted, self.pushed(f.uuid, rec))
+            }
+            _ => {
+                self.stats.pushes[2] += 1;
+                if confirmation == Confirmation::Unreplicated {
+                    self.stats.unreplicated_refused += 1;
+                }
+                (PushReply::Failed, 0)
+            }
+        };
+        self.events.push_back(ClusterEvent::PushAnswered {
+            uuid: f.uuid,
+            kind: f.kind,
+            reply,
+            sent,
+        });
+        if let Some(conn) = f.conn {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                if let Some(s) = c.replies.iter_mut().find(|s| **s == Err(f.id)) {
+                    *s = Ok(reply);
+                }
+            }
+            self.flush_replies(conn);
+        }
+        Some((f.id, reply))
     }
 
     /// A push is stored: update our copy and send, or poke the owner.

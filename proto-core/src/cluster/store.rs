@@ -142,8 +142,12 @@ pub struct Mark {
 /// What an operation did. Every single-record reply carries the record after the operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoreReply {
-    /// The push is stored.
+    /// The push is stored (on as many replicas as the adapter was asked to wait for).
     Pushed(StoredRecord),
+    /// The push is stored on the primary, but fewer replicas than asked confirmed it in time
+    /// (Redis `WAIT`). Whether it is accepted is the acceptance rule's business
+    /// ([`crate::driver::WaitPolicy`]); [`MemStore`] never answers it.
+    PushedUnreplicated(StoredRecord),
     /// The ack was applied; `cleared` says whether it cleared anything.
     Acked {
         /// The record after the ack.
@@ -340,7 +344,10 @@ mod tests {
 
     fn rec(r: StoreReply) -> StoredRecord {
         match r {
-            StoreReply::Pushed(r) | StoreReply::Bound(r) | StoreReply::Stale(r) => r,
+            StoreReply::Pushed(r)
+            | StoreReply::PushedUnreplicated(r)
+            | StoreReply::Bound(r)
+            | StoreReply::Stale(r) => r,
             StoreReply::Acked { record, .. } => record,
             StoreReply::Drained { .. } => panic!("not a record reply"),
         }

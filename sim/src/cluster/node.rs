@@ -1,9 +1,12 @@
-//! A ddpushd host in cluster mode: the real [`ClusterNode`] behind a thin turmoil adapter.
+//! A ddpushd host in cluster mode: the real [`ClusterNode`] behind a thin turmoil adapter,
+//! driven by the core's [`Driver`] like the single-node host (`crate::server`) and ddpushd.
 //!
-//! It only moves bytes and time in the core's turn order: read sockets (device UDP 9966, push
-//! TCP 9999, store replies, peer pokes), call `handle_*`, then drain `poll_store` to the store
-//! host, `poll_peer` to the other nodes, `poll_transmit`, `poll_close`, `poll_event`, and
-//! sleep until the next input or `poll_timeout`. No protocol rule lives here.
+//! It only moves bytes and time in the driver's turn order: read sockets (device UDP 9966,
+//! push TCP 9999, store replies, peer pokes), call `handle_*`, end the turn with the
+//! cluster's acceptance step ([`StoreConfirmed`]: a push is `0x00` only once the store
+//! confirmed it), then drain `poll_store` to the store host, `poll_peer` to the other nodes,
+//! `poll_transmit`, `poll_close`, `poll_event`, and sleep until the next input or
+//! `poll_timeout`. No protocol rule lives here.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,7 +16,8 @@ use std::time::Duration;
 use ddpush_proto::cluster::{
     ClusterConfig, ClusterNode, NodeId, OpId, PeerMsg, StoreOp, StoreResult,
 };
-use ddpush_proto::{Config, ConnId, Dest, Port, Time};
+use ddpush_proto::driver::StoreConfirmed;
+use ddpush_proto::{Config, ConnId, Dest, Driver, Port, Time};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use turmoil::net::tcp::OwnedWriteHalf;
@@ -62,6 +66,7 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
     let store = UdpSocket::bind((any, STORE_CLIENT_PORT)).await?;
     let store_addr: SocketAddr = (turmoil::lookup("store"), STORE_PORT).into();
     let mut node = ClusterNode::new(cfg, cc).expect("valid config");
+    let mut driver = Driver::new();
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     let mut writers: BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)> =
@@ -134,6 +139,7 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
             &w,
             idx,
             &mut node,
+            &mut driver,
             &udp,
             &peer,
             &store,
@@ -149,12 +155,16 @@ async fn flush(
     w: &World,
     idx: usize,
     node: &mut ClusterNode,
+    driver: &mut Driver,
     udp: &UdpSocket,
     peer: &UdpSocket,
     store: &UdpSocket,
     store_addr: SocketAddr,
     writers: &mut BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
 ) {
+    // The acceptance step first: the pushes whose store results came in this turn are
+    // decided before any output leaves.
+    let _ = driver.end_turn(node, StoreConfirmed::default());
     let mut ops: Vec<(OpId, StoreOp)> = Vec::new();
     while let Some(op) = node.poll_store() {
         ops.push(op);
