@@ -31,7 +31,10 @@
 //! top of it reproduces every pending item ([`Node::pending`] compares them).
 //!
 //! Cluster mode (N nodes over a shared store) is a separate state machine,
-//! [`cluster::ClusterNode`], with the same turn shape; see docs/CLUSTER.md.
+//! [`cluster::ClusterNode`], run by the same [`Driver`] and the same turn: step 1 is skipped
+//! (it starts empty), step 3 is [`Driver::end_turn`] with [`driver::StoreConfirmed`] (a push is
+//! accepted once the store confirmed it) instead of the journal write, and step 4 also drains
+//! its store operations and node-to-node messages; see [`cluster`] and docs/CLUSTER.md.
 //!
 //! The client side of the protocol is here too, in the same style: [`session`] holds a device
 //! SDK's session and an app server's push pipeline, which the `ddpush` client, the simulator

@@ -677,10 +677,17 @@ fn a_push_the_replicas_did_not_confirm_is_ff_and_unsent_unless_the_policy_accept
         let s = c.nodes[0].stats();
         assert_eq!(s.unreplicated_refused, 1 - sent as u64, "{wait:?}");
         assert_eq!(s.store_errors, 0, "a short WAIT is not a store error");
-        // Either way the push is in the store: the next heartbeat's bind-free answer (from
-        // the copy) or a drain brings it; under Refuse the app server's retry is a duplicate.
+        // Either way the push is in the store: under Refuse the owner's next drain brings it
+        // (the app server's retry is then a duplicate, never a loss).
         assert!(c.store.get(&UUID).and_then(|r| r.notify).is_some());
-        assert_eq!(c.drivers[0].storage_ok(), sent == 1, "{wait:?}: durability health");
+        c.unreplicated = false;
+        c.advance(Duration::from_secs(2));
+        assert_eq!(c.take_udp().len(), 1 - sent, "{wait:?}: sent by the drain");
+        assert_eq!(
+            c.drivers[0].storage_ok(),
+            sent == 1,
+            "{wait:?}: durability health"
+        );
     }
 }
 
@@ -698,7 +705,11 @@ fn a_front_end_push_through_the_driver_is_answered_once_the_store_confirmed_it()
     let now = c.now;
     let t = c.drivers[1].handle_push(&mut c.nodes[1], now, req(PushMsg::Notify));
     c.settle();
-    assert_eq!(c.drivers[1].poll_reply(), None, "no answer before the store");
+    assert_eq!(
+        c.drivers[1].poll_reply(),
+        None,
+        "no answer before the store"
+    );
     assert_eq!(c.drivers[1].undecided(), 1);
     c.hold = false;
     c.release();

@@ -13,6 +13,8 @@
 //! * **Every push and every ack is one atomic per-uuid store operation**, an output with an
 //!   [`store::OpId`]; its result comes back as an input ([`ClusterNode::handle_store`]). A push
 //!   is answered `0x00` only once the store confirmed it; an error or a time-out answers `0xFF`.
+//!   The node does not decide this itself: the driver's acceptance step does
+//!   ([`crate::driver::StoreConfirmed`], the cluster's counterpart of the journal write).
 //! * **A push at any node reaches the owner**: the push result names the owner; the pushing
 //!   node pokes it ([`PeerMsg::Poke`], a latency path only), and the same store operation
 //!   marked the uuid dirty for the owner, which drains its marks periodically and after a lost
@@ -28,15 +30,21 @@
 //!
 //! # Call order for an adapter
 //!
-//! The same turn as the single node, without a journal (the store is the durability):
+//! The single node's turn, through the same [`crate::Driver`], without a journal (the store is
+//! the durability):
 //! 1. Feed inputs with the current time: [`ClusterNode::handle_udp`], the TCP handlers,
 //!    [`ClusterNode::handle_store`] for every store result, [`ClusterNode::handle_peer`] for
 //!    every message from another node, [`ClusterNode::handle_peer_lost`] when a node-to-node
-//!    link broke, [`ClusterNode::handle_timeout`] at [`ClusterNode::poll_timeout`].
-//! 2. Drain [`ClusterNode::poll_store`] (send each op to the store; a missing reply is the
+//!    link broke, [`ClusterNode::handle_timeout`] at [`ClusterNode::poll_timeout`]; pushes from
+//!    other front ends through [`crate::Driver::handle_push`].
+//! 2. End the turn with [`crate::Driver::end_turn`] and [`crate::driver::StoreConfirmed`]: the
+//!    acceptance step decides every push whose store result came in (`0x00` only if the store
+//!    confirmed it; a debug build panics if a transmit is polled before this step).
+//! 3. Drain [`ClusterNode::poll_store`] (send each op to the store; a missing reply is the
 //!    core's business: it times ops out itself), [`ClusterNode::poll_peer`],
-//!    [`ClusterNode::poll_transmit`], [`ClusterNode::poll_close`], [`ClusterNode::poll_event`].
-//! 3. Sleep until the next input or [`ClusterNode::poll_timeout`].
+//!    [`ClusterNode::poll_transmit`], [`ClusterNode::poll_close`], [`ClusterNode::poll_event`]
+//!    and [`crate::Driver::poll_reply`].
+//! 4. Sleep until the next input or [`ClusterNode::poll_timeout`].
 
 mod node;
 pub mod store;
