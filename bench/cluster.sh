@@ -2,7 +2,9 @@
 # Cluster rows of docs/BENCHMARKS.md: ddpushd in cluster mode on a throw-away 3 + 3 Redis
 # Cluster (.ci/redis-cluster.sh), measured with `ddpush-bench push`, and the single node in the
 # same run for comparison. Release build; loopback only; prints one JSON object per row on
-# stdout (progress on stderr).
+# stdout (progress on stderr). Push rows carry "ff": the nodes' own split of their 0xFF
+# answers during the row (WAIT missed its replicas / store time-out or error); the bench's
+# "failed" is their sum as the pushers saw it.
 #   usage: bench/cluster.sh [SECS]     (default 5 s per push row)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,10 +42,32 @@ start() {
 cluster_args() {
   echo --cluster-redis "$DDPUSH_TEST_REDIS_CLUSTER" --node-id "$run_id-$1" --peer-listen 127.0.0.1:0
 }
-row() { # LABEL ddpush-bench-args...
-  local label="$1"; shift
-  local out; out="$("$bench" push "$@")"
-  printf '{"row":"%s","result":%s}\n' "$label" "$out"
+# ff_of ADMIN... : the 0xFF answers the cluster nodes gave so far, summed, as JSON: those whose
+# WAIT missed its replicas and those the store failed (time-out or error); /status splits them.
+ff_of() {
+  local a
+  for a in "$@"; do curl -s "http://$a/status"; echo; done | python3 -c '
+import json, sys
+w = s = 0
+for line in sys.stdin:
+    if line.strip():
+        p = json.loads(line)["pushes"]
+        w += p["failed_wait"]; s += p["failed_store"]
+print(json.dumps({"wait_replicas": w, "store": s}))'
+}
+# ff_delta BEFORE AFTER : AFTER - BEFORE of two ff_of objects.
+ff_delta() {
+  python3 -c 'import json, sys; b, a = (json.loads(x) for x in sys.argv[1:3]); print(json.dumps({k: a[k] - b[k] for k in a}))' "$1" "$2"
+}
+row() { # LABEL "ADMIN..." ddpush-bench-args... (ADMIN: the cluster nodes pushed at; "" for none)
+  local label="$1" at="$2"; shift 2
+  local before out ff='null'
+  # shellcheck disable=SC2086
+  [ -z "$at" ] || before="$(ff_of $at)"
+  out="$("$bench" push "$@")"
+  # shellcheck disable=SC2086
+  [ -z "$at" ] || ff="$(ff_delta "$before" "$(ff_of $at)")"
+  printf '{"row":"%s","ff":%s,"result":%s}\n' "$label" "$ff" "$out"
 }
 start single
 # shellcheck disable=SC2046
@@ -54,12 +78,13 @@ start b $(cluster_args b)
 start c $(cluster_args c)
 for mode in "16 16 pipelined" "1 1 one-at-a-time"; do
   set -- $mode
-  row "single node, $3" --udp "$UDP_single" --push "$PUSH_single" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --server-pid "$PID_single"
-  row "cluster, 1 node (push at the owner), $3" --udp "$UDP_a" --push "$PUSH_a" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --first 100000 --server-pid "$PID_a"
-  row "cluster, push at a non-owner, $3" --udp "$UDP_a" --push "$PUSH_b" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --first 200000 --server-pid "$PID_b"
+  row "single node, $3" "" --udp "$UDP_single" --push "$PUSH_single" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --server-pid "$PID_single"
+  row "cluster, 1 node (push at the owner), $3" "$ADMIN_a" --udp "$UDP_a" --push "$PUSH_a" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --first 100000 --server-pid "$PID_a"
+  row "cluster, push at a non-owner, $3" "$ADMIN_b" --udp "$UDP_a" --push "$PUSH_b" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --first 200000 --server-pid "$PID_b"
   # Three nodes at once, each with its own devices and pushers.
   i=0
   gens=()
+  ff0="$(ff_of "$ADMIN_a" "$ADMIN_b" "$ADMIN_c")"
   for n in a b c; do
     u="UDP_$n"; p="PUSH_$n"
     "$bench" push --udp "${!u}" --push "${!p}" --clients 4096 --conns "$1" --window "$2" --secs "$secs" --first $((300000 + i * 10000)) >"$work/three-$n.json" &
@@ -67,7 +92,8 @@ for mode in "16 16 pipelined" "1 1 one-at-a-time"; do
     i=$((i + 1))
   done
   wait "${gens[@]}"
-  printf '{"row":"cluster, 3 nodes at once, %s","result":[%s,%s,%s]}\n' "$3" \
+  ff="$(ff_delta "$ff0" "$(ff_of "$ADMIN_a" "$ADMIN_b" "$ADMIN_c")")"
+  printf '{"row":"cluster, 3 nodes at once, %s","ff":%s,"result":[%s,%s,%s]}\n' "$3" "$ff" \
     "$(cat "$work/three-a.json")" "$(cat "$work/three-b.json")" "$(cat "$work/three-c.json")"
 done
 # Redis memory: INFO used_memory summed over the masters (replicas hold as much again).

@@ -781,6 +781,40 @@ fn an_unreachable_redis_at_start_is_refused_unless_degraded_start_is_asked_for()
         Some(0x01),
         "malformed is still 0x01"
     );
+    let s = n.status();
+    assert_eq!(s["pushes"]["failed_store"], 1, "the store failed it: {s}");
+    assert_eq!(s["pushes"]["failed_wait"], 0, "{s}");
+}
+
+/// A `0xFF` says why in `/status` and `/metrics`: with more replicas asked for than the
+/// test cluster has (one per master), every push's WAIT misses and it is answered `0xFF`
+/// for that, not for a store time-out or error.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn a_wait_that_misses_its_replicas_is_told_apart_from_a_store_failure() {
+    let run = run_id();
+    let a = Node::start(&format!("{run}-a"), &["--cluster-wait-replicas", "2"]);
+    let mut p = a.pusher();
+    for _ in 0..3 {
+        assert_eq!(
+            push_one(&mut p, &push_req(&random_uuid(), 0x10, &[])),
+            Some(0xFF),
+            "two replicas asked for, one exists"
+        );
+    }
+    let s = a.status();
+    assert_eq!(s["pushes"]["failed"], 3, "{s}");
+    assert_eq!(s["pushes"]["failed_wait"], 3, "{s}");
+    assert_eq!(s["pushes"]["failed_store"], 0, "{s}");
+    assert!(s["store"]["wait_short"].as_u64() >= Some(3), "{s}");
+    let (code, m) = http_get(a.admin, "/metrics");
+    assert_eq!(code, 200);
+    for line in [
+        r#"ddpush_cluster_pushes_failed_by_total{reason="wait_replicas"} 3"#,
+        r#"ddpush_cluster_pushes_failed_by_total{reason="store"} 0"#,
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
+    }
 }
 
 /// Test 7 (not a cluster): a plain Redis server is refused by name.

@@ -26,8 +26,11 @@ pub struct AdapterStats {
     pub latency: [u64; BOUNDS_MS.len() + 1],
     /// Sum of their latencies, seconds.
     pub latency_sum: f64,
-    /// Pushes whose WAIT was not satisfied in time.
+    /// Pushes whose WAIT was not satisfied in time (answered per `--cluster-wait-fail`).
     pub wait_short: u64,
+    /// Pushes answered `0xFF` because their WAIT was not satisfied (`--cluster-wait-fail
+    /// ff`); every other `0xFF` is a store time-out or error.
+    pub ff_wait: u64,
     /// Pokes dropped because the link's queue was full.
     pub pokes_dropped: u64,
     /// Connections on the peer port refused (garbage, wrong secret, other version).
@@ -117,7 +120,13 @@ fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
         "pokes": { "sent": s.pokes[0], "received": s.pokes[1], "dropped": a.pokes_dropped },
         "dirty_drained": s.drained,
         "copies_dropped": s.dropped,
-        "pushes": { "accepted": s.pushes[0], "rejected": s.pushes[1], "failed": s.pushes[2] },
+        "pushes": {
+            "accepted": s.pushes[0],
+            "rejected": s.pushes[1],
+            "failed": s.pushes[2],
+            "failed_wait": a.ff_wait,
+            "failed_store": s.pushes[2].saturating_sub(a.ff_wait),
+        },
         "acks": { "received": s.acks[0], "cleared": s.acks[1] },
         "store": {
             "connected": a.store_connected,
@@ -256,6 +265,20 @@ fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
         "Store operations whose time-out passed before they were sent.",
         a.expired_unsent,
     );
+    let _ = writeln!(
+        o,
+        "# HELP ddpush_cluster_pushes_failed_by Pushes answered 0xFF, by why: the WAIT missed its replicas, or the store timed out or failed."
+    );
+    let _ = writeln!(o, "# TYPE ddpush_cluster_pushes_failed_by counter");
+    for (reason, n) in [
+        ("wait_replicas", a.ff_wait),
+        ("store", s.pushes[2].saturating_sub(a.ff_wait)),
+    ] {
+        let _ = writeln!(
+            o,
+            "ddpush_cluster_pushes_failed_by_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
     let _ = writeln!(
         o,
         "# HELP ddpush_cluster_store_ops Store operations issued."
