@@ -33,6 +33,8 @@ pub struct Server {
     pub admin: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub log: mpsc::Receiver<String>,
+    /// The log lines written before the listening line (state loading).
+    pub startup: Vec<String>,
 }
 
 fn field(line: &str, key: &str) -> Option<SocketAddr> {
@@ -96,6 +98,7 @@ impl Server {
                             child,
                             data_dir: data_dir.to_path_buf(),
                             log: rx,
+                            startup: seen,
                         });
                     }
                     seen.push(line);

@@ -358,3 +358,66 @@ fn efbig_in_snapshots_keeps_the_journals_and_the_retry_succeeds() {
     let s = Proc::start(dir.path(), None, &[]);
     led.check(&s);
 }
+
+/// A restart while the disk is still full: the server must not refuse to start (that would turn
+/// a full disk into an outage of every device). It loads its state, serves devices from
+/// memory, refuses pushes, and accepts them again once space is back, with no restart.
+#[test]
+fn a_start_while_the_disk_is_full_serves_devices_refuses_pushes_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut led = Ledger::default();
+    let s = Proc::start(dir.path(), None, &["--fsync", "always"]);
+    let mut p = s.pusher();
+    assert_eq!(push9999(&mut p, 1), 0x00);
+    led.accepted.push(1);
+    drop(p);
+    s.kill9();
+
+    // A limit below the size of a journal header: this run's journal cannot be created.
+    let mut s = Proc::start(dir.path(), Some(8), &["--fsync", "always"]);
+    assert_eq!(s.status()["degraded"], true, "degraded from the start");
+    assert_eq!(s.metric("ddpush_storage_ok"), 0.0);
+    let degraded: Vec<_> = (s.srv.startup.iter())
+        .filter(|l| l.contains("storage degraded at start"))
+        .collect();
+    assert_eq!(degraded.len(), 1, "{:?}", s.srv.startup);
+    assert!(degraded[0].contains("File too large"), "{}", degraded[0]);
+    // Devices are served from the loaded state.
+    let d = UdpSocket::bind("127.0.0.1:0").unwrap();
+    d.set_read_timeout(Some(IO)).unwrap();
+    let mut hb = vec![1, 1, 0x00];
+    hb.extend_from_slice(&uuid(1));
+    hb.extend_from_slice(&[0, 0]);
+    d.send_to(&hb, s.srv.udp).unwrap();
+    let mut buf = [0u8; 2048];
+    let k = d.recv(&mut buf).unwrap();
+    assert!(
+        buf[..k].ends_with(&body(1)),
+        "the stored payload is delivered"
+    );
+    // Pushes are refused on both front ends.
+    let mut p = s.pusher();
+    assert_eq!(push9999(&mut p, 2), 0xFF);
+    assert_eq!(push_admin(&s, 3), 503);
+    led.refused.extend([2, 3]);
+    // Space comes back: accepted again, without a restart.
+    s.lift_limit();
+    assert_eq!(push9999(&mut p, 4), 0x00);
+    assert_eq!(push_admin(&s, 5), 200);
+    led.accepted.extend([4, 5]);
+    assert_eq!(s.status()["degraded"], false);
+    let t = Instant::now();
+    while !s
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("storage recovered"))
+    {
+        assert!(t.elapsed() < IO, "no recovery line");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(p);
+    s.kill9();
+
+    let s = Proc::start(dir.path(), None, &[]);
+    led.check(&s);
+}

@@ -108,6 +108,9 @@ pub struct LoadReport {
     pub replayed: u64,
     /// Torn tails dropped (file, offset).
     pub torn: Vec<(String, u64)>,
+    /// This run's journal could not be created for want of space: the state was read, and the
+    /// store retries the journal before every append (see [`out_of_space`]).
+    pub journal_error: Option<PersistError>,
 }
 
 /// The data directory: lock, snapshot, journals.
@@ -115,7 +118,8 @@ pub struct Store {
     dir: PathBuf,
     disk: Arc<dyn Disk>,
     _lock: File,
-    journal: Box<dyn DiskFile>,
+    /// `None` until this run's journal could be created (a start on a full disk).
+    journal: Option<Box<dyn DiskFile>>,
     gen: u64,
     /// Bytes of whole frames (header included) in the current journal.
     len: u64,
@@ -194,6 +198,21 @@ pub fn preflight(dir: &Path) -> Result<(), PersistError> {
         )));
     }
     Ok(())
+}
+
+/// Whether a write failed only for want of space: a full filesystem, a quota, a file-size
+/// limit. Such a failure at start-up does not stop the server: it starts on the state it read,
+/// degraded (pushes refused, devices served from memory) until space comes back, since
+/// refusing to start would turn a full disk into an outage of every device. Anything else
+/// (a read-only filesystem, permissions) refuses to start.
+pub fn out_of_space(e: &PersistError) -> bool {
+    let PersistError::Io { source, .. } = e else {
+        return false;
+    };
+    matches!(
+        source.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
+    )
 }
 
 /// One line for an error met while first writing to the data directory.
@@ -283,11 +302,18 @@ impl Store {
             live.push(*g);
         }
         let gen = gens.last().copied().unwrap_or(0).max(snap_gen) + 1;
-        let journal = create_journal(disk.as_ref(), dir, gen).map_err(|e| match e {
-            PersistError::Io { source, .. } => unusable(dir, &source),
-            other => other,
-        })?;
-        live.push(gen);
+        let journal = match create_journal(disk.as_ref(), dir, gen) {
+            Ok(j) => {
+                live.push(gen);
+                Some(j)
+            }
+            Err(e) if out_of_space(&e) => {
+                report.journal_error = Some(e);
+                None
+            }
+            Err(PersistError::Io { source, .. }) => return Err(unusable(dir, &source)),
+            Err(other) => return Err(other),
+        };
         Ok((
             Store {
                 dir: dir.to_path_buf(),
@@ -310,11 +336,32 @@ impl Store {
         self.dir.join(journal_name(self.gen))
     }
 
+    /// Whether this run's journal exists (it does not after a start on a full disk, until
+    /// the first append that finds space).
+    pub fn journal_open(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// This run's journal, created first if a start on a full disk could not.
+    fn journal(&mut self) -> Result<&mut Box<dyn DiskFile>, PersistError> {
+        match &mut self.journal {
+            Some(j) => Ok(j),
+            slot @ None => {
+                let j = create_journal(self.disk.as_ref(), &self.dir, self.gen)?;
+                self.live_journals.push(self.gen);
+                self.len = journal::HEADER_LEN as u64;
+                self.dirty = false;
+                Ok(slot.insert(j))
+            }
+        }
+    }
+
     /// Cuts what a failed write left past the last whole frame.
     fn roll_back(&mut self) -> Result<(), PersistError> {
         if self.dirty {
             let path = self.journal_path();
-            self.journal.truncate(self.len).map_err(io_err(&path))?;
+            let len = self.len;
+            self.journal()?.truncate(len).map_err(io_err(&path))?;
             self.dirty = false;
         }
         Ok(())
@@ -333,14 +380,21 @@ impl Store {
         self.buf.clear();
         frame::frame_into(&mut self.buf, &self.payload);
         let path = self.journal_path();
-        let mut r = self.journal.write_all(&self.buf);
-        if r.is_ok() && sync {
-            r = self.journal.sync();
-        }
+        // Taken out for the write: `journal()` borrows all of `self`.
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.journal().and_then(|j| {
+            let mut r = j.write_all(&buf);
+            if r.is_ok() && sync {
+                r = j.sync();
+            }
+            r.map_err(io_err(&path))
+        });
+        self.buf = buf;
         if let Err(e) = r {
-            self.dirty = true;
+            // A journal that could not even be created has nothing to cut back.
+            self.dirty = self.journal.is_some();
             let _ = self.roll_back();
-            return Err(io_err(&path)(e));
+            return Err(e);
         }
         self.unsynced = !sync;
         self.len += self.buf.len() as u64;
@@ -351,7 +405,7 @@ impl Store {
     pub fn sync(&mut self) -> Result<(), PersistError> {
         if self.unsynced {
             let path = self.journal_path();
-            self.journal.sync().map_err(io_err(&path))?;
+            self.journal()?.sync().map_err(io_err(&path))?;
             self.unsynced = false;
         }
         Ok(())
@@ -362,12 +416,14 @@ impl Store {
     /// (so retries of a failing snapshot do not pile up empty files).
     pub fn rotate(&mut self) -> Result<u64, PersistError> {
         self.roll_back()?;
+        // Also the case of a journal not created yet: a snapshot of `gen` covers every older
+        // journal, and this run's journal `gen` is created by the next append.
         if self.len == journal::HEADER_LEN as u64 {
             return Ok(self.gen);
         }
         self.sync()?;
         let gen = self.gen + 1;
-        self.journal = create_journal(self.disk.as_ref(), &self.dir, gen)?;
+        self.journal = Some(create_journal(self.disk.as_ref(), &self.dir, gen)?);
         self.gen = gen;
         self.len = journal::HEADER_LEN as u64;
         self.live_journals.push(gen);

@@ -217,6 +217,47 @@ fn a_full_disk_fails_every_write_and_recovers_without_reopening() {
 }
 
 #[test]
+fn a_start_on_a_full_disk_loads_the_state_and_creates_the_journal_once_space_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut st, _) = Store::open(dir.path(), &mut recovery()).unwrap();
+        st.commit(&[pushed(1)], true).unwrap();
+    }
+    let before = journal_gens(dir.path()).unwrap();
+    let disk = FailingDisk::default();
+    disk.faults.set_full(true);
+    let faults = disk.faults.clone();
+    let mut r = recovery();
+    let (mut st, rep) = Store::open_on(dir.path(), Arc::new(disk), &mut r).unwrap();
+    assert_eq!(
+        rep.replayed, 1,
+        "the state is loaded although the disk is full"
+    );
+    assert!(rep.journal_error.as_ref().is_some_and(out_of_space));
+    assert!(!st.journal_open());
+    assert_eq!(
+        journal_gens(dir.path()).unwrap(),
+        before,
+        "no half-made journal left"
+    );
+    assert!(st.commit(&[pushed(2)], true).is_err(), "no space: refused");
+    assert_eq!(journal_gens(dir.path()).unwrap(), before);
+    // A snapshot taken now covers every older journal; this run's comes with the next append.
+    let g = st.rotate().unwrap();
+    assert!(g > *before.last().unwrap());
+    faults.set_full(false);
+    st.commit(&[pushed(3)], true).unwrap();
+    assert!(st.journal_open());
+    let (got, tail) = read_all(&journal_path(&st));
+    assert_eq!((got, tail), (vec![pushed(3)], Tail::Clean));
+    drop(st);
+    let mut r = recovery();
+    let (_st, rep) = Store::open(dir.path(), &mut r).unwrap();
+    assert_eq!((rep.replayed, rep.torn.len()), (2, 0), "1 and 3; never 2");
+    assert!(rep.journal_error.is_none());
+}
+
+#[test]
 fn a_failed_snapshot_keeps_the_previous_one_and_its_journals() {
     let dir = tempfile::tempdir().unwrap();
     let (mut st, faults) = failing_store(dir.path());

@@ -89,7 +89,7 @@ impl Loop {
             metrics.sockets.clone(),
         )?;
         let now = Instant::now();
-        let lp = Loop {
+        let mut lp = Loop {
             ex,
             node,
             store,
@@ -106,6 +106,13 @@ impl Loop {
             snapshot_failing: false,
             admin_out: Vec::new(),
         };
+        if !lp.store.journal_open() {
+            // Started on a full disk (logged by the load): degraded from the first turn, so
+            // `/status`, the gauge and the first refused push agree; the first append that
+            // finds space ends it.
+            lp.driver.write_failed();
+            lp.metrics.journal_state(true);
+        }
         Ok((lp, rx, tasks))
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ddpush_proto::{upstream, Node, Recovery};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::clock::Clock;
 use super::ServerError;
@@ -28,6 +28,9 @@ pub(crate) fn load(
             offset = off,
             "dropped a torn last record left by a crash or a failed write"
         );
+    }
+    if let Some(e) = &report.journal_error {
+        error!(error = %e, "storage degraded at start: no space for this run's journal; the state was loaded, devices are served, pushes are refused (0xFF / HTTP 503) until a write succeeds");
     }
     let node = rec.finish();
     info!(
