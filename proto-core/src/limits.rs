@@ -6,13 +6,21 @@
 //! `sent <= factor * received + burst` (plus `burst` regained every `burst_period`). Pushes from
 //! app servers are not counted: they are not attacker-driven.
 //!
+//! Both modes apply them through one [`Guard`] (with the TCP connection bounds and
+//! `max_clients`), so a limit means the same on a single node and on a cluster node.
+//!
 //! State lives in fixed-size tables indexed by a keyed hash, so memory is bounded whatever the
 //! number of sources; two keys that share a slot share a budget, which errs toward limiting.
 
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::counters::counter_key;
+use foldhash::fast::FixedState;
+use hashbrown::HashMap;
+
+use crate::counters::{counter_key, CounterKey};
+use crate::node::Port;
 use crate::time::Time;
 
 /// Configurable abuse limits; the defaults leave normal traffic untouched.
@@ -209,13 +217,14 @@ impl Limiter {
         u64::from(self.cfg.amp_burst) * 1000 / period_ms
     }
 
-    /// Takes one heartbeat answer from the uuid's budget (keyed by its record slot).
-    pub(crate) fn answer_uuid(&mut self, now: Time, slot: u32) -> bool {
+    /// Takes one heartbeat answer from the client's budget (keyed by a single node's record
+    /// slot, a cluster node's uuid).
+    pub(crate) fn answer_key(&mut self, now: Time, key: impl Hash) -> bool {
         if !self.cfg.enabled {
             return true;
         }
         use std::hash::BuildHasher;
-        let h = foldhash::fast::FixedState::with_seed(self.seed ^ 0x0000_1d1d).hash_one(slot);
+        let h = foldhash::fast::FixedState::with_seed(self.seed ^ 0x0000_1d1d).hash_one(key);
         let cap = u64::from(self.cfg.uuid_burst) * 1000;
         let rate = u64::from(self.cfg.uuid_rate);
         let b = self.uuids.get(h, now, cap);
@@ -244,6 +253,97 @@ impl Limiter {
             true
         } else {
             false
+        }
+    }
+}
+
+/// The abuse limits and the connection bounds as a node applies them: the one piece of code
+/// the single node ([`crate::Node`]) and the cluster node ([`crate::cluster::ClusterNode`])
+/// both run, so that every limit means the same in both modes. Each check says whether the
+/// input passes; a node that holds one back counts it ([`Guard::held`] says whether it is the
+/// first of its kind, for one log line).
+pub(crate) struct Guard {
+    limiter: Limiter,
+    /// Open TCP connections per source IP and port.
+    conns_per_ip: HashMap<(IpAddr, Port), u32, FixedState>,
+    logged: [bool; Limited::COUNT],
+    capacity_logged: bool,
+}
+
+impl Guard {
+    pub(crate) fn new(cfg: Limits, seed: u64) -> Self {
+        Guard {
+            limiter: Limiter::new(cfg, seed),
+            conns_per_ip: HashMap::with_hasher(FixedState::with_seed(seed ^ 8)),
+            logged: [false; Limited::COUNT],
+            capacity_logged: false,
+        }
+    }
+
+    /// A datagram of `len` bytes from `ip` arrived: over the source's rate, it is dropped
+    /// before it is decoded ([`Limited::SourceRate`]).
+    pub(crate) fn datagram(&mut self, now: Time, ip: IpAddr, len: usize) -> Result<(), Limited> {
+        if self.limiter.on_datagram(now, ip, len) {
+            Ok(())
+        } else {
+            Err(Limited::SourceRate)
+        }
+    }
+
+    /// A heartbeat of the client `key` (a single node's record slot, a cluster node's uuid)
+    /// wants an answer: over the uuid's rate, it gets none ([`Limited::UuidRate`]).
+    pub(crate) fn answer(&mut self, now: Time, key: impl Hash) -> Result<(), Limited> {
+        if self.limiter.answer_key(now, key) {
+            Ok(())
+        } else {
+            Err(Limited::UuidRate)
+        }
+    }
+
+    /// A heartbeat answer of `bytes` toward `ip`: beyond the amplification bound it is not
+    /// sent ([`Limited::Amplification`]).
+    pub(crate) fn spend(&mut self, now: Time, ip: IpAddr, bytes: usize) -> Result<(), Limited> {
+        if self.limiter.spend(now, ip, bytes) {
+            Ok(())
+        } else {
+            Err(Limited::Amplification)
+        }
+    }
+
+    /// Notes a hold-back; true for the first of its kind (log it once).
+    pub(crate) fn held(&mut self, l: Limited) -> bool {
+        !std::mem::replace(&mut self.logged[l.index()], true)
+    }
+
+    /// A TCP connection from `ip` on `port`, with `open` connections open in all: admitted
+    /// (and counted until [`Guard::close`]) unless a bound is reached.
+    pub(crate) fn open(&mut self, open: usize, port: Port, ip: IpAddr) -> bool {
+        let lim = self.limiter.config();
+        let per_ip = self.conns_per_ip.get(&(ip, port)).copied().unwrap_or(0);
+        if lim.enabled && (open as u64 >= u64::from(lim.max_conns) || per_ip >= lim.conns_per_ip) {
+            return false;
+        }
+        *self.conns_per_ip.entry((ip, port)).or_insert(0) += 1;
+        true
+    }
+
+    /// An admitted connection closed.
+    pub(crate) fn close(&mut self, port: Port, ip: IpAddr) {
+        if let Some(n) = self.conns_per_ip.get_mut(&(ip, port)) {
+            *n -= 1;
+            if *n == 0 {
+                self.conns_per_ip.remove(&(ip, port));
+            }
+        }
+    }
+
+    /// Whether a new client may be taken with `held` clients held and `max` allowed
+    /// (`--max-clients`). `Err(first)`: refused, `first` for the first refusal (log it once).
+    pub(crate) fn admit_client(&mut self, held: usize, max: usize) -> Result<(), bool> {
+        if held < max {
+            Ok(())
+        } else {
+            Err(!std::mem::replace(&mut self.capacity_logged, true))
         }
     }
 }

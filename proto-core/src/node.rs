@@ -15,9 +15,9 @@ use crate::codec::{
     PushReject, PushReply, PushRequest, Uuid,
 };
 use crate::config::{Config, ConfigError, ReplyPolicy};
-use crate::counters::{counter_key, CounterKey};
+use crate::counters::counter_key;
 use crate::idle::IdleWheel;
-use crate::limits::{Limited, Limiter};
+use crate::limits::{Guard, Limited};
 use crate::output::{CloseReason, Dest, Event, Payload, Stats, Transmit, Transport};
 use crate::record::{flag, Record, K_NOTIFY, K_PAYLOAD};
 use crate::registry::Registry;
@@ -85,9 +85,9 @@ pub struct Node {
     ack_window: Window,
     reg: Registry,
     wheel: Wheel,
-    limiter: Limiter,
+    /// The abuse limits and connection bounds (shared with the cluster node).
+    guard: Guard,
     conns: HashMap<ConnId, Conn, FixedState>,
-    conns_per_ip: HashMap<(IpAddr, Port), u32, FixedState>,
     idle: IdleWheel,
     transmits: VecDeque<Transmit>,
     closes: VecDeque<ConnId>,
@@ -98,8 +98,6 @@ pub struct Node {
     sweep_cursor: usize,
     next_sweep: Time,
     scratch: Vec<u32>,
-    limit_logged: [bool; Limited::COUNT],
-    capacity_logged: bool,
     /// Ledgers and generations of records removed while a send of theirs was younger than
     /// the ack window, so a record re-created by the heartbeat that follows inherits them
     /// (see `remove_slot`); dropped at the time given. Pruned by the sweep.
@@ -136,9 +134,8 @@ impl Node {
             ack_window: Window::new(cfg.ack_window),
             reg: Registry::new(seed),
             wheel: Wheel::new(window_s + 1),
-            limiter: Limiter::new(cfg.limits.clone(), seed),
+            guard: Guard::new(cfg.limits.clone(), seed),
             conns: HashMap::with_hasher(FixedState::with_seed(seed ^ 7)),
-            conns_per_ip: HashMap::with_hasher(FixedState::with_seed(seed ^ 8)),
             idle: IdleWheel::new(),
             transmits: VecDeque::new(),
             closes: VecDeque::new(),
@@ -149,8 +146,6 @@ impl Node {
             sweep_cursor: 0,
             next_sweep: Time::ZERO,
             scratch: Vec::new(),
-            limit_logged: [false; Limited::COUNT],
-            capacity_logged: false,
             tombstones: HashMap::with_hasher(FixedState::with_seed(seed ^ 9)),
             undo: Vec::new(),
             keys: Keyring::new(cfg.replay_window, seed),
@@ -193,8 +188,8 @@ impl Node {
     /// A datagram arrived on the device UDP port.
     pub fn handle_udp(&mut self, now: Time, from: SocketAddr, data: &[u8]) {
         self.advance(now);
-        if !self.limiter.on_datagram(self.now, from.ip(), data.len()) {
-            self.limited(Limited::SourceRate);
+        if let Err(l) = self.guard.datagram(self.now, from.ip(), data.len()) {
+            self.limited(l);
             return;
         }
         if data.first() == Some(&SIGNED_VERSION) {
@@ -218,15 +213,7 @@ impl Node {
         peer: SocketAddr,
     ) -> bool {
         self.advance(now);
-        let lim = self.limiter.config();
-        let per_ip = self
-            .conns_per_ip
-            .get(&(peer.ip(), port))
-            .copied()
-            .unwrap_or(0);
-        if lim.enabled
-            && (self.conns.len() as u64 >= u64::from(lim.max_conns) || per_ip >= lim.conns_per_ip)
-        {
+        if !self.guard.open(self.conns.len(), port, peer.ip()) {
             self.stats.conns_refused += 1;
             self.events.push_back(Event::Closed {
                 conn,
@@ -248,7 +235,6 @@ impl Node {
                 attached: Vec::new(),
             },
         );
-        *self.conns_per_ip.entry((peer.ip(), port)).or_insert(0) += 1;
         self.stats.conns.incr(port);
         self.idle.schedule(conn, self.now + self.idle_timeout(port));
         true
@@ -542,8 +528,7 @@ impl Node {
 
     fn limited(&mut self, l: Limited) {
         self.stats.limited.incr(l);
-        if !self.limit_logged[l.index()] {
-            self.limit_logged[l.index()] = true;
+        if self.guard.held(l) {
             self.events.push_back(Event::Limited { limit: l });
         }
     }
@@ -554,11 +539,20 @@ impl Node {
         PushReply::Rejected
     }
 
-    fn capacity_refused(&mut self) {
-        self.stats.capacity_refused += 1;
-        if !self.capacity_logged {
-            self.capacity_logged = true;
-            self.events.push_back(Event::CapacityReached);
+    /// Whether a new record may be created (`max_clients`); a refusal is counted.
+    fn admit_client(&mut self) -> bool {
+        match self
+            .guard
+            .admit_client(self.reg.len(), self.cfg.max_clients)
+        {
+            Ok(()) => true,
+            Err(first) => {
+                self.stats.capacity_refused += 1;
+                if first {
+                    self.events.push_back(Event::CapacityReached);
+                }
+                false
+            }
         }
     }
 
@@ -618,9 +612,8 @@ impl Node {
                     self.stats.unknown_heartbeats += 1;
                     return;
                 }
-                if self.reg.len() >= self.cfg.max_clients {
+                if !self.admit_client() {
                     self.stats.unknown_heartbeats += 1;
-                    self.capacity_refused();
                     return;
                 }
                 let s = self.create(uuid, self.now);
@@ -657,8 +650,8 @@ impl Node {
         for l in &mut self.reg.rec_mut(slot).ledger {
             l.on_fence(now, window);
         }
-        if !self.limiter.answer_uuid(self.now, slot) {
-            self.limited(Limited::UuidRate);
+        if let Err(l) = self.guard.answer(self.now, slot) {
+            self.limited(l);
             return;
         }
         let r = self.reg.rec(slot);
@@ -699,8 +692,8 @@ impl Node {
                             + extra
                     })
                     .sum();
-                if !self.limiter.spend(self.now, a.ip(), bytes) {
-                    self.limited(Limited::Amplification);
+                if let Err(l) = self.guard.spend(self.now, a.ip(), bytes) {
+                    self.limited(l);
                     return;
                 }
                 Dest::Udp(a)
@@ -857,8 +850,7 @@ impl Node {
         let (slot, created) = match self.reg.find(&req.uuid) {
             Some(s) => (s, false),
             None => {
-                if self.reg.len() >= self.cfg.max_clients {
-                    self.capacity_refused();
+                if !self.admit_client() {
                     return self.reject(PushReject::Capacity);
                 }
                 (self.create(req.uuid, self.now), true)
@@ -982,12 +974,7 @@ impl Node {
                 }
             }
         }
-        if let Some(n) = self.conns_per_ip.get_mut(&(c.ip, c.port)) {
-            *n -= 1;
-            if *n == 0 {
-                self.conns_per_ip.remove(&(c.ip, c.port));
-            }
-        }
+        self.guard.close(c.port, c.ip);
         self.stats.conns.sub(c.port, 1);
         true
     }

@@ -56,7 +56,7 @@ impl Cluster {
                 let id = NodeId(format!("n{i}"));
                 let mut node =
                     ClusterNode::new(Config::default(), ClusterConfig::new(id)).expect("config");
-                node.handle_tcp_open(Time::from_secs(1000), 1, Port::Push);
+                assert!(node.handle_tcp_open(Time::from_secs(1000), 1, Port::Push, addr(9999)));
                 node
             })
             .collect();
@@ -168,7 +168,8 @@ impl Cluster {
     fn device_tcp(&mut self, node: usize, conn: u64, msg: DeviceMsg) {
         if !self.tcp_open.contains(&(node, conn)) {
             self.tcp_open.push((node, conn));
-            self.nodes[node].handle_tcp_open(self.now, conn, Port::Device);
+            let ok = self.nodes[node].handle_tcp_open(self.now, conn, Port::Device, addr(7000));
+            assert!(ok, "connection {conn} admitted");
         }
         let p = DevicePacket {
             app_id: 1,
@@ -740,7 +741,7 @@ fn a_front_end_push_through_the_driver_is_answered_once_the_store_confirmed_it()
 #[cfg(debug_assertions)]
 fn polling_a_transmit_before_the_acceptance_step_panics_in_debug_builds() {
     let mut n = ClusterNode::new(Config::default(), ClusterConfig::new("n0".into())).expect("cfg");
-    n.handle_tcp_open(Time::from_secs(1), 1, Port::Push);
+    assert!(n.handle_tcp_open(Time::from_secs(1), 1, Port::Push, addr(9999)));
     let req = PushRequest {
         app_id: 1,
         uuid: UUID,

@@ -36,7 +36,7 @@ impl Two {
         let node = |i: usize| {
             let mut n = ClusterNode::new(cfg.clone(), ClusterConfig::new(NodeId(format!("n{i}"))))
                 .expect("config");
-            n.handle_tcp_open(Time::from_secs(T0), 1, Port::Push);
+            assert!(n.handle_tcp_open(Time::from_secs(T0), 1, Port::Push, addr()));
             n
         };
         Two {

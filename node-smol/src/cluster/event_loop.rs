@@ -242,9 +242,8 @@ impl SocketCore for ClusterNode {
         ClusterNode::handle_udp(self, now, from, data);
     }
 
-    fn handle_tcp_open(&mut self, now: Time, conn: ConnId, port: Port, _: SocketAddr) -> bool {
-        ClusterNode::handle_tcp_open(self, now, conn, port);
-        true
+    fn handle_tcp_open(&mut self, now: Time, conn: ConnId, port: Port, peer: SocketAddr) -> bool {
+        ClusterNode::handle_tcp_open(self, now, conn, port, peer)
     }
 
     fn handle_tcp_data(&mut self, now: Time, conn: ConnId, data: &[u8]) {
@@ -582,6 +581,11 @@ fn log_event(e: &ClusterEvent) {
     match e {
         ClusterEvent::StoreFailed { id, error } => debug!(id, %error, "store operation failed"),
         ClusterEvent::Dropped { uuid } => debug!(%uuid, "copy dropped (another owner or epoch)"),
+        // The single node's log lines for its limits, which are these.
+        ClusterEvent::Limited { limit } => {
+            warn!(limit = limit.label(), "abuse limit hit (first time)")
+        }
+        ClusterEvent::CapacityReached => warn!("max-clients reached: new uuids are refused"),
         other => tracing::trace!(?other),
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ddpush_proto::cluster::{ClusterNode, NodeId};
+use ddpush_proto::Limited;
 use serde_json::json;
 
 use crate::admin::{AdminRequest, Response};
@@ -142,6 +143,13 @@ fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
         },
         "peer_refused": a.peer_refused,
         "backpressure": a.backpressure,
+        "limited": {
+            "source_rate": s.limited.get(Limited::SourceRate),
+            "uuid_rate": s.limited.get(Limited::UuidRate),
+            "amplification": s.limited.get(Limited::Amplification),
+            "capacity_refused": s.capacity_refused,
+            "tcp_refused": s.conns_refused,
+        },
         "sockets": {
             "push_denied": denied,
             "tcp_closed_stalled": stalled,
@@ -316,5 +324,30 @@ fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
         a.latency_sum
     );
     let _ = writeln!(o, "ddpush_cluster_store_latency_seconds_count {cum}");
+    // The abuse limits and bounds: the single node's names, since they are its limits.
+    let _ = writeln!(
+        o,
+        "# HELP ddpush_limited Inputs or answers held back by abuse limits"
+    );
+    let _ = writeln!(o, "# TYPE ddpush_limited counter");
+    for (l, v) in s.limited.iter() {
+        let _ = writeln!(o, "ddpush_limited_total{{limit=\"{}\"}} {v}", l.label());
+    }
+    for (name, help, v) in [
+        (
+            "capacity_refused",
+            "New devices refused at max-clients",
+            s.capacity_refused,
+        ),
+        (
+            "tcp_refused",
+            "TCP connections refused at the limits",
+            s.conns_refused,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP ddpush_{name} {help}");
+        let _ = writeln!(o, "# TYPE ddpush_{name} counter");
+        let _ = writeln!(o, "ddpush_{name}_total {v}");
+    }
     o
 }

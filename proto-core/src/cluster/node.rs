@@ -2,7 +2,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::codec::{
@@ -16,6 +16,8 @@ use crate::time::Time;
 use crate::{ConnId, Port};
 
 use crate::ack::{Attribution, SendLedger, Window};
+use crate::counters::Counters;
+use crate::limits::{Guard, Limited};
 
 use super::store::{Gen, OpId, StoreError, StoreOp, StoreReply, StoreResult, StoredRecord};
 use super::{NodeId, PeerMsg};
@@ -121,6 +123,19 @@ pub enum ClusterEvent {
         /// Why.
         reason: InvalidPacket,
     },
+    /// The first input or answer of its kind held back by an abuse limit (later ones are
+    /// only counted), as on a single node.
+    Limited {
+        /// Which limit.
+        limit: Limited,
+    },
+    /// The first heartbeat of a new client refused at `max_clients` (later ones are counted).
+    CapacityReached,
+    /// A TCP connection was refused at the connection bounds; the adapter closes it.
+    Refused {
+        /// The connection.
+        conn: ConnId,
+    },
 }
 
 /// Counters of one cluster node.
@@ -164,6 +179,13 @@ pub struct ClusterStats {
     pub acks_uncopied: u64,
     /// Invalid device packets.
     pub invalid: u64,
+    /// Inputs or answers held back by the abuse limits (the single node's limits, applied by
+    /// the same code: `crate::limits::Guard`).
+    pub limited: Counters<Limited, 3>,
+    /// TCP connections refused at `max_conns` or the per-IP bound.
+    pub conns_refused: u64,
+    /// Heartbeats of new clients refused because this node holds `max_clients`.
+    pub capacity_refused: u64,
     /// Clients online here (gauge).
     pub online: u64,
     /// Copies held (gauge): clients this node serves from its cache.
@@ -228,8 +250,9 @@ struct Entry {
     last_seen: Time,
     online: bool,
     copy: Option<Copy>,
-    /// A bind in flight, and the heartbeat to answer when it returns.
-    bind: Option<(OpId, u8, Via, bool)>,
+    /// A bind in flight, and the heartbeat to answer when it returns: (op, appId, path,
+    /// address changed, an answer is wanted: within the uuid's answer budget).
+    bind: Option<(OpId, u8, Via, bool, bool)>,
     /// A poke or drain that came while the bind was in flight.
     early: Option<StoredRecord>,
     /// The ack rule's ledgers of [0x10, 0x20] (`crate::ack`), by store generation. They
@@ -259,6 +282,7 @@ enum Purpose {
 
 struct PushConn {
     port: Port,
+    ip: IpAddr,
     decoder: Option<StreamDecoder>,
     last_active: Time,
     /// Replies in request order: `Err(op)` waits for the store.
@@ -273,6 +297,8 @@ pub struct ClusterNode {
     window: Duration,
     /// The ack rule's in-flight window (`Config::ack_window`).
     ack_window: Window,
+    /// The abuse limits and connection bounds (the single node's, the same code).
+    guard: Guard,
     entries: BTreeMap<Uuid, Entry>,
     offline_due: BinaryHeap<Reverse<(Time, Uuid)>>,
     conns: BTreeMap<ConnId, PushConn>,
@@ -311,6 +337,7 @@ impl ClusterNode {
         Ok(ClusterNode {
             window: cfg.online_window(),
             ack_window: Window::new(cfg.ack_window),
+            guard: Guard::new(cfg.limits.clone(), cfg.hash_seed),
             cfg,
             cc,
             entries: BTreeMap::new(),
@@ -370,16 +397,32 @@ impl ClusterNode {
     /// A datagram arrived on the device UDP port.
     pub fn handle_udp(&mut self, now: Time, from: SocketAddr, data: &[u8]) {
         self.advance(now);
+        if let Err(l) = self.guard.datagram(self.now, from.ip(), data.len()) {
+            self.limited(l);
+            return;
+        }
         match DevicePacket::decode(data) {
             Ok(p) => self.on_device(p, Via::Udp(from)),
             Err(e) => self.invalid(e),
         }
     }
 
-    /// A TCP connection was accepted on either port (always accepted; the adapter bounds
-    /// connections).
-    pub fn handle_tcp_open(&mut self, now: Time, conn: ConnId, port: Port) {
+    /// A TCP connection was accepted on either port from `peer`. Returns false if it is
+    /// refused (too many in all or from its IP, the single node's bounds); the adapter then
+    /// closes it without calling [`ClusterNode::handle_tcp_close`].
+    pub fn handle_tcp_open(
+        &mut self,
+        now: Time,
+        conn: ConnId,
+        port: Port,
+        peer: SocketAddr,
+    ) -> bool {
         self.advance(now);
+        if !self.guard.open(self.conns.len(), port, peer.ip()) {
+            self.stats.conns_refused += 1;
+            self.events.push_back(ClusterEvent::Refused { conn });
+            return false;
+        }
         let decoder = match port {
             Port::Device => StreamDecoder::device(),
             Port::Push => StreamDecoder::new(self.cfg.max_content),
@@ -388,6 +431,7 @@ impl ClusterNode {
             conn,
             PushConn {
                 port,
+                ip: peer.ip(),
                 decoder: Some(decoder),
                 last_active: self.now,
                 replies: VecDeque::new(),
@@ -396,6 +440,7 @@ impl ClusterNode {
         );
         self.idle
             .push(Reverse((self.now + self.idle_timeout(port), conn)));
+        true
     }
 
     /// Bytes arrived on a TCP connection. Push replies leave in request order, each once its
@@ -585,6 +630,20 @@ impl ClusterNode {
 
     fn heartbeat(&mut self, app_id: u8, uuid: Uuid, via: Via) {
         self.stats.heartbeats += 1;
+        if !self.entries.contains_key(&uuid) {
+            // `max_clients` bounds the clients this node serves (its entries), as it bounds a
+            // single node's records; pushes create records in the store, not here.
+            if let Err(first) = self
+                .guard
+                .admit_client(self.entries.len(), self.cfg.max_clients)
+            {
+                self.stats.capacity_refused += 1;
+                if first {
+                    self.events.push_back(ClusterEvent::CapacityReached);
+                }
+                return;
+            }
+        }
         self.touch(uuid);
         let Some(e) = self.entries.get_mut(&uuid) else {
             return;
@@ -623,13 +682,24 @@ impl ClusterNode {
                 }
             }
         }
+        // The per-uuid answer budget, as on a single node: over it, the heartbeat still counts
+        // as liveness (and still binds), but gets no answer.
+        let wanted = match self.guard.answer(self.now, uuid.0) {
+            Ok(()) => true,
+            Err(l) => {
+                self.limited(l);
+                false
+            }
+        };
         let renew = self.renew_after();
         let Some(e) = self.entries.get_mut(&uuid) else {
             return;
         };
         if let Some(c) = e.copy.as_ref() {
             if self.now < c.renewed + renew {
-                self.answer(uuid, app_id, via, changed);
+                if wanted {
+                    self.answer(uuid, app_id, via, changed);
+                }
                 return;
             }
             // The store's record expires `--pending-ttl` after its last push or bind, but a
@@ -648,6 +718,7 @@ impl ClusterNode {
             b.1 = app_id;
             b.2 = via;
             b.3 |= changed;
+            b.4 |= wanted;
             return;
         }
         let id = self.issue(
@@ -659,17 +730,14 @@ impl ClusterNode {
             Purpose::Bind { uuid },
         );
         if let Some(e) = self.entries.get_mut(&uuid) {
-            e.bind = Some((id, app_id, via, changed));
+            e.bind = Some((id, app_id, via, changed, wanted));
         }
     }
 
     /// Sends every pending item of the copy, as after any heartbeat (PROTOCOL.md 4.4).
     fn answer(&mut self, uuid: Uuid, app_id: u8, via: Via, changed: bool) {
         let now = self.now;
-        let Some(e) = self.entries.get_mut(&uuid) else {
-            return;
-        };
-        let Some(c) = e.copy.as_ref() else {
+        let Some(c) = self.entries.get(&uuid).and_then(|e| e.copy.as_ref()) else {
             return;
         };
         let mut out: Vec<(DownMsg, Option<(usize, Gen)>)> = Vec::new();
@@ -682,24 +750,39 @@ impl ClusterNode {
         if let Some((g, p)) = &c.rec.payload {
             out.push((DownMsg::Payload(p.clone()), Some((1, *g))));
         }
+        let epoch = c.rec.epoch;
         if out.is_empty() {
             let reply = match (self.cfg.reply_policy, via) {
                 (_, Via::Tcp(_)) | (ReplyPolicy::Never, _) => false,
                 (ReplyPolicy::Always, _) => true,
                 (ReplyPolicy::SaChanged, _) => changed,
             };
-            if reply {
-                self.transmits.push_back(Transmit {
-                    dest: dest(via),
-                    payload: Payload::Down(DownPacket {
-                        app_id,
-                        msg: DownMsg::HeartbeatReply,
-                    }),
-                });
+            if !reply {
+                return;
             }
-            return;
+            out.push((DownMsg::HeartbeatReply, None));
         }
-        let epoch = c.rec.epoch;
+        if let Via::Udp(a) = via {
+            // The amplification bound toward the source, as on a single node: the whole
+            // answer goes out or none of it.
+            let bytes: usize = out
+                .iter()
+                .map(|(msg, _)| {
+                    DownPacket {
+                        app_id,
+                        msg: msg.clone(),
+                    }
+                    .encoded_len()
+                })
+                .sum();
+            if let Err(l) = self.guard.spend(now, a.ip(), bytes) {
+                self.limited(l);
+                return;
+            }
+        }
+        let Some(e) = self.entries.get_mut(&uuid) else {
+            return;
+        };
         for (msg, send) in out {
             if let Some((k, gen)) = send {
                 e.ledger[k].on_send(gen, now);
@@ -710,7 +793,9 @@ impl ClusterNode {
                     epoch,
                 });
             }
-            self.stats.resends += 1;
+            if msg != DownMsg::HeartbeatReply {
+                self.stats.resends += 1;
+            }
             self.transmits.push_back(Transmit {
                 dest: dest(via),
                 payload: Payload::Down(DownPacket { app_id, msg }),
@@ -860,7 +945,7 @@ impl ClusterNode {
                 let Some(e) = self.entries.get_mut(&uuid) else {
                     return;
                 };
-                let Some((_, app_id, via, changed)) = e.bind.take() else {
+                let Some((_, app_id, via, changed, wanted)) = e.bind.take() else {
                     return;
                 };
                 let early = e.early.take();
@@ -888,7 +973,7 @@ impl ClusterNode {
                         self.done.push((uuid, ver));
                     }
                 }
-                if online {
+                if online && wanted {
                     self.answer(uuid, app_id, via, changed);
                 }
             }
@@ -1110,6 +1195,7 @@ impl ClusterNode {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.guard.close(c.port, c.ip);
         for u in c.attached {
             if let Some(e) = self.entries.get_mut(&u) {
                 if e.tcp == Some(conn) {
@@ -1134,6 +1220,13 @@ impl ClusterNode {
         match port {
             Port::Device => self.cfg.device_tcp_idle,
             Port::Push => self.cfg.push_tcp_idle,
+        }
+    }
+
+    fn limited(&mut self, l: Limited) {
+        self.stats.limited.incr(l);
+        if self.guard.held(l) {
+            self.events.push_back(ClusterEvent::Limited { limit: l });
         }
     }
 

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use crate::codec::{DeviceMsg, DevicePacket, DownMsg, DownPacket, Uuid};
-use crate::limits::Limited;
 use crate::output::{Dest, Payload, Transmit};
 use crate::record::flag;
 use crate::signed::{DeviceKey, KeyError, KeyState, KeyUpdate, Unsigned, TRAILER_LEN};
@@ -173,8 +172,8 @@ impl Node {
         };
         let dest = match via {
             Via::Udp(a) => {
-                if !self.limiter.spend(self.now, a.ip(), packet.encoded_len()) {
-                    self.limited(Limited::Amplification);
+                if let Err(l) = self.guard.spend(self.now, a.ip(), packet.encoded_len()) {
+                    self.limited(l);
                     return;
                 }
                 Dest::Udp(a)

@@ -101,10 +101,12 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
                 }
             }
             r = push_l.accept() => {
-                if let Ok((s, _)) = r {
+                // A connection the core refuses (its connection bounds) is dropped here.
+                if let Some((s, id)) = r.ok().and_then(|(s, peer)| {
                     let id = next_conn;
                     next_conn += 1;
-                    node.handle_tcp_open(now(), id, Port::Push);
+                    node.handle_tcp_open(now(), id, Port::Push, peer).then_some((s, id))
+                }) {
                     let (mut rd, wr) = s.into_split();
                     let tx = tx.clone();
                     let reader = tokio::task::spawn_local(async move {
