@@ -480,13 +480,7 @@ impl Loop {
                 if ex.result.is_ok() {
                     self.stats.observe(ex.took);
                 }
-                let failed = self.node.stats().pushes[2];
                 self.node.handle_store(now, id, ex.result);
-                // A push answered 0xFF by this result, and its WAIT fell short: the miss,
-                // not the store, failed it (the rest of the 0xFFs are time-outs and errors).
-                if ex.wait_short && self.node.stats().pushes[2] > failed {
-                    self.stats.ff_wait += 1;
-                }
             }
             Ctl::StoreUp(s) => {
                 info!("Redis Cluster connected; leaving degraded mode");

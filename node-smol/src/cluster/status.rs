@@ -29,9 +29,6 @@ pub struct AdapterStats {
     pub latency_sum: f64,
     /// Pushes whose WAIT was not satisfied in time (answered per `--cluster-wait-fail`).
     pub wait_short: u64,
-    /// Pushes answered `0xFF` because their WAIT was not satisfied (`--cluster-wait-fail
-    /// ff`); every other `0xFF` is a store time-out or error.
-    pub ff_wait: u64,
     /// Pokes dropped because the link's queue was full.
     pub pokes_dropped: u64,
     /// Connections on the peer port refused (garbage, wrong secret, other version).
@@ -125,8 +122,8 @@ fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
             "accepted": s.pushes[0],
             "rejected": s.pushes[1],
             "failed": s.pushes[2],
-            "failed_wait": a.ff_wait,
-            "failed_store": s.pushes[2].saturating_sub(a.ff_wait),
+            "failed_wait": s.unreplicated_refused,
+            "failed_store": s.pushes[2].saturating_sub(s.unreplicated_refused),
         },
         "acks": { "received": s.acks[0], "cleared": s.acks[1] },
         "store": {
@@ -279,8 +276,8 @@ fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
     );
     let _ = writeln!(o, "# TYPE ddpush_cluster_pushes_failed_by counter");
     for (reason, n) in [
-        ("wait_replicas", a.ff_wait),
-        ("store", s.pushes[2].saturating_sub(a.ff_wait)),
+        ("wait_replicas", s.unreplicated_refused),
+        ("store", s.pushes[2].saturating_sub(s.unreplicated_refused)),
     ] {
         let _ = writeln!(
             o,
