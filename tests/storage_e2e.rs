@@ -89,6 +89,29 @@ impl Proc {
         &self.seen
     }
 
+    /// Waits for a log line containing `needle`: the server writes it and a thread here reads
+    /// it, so it may arrive after the reply that followed it.
+    fn wait_for_line(&mut self, needle: &str) {
+        let t = Instant::now();
+        while !self.log_lines().iter().any(|l| l.contains(needle)) {
+            assert!(t.elapsed() < IO, "no log line with {needle:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What a UDP heartbeat for push `i`'s uuid gets back.
+    fn heartbeat_answer(&self, i: u32) -> Vec<u8> {
+        let d = UdpSocket::bind("127.0.0.1:0").unwrap();
+        d.set_read_timeout(Some(IO)).unwrap();
+        let mut hb = vec![1, 1, 0x00];
+        hb.extend_from_slice(&uuid(i));
+        hb.extend_from_slice(&[0, 0]);
+        d.send_to(&hb, self.srv.udp).unwrap();
+        let mut buf = [0u8; 2048];
+        let k = d.recv(&mut buf).unwrap();
+        buf[..k].to_vec()
+    }
+
     fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         server::http(self.admin, method, path, None, body)
     }
@@ -228,12 +251,7 @@ fn efbig_in_the_journal_then_space_back_then_kill9_at_each_point() {
         assert_eq!(s.status()["degraded"], true);
         assert_eq!(s.metric("ddpush_storage_ok"), 0.0);
         assert!(s.metric("ddpush_storage_failed_writes_total") >= 7.0);
-        // The line is written by the server and read by a thread here: wait for it to arrive.
-        let t = Instant::now();
-        while !s.log_lines().iter().any(|l| l.contains("storage degraded")) {
-            assert!(t.elapsed() < IO, "no storage degraded line");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        s.wait_for_line("storage degraded");
         let lines = s.log_lines().to_vec();
         let degraded: Vec<_> = lines
             .iter()
@@ -255,15 +273,7 @@ fn efbig_in_the_journal_then_space_back_then_kill9_at_each_point() {
             }
             assert_eq!(s.status()["degraded"], false);
             assert_eq!(s.metric("ddpush_storage_ok"), 1.0);
-            let t = Instant::now();
-            while !s
-                .log_lines()
-                .iter()
-                .any(|l| l.contains("storage recovered"))
-            {
-                assert!(t.elapsed() < IO, "no recovery line");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            s.wait_for_line("storage recovered");
         }
         s.kill9();
 
@@ -271,15 +281,7 @@ fn efbig_in_the_journal_then_space_back_then_kill9_at_each_point() {
         led.check(&s);
         // And a device gets what was accepted for it.
         let last = *led.accepted.last().unwrap();
-        let d = UdpSocket::bind("127.0.0.1:0").unwrap();
-        d.set_read_timeout(Some(IO)).unwrap();
-        let mut hb = vec![1, 1, 0x00];
-        hb.extend_from_slice(&uuid(last));
-        hb.extend_from_slice(&[0, 0]);
-        d.send_to(&hb, s.srv.udp).unwrap();
-        let mut buf = [0u8; 2048];
-        let k = d.recv(&mut buf).unwrap();
-        assert!(buf[..k].ends_with(&body(last)));
+        assert!(s.heartbeat_answer(last).ends_with(&body(last)));
         drop(s);
         let out = Command::new(env!("CARGO_BIN_EXE_ddpushd"))
             .arg("--data-dir")
@@ -383,16 +385,8 @@ fn a_start_while_the_disk_is_full_serves_devices_refuses_pushes_and_recovers() {
     assert_eq!(degraded.len(), 1, "{:?}", s.srv.startup);
     assert!(degraded[0].contains("File too large"), "{}", degraded[0]);
     // Devices are served from the loaded state.
-    let d = UdpSocket::bind("127.0.0.1:0").unwrap();
-    d.set_read_timeout(Some(IO)).unwrap();
-    let mut hb = vec![1, 1, 0x00];
-    hb.extend_from_slice(&uuid(1));
-    hb.extend_from_slice(&[0, 0]);
-    d.send_to(&hb, s.srv.udp).unwrap();
-    let mut buf = [0u8; 2048];
-    let k = d.recv(&mut buf).unwrap();
     assert!(
-        buf[..k].ends_with(&body(1)),
+        s.heartbeat_answer(1).ends_with(&body(1)),
         "the stored payload is delivered"
     );
     // Pushes are refused on both front ends.
@@ -406,15 +400,7 @@ fn a_start_while_the_disk_is_full_serves_devices_refuses_pushes_and_recovers() {
     assert_eq!(push_admin(&s, 5), 200);
     led.accepted.extend([4, 5]);
     assert_eq!(s.status()["degraded"], false);
-    let t = Instant::now();
-    while !s
-        .log_lines()
-        .iter()
-        .any(|l| l.contains("storage recovered"))
-    {
-        assert!(t.elapsed() < IO, "no recovery line");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.wait_for_line("storage recovered");
     drop(p);
     s.kill9();
 
