@@ -352,10 +352,8 @@ fn efbig_in_snapshots_keeps_the_journals_and_the_retry_succeeds() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(s
-        .log_lines()
-        .iter()
-        .any(|l| l.contains("snapshot written again")));
+    // The counter moves before the line is read here (another thread): wait for the line.
+    s.wait_for_line("snapshot written again");
     s.kill9();
     let s = Proc::start(dir.path(), None, &[]);
     led.check(&s);
