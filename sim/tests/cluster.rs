@@ -26,6 +26,22 @@ fn common(r: &Report) {
     assert_eq!(r.ops_per_heartbeat_steady, 0.0);
     assert_eq!(r.delivered, r.accepted);
     assert!(r.accepted > 200, "too few pushes accepted: {r}");
+    assert!(
+        r.tcp_devices > r.devices / 5 && r.tcp_devices < r.devices / 2,
+        "about a third of the devices on TCP: {r}"
+    );
+}
+
+/// A lost node's TCP devices re-home too, and well before their next heartbeat: their
+/// connection ends with the node (EOF on a kill, a load-balancer reset on a freeze), and the
+/// SDK reconnects after its 1 s retry delay to a node the load balancer still sends to.
+fn tcp_rehomed(r: &Report) {
+    assert!(
+        r.rehomed_tcp > 3,
+        "too few TCP devices on the lost node: {r}"
+    );
+    let t = r.rehome_tcp_ms.expect("TCP devices re-homed");
+    assert!(t < 15_000, "TCP devices took {t} ms to re-home: {r}");
 }
 
 #[test]
@@ -40,6 +56,7 @@ fn push_at_any_node() {
 fn kill_one_node_mid_burst() {
     let r = check(Kind::Kill, 2);
     common(&r);
+    tcp_rehomed(&r);
     assert!(r.rehomed > 10 && r.rehome_ms.is_some(), "{r}");
 }
 
@@ -47,6 +64,7 @@ fn kill_one_node_mid_burst() {
 fn freeze_one_node_past_the_online_window() {
     let r = check(Kind::Freeze, 3);
     common(&r);
+    tcp_rehomed(&r);
     assert!(r.rehomed > 10, "{r}");
 }
 
@@ -95,6 +113,7 @@ fn rolling_restart() {
 fn mass_rehome() {
     let r = check(Kind::Rehome, 7);
     common(&r);
+    tcp_rehomed(&r);
     assert!(r.rehomed > 80 && r.binds_per_s > 1.0, "{r}");
 }
 

@@ -1,8 +1,8 @@
 //! A ddpushd host in cluster mode: the real [`ClusterNode`] behind a thin turmoil adapter,
 //! driven by the core's [`Driver`] like the single-node host (`crate::server`) and ddpushd.
 //!
-//! It only moves bytes and time in the driver's turn order: read sockets (device UDP 9966,
-//! push TCP 9999, store replies, peer pokes), call `handle_*`, end the turn with the
+//! It only moves bytes and time in the driver's turn order: read sockets (device UDP and TCP
+//! 9966, push TCP 9999, store replies, peer pokes), call `handle_*`, end the turn with the
 //! cluster's acceptance step ([`StoreConfirmed`]: a push is `0x00` only once the store
 //! confirmed it), then drain `poll_store` to the store host, `poll_peer` to the other nodes,
 //! `poll_transmit`, `poll_close`, `poll_event`, and sleep until the next input or
@@ -21,7 +21,7 @@ use ddpush_proto::{Config, ConnId, Dest, Driver, Port, Time};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use turmoil::net::tcp::OwnedWriteHalf;
-use turmoil::net::{TcpListener, UdpSocket};
+use turmoil::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::store::{decode, encode, STORE_PORT};
 use super::world::{node_name, Logged, NodeCounts, World};
@@ -62,6 +62,7 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
     let any = Ipv4Addr::UNSPECIFIED;
     let udp = UdpSocket::bind((any, DEVICE_PORT)).await?;
     let push_l = TcpListener::bind((any, PUSH_PORT)).await?;
+    let dev_l = TcpListener::bind((any, DEVICE_PORT)).await?;
     let peer = UdpSocket::bind((any, PEER_PORT)).await?;
     let store = UdpSocket::bind((any, STORE_CLIENT_PORT)).await?;
     let store_addr: SocketAddr = (turmoil::lookup("store"), STORE_PORT).into();
@@ -101,29 +102,13 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
                 }
             }
             r = push_l.accept() => {
-                // A connection the core refuses (its connection bounds) is dropped here.
-                if let Some((s, id)) = r.ok().and_then(|(s, peer)| {
-                    let id = next_conn;
-                    next_conn += 1;
-                    node.handle_tcp_open(now(), id, Port::Push, peer).then_some((s, id))
-                }) {
-                    let (mut rd, wr) = s.into_split();
-                    let tx = tx.clone();
-                    let reader = tokio::task::spawn_local(async move {
-                        let mut buf = vec![0u8; 4096];
-                        loop {
-                            match rd.read(&mut buf).await {
-                                Ok(0) | Err(_) => {
-                                    let _ = tx.send(Input::Closed(id));
-                                    return;
-                                }
-                                Ok(n) => {
-                                    let _ = tx.send(Input::Data(id, buf[..n].to_vec()));
-                                }
-                            }
-                        }
-                    });
-                    writers.insert(id, (wr, reader));
+                if let Ok((s, peer)) = r {
+                    accept(&mut node, &mut next_conn, &mut writers, &tx, s, peer, Port::Push);
+                }
+            }
+            r = dev_l.accept() => {
+                if let Ok((s, peer)) = r {
+                    accept(&mut node, &mut next_conn, &mut writers, &tx, s, peer, Port::Device);
                 }
             }
             Some(input) = rx.recv() => match input {
@@ -150,6 +135,41 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
         )
         .await;
     }
+}
+
+/// A connection accepted on `port`: a new connection id for the core, and (unless the core
+/// refuses it) a reader task that hands its bytes and its end to the main loop.
+fn accept(
+    node: &mut ClusterNode,
+    next_conn: &mut ConnId,
+    writers: &mut BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
+    tx: &mpsc::UnboundedSender<Input>,
+    s: TcpStream,
+    peer: SocketAddr,
+    port: Port,
+) {
+    let id = *next_conn;
+    *next_conn += 1;
+    if !node.handle_tcp_open(now(), id, port, peer) {
+        return; // refused by the core's connection bounds: dropping the stream closes it
+    }
+    let (mut rd, wr) = s.into_split();
+    let tx = tx.clone();
+    let reader = tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Input::Closed(id));
+                    return;
+                }
+                Ok(n) => {
+                    let _ = tx.send(Input::Data(id, buf[..n].to_vec()));
+                }
+            }
+        }
+    });
+    writers.insert(id, (wr, reader));
 }
 
 #[allow(clippy::too_many_arguments)]

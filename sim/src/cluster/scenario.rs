@@ -95,6 +95,8 @@ pub struct Params {
     pub store_latency: u64,
     /// Replication lag of the store (ms).
     pub lag: u64,
+    /// Share of the devices on TCP connections (the others on UDP).
+    pub tcp_share: f64,
 }
 
 const NODES: usize = 3;
@@ -115,6 +117,8 @@ const DEVICE_HOSTS: usize = 3;
 /// without them (a lost ack is a lost sign of life too, so it may legitimately take a device
 /// offline and cost a bind).
 const ACK_FAULTS_FROM: u64 = 120_000;
+/// Share of the devices on TCP in every scenario.
+const TCP_SHARE: f64 = 1.0 / 3.0;
 
 impl Params {
     /// CI-sized parameters; `scale` multiplies the devices.
@@ -128,6 +132,7 @@ impl Params {
             push_phase: 200_000,
             store_latency: 5,
             lag: 50,
+            tcp_share: TCP_SHARE,
         };
         match kind {
             Kind::Rehome => Params {
@@ -181,6 +186,10 @@ pub struct Report {
     pub seed: u64,
     /// Devices.
     pub devices: usize,
+    /// Of those, devices on TCP.
+    pub tcp_devices: usize,
+    /// TCP device connections opened.
+    pub tcp_connects: u64,
     /// Push attempts, and those answered `0x00`, `0xFF`, not at all.
     pub attempts: usize,
     /// Pushes answered `0x00`.
@@ -197,6 +206,11 @@ pub struct Report {
     pub rehome_ms: Option<u64>,
     /// Devices re-homed, and binds per second while they did.
     pub rehomed: usize,
+    /// Of those, devices on TCP.
+    pub rehomed_tcp: usize,
+    /// Re-home time (ms) of the lost node's TCP devices: their connection ends with the node
+    /// (or is reset by the load balancer), so they reconnect before their next heartbeat.
+    pub rehome_tcp_ms: Option<u64>,
     /// Binds per second during the re-home.
     pub binds_per_s: f64,
     /// Store ops per accepted push (push + ack + bind + drain, all of them).
@@ -232,14 +246,17 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} seed={} devices={} attempts={} accepted={} ff={} unanswered={} delivered={} \
-             dups/1000={:.1} rehome={} rehomed={} binds/s={:.1} ops/push={:.2} \
+            "{} seed={} devices={} (tcp={}, {} connects) attempts={} accepted={} ff={} \
+             unanswered={} delivered={} dups/1000={:.1} rehome={} rehomed={} (tcp={} in {}) \
+             binds/s={:.1} ops/push={:.2} \
              push+ack-ops/push={:.2} ops/heartbeat(steady)={:.3} ({} hb) acks-not-cleared={} \
              acks-older={} lost-down={} lost-acks={} rebinds={} pokes={} lost-by-failover={} \
              writes-dropped={} trace={:016x}",
             self.scenario,
             self.seed,
             self.devices,
+            self.tcp_devices,
+            self.tcp_connects,
             self.attempts,
             self.accepted,
             self.failed,
@@ -249,6 +266,9 @@ impl fmt::Display for Report {
             self.rehome_ms
                 .map_or("-".to_string(), |t| format!("{:.1}s", t as f64 / 1000.0)),
             self.rehomed,
+            self.rehomed_tcp,
+            self.rehome_tcp_ms
+                .map_or("-".to_string(), |t| format!("{:.1}s", t as f64 / 1000.0)),
             self.binds_per_s,
             self.ops_per_push,
             self.push_ack_ops_per_push,
@@ -385,6 +405,9 @@ pub fn run(p: &Params) -> Result<Report, String> {
     }
 
     let uuids: Vec<_> = (0..n).map(device_uuid).collect();
+    // Its own RNG, so the choice does not move the other draws.
+    let mut tcp_rng = SmallRng::seed_from_u64(p.seed ^ 0x7c9_de51);
+    let tcp: Vec<bool> = (0..n).map(|_| tcp_rng.random_bool(p.tcp_share)).collect();
     let net = if p.kind == Kind::Acks {
         DeviceFaults {
             down_loss: 0.15,
@@ -397,7 +420,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
     } else {
         DeviceFaults::default()
     };
-    let w = World::new(NODES, uuids, p.lag, true, net);
+    let w = World::new(NODES, uuids, tcp, p.lag, true, net);
 
     let mut b = turmoil::Builder::new();
     b.simulation_duration(Duration::from_millis(end + 60_000))
@@ -441,9 +464,11 @@ pub fn run(p: &Params) -> Result<Report, String> {
             let mut hs = Vec::new();
             for (i, app_id, start) in mine {
                 let w = w.clone();
-                hs.push(tokio::task::spawn_local(device::run(
-                    w, i, app_id, start, end,
-                )));
+                hs.push(if w.tcp[i] {
+                    tokio::task::spawn_local(device::run_tcp(w, i, app_id, start, end))
+                } else {
+                    tokio::task::spawn_local(device::run(w, i, app_id, start, end))
+                });
             }
             for h in hs {
                 h.await.map_err(|e| e.to_string())??;
@@ -542,6 +567,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
         scenario: p.kind.name(),
         seed: p.seed,
         devices: n,
+        tcp_devices: w.tcp.iter().filter(|&&t| t).count(),
         ..Report::default()
     };
     let mut errors = Vec::new();
@@ -862,7 +888,14 @@ fn check(
                 // incarnation with no state) when the load balancer sent it back.
                 l.at >= t0 && matches!(&l.event, ClusterEvent::Bound { uuid: u, .. } if *u == uuid)
             }) {
-                Some(l) => binds.push(l.at),
+                Some(l) => {
+                    binds.push(l.at);
+                    if w.tcp[d] {
+                        report.rehomed_tcp += 1;
+                        let t = l.at - t0;
+                        report.rehome_tcp_ms = Some(report.rehome_tcp_ms.map_or(t, |m| m.max(t)));
+                    }
+                }
                 None => errors.push(format!("device {d} of the lost node never re-homed")),
             }
         }
@@ -907,6 +940,7 @@ fn check(
     report.acks_older = c.unattributed;
     let f = *w.fault_counts.borrow();
     (report.lost_down, report.lost_acks, report.rebinds) = (f.lost_down, f.lost_acks, f.rebinds);
+    report.tcp_connects = f.tcp_connects;
     // Steady window: every device started and bound, no fault yet.
     let from = 60_000;
     let hb: usize = (0..n)

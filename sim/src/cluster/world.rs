@@ -131,7 +131,9 @@ pub struct DeviceFaults {
     /// Probability that an ack the SDK sends is lost on its way.
     pub ack_loss: f64,
     /// Probability, per heartbeat, that the device first moves to a new socket (an app restart
-    /// or a NAT rebind: a new source port; datagrams to the old one are lost).
+    /// or a NAT rebind: a new source port; datagrams to the old one are lost). A TCP device
+    /// opens a new connection instead (what was on its way on the old one is lost); the two
+    /// loss probabilities apply to UDP devices only.
     pub rebind: f64,
     /// Faults start at this time (ms).
     pub from: u64,
@@ -155,8 +157,11 @@ pub struct FaultCounts {
     pub lost_down: u64,
     /// Acks lost.
     pub lost_acks: u64,
-    /// New sockets.
+    /// New sockets (UDP) and new connections after an app restart (TCP).
     pub rebinds: u64,
+    /// TCP device connections opened (first ones, after a node died or was reset by the load
+    /// balancer, and after app restarts).
+    pub tcp_connects: u64,
 }
 
 /// Per-node counters, summed over restarts.
@@ -184,6 +189,8 @@ pub struct World {
     pub wait_replica: bool,
     /// Device uuids.
     pub uuids: Vec<Uuid>,
+    /// Which devices are on TCP (the others on UDP).
+    pub tcp: Vec<bool>,
     /// Device logs.
     pub devices: Vec<RefCell<DeviceLog>>,
     /// The load balancer's view: which nodes pass their health check.
@@ -209,6 +216,7 @@ impl World {
     pub fn new(
         nodes: usize,
         uuids: Vec<Uuid>,
+        tcp: Vec<bool>,
         lag: u64,
         wait_replica: bool,
         faults: DeviceFaults,
@@ -222,6 +230,7 @@ impl World {
             wait_replica,
             devices: uuids.iter().map(|_| RefCell::default()).collect(),
             uuids,
+            tcp,
             lb_up: RefCell::new(vec![true; nodes]),
             attempts: RefCell::default(),
             events: RefCell::default(),
