@@ -13,7 +13,7 @@ use std::time::Duration;
 use ddpush_proto::{Change, Config, ConnId, Dest, Driver, Event, Node, Port, Recovery, Time};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use turmoil::net::tcp::OwnedWriteHalf;
+use turmoil::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use turmoil::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::world::{now_ms, Logged, Shared};
@@ -29,9 +29,36 @@ const SNAPSHOT_CHUNK: usize = 256;
 /// Rotation grace of provisioned keys (the admin API's default).
 const KEY_GRACE: Duration = Duration::from_secs(24 * 3600);
 
-enum Input {
+/// What a connection's reader task hands its host's main loop (here and in the cluster's
+/// node host).
+pub(crate) enum Input {
     Data(ConnId, Vec<u8>),
     Closed(ConnId),
+}
+
+/// Spawns the reader task of connection `id`: each chunk read is shown to `tap`, then goes to
+/// the main loop, and so does the end of the stream.
+pub(crate) fn spawn_reader(
+    mut rd: OwnedReadHalf,
+    id: ConnId,
+    tx: mpsc::UnboundedSender<Input>,
+    tap: impl Fn(&[u8]) + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_local(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Input::Closed(id));
+                    return;
+                }
+                Ok(n) => {
+                    tap(&buf[..n]);
+                    let _ = tx.send(Input::Data(id, buf[..n].to_vec()));
+                }
+            }
+        }
+    })
 }
 
 fn now() -> Time {
@@ -177,24 +204,11 @@ fn open(
     if !with_node(sh, |node| node.handle_tcp_open(now(), id, port, peer)) {
         return; // refused: dropping the stream closes it
     }
-    let (mut rd, wr) = s.into_split();
-    let tx = tx.clone();
+    let (rd, wr) = s.into_split();
     let sh = sh.clone();
-    let reader = tokio::task::spawn_local(async move {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(Input::Closed(id));
-                    return;
-                }
-                Ok(n) => {
-                    if port == Port::Device {
-                        crate::attacker::tap(&sh, peer, true, &buf[..n]);
-                    }
-                    let _ = tx.send(Input::Data(id, buf[..n].to_vec()));
-                }
-            }
+    let reader = spawn_reader(rd, id, tx.clone(), move |bytes| {
+        if port == Port::Device {
+            crate::attacker::tap(&sh, peer, true, bytes);
         }
     });
     writers.insert(id, (wr, reader));

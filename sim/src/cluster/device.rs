@@ -41,6 +41,28 @@ fn sleep_until_ms(t: u64) -> tokio::time::Sleep {
     tokio::time::sleep(Duration::from_millis(t.saturating_sub(now_ms())))
 }
 
+/// The session of device `idx` and its fault RNG (its own stream, seeded from the faults' seed).
+fn session(w: &World, idx: usize, app_id: u8) -> (DeviceSession, SmallRng) {
+    let cfg = DeviceConfig {
+        app_id,
+        ..DeviceConfig::new(w.uuids[idx])
+    };
+    let rng = SmallRng::seed_from_u64(w.faults.seed ^ (idx as u64).wrapping_mul(0x9E37_79B9));
+    (DeviceSession::new(cfg), rng)
+}
+
+/// When the session next needs the clock (its heartbeat or link retry), at the latest `end`.
+fn wake_at(session: &DeviceSession, end: u64) -> u64 {
+    session.poll_timeout().map_or(end, Time::as_millis).min(end)
+}
+
+/// Whether a fault of probability `p` strikes now. Draws only while faults are on, so a run
+/// without faults draws nothing.
+fn strikes(faults: &DeviceFaults, rng: &mut SmallRng, p: f64) -> bool {
+    let t = now_ms();
+    p > 0.0 && t >= faults.from && t < faults.until && rng.random_bool(p)
+}
+
 struct Dev {
     w: Rc<World>,
     idx: usize,
@@ -53,11 +75,8 @@ struct Dev {
 }
 
 impl Dev {
-    /// Whether a fault of probability `p` strikes now. Draws only while faults are on, so a
-    /// run without faults draws nothing.
     fn fault(&mut self, p: f64) -> bool {
-        let t = now_ms();
-        p > 0.0 && t >= self.faults.from && t < self.faults.until && self.rng.random_bool(p)
+        strikes(&self.faults, &mut self.rng, p)
     }
 
     /// Sends what the session queued, each packet to the node the load balancer picks now.
@@ -94,17 +113,13 @@ impl Dev {
 /// Runs device `idx` from `start` (ms) to `end` (ms).
 pub async fn run(w: Rc<World>, idx: usize, app_id: u8, start: u64, end: u64) -> turmoil::Result {
     sleep_until_ms(start).await;
-    let faults = w.faults;
-    let cfg = DeviceConfig {
-        app_id,
-        ..DeviceConfig::new(w.uuids[idx])
-    };
+    let (session, rng) = session(&w, idx, app_id);
     let mut d = Dev {
-        session: DeviceSession::new(cfg),
+        session,
         sock: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?,
         routed: usize::MAX,
-        rng: SmallRng::seed_from_u64(faults.seed ^ (idx as u64).wrapping_mul(0x9E37_79B9)),
-        faults,
+        rng,
+        faults: w.faults,
         w,
         idx,
     };
@@ -114,11 +129,7 @@ pub async fn run(w: Rc<World>, idx: usize, app_id: u8, start: u64, end: u64) -> 
     d.flush().await;
     let mut buf = vec![0u8; 1024];
     loop {
-        let wake = d
-            .session
-            .poll_timeout()
-            .map_or(end, Time::as_millis)
-            .min(end);
+        let wake = wake_at(&d.session, end);
         let mut got: Option<(Vec<u8>, Option<usize>, usize)> = None;
         tokio::select! {
             biased;
@@ -207,8 +218,7 @@ struct Conn {
 
 impl TcpDev {
     fn fault(&mut self, p: f64) -> bool {
-        let t = now_ms();
-        p > 0.0 && t >= self.faults.from && t < self.faults.until && self.rng.random_bool(p)
+        strikes(&self.faults, &mut self.rng, p)
     }
 
     /// A new connection through the load balancer; the session's heartbeat goes out at once.
@@ -288,15 +298,11 @@ pub async fn run_tcp(
     end: u64,
 ) -> turmoil::Result {
     sleep_until_ms(start).await;
-    let faults = w.faults;
-    let cfg = DeviceConfig {
-        app_id,
-        ..DeviceConfig::new(w.uuids[idx])
-    };
+    let (session, rng) = session(&w, idx, app_id);
     let mut d = TcpDev {
-        session: DeviceSession::new(cfg),
-        rng: SmallRng::seed_from_u64(faults.seed ^ (idx as u64).wrapping_mul(0x9E37_79B9)),
-        faults,
+        session,
+        rng,
+        faults: w.faults,
         w,
         idx,
     };
@@ -309,11 +315,7 @@ pub async fn run_tcp(
             wanted |= matches!(e, DeviceEvent::Connect);
         }
         if !wanted && d.session.poll_timeout().is_some() {
-            let t = d
-                .session
-                .poll_timeout()
-                .map_or(end, Time::as_millis)
-                .min(end);
+            let t = wake_at(&d.session, end);
             sleep_until_ms(t).await;
             d.session.handle_timeout(now());
             continue;
@@ -323,12 +325,7 @@ pub async fn run_tcp(
             continue;
         };
         loop {
-            let wake = d
-                .session
-                .poll_timeout()
-                .map_or(end, Time::as_millis)
-                .min(end)
-                .min(now_ms() + LB_RESET_CHECK_MS);
+            let wake = wake_at(&d.session, end).min(now_ms() + LB_RESET_CHECK_MS);
             tokio::select! {
                 biased;
                 r = c.s.read(&mut buf) => match r {

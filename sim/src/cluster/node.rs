@@ -18,25 +18,20 @@ use ddpush_proto::cluster::{
 };
 use ddpush_proto::driver::StoreConfirmed;
 use ddpush_proto::{Config, ConnId, Dest, Driver, Port, Time};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use turmoil::net::tcp::OwnedWriteHalf;
 use turmoil::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::store::{decode, encode, STORE_PORT};
 use super::world::{node_name, Logged, NodeCounts, World};
-use crate::server::{DEVICE_PORT, PUSH_PORT};
+use crate::server::{spawn_reader, Input, DEVICE_PORT, PUSH_PORT};
 use crate::world::now_ms;
 
 /// Node-to-node port.
 pub const PEER_PORT: u16 = 7100;
 /// The port a node talks to the store from.
 const STORE_CLIENT_PORT: u16 = 7200;
-
-enum Input {
-    Data(ConnId, Vec<u8>),
-    Closed(ConnId),
-}
 
 fn now() -> Time {
     Time::from_millis(now_ms())
@@ -153,22 +148,8 @@ fn accept(
     if !node.handle_tcp_open(now(), id, port, peer) {
         return; // refused by the core's connection bounds: dropping the stream closes it
     }
-    let (mut rd, wr) = s.into_split();
-    let tx = tx.clone();
-    let reader = tokio::task::spawn_local(async move {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(Input::Closed(id));
-                    return;
-                }
-                Ok(n) => {
-                    let _ = tx.send(Input::Data(id, buf[..n].to_vec()));
-                }
-            }
-        }
-    });
+    let (rd, wr) = s.into_split();
+    let reader = spawn_reader(rd, id, tx.clone(), |_| {});
     writers.insert(id, (wr, reader));
 }
 
