@@ -20,7 +20,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ddpush_proto::signed::{device_to_vec, DeviceKey, Seal, TRAILER_LEN, VERSION};
+use ddpush_proto::signed::{encode_device, DeviceKey, KeyedMac, Seal, TRAILER_LEN, VERSION};
 use ddpush_proto::{DeviceMsg, DevicePacket};
 use serde_json::{json, Value};
 
@@ -42,9 +42,11 @@ pub fn key_of(i: u64) -> DeviceKey {
 }
 
 /// Signs heartbeats for devices `base..base + n`, each with its own key and nonce counter.
+/// Each key is HMAC-keyed once ([`KeyedMac`]), as a device holding its key would do: the
+/// generator shares the machine's cores with the server, so its signing costs are kept low.
 pub struct Signer {
     base: u64,
-    keys: Vec<DeviceKey>,
+    keys: Vec<KeyedMac>,
     nonces: RefCell<Vec<u32>>,
 }
 
@@ -53,7 +55,9 @@ impl Signer {
     pub fn new(base: u64, n: u64) -> Self {
         Signer {
             base,
-            keys: (base..base + n).map(key_of).collect(),
+            keys: (base..base + n)
+                .map(|i| KeyedMac::new(&key_of(i)))
+                .collect(),
             nonces: RefCell::new(vec![0; n as usize]),
         }
     }
@@ -74,15 +78,12 @@ impl Signer {
             uuid: uuid_of(i),
             msg: DeviceMsg::Heartbeat,
         };
-        out.extend_from_slice(&device_to_vec(
-            &p,
-            Seal {
-                key_id: KEY_ID,
-                ts,
-                nonce,
-            },
-            &self.keys[j],
-        ));
+        let seal = Seal {
+            key_id: KEY_ID,
+            ts,
+            nonce,
+        };
+        encode_device(&p, seal, &self.keys[j], out);
     }
 
     /// Whether `b` has the shape of a sealed heartbeat reply (version 2, cmd 0x00, N = 0).

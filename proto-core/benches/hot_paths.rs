@@ -169,6 +169,45 @@ fn heartbeat_signed_nothing_pending(b: Bencher) {
     });
 }
 
+/// The same as `heartbeat_signed_nothing_pending`, the server's side only: the signed packets
+/// are made outside the timed part (divan's inputs), so this is what the node spends on a
+/// signed heartbeat and its sealed reply, to compare with `heartbeat_nothing_pending`.
+#[divan::bench]
+fn heartbeat_signed_server_only(b: Bencher) {
+    use ddpush_proto::signed::{device_to_vec, DeviceKey, KeyedMac, Seal};
+    let mut n = node(ReplyPolicy::Always);
+    let now = Time::from_secs(1_000_001);
+    let key = DeviceKey::new([7; 32]);
+    for i in 0..CLIENTS {
+        let _ = n.set_key(now, uuid(i), 1, key.clone(), std::time::Duration::ZERO);
+    }
+    drain(&mut n);
+    let keyed = KeyedMac::new(&key);
+    let mut i = 0u64;
+    let mut nonce = 0u32;
+    b.with_inputs(|| {
+        i = (i + 97) % CLIENTS;
+        nonce = nonce.wrapping_add(1);
+        let p = DevicePacket {
+            app_id: 1,
+            uuid: uuid(i),
+            msg: DeviceMsg::Heartbeat,
+        };
+        let seal = Seal {
+            key_id: 1,
+            ts: now.secs32(),
+            nonce,
+        };
+        (addr(i), device_to_vec(&p, seal, &keyed))
+    })
+    .bench_local_values(|(a, pkt)| {
+        n.handle_udp(now, a, &pkt);
+        while let Some(t) = n.poll_transmit() {
+            black_box(t);
+        }
+    });
+}
+
 /// What a signed device spends on one heartbeat (and what the signed bench above includes).
 #[divan::bench]
 fn sign_heartbeat(b: Bencher) {

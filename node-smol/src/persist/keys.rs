@@ -34,11 +34,11 @@ pub(crate) fn get_key_state(rd: &mut Cursor<'_>) -> Result<KeyState, String> {
         1 => {
             let pid = rd.u8()?;
             let pkey = DeviceKey::new(rd.arr()?);
-            Some(PreviousKey {
+            Some(Box::new(PreviousKey {
                 id: pid,
                 key: pkey,
                 until: Time(rd.u64()?),
-            })
+            }))
         }
         other => return Err(format!("bad previous-key flag {other}")),
     };
@@ -63,11 +63,11 @@ mod tests {
             KeyState {
                 id: 2,
                 key: DeviceKey::new([8; 32]),
-                previous: Some(PreviousKey {
+                previous: Some(Box::new(PreviousKey {
                     id: 1,
                     key: DeviceKey::new([7; 32]),
                     until: Time(1_700_000_000_123),
-                }),
+                })),
             },
         ];
         for s in &states {
@@ -105,11 +105,11 @@ mod store_tests {
             .map(|i| {
                 let mut k = KeyState::new(1, DeviceKey::new([i; 32]));
                 if i % 2 == 1 {
-                    k.previous = Some(PreviousKey {
+                    k.previous = Some(Box::new(PreviousKey {
                         id: 9,
                         key: DeviceKey::new([0xAA; 32]),
                         until: Time::from_secs(5_000),
-                    });
+                    }));
                 }
                 (Uuid([i; 16]), k)
             })

@@ -189,15 +189,9 @@ impl Node {
     /// What goes out for `packet` to `uuid`: sealed if the uuid is signed-only (under the key
     /// of the packet being answered, else the key the device last used), plain otherwise.
     pub(super) fn down_payload(&mut self, uuid: &Uuid, packet: DownPacket) -> Payload {
-        if !self.keys.contains(uuid) {
-            return Payload::Down(packet);
-        }
-        match self
-            .keys
-            .seal(uuid, self.answer_key, self.now, packet.clone())
-        {
-            Some(s) => Payload::Sealed(s),
-            None => Payload::Down(packet),
+        match self.keys.seal(uuid, self.answer_key, self.now, packet) {
+            Ok(s) => Payload::Sealed(s),
+            Err(plain) => Payload::Down(plain),
         }
     }
 

@@ -12,13 +12,17 @@ use hashbrown::HashMap;
 use crate::codec::{DevicePacket, DownPacket, Uuid};
 use crate::time::{secs32, Time};
 
-use super::codec::{Seal, SealedDown, SignedFrame};
+use super::codec::{KeyedMac, Seal, SealedDown, SignedFrame};
 use super::keys::{KeyError, KeyState, KeyUpdate};
 use super::replay::ReplayWindow;
 use super::SignedDrop;
 
 struct Entry {
     keys: KeyState,
+    /// The current key, HMAC-keyed once: every packet of a uuid that is not mid-rotation
+    /// verifies and is sealed under it (a previous key is keyed per packet, during its grace
+    /// period only).
+    mac: KeyedMac,
     replay: ReplayWindow,
     /// The key id of the last verified packet: immediate pushes are sealed under it, because
     /// that is the key the device is known to hold.
@@ -112,7 +116,13 @@ impl Keyring {
         until: Time,
     ) -> Result<KeyUpdate, KeyError> {
         match self.map.get_mut(&uuid) {
-            Some(e) => e.keys.rotate(id, key, until),
+            Some(e) => {
+                let update = e.keys.rotate(id, key, until)?;
+                if update == KeyUpdate::Rotated {
+                    e.mac = KeyedMac::new(&e.keys.key);
+                }
+                Ok(update)
+            }
             None => {
                 self.set(uuid, KeyState::new(id, key));
                 Ok(KeyUpdate::Provisioned)
@@ -125,14 +135,19 @@ impl Keyring {
     /// restart second are refused.
     pub fn set(&mut self, uuid: Uuid, keys: KeyState) {
         let replay = ReplayWindow::refusing_until(self.restart_floor);
+        let mac = KeyedMac::new(&keys.key);
         match self.map.get_mut(&uuid) {
-            Some(e) => e.keys = keys,
+            Some(e) => {
+                e.keys = keys;
+                e.mac = mac;
+            }
             None => {
                 let last_key_id = keys.id;
                 self.map.insert(
                     uuid,
                     Entry {
                         keys,
+                        mac,
                         replay,
                         last_key_id,
                     },
@@ -157,11 +172,16 @@ impl Keyring {
             .map
             .get_mut(&f.packet.uuid)
             .ok_or(SignedDrop::UnknownKey)?;
-        let key = e
-            .keys
-            .key_for(f.seal.key_id, now)
-            .ok_or(SignedDrop::UnknownKey)?;
-        if !f.verify(key) {
+        let authentic = if f.seal.key_id == e.keys.id {
+            f.verify(&e.mac)
+        } else {
+            let key = e
+                .keys
+                .key_for(f.seal.key_id, now)
+                .ok_or(SignedDrop::UnknownKey)?;
+            f.verify(key)
+        };
+        if !authentic {
             return Err(SignedDrop::Tag);
         }
         let now_s = now.secs32();
@@ -180,30 +200,35 @@ impl Keyring {
     }
 
     /// Seals a packet for a signed-only uuid under `key_id` (the key its heartbeat used) or,
-    /// when `None`, the key its last verified packet used. `None` if the uuid has no key or
-    /// that key is no longer valid.
+    /// when `None`, the key its last verified packet used, falling back to the current key
+    /// when that one's grace period is over. A uuid without a key gets its packet back, to
+    /// send as it is.
     pub fn seal(
         &mut self,
         uuid: &Uuid,
         key_id: Option<u8>,
         now: Time,
         packet: DownPacket,
-    ) -> Option<SealedDown> {
-        let e = self.map.get(uuid)?;
-        let wanted = key_id.unwrap_or(e.last_key_id);
-        // The current key is always valid; a previous one only within its grace period.
-        let (id, key) = match e.keys.key_for(wanted, now) {
-            Some(k) => (wanted, k),
-            None => (e.keys.id, &e.keys.key),
+    ) -> Result<SealedDown, DownPacket> {
+        let Some(e) = self.map.get(uuid) else {
+            return Err(packet);
         };
+        let wanted = key_id.unwrap_or(e.last_key_id);
         let nonce = self.next_nonce;
         self.next_nonce = self.next_nonce.wrapping_add(1);
-        let seal = Seal {
-            key_id: id,
+        let mut seal = Seal {
+            key_id: e.keys.id,
             ts: now.secs32(),
             nonce,
         };
-        Some(SealedDown::new(packet, seal, key))
+        // The current key is always valid; a previous one only within its grace period.
+        if wanted != e.keys.id {
+            if let Some(k) = e.keys.key_for(wanted, now) {
+                seal.key_id = wanted;
+                return Ok(SealedDown::new(packet, seal, k));
+            }
+        }
+        Ok(SealedDown::new(packet, seal, &e.mac))
     }
 }
 
@@ -315,6 +340,7 @@ mod tests {
             msg: crate::codec::DownMsg::Notify,
         };
         let a = r.seal(&UUID, None, t, p.clone()).unwrap();
+        assert_eq!(r.seal(&Uuid([5; 16]), None, t, p.clone()), Err(p.clone()));
         assert_eq!(a.seal.key_id, 1);
         let b = r.seal(&UUID, None, t, p.clone()).unwrap();
         assert_ne!(a.seal.nonce, b.seal.nonce, "nonces never repeat");

@@ -70,8 +70,9 @@ pub struct KeyState {
     pub id: u8,
     /// The current key.
     pub key: DeviceKey,
-    /// The key before the last rotation, during its grace period.
-    pub previous: Option<PreviousKey>,
+    /// The key before the last rotation, during its grace period (out of line: rare, and
+    /// every signed-only uuid would otherwise carry its 48 bytes).
+    pub previous: Option<Box<PreviousKey>>,
 }
 
 /// A key update the node refused.
@@ -116,11 +117,11 @@ impl KeyState {
             };
         }
         let old = std::mem::replace(&mut self.key, key);
-        self.previous = Some(PreviousKey {
+        self.previous = Some(Box::new(PreviousKey {
             id: self.id,
             key: old,
             until,
-        });
+        }));
         self.id = id;
         Ok(KeyUpdate::Rotated)
     }

@@ -58,12 +58,18 @@ impl ReplayWindow {
         if pair <= self.floor || self.seen().contains(&pair) {
             return Err(Replayed);
         }
-        let oldest = now_s.saturating_sub(window_s);
-        let mut n = 0;
-        for i in 0..usize::from(self.len) {
-            if self.seen[i].0 >= oldest {
-                self.seen[n] = self.seen[i];
-                n += 1;
+        let mut n = usize::from(self.len);
+        if n == SLOTS {
+            // Full: pairs out of the time window go first (the caller's time check refuses
+            // them from now on), and only if none did does the smallest rise into the floor.
+            // Checked only when full, so the common case (a slot free) is the scan above.
+            let oldest = now_s.saturating_sub(window_s);
+            n = 0;
+            for i in 0..SLOTS {
+                if self.seen[i].0 >= oldest {
+                    self.seen[n] = self.seen[i];
+                    n += 1;
+                }
             }
         }
         if n == SLOTS {
