@@ -191,3 +191,85 @@ fn signed_device_over_udp() {
 fn signed_device_over_tcp() {
     signed_device_end_to_end(Transport::Tcp);
 }
+
+/// Seconds since the Unix epoch on this machine's clock (the server's clock too).
+fn wall_s() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
+}
+
+fn replayed_drops(srv: &Server) -> u64 {
+    let (_, m) = http(admin(srv), "GET", "/metrics", Some(TOKEN), "");
+    m.lines()
+        .find(|l| l.starts_with("ddpush_signed_dropped_total{reason=\"replayed\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The clock-ahead restart hole (PROTOCOL.md 9.3), against the real binary: a device whose
+/// clock is 20 s ahead heartbeats, ddpushd is killed with SIGKILL and restarted, and an
+/// attacker replays the device's last captured heartbeat (stamped after the restart second).
+/// The replay is refused and the address stays the device's; the device is heard again
+/// within a second of the restart.
+#[test]
+fn a_replay_after_kill_9_of_a_packet_stamped_by_a_fast_clock_is_refused() {
+    use ddpush_proto::signed::{device_to_vec, Seal};
+    use ddpush_proto::{DeviceMsg, DevicePacket};
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path());
+    let u = Uuid::from_user("alice-fast-clock");
+    let (status, body) = http(
+        admin(&srv),
+        "PUT",
+        &format!("/clients/{u}/key"),
+        Some(TOKEN),
+        &format!(r#"{{"key_id": 3, "key": "{KEY_HEX}"}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let key = DeviceKey::from_hex(KEY_HEX).unwrap();
+    let mut nonce = 0u32;
+    let mut heartbeat = || {
+        nonce += 1;
+        let p = DevicePacket {
+            app_id: 1,
+            uuid: u,
+            msg: DeviceMsg::Heartbeat,
+        };
+        let seal = Seal {
+            key_id: 3,
+            ts: wall_s() + 20,
+            nonce,
+        };
+        device_to_vec(&p, seal, &key)
+    };
+    let dev = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dev_addr = dev.local_addr().unwrap().to_string();
+    let mut captured = Vec::new();
+    for _ in 0..3 {
+        captured = heartbeat();
+        dev.send_to(&captured, srv.udp).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eventually("the fast device is recorded", || {
+        record(&srv, u)["addr"] == dev_addr.as_str()
+    });
+    srv.kill9();
+
+    let srv = start(dir.path());
+    let attacker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    attacker.send_to(&captured, srv.udp).unwrap();
+    eventually("the replay is counted", || replayed_drops(&srv) == 1);
+    assert_ne!(
+        record(&srv, u)["addr"],
+        attacker.local_addr().unwrap().to_string().as_str(),
+        "the replay moved the address to the attacker"
+    );
+    // The device, still 20 s ahead, is heard again once the restart second is over.
+    std::thread::sleep(Duration::from_millis(1100));
+    dev.send_to(&heartbeat(), srv.udp).unwrap();
+    eventually("the device is heard again", || {
+        record(&srv, u)["addr"] == dev_addr.as_str()
+    });
+}

@@ -261,6 +261,11 @@ impl Metrics {
             "Signed packets that passed every check",
             c(s.signed_accepted),
         );
+        r.register(
+            "signed_ahead_raised",
+            "Raises of a signed uuid's ahead bound (its clock found further ahead), each journaled",
+            c(s.ahead_raised),
+        );
         let signed = Family::<Vec<(String, String)>, Counter>::default();
         for (reason, v) in s.signed_dropped.iter() {
             signed

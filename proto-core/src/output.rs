@@ -238,6 +238,9 @@ pub struct Stats {
     pub keys: u64,
     /// Signed packets that passed every check.
     pub signed_accepted: u64,
+    /// Raises of a uuid's ahead bound (a signed device's clock found further ahead of the
+    /// server's than before), each journaled (PROTOCOL.md 9.3).
+    pub ahead_raised: u64,
     /// Signed packets dropped, by reason.
     pub signed_dropped: Counters<SignedDrop, 6>,
     /// v1 packets naming a signed-only uuid (they change nothing), by kind.

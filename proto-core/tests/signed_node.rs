@@ -512,3 +512,124 @@ fn a_v1_address_in_the_snapshot_is_forgotten_when_the_journal_provisions_the_key
         "nothing to the address a v1 heartbeat set before the key"
     );
 }
+
+/// A signed device whose clock runs `ahead` of the server's stamps its packets that much later.
+fn ahead_packet(dev: &mut Signed, h: &Harness, ahead: std::time::Duration) -> Vec<u8> {
+    dev.packet(h.now() + ahead, DeviceMsg::Heartbeat)
+}
+
+/// The clock-ahead restart hole (PROTOCOL.md 9.3): a device 20 s ahead stamped its last
+/// packets before a crash with times after the restart second. The restarted node must refuse
+/// a captured copy (it would move the address to the attacker), yet hear the device again
+/// at once.
+#[test]
+fn a_restart_refuses_what_a_fast_clock_stamped_after_the_restart_second() {
+    let (mut h, mut dev) = keyed_harness();
+    let snapshot = h.node.key_states();
+    let ahead = secs(20);
+    let a = addr(1, 40_000);
+    let first = ahead_packet(&mut dev, &h, ahead);
+    h.udp(a, &first);
+    h.advance(secs(5));
+    let captured = ahead_packet(&mut dev, &h, ahead);
+    h.udp(a, &captured);
+    assert_eq!(h.node.stats().signed_accepted, 2);
+    let journal = h.take_changes();
+
+    // kill -9 a second later: the snapshot of the keys (as provisioned) and the journal.
+    let restart = h.now() + secs(1);
+    let mut n = Node::new(Config::default()).unwrap();
+    for (u, k) in snapshot {
+        n.restore_key(restart, u, k);
+    }
+    for c in &journal {
+        n.apply(c);
+    }
+    let mut h2 = Harness::with_node(n, restart);
+    let attacker = addr(66, 1);
+    h2.udp(attacker, &captured);
+    assert_eq!(
+        h2.node.stats().signed_accepted,
+        0,
+        "the captured copy was accepted"
+    );
+    assert_eq!(h2.node.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+    assert_ne!(
+        h2.node.record(&alice()).and_then(|r| r.addr),
+        Some(attacker),
+        "the replay moved alice's address"
+    );
+    // The device's next packets, still 20 s ahead, are heard within a second.
+    h2.advance(secs(1));
+    let fresh = ahead_packet(&mut dev, &h2, ahead);
+    h2.udp(a, &fresh);
+    assert_eq!(h2.node.stats().signed_accepted, 1);
+    assert_eq!(h2.node.record(&alice()).and_then(|r| r.addr), Some(a));
+}
+
+/// The ahead bound is journaled when a device is found further ahead than before, and only
+/// then: a device steadily ahead costs one write, not one per heartbeat; a failed write
+/// takes the raise back, so the next packet journals it again.
+#[test]
+fn the_ahead_bound_is_journaled_once_per_raise_and_taken_back_with_a_failed_write() {
+    use ddpush_proto::{Commit, Driver};
+    let (mut h, mut dev) = keyed_harness();
+    let a = addr(1, 40_000);
+    h.udp(a, &ahead_packet(&mut dev, &h, secs(0)));
+    assert!(
+        !h.take_changes()
+            .iter()
+            .any(|c| matches!(c, Change::Keyed { .. })),
+        "a device on time journals no bound"
+    );
+    h.udp(a, &ahead_packet(&mut dev, &h, secs(12)));
+    let keyed: Vec<u32> = h
+        .take_changes()
+        .iter()
+        .filter_map(|c| match c {
+            Change::Keyed { keys, .. } => Some(keys.ahead),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(keyed, vec![12]);
+    for _ in 0..5 {
+        h.advance(secs(50));
+        h.udp(a, &ahead_packet(&mut dev, &h, secs(12)));
+    }
+    assert_eq!(
+        h.take_changes(),
+        vec![],
+        "steadily ahead: no further writes"
+    );
+    assert_eq!(h.node.stats().ahead_raised, 1);
+
+    // Through the driver, with a write that fails.
+    let mut node = Node::new(Config::default()).unwrap();
+    let mut d = Driver::new();
+    let t = Time::from_secs(1_000_000);
+    node.set_key(t, alice(), 1, key(7), secs(0)).unwrap();
+    assert!(matches!(
+        d.commit(&mut node, |_| Ok::<(), ()>(())),
+        Commit::Written { .. }
+    ));
+    let mut dev = Signed::new(alice(), 1, key(7));
+    node.handle_udp(t, a, &dev.packet(t + secs(30), DeviceMsg::Heartbeat));
+    assert!(matches!(
+        d.commit(&mut node, |_| Err::<(), _>("disk full")),
+        Commit::Failed { .. }
+    ));
+    assert_eq!(node.key_state(&alice()).map(|k| k.ahead), Some(0));
+    node.handle_udp(t, a, &dev.packet(t + secs(30), DeviceMsg::Heartbeat));
+    let mut written = Vec::new();
+    assert!(matches!(
+        d.commit(&mut node, |c| {
+            written = c.to_vec();
+            Ok::<(), ()>(())
+        }),
+        Commit::Written { .. }
+    ));
+    assert!(written
+        .iter()
+        .any(|c| matches!(c, Change::Keyed { keys, .. } if keys.ahead == 30)));
+    assert_eq!(node.key_state(&alice()).map(|k| k.ahead), Some(30));
+}

@@ -1,27 +1,41 @@
 //! The on-disk form of a signed-only uuid's keys (PROTOCOL.md 9.1), shared by the journal's
 //! `Keyed` change and the snapshot's key chunks.
 //!
-//! `id u8, key [32], has_previous u8 (0 or 1), [previous id u8, previous key [32], until u64
-//! ms]`: 34 bytes, or 75 during a rotation's grace period. Keys are secrets: the data
-//! directory is created owner-only (see OPERATIONS.md), and nothing here is ever logged.
+//! `id u8, key [32], flags u8 (bit 0: a previous key follows, bit 1: the ahead bound follows),
+//! [previous id u8, previous key [32], until u64 ms], [ahead u32 s]`: 34 bytes, 75 during a
+//! rotation's grace period, 4 more once the device's clock was found ahead (PROTOCOL.md 9.3).
+//! Flags 0 and 1 are the only ones the release before wrote, so its files read unchanged.
+//! Keys are secrets: the data directory is created owner-only (see OPERATIONS.md), and
+//! nothing here is ever logged.
 
 use ddpush_proto::signed::{DeviceKey, KeyState, PreviousKey};
 use ddpush_proto::Time;
 
 use super::frame::Cursor;
 
+/// Bit 0 of the flags byte: a previous key follows.
+const HAS_PREVIOUS: u8 = 1;
+/// Bit 1 of the flags byte: the ahead bound follows (u32 seconds), last. A state whose bound
+/// is 0 is written without it, byte for byte as before the bound existed.
+const HAS_AHEAD: u8 = 2;
+
 /// Appends one key state.
 pub(crate) fn put_key_state(out: &mut Vec<u8>, k: &KeyState) {
     out.push(k.id);
     out.extend_from_slice(k.key.expose());
-    match &k.previous {
-        None => out.push(0),
-        Some(p) => {
-            out.push(1);
-            out.push(p.id);
-            out.extend_from_slice(p.key.expose());
-            out.extend_from_slice(&p.until.0.to_be_bytes());
-        }
+    let flags = if k.previous.is_some() {
+        HAS_PREVIOUS
+    } else {
+        0
+    } | if k.ahead > 0 { HAS_AHEAD } else { 0 };
+    out.push(flags);
+    if let Some(p) = &k.previous {
+        out.push(p.id);
+        out.extend_from_slice(p.key.expose());
+        out.extend_from_slice(&p.until.0.to_be_bytes());
+    }
+    if k.ahead > 0 {
+        out.extend_from_slice(&k.ahead.to_be_bytes());
     }
 }
 
@@ -29,18 +43,28 @@ pub(crate) fn put_key_state(out: &mut Vec<u8>, k: &KeyState) {
 pub(crate) fn get_key_state(rd: &mut Cursor<'_>) -> Result<KeyState, String> {
     let id = rd.u8()?;
     let current = DeviceKey::new(rd.arr()?);
-    let previous = match rd.u8()? {
-        0 => None,
-        1 => {
-            let pid = rd.u8()?;
-            let pkey = DeviceKey::new(rd.arr()?);
-            Some(Box::new(PreviousKey {
-                id: pid,
-                key: pkey,
-                until: Time(rd.u64()?),
-            }))
+    let flags = rd.u8()?;
+    if flags & !(HAS_PREVIOUS | HAS_AHEAD) != 0 {
+        return Err(format!("bad key-state flags {flags}"));
+    }
+    let previous = if flags & HAS_PREVIOUS != 0 {
+        let pid = rd.u8()?;
+        let pkey = DeviceKey::new(rd.arr()?);
+        Some(Box::new(PreviousKey {
+            id: pid,
+            key: pkey,
+            until: Time(rd.u64()?),
+        }))
+    } else {
+        None
+    };
+    let ahead = if flags & HAS_AHEAD != 0 {
+        match u32::from_be_bytes(rd.arr()?) {
+            0 => return Err("ahead bound flagged but 0".into()),
+            a => a,
         }
-        other => return Err(format!("bad previous-key flag {other}")),
+    } else {
+        0
     };
     if previous.as_ref().is_some_and(|p| p.id == id) {
         return Err(format!("previous key has the current key's id {id}"));
@@ -49,6 +73,7 @@ pub(crate) fn get_key_state(rd: &mut Cursor<'_>) -> Result<KeyState, String> {
         id,
         key: current,
         previous,
+        ahead,
     })
 }
 
@@ -68,12 +93,28 @@ mod tests {
                     key: DeviceKey::new([7; 32]),
                     until: Time(1_700_000_000_123),
                 })),
+                ahead: 0,
+            },
+            KeyState {
+                ahead: 17,
+                ..KeyState::new(3, DeviceKey::new([9; 32]))
+            },
+            KeyState {
+                id: 4,
+                key: DeviceKey::new([10; 32]),
+                previous: Some(Box::new(PreviousKey {
+                    id: 3,
+                    key: DeviceKey::new([9; 32]),
+                    until: Time(1_700_000_000_456),
+                })),
+                ahead: 60,
             },
         ];
         for s in &states {
             let mut b = Vec::new();
             put_key_state(&mut b, s);
-            assert_eq!(b.len(), if s.previous.is_some() { 75 } else { 34 });
+            let len = if s.previous.is_some() { 75 } else { 34 } + if s.ahead > 0 { 4 } else { 0 };
+            assert_eq!(b.len(), len);
             let mut rd = Cursor::new(&b, "cut");
             assert_eq!(get_key_state(&mut rd).as_ref(), Ok(s));
             assert_eq!(rd.remaining(), 0);
@@ -86,8 +127,14 @@ mod tests {
         }
         let mut bad = Vec::new();
         put_key_state(&mut bad, &states[0]);
-        bad[33] = 2;
+        bad[33] = 4;
         assert!(get_key_state(&mut Cursor::new(&bad, "cut")).is_err());
+        // The bound is written only when it is not 0, so a 0 behind the flag is damage.
+        let mut zero = Vec::new();
+        put_key_state(&mut zero, &states[0]);
+        zero[33] = 2;
+        zero.extend_from_slice(&[0; 4]);
+        assert!(get_key_state(&mut Cursor::new(&zero, "cut")).is_err());
     }
 }
 

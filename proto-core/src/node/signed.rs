@@ -141,12 +141,37 @@ impl Node {
         match self.keys.verify(self.now, data) {
             Ok(v) => {
                 self.stats.signed_accepted += 1;
+                if let Some(was) = v.ahead_was {
+                    self.ahead_raised(v.packet.uuid, was);
+                }
                 self.answer_key = Some(v.key_id);
                 self.dispatch(v.packet, via);
                 self.answer_key = None;
             }
             Err(e) => self.stats.signed_dropped.incr(e),
         }
+    }
+
+    /// A verified packet was stamped further ahead of the node's clock than its uuid's ahead
+    /// bound said (it was `was`): journal the raised bound in this turn, before anything the
+    /// packet causes is sent (a restart then refuses its stamp, PROTOCOL.md 9.3), and take it
+    /// back if the turn's write fails. Costs a write only when a device's clock is found
+    /// further ahead than before: at most one per second of forward drift, never one per
+    /// heartbeat.
+    fn ahead_raised(&mut self, uuid: Uuid, was: u32) {
+        let Some(keys) = self.keys.get(&uuid) else {
+            return;
+        };
+        let keys = keys.clone();
+        self.stats.ahead_raised += 1;
+        self.key_undo.push((
+            uuid,
+            Some(KeyState {
+                ahead: was,
+                ..keys.clone()
+            }),
+        ));
+        self.changes.push_back(Change::Keyed { uuid, keys });
     }
 
     /// A v1 packet for a signed-only uuid: it records nothing, and a heartbeat gets at most a

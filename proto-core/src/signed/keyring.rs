@@ -47,6 +47,9 @@ pub struct Verified {
     pub packet: DevicePacket,
     /// The key it verified under.
     pub key_id: u8,
+    /// The uuid's ahead bound before this packet raised it, if it did: the node must journal
+    /// the new key state in this turn (and take the raise back if the write fails).
+    pub ahead_was: Option<u32>,
 }
 
 impl Keyring {
@@ -102,7 +105,7 @@ impl Keyring {
         }
         self.restart_floor = floor;
         for e in self.map.values_mut() {
-            e.replay = ReplayWindow::refusing_until(floor);
+            e.replay = ReplayWindow::refusing_until(floor.saturating_add(e.keys.ahead));
         }
     }
 
@@ -130,14 +133,18 @@ impl Keyring {
         }
     }
 
-    /// Installs a whole key state (restore, journal replay). The replay window starts at the
-    /// restart floor: pairs accepted before a restart are not known, so stamps up to the
-    /// restart second are refused.
+    /// Installs a whole key state (restore, journal replay, a failed turn taken back). The
+    /// replay window refuses what the restart floor and the state's ahead bound say: pairs
+    /// accepted before a restart are not known, and none was stamped later than the restart
+    /// second plus the ahead bound (PROTOCOL.md 9.3).
     pub fn set(&mut self, uuid: Uuid, keys: KeyState) {
-        let replay = ReplayWindow::refusing_until(self.restart_floor);
+        let floor = self.restart_floor.saturating_add(keys.ahead);
+        let replay = ReplayWindow::refusing_until(floor);
         let mac = KeyedMac::new(&keys.key);
         match self.map.get_mut(&uuid) {
             Some(e) => {
+                // A journaled raise of the ahead bound, replayed after the snapshot's state.
+                e.replay.refuse_until(floor);
                 e.keys = keys;
                 e.mac = mac;
             }
@@ -193,9 +200,12 @@ impl Keyring {
             .map_err(|_| SignedDrop::Replayed)?;
         e.last_key_id = f.seal.key_id;
         e.keys.prune(now);
+        let ahead = f.seal.ts.saturating_sub(now_s);
+        let ahead_was = (ahead > e.keys.ahead).then(|| std::mem::replace(&mut e.keys.ahead, ahead));
         Ok(Verified {
             packet: f.packet,
             key_id: f.seal.key_id,
+            ahead_was,
         })
     }
 
@@ -351,6 +361,37 @@ mod tests {
             .get(&UUID)
             .and_then(|k| k.key_for(id, Time::from_secs(2000)).cloned()))
         .is_ok());
+    }
+
+    #[test]
+    fn a_restart_refuses_stamps_up_to_the_restart_second_plus_the_ahead_bound() {
+        let mut r = ring();
+        // A device 20 s ahead; its bound is raised once, by the first packet that shows it.
+        let v = r.verify(Time::from_secs(1000), &hb(1, &key(1), 1020, 1));
+        assert_eq!(v.map(|v| v.ahead_was), Ok(Some(0)));
+        let captured = hb(1, &key(1), 1024, 2);
+        let v = r.verify(Time::from_secs(1004), &captured);
+        assert_eq!(v.map(|v| v.ahead_was), Ok(None));
+        let persisted = r.get(&UUID).cloned().unwrap();
+        assert_eq!(persisted.ahead, 20);
+        // Restored after a restart at 1005: the copy stamped 1024 is refused, the device's
+        // next packet (1026, a second later) is not.
+        let mut again = Keyring::new(Duration::from_secs(60), 1);
+        again.restarted(Time::from_secs(1005));
+        again.set(UUID, persisted.clone());
+        let t = Time::from_secs(1006);
+        assert_eq!(again.verify(t, &captured), Err(SignedDrop::Replayed));
+        assert_eq!(
+            again.verify(t, &hb(1, &key(1), 1025, 3)),
+            Err(SignedDrop::Replayed)
+        );
+        assert!(again.verify(t, &hb(1, &key(1), 1026, 3)).is_ok());
+        // The same when the raise comes from the journal after a snapshot's older state.
+        let mut replayed = Keyring::new(Duration::from_secs(60), 2);
+        replayed.restarted(Time::from_secs(1005));
+        replayed.set(UUID, KeyState::new(1, key(1)));
+        replayed.set(UUID, persisted);
+        assert_eq!(replayed.verify(t, &captured), Err(SignedDrop::Replayed));
     }
 
     #[test]

@@ -73,6 +73,12 @@ pub struct KeyState {
     /// The key before the last rotation, during its grace period (out of line: rare, and
     /// every signed-only uuid would otherwise carry its 48 bytes).
     pub previous: Option<Box<PreviousKey>>,
+    /// The ahead bound (PROTOCOL.md 9.3): no packet of this uuid was ever accepted stamped
+    /// more than this many seconds after the server's clock. Raised (and journaled, before
+    /// the packet that raised it is answered) when a device's clock is found further ahead;
+    /// a restart at second R refuses every stamp up to R + `ahead`, which closes the replay
+    /// of packets a fast clock stamped after the restart second. 0 for a device never ahead.
+    pub ahead: u32,
 }
 
 /// A key update the node refused.
@@ -103,6 +109,7 @@ impl KeyState {
             id,
             key,
             previous: None,
+            ahead: 0,
         }
     }
 

@@ -45,6 +45,11 @@ impl ReplayWindow {
         }
     }
 
+    /// From now on also refuses every pair stamped at or before `ts` (never lowers the floor).
+    pub fn refuse_until(&mut self, ts: u32) {
+        self.floor = self.floor.max((ts, u32::MAX));
+    }
+
     /// Accepts `(ts, nonce)` once. `now_s - window_s` is the oldest `ts` the caller still
     /// accepts; older entries are pruned.
     pub fn check(
