@@ -59,7 +59,7 @@ impl Node {
         let Some(before) = self.keys.get(uuid).cloned() else {
             return false;
         };
-        self.keys.remove(uuid);
+        self.keys.remove(uuid, self.now);
         self.key_undo.push((*uuid, Some(before)));
         self.stats.keys -= 1;
         self.changes.push_back(Change::Unkeyed { uuid: *uuid });
@@ -104,7 +104,7 @@ impl Node {
                     }
                 }
                 None => {
-                    if self.keys.remove(&uuid) {
+                    if self.keys.remove(&uuid, self.now) {
                         self.stats.keys -= 1;
                     }
                 }
@@ -131,7 +131,7 @@ impl Node {
                 }
                 self.keys.set(*uuid, keys.clone());
             }
-            Change::Unkeyed { uuid } if self.keys.remove(uuid) => self.stats.keys -= 1,
+            Change::Unkeyed { uuid } if self.keys.remove(uuid, self.now) => self.stats.keys -= 1,
             _ => {}
         }
     }

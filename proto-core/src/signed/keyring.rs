@@ -38,6 +38,10 @@ pub struct Keyring {
     next_nonce: u32,
     /// Replay windows made after a restart refuse stamps up to this second.
     restart_floor: u32,
+    /// Uuids whose key was removed less than a window ago, with the second up to which a new
+    /// key for them refuses stamps: provisioned again with the same key bytes, packets
+    /// captured before the removal would verify again. Empty but for recent removals.
+    gone: HashMap<Uuid, u32, FixedState>,
 }
 
 /// A packet that passed every check.
@@ -60,6 +64,7 @@ impl Keyring {
             window_s: secs32(window),
             next_nonce: (seed >> 32) as u32 ^ seed as u32,
             restart_floor: 0,
+            gone: HashMap::with_hasher(FixedState::with_seed(seed ^ 0x90e)),
         }
     }
 
@@ -93,6 +98,7 @@ impl Keyring {
     /// Approximate heap bytes, for the memory figures.
     pub fn heap_bytes(&self) -> usize {
         self.map.capacity() * (std::mem::size_of::<(Uuid, Entry)>() + 1)
+            + self.gone.capacity() * (std::mem::size_of::<(Uuid, u32)>() + 1)
     }
 
     /// The node (re)started at `now`: the windows of every key it holds, and of keys installed
@@ -139,7 +145,10 @@ impl Keyring {
     /// second plus the ahead bound (PROTOCOL.md 9.3).
     pub fn set(&mut self, uuid: Uuid, keys: KeyState) {
         let floor = self.restart_floor.saturating_add(keys.ahead);
-        let replay = ReplayWindow::refusing_until(floor);
+        let replay = ReplayWindow::refusing_until(match self.gone.remove(&uuid) {
+            Some(until) => floor.max(until),
+            None => floor,
+        });
         let mac = KeyedMac::new(&keys.key);
         match self.map.get_mut(&uuid) {
             Some(e) => {
@@ -163,9 +172,20 @@ impl Keyring {
         }
     }
 
-    /// Makes the uuid v1 again.
-    pub fn remove(&mut self, uuid: &Uuid) -> bool {
-        self.map.remove(uuid).is_some()
+    /// Makes the uuid v1 again, at `now`. Should it get a key again within the window, that
+    /// key refuses every stamp up to `now` plus the ahead bound: with the same key bytes, a
+    /// packet accepted before the removal would otherwise be accepted a second time.
+    pub fn remove(&mut self, uuid: &Uuid, now: Time) -> bool {
+        let Some(e) = self.map.remove(uuid) else {
+            return false;
+        };
+        let now_s = now.secs32().max(self.restart_floor);
+        let w = self.window_s;
+        // Stamps at or below a floor more than a window old are expired anyway.
+        self.gone
+            .retain(|_, until| until.saturating_add(w) >= now_s);
+        self.gone.insert(*uuid, now_s.saturating_add(e.keys.ahead));
+        true
     }
 
     /// Checks a signed device packet: shape, key id, tag, time, then replay. Only a packet
@@ -314,7 +334,7 @@ mod tests {
         let mut short = hb(1, &key(1), 1000, 8);
         short.pop();
         assert_eq!(r.verify(now, &short), Err(SignedDrop::Length));
-        r.remove(&UUID);
+        r.remove(&UUID, now);
         assert_eq!(
             r.verify(now, &hb(1, &key(1), 1000, 9)),
             Err(SignedDrop::UnknownKey)
@@ -392,6 +412,33 @@ mod tests {
         replayed.set(UUID, KeyState::new(1, key(1)));
         replayed.set(UUID, persisted);
         assert_eq!(replayed.verify(t, &captured), Err(SignedDrop::Replayed));
+    }
+
+    #[test]
+    fn the_same_key_provisioned_again_refuses_what_it_accepted_before() {
+        let mut r = ring();
+        let t = Time::from_secs(1000);
+        let before = hb(1, &key(1), 1010, 1);
+        assert!(r.verify(t, &before).is_ok());
+        assert!(r.remove(&UUID, Time::from_secs(1002)));
+        assert_eq!(
+            r.update(UUID, 1, key(1), Time::ZERO),
+            Ok(KeyUpdate::Provisioned)
+        );
+        let t = Time::from_secs(1003);
+        assert_eq!(r.verify(t, &before), Err(SignedDrop::Replayed));
+        // Up to the removal second plus the ahead bound (10 s), then the device again.
+        assert_eq!(
+            r.verify(t, &hb(1, &key(1), 1012, 2)),
+            Err(SignedDrop::Replayed)
+        );
+        assert!(r.verify(t, &hb(1, &key(1), 1013, 3)).is_ok());
+        // Long after a removal nothing is remembered of it.
+        assert!(r.remove(&UUID, Time::from_secs(1003)));
+        assert!(!r.remove(&Uuid([6; 16]), Time::from_secs(2000)));
+        r.update(Uuid([7; 16]), 1, key(1), Time::ZERO).unwrap();
+        assert!(r.remove(&Uuid([7; 16]), Time::from_secs(2000)));
+        assert_eq!(r.gone.len(), 1, "the old removal was pruned");
     }
 
     #[test]
