@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! ddpush-bench signed --server PATH/ddpushd [--clients N] [--rounds K] [--secs T]
-//!                     [--window W] [--sockets S] [--work-dir DIR]
+//!                     [--window W] [--rate R] [--sockets S] [--work-dir DIR]
 //! ```
+//!
+//! `--rate R` offers R heartbeats/s (open loop) instead of keeping W in flight per socket: on
+//! a machine shared with other work, the server CPU per heartbeat at a rate both fleets reach
+//! is a steadier cost figure than closed-loop heartbeats/s, which follow the neighbours' load.
 //!
 //! One server holds both fleets: devices `0..N` speak v1, devices `N..2N` have a key each
 //! (`PUT /clients/{uuid}/key`). Rounds alternate unsigned and signed runs, so a neighbour's
@@ -152,6 +156,12 @@ pub fn run(a: &Args) -> Result<Value, String> {
     let rounds: usize = a.get("rounds", 5)?;
     let secs: f64 = a.get("secs", 3.0)?;
     let window: usize = a.get("window", 256)?;
+    let rate: f64 = a.get("rate", 0.0)?;
+    let pace = if rate > 0.0 {
+        Pace::Rate(rate)
+    } else {
+        Pace::Window(window)
+    };
     let work: PathBuf = a.get(
         "work-dir",
         std::env::temp_dir().join(format!("ddpush-bench-signed-{}", std::process::id())),
@@ -209,7 +219,7 @@ pub fn run(a: &Args) -> Result<Value, String> {
                     range: if signed { (n, 2 * n) } else { (0, n) },
                     once: false,
                     duration: Duration::from_secs_f64(secs),
-                    pace: Pace::Window(window),
+                    pace,
                     signer: signed.then_some(&signer),
                 },
                 &mut || {},
@@ -241,6 +251,7 @@ pub fn run(a: &Args) -> Result<Value, String> {
         "rounds": rounds,
         "secs": secs,
         "window": window,
+        "rate": rate,
         "register_v1": reg_v1.json(),
         "provision_s": prov_s,
         "register_signed": reg_signed.json(),
