@@ -102,18 +102,23 @@ fn messages(events: &[DeviceEvent]) -> Vec<DownMsg> {
         .collect()
 }
 
-fn signed_device_end_to_end(t: Transport) {
-    let dir = tempfile::tempdir().unwrap();
-    let srv = start(dir.path());
-    let u = Uuid::from_user(&format!("alice-{t:?}"));
+/// Gives `u` key 3 (`KEY_HEX`) over the admin API.
+fn provision(srv: &Server, u: Uuid) {
     let (status, body) = http(
-        admin(&srv),
+        admin(srv),
         "PUT",
         &format!("/clients/{u}/key"),
         Some(TOKEN),
         &format!(r#"{{"key_id": 3, "key": "{KEY_HEX}"}}"#),
     );
     assert_eq!(status, 200, "{body}");
+}
+
+fn signed_device_end_to_end(t: Transport) {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path());
+    let u = Uuid::from_user(&format!("alice-{t:?}"));
+    provision(&srv, u);
 
     // The signed device: its first heartbeat verifies, an immediate push arrives sealed, and
     // its signed ack clears the payload.
@@ -220,14 +225,7 @@ fn a_replay_after_kill_9_of_a_packet_stamped_by_a_fast_clock_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path());
     let u = Uuid::from_user("alice-fast-clock");
-    let (status, body) = http(
-        admin(&srv),
-        "PUT",
-        &format!("/clients/{u}/key"),
-        Some(TOKEN),
-        &format!(r#"{{"key_id": 3, "key": "{KEY_HEX}"}}"#),
-    );
-    assert_eq!(status, 200, "{body}");
+    provision(&srv, u);
     let key = DeviceKey::from_hex(KEY_HEX).unwrap();
     let mut nonce = 0u32;
     let mut heartbeat = || {

@@ -133,36 +133,49 @@ fn record_size() -> usize {
     black_box(RECORD_SIZE)
 }
 
+/// A node whose 100,000 clients all have key 1 (`[7; 32]`), and device `i`'s signed heartbeat
+/// with `nonce`, stamped with the node's clock.
+fn keyed_node() -> (Node, Time) {
+    let mut n = node(ReplyPolicy::Always);
+    let now = Time::from_secs(1_000_001);
+    for i in 0..CLIENTS {
+        let _ = n.set_key(now, uuid(i), 1, bench_key(), std::time::Duration::ZERO);
+    }
+    drain(&mut n);
+    (n, now)
+}
+
+fn bench_key() -> ddpush_proto::signed::DeviceKey {
+    ddpush_proto::signed::DeviceKey::new([7; 32])
+}
+
+fn signed_hb(i: u64, nonce: u32, now: Time, key: &impl ddpush_proto::signed::MacKey) -> Vec<u8> {
+    let p = DevicePacket {
+        app_id: 1,
+        uuid: uuid(i),
+        msg: DeviceMsg::Heartbeat,
+    };
+    let seal = ddpush_proto::signed::Seal {
+        key_id: 1,
+        ts: now.secs32(),
+        nonce,
+    };
+    ddpush_proto::signed::device_to_vec(&p, seal, key)
+}
+
 /// Signed devices (PROTOCOL.md 9): every client keyed, nothing pending, policy `always`, so
 /// the sealed reply is computed too. The device-side signing is inside the loop (each packet
 /// needs a fresh nonce); `sign_heartbeat` measures it alone, to subtract.
 #[divan::bench]
 fn heartbeat_signed_nothing_pending(b: Bencher) {
-    use ddpush_proto::signed::{device_to_vec, DeviceKey, Seal};
-    let mut n = node(ReplyPolicy::Always);
-    let now = Time::from_secs(1_000_001);
-    let key = DeviceKey::new([7; 32]);
-    for i in 0..CLIENTS {
-        let _ = n.set_key(now, uuid(i), 1, key.clone(), std::time::Duration::ZERO);
-    }
-    drain(&mut n);
+    let (mut n, now) = keyed_node();
+    let key = bench_key();
     let mut i = 0u64;
     let mut nonce = 0u32;
     b.bench_local(|| {
         i = (i + 97) % CLIENTS;
         nonce = nonce.wrapping_add(1);
-        let p = DevicePacket {
-            app_id: 1,
-            uuid: uuid(i),
-            msg: DeviceMsg::Heartbeat,
-        };
-        let seal = Seal {
-            key_id: 1,
-            ts: now.secs32(),
-            nonce,
-        };
-        let pkt = device_to_vec(&p, seal, &key);
-        n.handle_udp(now, addr(i), &pkt);
+        n.handle_udp(now, addr(i), &signed_hb(i, nonce, now, &key));
         while let Some(t) = n.poll_transmit() {
             black_box(t);
         }
@@ -174,31 +187,14 @@ fn heartbeat_signed_nothing_pending(b: Bencher) {
 /// signed heartbeat and its sealed reply, to compare with `heartbeat_nothing_pending`.
 #[divan::bench]
 fn heartbeat_signed_server_only(b: Bencher) {
-    use ddpush_proto::signed::{device_to_vec, DeviceKey, KeyedMac, Seal};
-    let mut n = node(ReplyPolicy::Always);
-    let now = Time::from_secs(1_000_001);
-    let key = DeviceKey::new([7; 32]);
-    for i in 0..CLIENTS {
-        let _ = n.set_key(now, uuid(i), 1, key.clone(), std::time::Duration::ZERO);
-    }
-    drain(&mut n);
-    let keyed = KeyedMac::new(&key);
+    let (mut n, now) = keyed_node();
+    let keyed = ddpush_proto::signed::KeyedMac::new(&bench_key());
     let mut i = 0u64;
     let mut nonce = 0u32;
     b.with_inputs(|| {
         i = (i + 97) % CLIENTS;
         nonce = nonce.wrapping_add(1);
-        let p = DevicePacket {
-            app_id: 1,
-            uuid: uuid(i),
-            msg: DeviceMsg::Heartbeat,
-        };
-        let seal = Seal {
-            key_id: 1,
-            ts: now.secs32(),
-            nonce,
-        };
-        (addr(i), device_to_vec(&p, seal, &keyed))
+        (addr(i), signed_hb(i, nonce, now, &keyed))
     })
     .bench_local_values(|(a, pkt)| {
         n.handle_udp(now, a, &pkt);
