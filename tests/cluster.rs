@@ -229,6 +229,109 @@ fn drains_page_through_every_mark_once() {
     });
 }
 
+/// A large dirty backlog is drained at the core's limit per drain, and a drain reads no more
+/// records from Redis than it returns (asking each of the 256 buckets for the limit read up
+/// to 256 times that, and the loop's thread parsed all of it), with every bucket served in
+/// turn, every mark exactly once.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn a_large_backlog_is_drained_with_bounded_reads_per_drain() {
+    let seeds = seeds();
+    smol::block_on(async {
+        let store = RedisStore::connect(&seeds, store_config(0))
+            .await
+            .expect("connect");
+        let run = run_id();
+        let owner = NodeId(format!("{run}-owner"));
+        let uuids: Vec<Uuid> = (0..3000).map(|_| random_uuid()).collect();
+        for chunk in uuids.chunks(250) {
+            let ops = chunk.iter().flat_map(|u| {
+                [
+                    StoreOp::Bind {
+                        uuid: *u,
+                        node: owner.clone(),
+                        at: Time(1),
+                    },
+                    StoreOp::Push {
+                        uuid: *u,
+                        msg: PushMsg::Notify,
+                        at: Time(2),
+                    },
+                ]
+            });
+            // Bind before push for each uuid: run the binds, then the pushes.
+            let (binds, pushes): (Vec<_>, Vec<_>) =
+                ops.partition(|op| matches!(op, StoreOp::Bind { .. }));
+            for batch in [binds, pushes] {
+                for r in
+                    futures_util::future::join_all(batch.iter().map(|op| store.execute(op))).await
+                {
+                    r.result.expect("bind and push");
+                }
+            }
+        }
+        let want: std::collections::BTreeSet<Uuid> = uuids.iter().copied().collect();
+        let limit = 64;
+        let mut seen = std::collections::BTreeSet::new();
+        let mut done = Vec::new();
+        let mut buckets_first_rounds = std::collections::BTreeSet::new();
+        for round in 0.. {
+            assert!(round < 200, "the backlog never emptied");
+            let read = store.drain_records_read();
+            let op = StoreOp::Drain {
+                node: owner.clone(),
+                done: std::mem::take(&mut done),
+                limit,
+            };
+            let Ok(StoreReply::Drained { marks, more }) = store.execute(&op).await.result else {
+                panic!("round {round}: drain failed");
+            };
+            let got = store.drain_records_read() - read;
+            assert_eq!(got, marks.len() as u64, "round {round}: records read");
+            assert!(marks.len() <= limit, "round {round}: {}", marks.len());
+            if seen.len() + limit <= want.len() {
+                assert_eq!(
+                    marks.len(),
+                    limit,
+                    "round {round}: a full page while marks remain"
+                );
+                assert!(more, "round {round}");
+            }
+            for m in &marks {
+                assert!(seen.insert(m.uuid), "round {round}: {:?} twice", m.uuid);
+                if round < 4 {
+                    buckets_first_rounds.insert(bucket(&m.uuid));
+                }
+                done.push((m.uuid, m.ver));
+            }
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen, want);
+        // Four rounds of 64, each starting after the bucket the last one ended at: the
+        // buckets are swept in turn (3,000 uuids leave hardly any of the 256 empty).
+        assert!(
+            buckets_first_rounds.len() >= 200,
+            "{} buckets served in the first 4 rounds",
+            buckets_first_rounds.len()
+        );
+        // The last marks reported done are removed: nothing is left.
+        let op = StoreOp::Drain {
+            node: owner.clone(),
+            done,
+            limit,
+        };
+        assert_eq!(
+            store.execute(&op).await.result,
+            Ok(StoreReply::Drained {
+                marks: vec![],
+                more: false
+            })
+        );
+    });
+}
+
 fn golden_immediate() -> Vec<String> {
     server::golden()["server_to_device_immediate"]
         .as_array()

@@ -459,6 +459,10 @@ impl Loop {
                     .open(&mut self.node, now, conn, port, peer, stream);
             }
             Msg::Admin(req) => {
+                self.stats.drain_records_read = self
+                    .store
+                    .as_ref()
+                    .map_or(0, RedisStore::drain_records_read);
                 let resp = status::handle(&req, &self.node, &self.stats);
                 let _ = req.reply.try_send(resp);
             }

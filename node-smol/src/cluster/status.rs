@@ -44,6 +44,9 @@ pub struct AdapterStats {
     pub inflight_limit: usize,
     /// Operations still queued when their time-out passed, so never sent.
     pub expired_unsent: u64,
+    /// Records drains read from Redis (at most their limit each: all of them reach the
+    /// core, so this follows `dirty_drained`).
+    pub drain_records_read: u64,
     /// The socket layer's counters (the same as a single node's).
     pub sockets: Arc<SocketStats>,
 }
@@ -135,6 +138,7 @@ fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
             "inflight": node.inflight(),
             "inflight_limit": a.inflight_limit,
             "expired_unsent": a.expired_unsent,
+            "drain_records_read": a.drain_records_read,
             "wait_short": a.wait_short,
             "latency_ms": { "p50": a.quantile_ms(0.5), "p99": a.quantile_ms(0.99) },
         },
@@ -208,6 +212,12 @@ fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
         "counter",
         "Store operations that timed out.",
         s.store_timeouts,
+    );
+    one(
+        "drain_records_read",
+        "counter",
+        "Records read from Redis by drains.",
+        a.drain_records_read,
     );
     one(
         "wait_short",

@@ -14,7 +14,9 @@
 //! - `ddp:{bb}:d:<node id>`: the node's dirty marks in bucket `bb` (a sorted set: member uuid,
 //!   score the record version that set the mark).
 //!
-//! A drain asks every bucket of its node (one script per bucket, all in flight at once).
+//! A drain asks every bucket of its node how many marks it holds (one script per bucket, all
+//! in flight at once), then fetches at most its limit of them from those that have any
+//! ([`super::drain`]).
 //!
 //! # Durability and group commit
 //! Pushes go through one *lane* per Redis master (the masters of the buckets' slots, read
@@ -35,9 +37,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddpush_proto::cluster::{Mark, NodeId, StoreError, StoreOp, StoreReply, StoreResult};
+use ddpush_proto::cluster::{NodeId, StoreError, StoreOp, StoreReply, StoreResult};
 use ddpush_proto::driver::WaitPolicy;
-use ddpush_proto::{Kind, PushMsg, Uuid};
+use ddpush_proto::{Kind, PushMsg};
 use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 
@@ -45,10 +47,11 @@ use redis::{Script, Value};
 /// grow to 256 masters; a drain costs one script per bucket.
 pub const BUCKETS: usize = 256;
 
+use super::drain::{self, DrainState};
 pub use super::keys::{bucket, record_key, slot};
 use super::keys::{dirty_prefix, node_key};
 use super::lanes::{masters, Job, Lanes};
-use super::reply::{array, number, record, single, text, OpError, RECORD_LEN};
+use super::reply::{array, record, single, text, OpError};
 
 const PROLOGUE: &str = include_str!("lua/record.lua");
 
@@ -158,6 +161,7 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     cfg: StoreConfig,
     lanes: Arc<Lanes>,
+    drains: Arc<DrainState>,
 }
 
 /// The outcome of one operation, with what the adapter's metrics want to know.
@@ -246,7 +250,14 @@ impl RedisStore {
             scripts,
             cfg,
             lanes,
+            drains: Arc::default(),
         })
+    }
+
+    /// Records that drains have read from Redis so far (each is handed to the core: a drain
+    /// reads no more than its limit).
+    pub fn drain_records_read(&self) -> u64 {
+        self.drains.records_read()
     }
 
     /// Records where this node's peer link listens (`ddp:n:<node id>`), for the others to
@@ -387,65 +398,18 @@ impl RedisStore {
                 let v: Value = inv.invoke_async(&mut self.conn.clone()).await?;
                 Ok(StoreReply::Bound(single(&v, "bound")?))
             }
-            StoreOp::Drain { node, done, limit } => self.drain(node, done, *limit).await,
-        }
-    }
-
-    /// One drain: every bucket's script at once, then the first `limit` marks by uuid.
-    async fn drain(
-        &self,
-        node: &NodeId,
-        done: &[(Uuid, u64)],
-        limit: usize,
-    ) -> Result<StoreReply, OpError> {
-        let mut per_bucket: Vec<Vec<(Uuid, u64)>> = vec![Vec::new(); BUCKETS];
-        for (u, v) in done {
-            per_bucket[bucket(u)].push((*u, *v));
-        }
-        let calls = per_bucket.into_iter().enumerate().map(|(b, done)| {
-            let mut conn = self.conn.clone();
-            let script = &self.scripts.drain;
-            async move {
-                let mut inv = script.prepare_invoke();
-                inv.key(format!("ddp:{{{b:02x}}}:d:{}", node.0))
-                    .arg(format!("ddp:{{{b:02x}}}:r:"))
-                    .arg(limit);
-                for (u, v) in &done {
-                    inv.arg(u.to_hex()).arg(*v);
-                }
-                let v: Value = inv.invoke_async(&mut conn).await?;
-                Ok::<_, OpError>(v)
-            }
-        });
-        let replies = futures_util::future::join_all(calls).await;
-        let mut marks = Vec::new();
-        let mut remaining = 0usize;
-        for r in replies {
-            let v = r?;
-            let items = array(&v)?;
-            if text(items.first())? != "drained" {
-                return Err(OpError::Reply(
-                    "drain script answered something else".into(),
-                ));
-            }
-            remaining += number(items.get(1))? as usize;
-            for m in items[2..].chunks(2 + RECORD_LEN) {
-                if m.len() != 2 + RECORD_LEN {
-                    return Err(OpError::Reply("short mark in drain reply".into()));
-                }
-                let uuid = Uuid::from_hex(text(m.first())?)
-                    .ok_or_else(|| OpError::Reply("bad uuid in a dirty set".into()))?;
-                marks.push(Mark {
-                    uuid,
-                    ver: number(m.get(1))?,
-                    record: record(&m[2..])?,
-                });
+            StoreOp::Drain { node, done, limit } => {
+                drain::drain(
+                    &self.conn,
+                    &self.scripts.drain,
+                    &self.drains,
+                    node,
+                    done,
+                    *limit,
+                )
+                .await
             }
         }
-        marks.sort_by_key(|m| m.uuid);
-        marks.truncate(limit);
-        let more = remaining > marks.len();
-        Ok(StoreReply::Drained { marks, more })
     }
 }
 
