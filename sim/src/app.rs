@@ -157,7 +157,7 @@ pub async fn run(
         if !ok {
             session.handle_closed(Time(now_ms()));
             closed += record(&sh, &plan, &sent, &mut session, now_ms());
-            sh.app.borrow_mut().reconnects += 1;
+            sh.app.borrow_mut().reconnects.push(now_ms());
         }
     }
     sh.app.borrow_mut().unanswered = session.unanswered() + closed + (plan.len() - sent.len());

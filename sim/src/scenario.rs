@@ -881,7 +881,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
     report.trace_items = tr.items;
     let st = sh.store.borrow();
     report.snapshots = (st.snapshots, st.torn);
-    report.app_reconnects = sh.app.borrow().reconnects;
+    report.app_reconnects = sh.app.borrow().reconnects.len() as u32;
     report.net = *sh.net.borrow();
     report.device_refused = sh.devices.iter().map(|d| d.borrow().refused).sum();
     if p.signed {
@@ -1129,9 +1129,10 @@ fn check(
             )),
         }
         // Re-sends of an acked payload: without loss, at most one (the ack rule sends a payload
-        // once more when an older one may overtake it, or the app server pushed the same
-        // request again after a reconnect) and one per restart while it was pending (an ack
-        // lost to the downtime, or in flight across the restart, which clears nothing).
+        // once more when an older one may overtake it), one per restart while it was pending
+        // (an ack lost to the downtime, or in flight across the restart, which clears nothing),
+        // and one per app-server reconnect while a push of those bytes waited for its reply
+        // (the app sends the request again: a new push for the server, which has no ids).
         let tcp = i >= p.udp_devices;
         let exact = tcp || roles[host_of[i]] == Role::Clean;
         for (k, &c) in seen.iter() {
@@ -1151,9 +1152,21 @@ fn check(
                 .iter()
                 .filter(|&&(_, up)| up + 12_000 >= first && up <= last)
                 .count();
-            if c - 1 > 1 + restarts {
+            let repushed = app
+                .answered
+                .iter()
+                .filter(|a| {
+                    a.device == i && matches!(&a.msg, PushMsg::Payload(x) if x.as_ref() == *k)
+                })
+                .map(|a| {
+                    (app.reconnects.iter())
+                        .filter(|&&t| t > a.sent_at && t < a.replied_at)
+                        .count()
+                })
+                .sum::<usize>();
+            if c - 1 > 1 + restarts + repushed {
                 errors.push(format!(
-                    "device {i}: payload {:?} re-sent {} times after its ack ({restarts} restarts), at {times:?}",
+                    "device {i}: payload {:?} re-sent {} times after its ack ({restarts} restarts, {repushed} app re-pushes), at {times:?}",
                     String::from_utf8_lossy(&k[..k.len().min(12)]),
                     c - 1
                 ));

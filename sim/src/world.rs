@@ -118,8 +118,9 @@ pub struct AppLog {
     pub unanswered: usize,
     /// Connections made.
     pub connects: u32,
-    /// Connections abandoned (timeout, reset) and remade.
-    pub reconnects: u32,
+    /// When connections were abandoned (timeout, reset) and remade (ms): each one re-sends
+    /// every request still unanswered, a new push of the same bytes as far as the server knows.
+    pub reconnects: Vec<u64>,
 }
 
 /// A node event with its time.
