@@ -113,7 +113,7 @@ pub struct Node {
     /// While a verified signed packet is handled: the key id it used, which seals the answers.
     answer_key: Option<u8>,
     /// Key states before this turn's key updates, to take them back if the turn's write fails.
-    key_undo: Vec<(Uuid, Option<crate::signed::KeyState>)>,
+    key_undo: Vec<signed::KeyUndo>,
 }
 
 /// What a removed record leaves for a re-creation within the ack window.

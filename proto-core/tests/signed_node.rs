@@ -480,6 +480,45 @@ fn a_key_change_whose_write_fails_is_taken_back() {
 }
 
 #[test]
+fn a_failed_removal_gives_back_the_replay_memory_as_it_was() {
+    // Found by fuzz target signed_ops (regressions/signed_ops/replayed-pair-accepted): the
+    // taken-back removal reinstated the key with a new replay window, which forgot the pairs
+    // accepted before it (before the removal floor of 5588123 it accepted them again; since,
+    // it refused the device's next pairs up to the removal second plus its ahead bound).
+    use ddpush_proto::{Commit, Driver};
+    let mut node = Node::new(Config::default()).unwrap();
+    let mut d = Driver::new();
+    let t = Time::from_secs(1000);
+    let device = addr(10, 4000);
+    node.set_key(t, alice(), 1, key(1), secs(60)).unwrap();
+    assert!(matches!(
+        d.commit(&mut node, |_| Ok::<(), ()>(())),
+        Commit::Written { .. }
+    ));
+    let mut dev = Signed::new(alice(), 1, key(1));
+    let first = dev.packet(t, DeviceMsg::Heartbeat);
+    node.handle_udp(t, device, &first);
+    assert_eq!(node.stats().signed_accepted, 1);
+    assert!(!matches!(
+        d.commit(&mut node, |_| Ok::<(), ()>(())),
+        Commit::Failed { .. }
+    ));
+    assert!(node.remove_key(t, &alice()));
+    assert!(matches!(
+        d.commit(&mut node, |_| Err::<(), _>("disk full")),
+        Commit::Failed { .. }
+    ));
+    // The captured packet is still a replay, and the device's next one (same second, next
+    // nonce) is still new: the window is the one from before the removal.
+    node.handle_udp(t, device, &first);
+    assert_eq!(node.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+    let next = dev.packet(t, DeviceMsg::Heartbeat);
+    node.handle_udp(t, device, &next);
+    assert_eq!(node.stats().signed_accepted, 2, "the device's next packet");
+    assert_eq!(node.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+}
+
+#[test]
 fn a_v1_address_in_the_snapshot_is_forgotten_when_the_journal_provisions_the_key() {
     // A v1 heartbeat (anyone's) recorded an address, a snapshot holds it, then the key is
     // provisioned (journal only). Live, provisioning forgot the address; a restart from that

@@ -6,11 +6,20 @@ use std::time::Duration;
 use crate::codec::{DeviceMsg, DevicePacket, DownMsg, DownPacket, Uuid};
 use crate::output::{Dest, Payload, Transmit};
 use crate::record::flag;
-use crate::signed::{DeviceKey, KeyError, KeyState, KeyUpdate, Unsigned, TRAILER_LEN};
+use crate::signed::{DeviceKey, KeyError, KeyState, KeyUpdate, Removed, Unsigned, TRAILER_LEN};
 use crate::state::Change;
 use crate::time::Time;
 
 use super::{Node, Via};
+
+/// What a key update of the current turn replaced, to take it back if the turn's write fails.
+pub(super) enum KeyUndo {
+    /// The uuid's key state before a provisioning, rotation or ahead-bound raise (`None`: it
+    /// had no key).
+    Keys(Uuid, Option<KeyState>),
+    /// A removal: the whole entry, so that its replay memory comes back as it was.
+    Removed(Removed),
+}
 
 /// The longest rotation grace period a key update may ask for.
 pub const MAX_KEY_GRACE: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -37,7 +46,7 @@ impl Node {
         if update == KeyUpdate::Unchanged {
             return Ok(update);
         }
-        self.key_undo.push((uuid, before));
+        self.key_undo.push(KeyUndo::Keys(uuid, before));
         if update == KeyUpdate::Provisioned {
             self.stats.keys += 1;
             if let Some(slot) = self.reg.find(&uuid) {
@@ -56,11 +65,10 @@ impl Node {
     /// Removes the key of `uuid`, which speaks v1 again. Journaled as [`Change::Unkeyed`].
     pub fn remove_key(&mut self, now: Time, uuid: &Uuid) -> bool {
         self.advance(now);
-        let Some(before) = self.keys.get(uuid).cloned() else {
+        let Some(removed) = self.keys.take(uuid, self.now) else {
             return false;
         };
-        self.keys.remove(uuid, self.now);
-        self.key_undo.push((*uuid, Some(before)));
+        self.key_undo.push(KeyUndo::Removed(removed));
         self.stats.keys -= 1;
         self.changes.push_back(Change::Unkeyed { uuid: *uuid });
         true
@@ -94,7 +102,16 @@ impl Node {
         if written {
             return;
         }
-        for (uuid, before) in undo.into_iter().rev() {
+        for u in undo.into_iter().rev() {
+            let (uuid, before) = match u {
+                KeyUndo::Keys(uuid, before) => (uuid, before),
+                KeyUndo::Removed(r) => {
+                    if self.keys.put_back(r) {
+                        self.stats.keys += 1;
+                    }
+                    continue;
+                }
+            };
             let had = self.keys.contains(&uuid);
             match before {
                 Some(k) => {
@@ -164,7 +181,7 @@ impl Node {
         };
         let keys = keys.clone();
         self.stats.ahead_raised += 1;
-        self.key_undo.push((
+        self.key_undo.push(KeyUndo::Keys(
             uuid,
             Some(KeyState {
                 ahead: was,

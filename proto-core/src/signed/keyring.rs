@@ -44,6 +44,14 @@ pub struct Keyring {
     gone: HashMap<Uuid, u32, FixedState>,
 }
 
+/// A uuid's whole entry as [`Keyring::take`] removed it: keys, replay memory, the key id it
+/// last used, and what the keyring remembered of an earlier removal.
+pub struct Removed {
+    uuid: Uuid,
+    entry: Entry,
+    gone_was: Option<u32>,
+}
+
 /// A packet that passed every check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -176,16 +184,37 @@ impl Keyring {
     /// key refuses every stamp up to `now` plus the ahead bound: with the same key bytes, a
     /// packet accepted before the removal would otherwise be accepted a second time.
     pub fn remove(&mut self, uuid: &Uuid, now: Time) -> bool {
-        let Some(e) = self.map.remove(uuid) else {
-            return false;
-        };
+        self.take(uuid, now).is_some()
+    }
+
+    /// [`Keyring::remove`], keeping what was removed so that [`Keyring::put_back`] can give it
+    /// back exactly when the removal's write fails.
+    pub fn take(&mut self, uuid: &Uuid, now: Time) -> Option<Removed> {
+        let entry = self.map.remove(uuid)?;
         let now_s = now.secs32().max(self.restart_floor);
         let w = self.window_s;
         // Stamps at or below a floor more than a window old are expired anyway.
         self.gone
             .retain(|_, until| until.saturating_add(w) >= now_s);
-        self.gone.insert(*uuid, now_s.saturating_add(e.keys.ahead));
-        true
+        let gone_was = self
+            .gone
+            .insert(*uuid, now_s.saturating_add(entry.keys.ahead));
+        Some(Removed {
+            uuid: *uuid,
+            entry,
+            gone_was,
+        })
+    }
+
+    /// Undoes a [`Keyring::take`]: the keys come back with the replay memory they had, not a
+    /// new window ([`Keyring::set`] would forget the pairs accepted before the removal, or
+    /// refuse the device's next ones). False if the uuid had a key again (it is replaced).
+    pub fn put_back(&mut self, r: Removed) -> bool {
+        match r.gone_was {
+            Some(until) => self.gone.insert(r.uuid, until),
+            None => self.gone.remove(&r.uuid),
+        };
+        self.map.insert(r.uuid, r.entry).is_none()
     }
 
     /// Checks a signed device packet: shape, key id, tag, time, then replay. Only a packet

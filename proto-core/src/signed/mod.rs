@@ -25,7 +25,7 @@ pub use codec::{
     device_len, device_to_vec, encode_device, HmacSha256, KeyedMac, MacKey, Seal, SealedDown,
     SignedFrame, TAG_LEN, TRAILER_LEN, VERSION,
 };
-pub use keyring::{Keyring, Verified};
+pub use keyring::{Keyring, Removed, Verified};
 pub use keys::{DeviceKey, KeyError, KeyState, KeyUpdate, PreviousKey};
 pub use replay::ReplayWindow;
 
