@@ -240,7 +240,8 @@ struct World {
     keys: BTreeMap<u8, MKeys>,
     /// `(who, ts, nonce)` accepted since the uuid's key was provisioned, in this life.
     accepted: HashSet<(u8, u32, u32)>,
-    /// Pairs stamped at or before this second are refused after a restart that restored keys.
+    /// Pairs stamped at or before this second are refused after a restart that restored keys,
+    /// until the next restart.
     floor: u32,
     /// Where each signed-only uuid's device proved itself (accepted signed heartbeats).
     allowed: BTreeMap<u8, HashSet<Dest>>,
@@ -729,11 +730,13 @@ impl World {
                 self.conns.clear();
                 // Pairs accepted before the restart are unknown to the new node: it refuses
                 // every pair stamped at or before the restart second (PROTOCOL.md 9.3), and
-                // nothing more can be promised about the others.
+                // nothing more can be promised about the others. That floor belongs to the keys
+                // this restart restored (and those provisioned after it in the same life): a
+                // restart that restores none has no key a pre-restart pair could verify under
+                // (check 6), so a key provisioned after it owes no floor, whatever an earlier
+                // life's restart said.
                 self.accepted.clear();
-                if restored_keys {
-                    self.floor = self.floor.max(self.now_s());
-                }
+                self.floor = if restored_keys { self.now_s() } else { 0 };
                 for a in self.allowed.values_mut() {
                     a.retain(|d| matches!(d, Dest::Udp(_)));
                 }
