@@ -175,6 +175,22 @@ fn scripts_match_the_reference_store_on_random_operations() {
     });
 }
 
+/// The two operations that leave a dirty mark for `owner`: bind `u` to it, then push a 0x10.
+fn dirty_mark_ops(u: Uuid, owner: &NodeId) -> [StoreOp; 2] {
+    [
+        StoreOp::Bind {
+            uuid: u,
+            node: owner.clone(),
+            at: Time(1),
+        },
+        StoreOp::Push {
+            uuid: u,
+            msg: PushMsg::Notify,
+            at: Time(2),
+        },
+    ]
+}
+
 /// A drain with a small limit returns at most that many marks, says more remain, and
 /// returns every mark exactly once over successive drains that report them done.
 #[test]
@@ -190,18 +206,9 @@ fn drains_page_through_every_mark_once() {
         let mut want = std::collections::BTreeSet::new();
         for _ in 0..40 {
             let u = random_uuid();
-            let bind = StoreOp::Bind {
-                uuid: u,
-                node: owner.clone(),
-                at: Time(1),
-            };
-            store.execute(&bind).await.result.expect("bind");
-            let push = StoreOp::Push {
-                uuid: u,
-                msg: PushMsg::Notify,
-                at: Time(2),
-            };
-            store.execute(&push).await.result.expect("push");
+            for op in dirty_mark_ops(u, &owner) {
+                store.execute(&op).await.result.expect("bind, then push");
+            }
             want.insert(u);
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -245,20 +252,7 @@ fn a_large_backlog_is_drained_with_bounded_reads_per_drain() {
         let owner = NodeId(format!("{run}-owner"));
         let uuids: Vec<Uuid> = (0..3000).map(|_| random_uuid()).collect();
         for chunk in uuids.chunks(250) {
-            let ops = chunk.iter().flat_map(|u| {
-                [
-                    StoreOp::Bind {
-                        uuid: *u,
-                        node: owner.clone(),
-                        at: Time(1),
-                    },
-                    StoreOp::Push {
-                        uuid: *u,
-                        msg: PushMsg::Notify,
-                        at: Time(2),
-                    },
-                ]
-            });
+            let ops = chunk.iter().flat_map(|u| dirty_mark_ops(*u, &owner));
             // Bind before push for each uuid: run the binds, then the pushes.
             let (binds, pushes): (Vec<_>, Vec<_>) =
                 ops.partition(|op| matches!(op, StoreOp::Bind { .. }));

@@ -235,8 +235,8 @@ struct Loop {
     next_second: Instant,
 }
 
-/// The inputs the socket layer needs from a node; the cluster core accepts every connection
-/// (it applies no connection limits of its own yet).
+/// The inputs the socket layer needs from a node; the cluster core applies the single node's
+/// connection bounds in `handle_tcp_open` (the shared `limits::Guard`).
 impl SocketCore for ClusterNode {
     fn handle_udp(&mut self, now: Time, from: SocketAddr, data: &[u8]) {
         ClusterNode::handle_udp(self, now, from, data);
