@@ -1480,3 +1480,348 @@ fn import_ddpush_loads_an_upstream_file_into_the_cluster() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nodeStatus.dat"));
 }
+
+// ------------------------------------------------------------------------------------------
+// The admin API in cluster mode
+// ------------------------------------------------------------------------------------------
+
+/// One raw HTTP/1.1 request on the admin port: (status, body).
+fn raw_http(addr: SocketAddr, req: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    let code = r
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = r.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    (code, body)
+}
+
+/// `base_args(id)` with `flag` set to `value` instead of its default there.
+fn args_with(id: &str, flag: &str, value: &str) -> Vec<String> {
+    let mut args = base_args(id);
+    let i = args
+        .iter()
+        .position(|x| x == flag)
+        .expect("flag in base_args");
+    args[i + 1] = value.to_string();
+    args
+}
+
+/// A node whose devices stay online for 21 s without a heartbeat (the base flags say 2 s), so
+/// that a test can take its time between a bind and the deliveries it checks.
+fn start_patient(id: &str, extra: &[&str]) -> Node {
+    let mut args = args_with(id, "--heartbeat-interval", "20s");
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Node::start_args(id, args).unwrap_or_else(|e| panic!("node {id} did not start: {e}"))
+}
+
+fn json_of(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// `POST /push` at a cluster node that does not own the device: "accepted" only once the
+/// store confirmed it, and the owner delivers it at once with the golden bytes (a batch
+/// too); `GET /clients/{uuid}` shows the store's record from any node; the single node's
+/// token and browser rules apply; the endpoints that have no meaning in cluster mode answer
+/// a clear 501, never a bare 404.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn an_admin_push_at_any_node_reaches_a_device_on_another_node() {
+    let run = run_id();
+    let token = "cluster-admin-token-0123456789";
+    let a = start_patient(&format!("{run}-a"), &[]);
+    let b = start_patient(&format!("{run}-b"), &["--admin-token", token]);
+    let http_b = |method: &str, path: &str, body: &str| {
+        server::http(b.admin, method, path, Some(token), body)
+    };
+    let uuid = random_uuid();
+    let hex = hex::encode(uuid.0);
+    let dev = device_socket();
+    assert_eq!(bind_at(&dev, &uuid, a.udp), vec!["0101000000"]);
+    let want = golden_immediate();
+
+    // One item: the single node's body and answer.
+    let t = Instant::now();
+    let (code, body) = http_b(
+        "POST",
+        "/push",
+        &format!(r#"{{"uuid":"{hex}","type":"payload","text":"hello"}}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        json_of(&body),
+        serde_json::json!({ "result": "accepted", "uuid": hex })
+    );
+    let got = recv_within(&dev, Duration::from_secs(3)).expect("0x20 delivered by the owner");
+    eprintln!("admin push at a non-owner -> delivery: {:?}", t.elapsed());
+    assert_eq!(got, want[2], "golden bytes of the 0x20");
+
+    // A batch: per-item results in order, an invalid item among them changes nothing else.
+    let (code, body) = http_b(
+        "POST",
+        "/push",
+        &format!(
+            r#"[{{"uuid":"{hex}","type":"notify"}},{{"uuid":"{hex}","type":"bits","bits":5}},{{"uuid":"zz","type":"notify"}}]"#
+        ),
+    );
+    assert_eq!(code, 200, "{body}");
+    let r = json_of(&body);
+    assert_eq!(r["results"][0]["result"], "accepted", "{r}");
+    assert_eq!(r["results"][1]["result"], "accepted", "{r}");
+    assert_eq!(r["results"][2]["result"], "invalid", "{r}");
+    let mut got = vec![
+        recv_within(&dev, Duration::from_secs(3)).expect("first of the batch"),
+        recv_within(&dev, Duration::from_secs(3)).expect("second of the batch"),
+    ];
+    got.sort();
+    let mut expect = vec![want[0].clone(), want[1].clone()];
+    expect.sort();
+    assert_eq!(got, expect, "golden bytes of the 0x10 and the 0x11");
+
+    // The record, as the store holds it, from the node that does not own it and from the
+    // owner; nothing acked yet, so all three items are pending.
+    let (code, body) = http_b("GET", &format!("/clients/{hex}"), "");
+    assert_eq!(code, 200, "{body}");
+    let r = json_of(&body);
+    assert_eq!(r["owner"], a.id.as_str(), "{r}");
+    assert_eq!(r["owned_here"], false, "{r}");
+    assert_eq!(
+        r["online"],
+        serde_json::Value::Null,
+        "only the owner knows: {r}"
+    );
+    assert_eq!(r["pending"]["notify"], true, "{r}");
+    assert_eq!(r["pending"]["bits"], 5, "{r}");
+    assert_eq!(r["pending"]["payload_base64"], "aGVsbG8=", "{r}");
+    let (code, body) = http_get(a.admin, &format!("/clients/{hex}"));
+    assert_eq!(code, 200, "{body}");
+    let r = json_of(&body);
+    assert_eq!(
+        (r["owned_here"].clone(), r["online"].clone()),
+        (true.into(), true.into()),
+        "{r}"
+    );
+    // The device acks; the store's record then has nothing pending.
+    for ack in [
+        dev_pkt(&uuid, 1, 0x10, &[]),
+        dev_pkt(&uuid, 1, 0x11, &5u64.to_be_bytes()),
+        dev_pkt(&uuid, 1, 0x20, &[]),
+    ] {
+        dev.send_to(&ack, a.udp).expect("ack");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = json_of(&http_b("GET", &format!("/clients/{hex}"), "").1);
+        let p = &r["pending"];
+        if p["notify"] == false && p["bits"] == 0 && p["payload_base64"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the acks did not clear: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = http_b(
+        "GET",
+        &format!("/clients/{}", hex::encode(random_uuid().0)),
+        "",
+    );
+    assert_eq!((code, body.contains("unknown uuid")), (404, true), "{body}");
+    let (code, _) = http_b("GET", "/clients/not-a-uuid", "");
+    assert_eq!(code, 400);
+
+    // The single node's rules: the token, then the browser rules, then the body.
+    let push = format!(r#"{{"uuid":"{hex}","type":"notify"}}"#);
+    let (code, _) = server::http(b.admin, "POST", "/push", None, &push);
+    assert_eq!(code, 401, "no token");
+    let (code, body) = raw_http(
+        b.admin,
+        &format!(
+            "POST /push HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{push}",
+            b.admin,
+            push.len()
+        ),
+    );
+    assert_eq!(code, 403, "no CSRF header: {body}");
+    let (code, body) = http_b("POST", "/push", "{not json");
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = http_b("GET", "/push", "");
+    assert_eq!(code, 405);
+    assert_eq!(
+        recv_within(&dev, Duration::from_millis(300)),
+        None,
+        "nothing refused was delivered"
+    );
+
+    // What cluster mode does not serve says so, and why.
+    for (method, path, body) in [
+        ("POST", format!("/clients/{hex}/clear"), "{}"),
+        ("GET", format!("/clients/{hex}/key"), ""),
+        (
+            "PUT",
+            format!("/clients/{hex}/key"),
+            r#"{"key_id":1,"key":"00"}"#,
+        ),
+        ("DELETE", format!("/clients/{hex}/key"), ""),
+        ("GET", "/console/data".to_string(), ""),
+        (
+            "POST",
+            "/console/lookup".to_string(),
+            &format!(r#"{{"uuid":"{hex}"}}"#),
+        ),
+    ] {
+        let (code, resp) = http_b(method, &path, body);
+        assert_eq!(code, 501, "{method} {path}: {resp}");
+        assert!(
+            resp.contains("not available in cluster mode") && resp.contains("docs/CLUSTER.md"),
+            "{method} {path}: {resp}"
+        );
+    }
+    let (code, _) = http_b("GET", "/no-such-thing", "");
+    assert_eq!(code, 404);
+    // The record is still there: the refused clear changed nothing.
+    let (code, body) = http_b("GET", &format!("/clients/{hex}"), "");
+    assert_eq!(
+        (code, json_of(&body)["owner"].clone()),
+        (200, a.id.as_str().into())
+    );
+}
+
+/// `POST /push` while the store is unreachable answers 503 with "failed" for every valid
+/// item, and the push is not delivered later, when the store is back; the next push through
+/// the same node is accepted and delivered.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn an_admin_push_while_the_store_is_unreachable_answers_503_and_is_never_delivered() {
+    let run = run_id();
+    let a = start_patient(&format!("{run}-a"), &[]);
+    let gate = SeedGate::new(seed_addrs()[0].clone());
+    let mut args = args_with(&format!("{run}-d"), "--cluster-redis", &gate.url());
+    args.extend(["--cluster-start-degraded".to_string(), "true".to_string()]);
+    let d = Node::start_args(&format!("{run}-d"), args).expect("degraded start");
+    let uuid = random_uuid();
+    let hex = hex::encode(uuid.0);
+    let dev = device_socket();
+    assert_eq!(bind_at(&dev, &uuid, a.udp), vec!["0101000000"]);
+
+    let (code, body) = server::http(
+        d.admin,
+        "POST",
+        "/push",
+        None,
+        &format!(r#"{{"uuid":"{hex}","type":"payload","text":"never"}}"#),
+    );
+    assert_eq!(code, 503, "{body}");
+    let r = json_of(&body);
+    assert_eq!(r["result"], "failed", "{r}");
+    assert_eq!(r["uuid"], hex.as_str(), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not confirm")),
+        "{r}"
+    );
+    let (code, body) = server::http(
+        d.admin,
+        "POST",
+        "/push",
+        None,
+        &format!(r#"[{{"uuid":"{hex}","type":"notify"}},{{"type":"notify"}}]"#),
+    );
+    assert_eq!(code, 503, "{body}");
+    let r = json_of(&body);
+    assert_eq!(r["results"][0]["result"], "failed", "{r}");
+    assert_eq!(r["results"][1]["result"], "invalid", "{r}");
+    let (code, body) = http_get(d.admin, &format!("/clients/{hex}"));
+    assert_eq!(code, 503, "no store to read from: {body}");
+    let s = d.status();
+    assert_eq!(s["pushes"]["failed_store"], 2, "{s}");
+    assert_eq!(s["pushes"]["accepted"], 0, "{s}");
+
+    // The store comes back; the refused pushes were never stored, so nothing arrives while
+    // the device stays online at its owner (it heartbeats; its owner drains every second).
+    gate.open();
+    d.wait_log("leaving degraded mode", Duration::from_secs(15))
+        .unwrap_or_else(|seen| panic!("the node did not connect: {seen:?}"));
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        dev.send_to(&dev_pkt(&uuid, 1, 0, &[]), a.udp).expect("hb");
+        while let Some(h) = recv_within(&dev, Duration::from_millis(300)) {
+            assert_eq!(h, "0101000000", "only heartbeat answers, nothing refused");
+        }
+    }
+    let (code, body) = http_get(d.admin, &format!("/clients/{hex}"));
+    assert_eq!(code, 200, "{body}");
+    let r = json_of(&body);
+    assert_eq!(r["pending"]["notify"], false, "{r}");
+    assert!(r["pending"]["payload_base64"].is_null(), "{r}");
+
+    // The same node, now connected, accepts and the owner delivers.
+    let (code, body) = server::http(
+        d.admin,
+        "POST",
+        "/push",
+        None,
+        &format!(r#"{{"uuid":"{hex}","type":"payload","text":"hello"}}"#),
+    );
+    assert_eq!(
+        (code, json_of(&body)["result"].clone()),
+        (200, "accepted".into()),
+        "{body}"
+    );
+    let mut got = None;
+    let until = Instant::now() + Duration::from_secs(3);
+    while got.is_none() && Instant::now() < until {
+        match recv_within(&dev, Duration::from_millis(500)) {
+            Some(h) if h == "0101000000" => {}
+            other => got = other,
+        }
+    }
+    assert_eq!(got, Some(golden_immediate()[2].clone()));
+}
+
+/// `POST /push` follows `--cluster-wait-replicas` and `--cluster-wait-fail` as port 9999
+/// does: with more replicas asked for than the test cluster has, `ff` answers 503 (counted as
+/// a missed WAIT, not a store failure) and `accept` answers "accepted".
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn an_admin_push_follows_the_wait_policy() {
+    let run = run_id();
+    let ff = Node::start(&format!("{run}-ff"), &["--cluster-wait-replicas", "2"]);
+    let acc = Node::start(
+        &format!("{run}-acc"),
+        &[
+            "--cluster-wait-replicas",
+            "2",
+            "--cluster-wait-fail",
+            "accept",
+        ],
+    );
+    let body = format!(
+        r#"{{"uuid":"{}","type":"notify"}}"#,
+        hex::encode(random_uuid().0)
+    );
+    let (code, resp) = server::http(ff.admin, "POST", "/push", None, &body);
+    assert_eq!(
+        (code, json_of(&resp)["result"].clone()),
+        (503, "failed".into()),
+        "{resp}"
+    );
+    let s = ff.status();
+    assert_eq!(s["pushes"]["failed_wait"], 1, "{s}");
+    assert_eq!(s["pushes"]["failed_store"], 0, "{s}");
+    let (code, resp) = server::http(acc.admin, "POST", "/push", None, &body);
+    assert_eq!(
+        (code, json_of(&resp)["result"].clone()),
+        (200, "accepted".into()),
+        "{resp}"
+    );
+    let s = acc.status();
+    assert_eq!(s["pushes"]["accepted"], 1, "{s}");
+    assert!(s["store"]["wait_short"].as_u64() >= Some(1), "{s}");
+}

@@ -618,3 +618,84 @@ pub fn push_bits(
     }
     out
 }
+
+// ------------------------------------------------------------------------------------------
+// A seed address that becomes reachable when the test says so
+// ------------------------------------------------------------------------------------------
+
+/// A loopback TCP port that closes every connection until [`SeedGate::open`], then forwards
+/// each new one to `to` (a seed of the test cluster). A node given it as its only seed with
+/// `--cluster-start-degraded` starts with the store unreachable and connects once the gate
+/// opens: its connection then goes through the gate only for the seed's first answers (the
+/// cluster client connects to the masters `CLUSTER SLOTS` names). Stopped when dropped.
+pub struct SeedGate {
+    pub addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SeedGate {
+    pub fn new(to: String) -> SeedGate {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind gate");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("addr");
+        let open = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (o, s) = (open.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) if o.load(Ordering::Relaxed) => forward(c, &to),
+                    Ok((c, _)) => drop(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        SeedGate {
+            addr,
+            open,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// From now on connections reach the seed.
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Relaxed);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+impl Drop for SeedGate {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies both ways between `c` and a new connection to `to` until either side closes.
+fn forward(c: TcpStream, to: &str) {
+    let Ok(up) = TcpStream::connect(to) else {
+        return;
+    };
+    let _ = c.set_nonblocking(false);
+    for (mut from, mut into) in [
+        (c.try_clone(), up.try_clone()),
+        (up.try_clone(), c.try_clone()),
+    ]
+    .into_iter()
+    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+    {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut into);
+            let _ = into.shutdown(std::net::Shutdown::Both);
+            let _ = from.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}

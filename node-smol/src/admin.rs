@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_channel::Sender;
 use async_io::{Async, Timer};
 use base64::Engine;
+use ddpush_proto::driver::Core;
 use ddpush_proto::{
     Content, Driver, Kind, Node, Port, PushMsg, PushReply, PushRequest, RecordState, Ticket, Time,
     Uuid,
@@ -53,6 +54,11 @@ impl AdminRequest {
     /// The path, with the query.
     pub(crate) fn path(&self) -> &str {
         &self.path
+    }
+
+    /// The body.
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.body
     }
 }
 
@@ -132,6 +138,7 @@ pub(crate) async fn serve(
                 409 => "Conflict",
                 413 => "Payload Too Large",
                 415 => "Unsupported Media Type",
+                501 => "Not Implemented",
                 503 => "Service Unavailable",
                 _ => "Error",
             };
@@ -323,33 +330,44 @@ pub(crate) enum Answer {
     AfterKeyCommit(keys::HeldKey),
 }
 
-/// A `POST /push` answer waiting for its turn's commit.
+/// What a single node's failed item says: its turn's journal write failed.
+const NOT_WRITTEN: &str = "storage unavailable: the push was not written and is not stored";
+
+/// A `POST /push` answer waiting for the acceptance step that decides its pushes: its turn's
+/// commit (single node), or the store's confirmations, possibly turns later (cluster node).
 pub(crate) struct HeldPush {
     batch: bool,
     /// Per item: its uuid and ticket, or why it was invalid.
     items: Vec<Result<(String, Ticket), String>>,
+    /// The error of an item that was not accepted (what "failed" means in this mode).
+    failed: &'static str,
 }
 
 impl HeldPush {
-    /// The response, given the driver's final replies of the turn. Any push the failed write
-    /// took back makes the whole answer a 503.
+    /// The tickets whose replies [`HeldPush::finish`] needs.
+    pub(crate) fn tickets(&self) -> impl Iterator<Item = Ticket> + '_ {
+        self.items
+            .iter()
+            .filter_map(|it| it.as_ref().ok().map(|(_, t)| *t))
+    }
+
+    /// The response, given the driver's final replies. Any push not accepted (the failed
+    /// write took it back, or the store did not confirm it) makes the whole answer a 503.
     pub(crate) fn finish(self, replies: &[(Ticket, PushReply)]) -> Response {
+        let replies: std::collections::BTreeMap<Ticket, PushReply> =
+            replies.iter().copied().collect();
         let mut failed = false;
         let results: Vec<Value> = self
             .items
             .into_iter()
             .map(|it| match it {
                 Err(e) => json!({ "result": "invalid", "error": e }),
-                Ok((uuid, t)) => match replies.iter().find(|(got, _)| *got == t) {
-                    Some((_, PushReply::Accepted)) => json!({ "result": "accepted", "uuid": uuid }),
-                    Some((_, PushReply::Rejected)) => json!({ "result": "rejected", "uuid": uuid }),
+                Ok((uuid, t)) => match replies.get(&t) {
+                    Some(PushReply::Accepted) => json!({ "result": "accepted", "uuid": uuid }),
+                    Some(PushReply::Rejected) => json!({ "result": "rejected", "uuid": uuid }),
                     _ => {
                         failed = true;
-                        json!({
-                            "result": "failed",
-                            "uuid": uuid,
-                            "error": "storage unavailable: the push was not written and is not stored",
-                        })
+                        json!({ "result": "failed", "uuid": uuid, "error": self.failed })
                     }
                 },
             })
@@ -454,28 +472,46 @@ pub(crate) fn handle(
             };
         }
         ("POST", ["push"]) => {
-            let v: Value = match serde_json::from_slice(&req.body) {
-                Ok(v) => v,
-                Err(e) => return Answer::Now(Response::error(400, &format!("JSON: {e}"))),
+            return match push(&req.body, node, driver, now, NOT_WRITTEN) {
+                Ok(held) => Answer::AfterCommit(held),
+                Err(r) => Answer::Now(r),
             };
-            let batch = v.is_array();
-            let items = match v {
-                Value::Array(a) => a,
-                one => vec![one],
-            };
-            let items = items
-                .into_iter()
-                .map(|it| {
-                    serde_json::from_value::<PushItem>(it)
-                        .map_err(|e| e.to_string())
-                        .and_then(parse_item)
-                        .map(|p| (p.uuid.to_hex(), driver.handle_push(node, now, p)))
-                })
-                .collect();
-            return Answer::AfterCommit(HeldPush { batch, items });
         }
         (_, ["metrics" | "status" | "push" | "healthz" | "readyz"])
         | (_, ["clients" | "console", ..]) => Response::error(405, "method not allowed"),
         _ => Response::error(404, "no such endpoint"),
+    })
+}
+
+/// `POST /push` on either core: parses the body (one item or an array) and hands every valid
+/// item to the driver as a front-end push; the answer waits for the replies of its tickets.
+/// `failed` is what an item that was not accepted says in this mode.
+pub(crate) fn push<C: Core>(
+    body: &[u8],
+    core: &mut C,
+    driver: &mut Driver,
+    now: Time,
+    failed: &'static str,
+) -> Result<HeldPush, Response> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| Response::error(400, &format!("JSON: {e}")))?;
+    let batch = v.is_array();
+    let items = match v {
+        Value::Array(a) => a,
+        one => vec![one],
+    };
+    let items = items
+        .into_iter()
+        .map(|it| {
+            serde_json::from_value::<PushItem>(it)
+                .map_err(|e| e.to_string())
+                .and_then(parse_item)
+                .map(|p| (p.uuid.to_hex(), driver.handle_push(core, now, p)))
+        })
+        .collect();
+    Ok(HeldPush {
+        batch,
+        items,
+        failed,
     })
 }

@@ -28,9 +28,10 @@ use ddpush_proto::{ConnId, Driver, Port, Time, Transmit};
 use futures_lite::{future, StreamExt};
 use tracing::{debug, info, warn};
 
+use super::admin::{self as cluster_admin, HeldPushes, Route};
 use super::limit::InflightLimit;
 use super::peer::{self, Directory, PeerConfig, PeerEvent, Peers};
-use super::status::{self, AdapterStats};
+use super::status::AdapterStats;
 use super::store::{Executed, RedisStore, StoreConfig};
 use super::ClusterOptions;
 use crate::admin;
@@ -183,6 +184,7 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
         accept: StoreConfirmed {
             wait: opts.wait_fail.policy(),
         },
+        held: HeldPushes::default(),
         limit: InflightLimit::new(
             opts.max_inflight,
             InflightLimit::target_for(opts.store_timeout, opts.wait_timeout),
@@ -219,6 +221,8 @@ struct Loop {
     driver: Driver,
     /// The cluster's acceptance step: `0x00` only once the store confirmed (`--cluster-wait-fail`).
     accept: StoreConfirmed,
+    /// `POST /push` answers waiting for the store's confirmations of their items.
+    held: HeldPushes,
     limit: InflightLimit,
     store_timeout: Duration,
     /// The device and push sockets (the single node's socket layer).
@@ -458,16 +462,66 @@ impl Loop {
                 self.sockets
                     .open(&mut self.node, now, conn, port, peer, stream);
             }
-            Msg::Admin(req) => {
-                self.stats.drain_records_read = self
-                    .store
-                    .as_ref()
-                    .map_or(0, RedisStore::drain_records_read);
-                let resp = status::handle(&req, &self.node, &self.stats);
-                let _ = req.reply.try_send(resp);
-            }
+            Msg::Admin(req) => self.on_admin(req),
             // Snapshots are single-node state; no cluster task sends this.
             Msg::SnapshotDone { .. } => {}
+        }
+    }
+
+    /// An admin request: answered now, or, for `POST /push`, once the store decided every
+    /// item (the driver's acceptance step, as on port 9999), or, for `GET /clients/{uuid}`,
+    /// once the store answered a read.
+    fn on_admin(&mut self, req: admin::AdminRequest) {
+        self.stats.drain_records_read = self
+            .store
+            .as_ref()
+            .map_or(0, RedisStore::drain_records_read);
+        match cluster_admin::route(&req, &self.node, &self.stats) {
+            Route::Now(resp) => {
+                let _ = req.reply.try_send(resp);
+            }
+            Route::Push => {
+                let now = self.clock.now();
+                match admin::push(
+                    req.body(),
+                    &mut self.node,
+                    &mut self.driver,
+                    now,
+                    cluster_admin::NOT_CONFIRMED,
+                ) {
+                    Ok(held) => self.held.hold(req.reply, held),
+                    Err(resp) => {
+                        let _ = req.reply.try_send(resp);
+                    }
+                }
+            }
+            Route::Record(uuid) => {
+                let owned = self.node.copy(&uuid).is_some();
+                let online = self.node.is_online(&uuid);
+                let Some(store) = self.store.clone() else {
+                    let _ = req.reply.try_send(admin::Response::error(
+                        503,
+                        "the store is not connected (degraded start): the record cannot be read",
+                    ));
+                    return;
+                };
+                self.ex
+                    .spawn(async move {
+                        let resp = match store.read_record(&uuid).await {
+                            Ok(Some(r)) => admin::Response::json(
+                                200,
+                                cluster_admin::record_json(&uuid, &r, owned, online),
+                            ),
+                            Ok(None) => admin::Response::error(404, "unknown uuid"),
+                            Err(e) => admin::Response::error(
+                                503,
+                                &format!("the store did not answer the read: {e}"),
+                            ),
+                        };
+                        let _ = req.reply.send(resp).await;
+                    })
+                    .detach();
+            }
         }
     }
 
@@ -524,6 +578,7 @@ impl Loop {
         if settled.recovered {
             info!("the store confirms pushes again");
         }
+        self.held.settle(&mut self.driver);
         Backlog::of(&mut self.queue, self.dispatched, &self.limit).take(&mut self.node);
         self.dispatch();
         while let Some((to, msg)) = self.node.poll_peer() {

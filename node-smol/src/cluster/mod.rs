@@ -5,6 +5,7 @@
 //! lives in the core; this module only executes the core's store operations on Redis, carries
 //! its peer messages over TCP, and moves bytes and time. See docs/CLUSTER.md.
 
+mod admin;
 mod drain;
 mod event_loop;
 mod import;

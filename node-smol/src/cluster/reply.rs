@@ -17,6 +17,10 @@ pub(super) enum OpError {
 /// Fields of a record in a script reply.
 pub(super) const RECORD_LEN: usize = 11;
 
+/// The record hash's fields in reply order (`FIELDS` in `lua/record.lua`).
+pub(super) const RECORD_FIELDS: [&str; RECORD_LEN] =
+    ["v", "o", "e", "n", "bh", "bl", "pg", "p", "t0", "t1", "t2"];
+
 pub(super) fn array(v: &Value) -> Result<&[Value], OpError> {
     match v {
         Value::Array(a) => Ok(a),

@@ -1,7 +1,6 @@
-//! The cluster node's admin answers: `/status` (JSON) and `/metrics` (Prometheus text) show
-//! the node's view (peers up, store latency histogram, store errors, binds, pokes, dirty
-//! drains, owned clients); `/healthz` and `/readyz` as in single-node mode. The endpoints that
-//! act on single-node records (`/clients`, `/push`, the console) answer 404 here.
+//! What a cluster node shows: `/status` (JSON) and `/metrics` (Prometheus text), the node's
+//! view (peers up, store latency histogram, store errors, binds, pokes, dirty drains, owned
+//! clients). The admin routes are in [`super::admin`].
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -12,7 +11,6 @@ use ddpush_proto::cluster::{ClusterNode, NodeId};
 use ddpush_proto::Limited;
 use serde_json::json;
 
-use crate::admin::{AdminRequest, Response};
 use crate::metrics::SocketStats;
 
 /// Upper bounds (ms) of the store latency histogram's buckets.
@@ -81,33 +79,8 @@ impl AdapterStats {
     }
 }
 
-/// Answers one admin request on the loop.
-pub fn handle(req: &AdminRequest, node: &ClusterNode, a: &AdapterStats) -> Response {
-    let path = req.path().split('?').next().unwrap_or("");
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method(), parts.as_slice()) {
-        ("GET", ["status"]) => Response::json(200, status(node, a)),
-        ("GET", ["metrics"]) => Response::prometheus(metrics(node, a)),
-        ("GET", ["healthz"]) => Response::json(200, json!({ "status": "alive" })),
-        ("GET", ["readyz"]) => Response::json(
-            if a.store_connected { 200 } else { 503 },
-            json!({
-                "ready": a.store_connected,
-                "listeners_bound": true,
-                "store_connected": a.store_connected,
-            }),
-        ),
-        (_, ["status" | "metrics" | "healthz" | "readyz"]) => {
-            Response::error(405, "method not allowed")
-        }
-        _ => Response::error(
-            404,
-            "not available in cluster mode (the store holds the records: see docs/CLUSTER.md)",
-        ),
-    }
-}
-
-fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
+/// `GET /status`.
+pub(super) fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
     let s = node.stats();
     let [denied, stalled, udp_errors] = a.sockets.get();
     json!({
@@ -159,7 +132,8 @@ fn status(node: &ClusterNode, a: &AdapterStats) -> serde_json::Value {
     })
 }
 
-fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
+/// `GET /metrics`.
+pub(super) fn metrics(node: &ClusterNode, a: &AdapterStats) -> String {
     let s = node.stats();
     let mut o = String::new();
     let mut one = |name: &str, kind: &str, help: &str, v: u64| {

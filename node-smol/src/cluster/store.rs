@@ -37,9 +37,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ddpush_proto::cluster::{NodeId, StoreError, StoreOp, StoreReply, StoreResult};
+use ddpush_proto::cluster::{NodeId, StoreError, StoreOp, StoreReply, StoreResult, StoredRecord};
 use ddpush_proto::driver::WaitPolicy;
-use ddpush_proto::{Kind, PushMsg};
+use ddpush_proto::{Kind, PushMsg, Uuid};
 use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 
@@ -51,7 +51,7 @@ use super::drain::{self, DrainState};
 pub use super::keys::{bucket, record_key, slot};
 use super::keys::{dirty_prefix, node_key};
 use super::lanes::{masters, Job, Lanes};
-use super::reply::{array, record, single, text, OpError};
+use super::reply::{array, record, single, text, OpError, RECORD_FIELDS};
 
 const PROLOGUE: &str = include_str!("lua/record.lua");
 
@@ -286,6 +286,34 @@ impl RedisStore {
                 .map(Some)
                 .map_err(|_| format!("{}: not an address: {s:?}", node_key(node))),
         }
+    }
+
+    /// The record of `uuid` as the store holds it now (`None`: no record, or it expired), for
+    /// the admin API's `GET /clients/{uuid}`. A plain read outside the core: it changes
+    /// nothing and decides nothing, so it needs no script and no `WAIT`.
+    pub async fn read_record(&self, uuid: &Uuid) -> Result<Option<StoredRecord>, String> {
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(record_key(uuid)).arg(&RECORD_FIELDS[..]);
+        let v: Value = timeout(self.cfg.op_timeout, cmd.query_async(&mut c))
+            .await?
+            .map_err(|e| e.to_string())?;
+        let fields = array(&v).map_err(|e| e.to_string())?;
+        if fields.iter().all(|f| matches!(f, Value::Nil)) {
+            return Ok(None);
+        }
+        // The scripts' reply form: "" for an absent optional field, 0 for an absent number
+        // (`load` in lua/record.lua reads a hash the same way).
+        let fields: Vec<Value> = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| match f {
+                Value::Nil if matches!(i, 0 | 2 | 4 | 5) => Value::BulkString(b"0".to_vec()),
+                Value::Nil => Value::BulkString(Vec::new()),
+                other => other.clone(),
+            })
+            .collect();
+        record(&fields).map(Some).map_err(|e| e.to_string())
     }
 
     /// Executes one operation; never panics on anything Redis says.
