@@ -228,6 +228,11 @@ impl Metrics {
             "Acks that cleared an item",
             c(s.acks_cleared),
         );
+        r.register(
+            "acks_crossed",
+            "UDP acks that could be a duplicate of an older send's (they clear nothing)",
+            c(s.acks_crossed),
+        );
         r.register("acks_unknown", "Acks from unknown uuids", c(s.acks_unknown));
         let invalid = Family::<Vec<(String, String)>, Counter>::default();
         for ((t, k), v) in s.invalid.iter() {

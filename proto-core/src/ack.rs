@@ -25,6 +25,30 @@
 //! shows that cannot happen. Acks reordered among themselves do not break it: a later ack
 //! attributed to `g` follows an earlier ack that really answered a send of `g`.
 //!
+//! # Duplicated datagrams: an ack that crossed an older send is not trusted to clear
+//!
+//! The counting argument needs one ack per delivery. A network that duplicates datagrams breaks
+//! that: a copy of an older send's datagram, or of its ack, is one ack too many, and it would be
+//! attributed to the next send in the queue. Where that next send is a newer generation whose
+//! own datagram was lost, the newer item would be cleared without ever reaching the device (lossy
+//! seed 3660 of the simulator: a payload's ack duplicated by a NAT cleared the next payload,
+//! whose immediate send had been lost). So an ack attributed to the newest generation clears only
+//! if that generation's sends **did not cross** a send of another generation still in flight:
+//! when the newest group was started while sends of an older generation were unmatched, its
+//! UDP acks are [`Attribution::Crossed`] until a fence settles the older sends or the stray window
+//! (ten in-flight windows, [`Window::stray`]) has passed since the latest of them. Such an ack
+//! is consumed as usual and clears nothing; the item goes out again on the next heartbeat, and
+//! the ack of that re-send clears it. The price is one duplicate where an older send's ack
+//! crossed a newer push, which is a duplicate the network's crossing caused, never a loss.
+//! Acks on a TCP connection ([`SendLedger::on_stream_ack`]) are exact: a stream duplicates
+//! nothing.
+//!
+//! The one loss left needs three faults together: an older item acked **before** the newer push
+//! (so nothing crossed), a duplicate of that older item's datagram delivered to the device after
+//! the newer push was sent (a downlink copy held back by more than the gap between the older
+//! ack and the newer push), and the newer push's immediate send lost. Copies of one datagram on
+//! one path arrive close together, so the gap must be shorter than their spread.
+//!
 //! # When the ledger forgets (the only places precision is traded)
 //!
 //! * **Fence** ([`SendLedger::on_fence`]): a heartbeat from the path the sends went to. The
@@ -84,6 +108,10 @@ pub enum Attribution<G = Generation> {
     Generation(G),
     /// A send of a generation older than the newest one sent: never clears.
     Older,
+    /// A send of this generation, made while a send of an older one was in flight: a duplicate
+    /// of that older send (or of its ack) cannot be told apart from this ack, so it never
+    /// clears (see the module docs).
+    Crossed(G),
     /// No unmatched send (a stray, duplicated or pre-restart ack): never clears.
     Unmatched,
 }
@@ -108,6 +136,20 @@ impl Window {
         // Ticks are truncated, so a send whose tick age exceeds ceil(w / tick) is older than w.
         Window(ms.div_ceil(TICK_MS) as u16)
     }
+
+    /// How long a send can still produce a stray ack (a duplicate of its datagram or of its
+    /// ack): a round trip plus the spread of the copies. Ten in-flight windows (2 s at the
+    /// default 200 ms), at most [`MAX_WINDOW`].
+    pub fn stray(self) -> Window {
+        Window(self.0.saturating_mul(10).min(Window::new(MAX_WINDOW).0))
+    }
+}
+
+/// A tick half the wrap before `now`: the `older_at` of a ledger whose older sends are settled
+/// (no age check within [`MAX_WINDOW`] calls it young until about 4.4 minutes later; every
+/// fence renews it).
+fn settled(now: u16) -> u16 {
+    now.wrapping_sub(0x8000)
 }
 
 fn tick(t: Time) -> u16 {
@@ -128,8 +170,10 @@ pub struct SendLedger<G = Generation> {
     newest: u8,
     /// Unmatched sends of older generations.
     older: u8,
-    /// Tick of the latest send of each group.
+    /// Tick of the latest send of the newest group.
     newest_at: u16,
+    /// Tick of the latest send of an older generation that the newest group crossed (sent while
+    /// it was unmatched), or a [`settled`] tick when there is none.
     older_at: u16,
 }
 
@@ -146,21 +190,47 @@ impl SendLedger {
     }
 }
 
-impl<G: Copy + PartialEq> SendLedger<G> {
+impl<G: Copy + PartialEq + Default> SendLedger<G> {
     /// A send of generation `gen` left at `now` (to the record's current path).
     pub fn on_send(&mut self, gen: G, now: Time) {
-        if self.newest > 0 && gen != self.gen {
-            self.older = add(self.older, self.newest);
-            self.older_at = self.newest_at;
-            self.newest = 0;
+        if gen != self.gen {
+            if self.newest > 0 {
+                // The new generation crosses the unmatched sends of the previous one.
+                self.older = add(self.older, self.newest);
+                self.older_at = self.newest_at;
+                self.newest = 0;
+            } else if self.older == 0 {
+                // Every earlier send was matched or settled (or there was none: a fresh
+                // ledger's generation is the default one, which no push carries): nothing
+                // in flight to cross.
+                self.older_at = settled(tick(now));
+            }
         }
         self.gen = gen;
         self.newest = add(self.newest, 1);
         self.newest_at = tick(now);
     }
 
-    /// An ack arrived on the record's current path: match it to the oldest unmatched send.
-    pub fn on_ack(&mut self) -> Attribution<G> {
+    /// An ack arrived at `now` over UDP from the record's current address: match it to the
+    /// oldest unmatched send. `window` is the in-flight window; an ack of the newest generation
+    /// within its [`Window::stray`] of a crossed older send is [`Attribution::Crossed`], since a
+    /// datagram network may have duplicated that older send or its ack.
+    pub fn on_ack(&mut self, now: Time, window: Window) -> Attribution<G> {
+        let crossed = tick(now).wrapping_sub(self.older_at) <= window.stray().0;
+        match self.consume() {
+            Attribution::Generation(g) if crossed => Attribution::Crossed(g),
+            a => a,
+        }
+    }
+
+    /// An ack arrived on the record's attached TCP connection: match it to the oldest unmatched
+    /// send. A stream delivers every packet once, so nothing on it can be a duplicate and a
+    /// crossed send needs no distrust.
+    pub fn on_stream_ack(&mut self) -> Attribution<G> {
+        self.consume()
+    }
+
+    fn consume(&mut self) -> Attribution<G> {
         if self.older > 0 {
             self.older = sub(self.older);
             Attribution::Older
@@ -179,8 +249,11 @@ impl<G: Copy + PartialEq> SendLedger<G> {
     pub fn on_fence(&mut self, now: Time, window: Window) {
         let now = tick(now);
         let old = |at: u16| now.wrapping_sub(at) > window.0;
-        if self.older > 0 && old(self.older_at) {
+        if old(self.older_at) {
+            // The device sent this heartbeat after acking everything it had of the older
+            // sends: they can no longer make an ack stray.
             self.older = 0;
+            self.older_at = settled(now);
         }
         if self.newest > 0 && self.older == 0 && old(self.newest_at) {
             self.newest = 0;
@@ -188,10 +261,12 @@ impl<G: Copy + PartialEq> SendLedger<G> {
     }
 
     /// Every send went to a path that can no longer deliver acks (the node ignores acks from
-    /// it): forget them all.
-    pub fn forget(&mut self) {
+    /// it): forget them all. Copies of them can only reach that path too, so nothing they
+    /// cause can stray onto the new one: later sends cross nothing.
+    pub fn forget(&mut self, now: Time) {
         self.newest = 0;
         self.older = 0;
+        self.older_at = settled(tick(now));
     }
 
     /// The item may have a newer generation than any send made (the owner of this ledger lost
@@ -235,7 +310,7 @@ mod tests {
         Time::from_millis(1_000_000 + t)
     }
 
-    const W: Window = Window(25); // 200 ms
+    const W: Window = Window(25); // 200 ms; stray window 2 s
 
     #[test]
     fn ledger_is_eight_bytes() {
@@ -247,6 +322,8 @@ mod tests {
         assert_eq!(Window::new(Duration::from_millis(200)), Window(25));
         assert_eq!(Window::new(Duration::from_millis(201)), Window(26));
         assert_eq!(Window::new(Duration::from_secs(3600)), Window(7500));
+        assert_eq!(W.stray(), Window(250));
+        assert_eq!(Window::new(MAX_WINDOW).stray(), Window::new(MAX_WINDOW));
     }
 
     #[test]
@@ -254,15 +331,70 @@ mod tests {
         let mut l = SendLedger::new();
         l.on_send(1, ms(0)); // heartbeat answer "A"
         l.on_send(2, ms(150)); // "B" pushed, immediate send lost
-        assert_eq!(l.on_ack(), Attribution::Older); // the ack of "A"
-        assert_eq!(l.on_ack(), Attribution::Generation(2)); // the lost send had no ack
-        let mut l2 = SendLedger::new();
-        l2.on_send(1, ms(0));
-        l2.on_send(2, ms(150));
-        assert!(!l2.on_ack().clears(2));
-        l2.on_fence(ms(50_000), W);
-        l2.on_send(2, ms(50_000));
-        assert!(l2.on_ack().clears(2), "the ack of the re-send clears");
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Older); // the ack of "A"
+        l.on_fence(ms(50_000), W);
+        l.on_send(2, ms(50_000));
+        assert!(
+            l.on_ack(ms(50_100), W).clears(2),
+            "the ack of the re-send clears"
+        );
+    }
+
+    #[test]
+    fn a_duplicated_ack_of_an_older_send_does_not_clear_a_newer_one_that_was_lost() {
+        // Lossy seed 3660: "m761" sent, "m469" pushed 200 ms later (its send lost); the ack of
+        // "m761" is duplicated on the way and both copies arrive together.
+        let mut l = SendLedger::new();
+        l.on_send(2, ms(0));
+        l.on_send(3, ms(200));
+        assert_eq!(l.on_ack(ms(300), W), Attribution::Older);
+        let copy = l.on_ack(ms(300), W);
+        assert_eq!(copy, Attribution::Crossed(3));
+        assert!(
+            !copy.clears(3),
+            "the copy must not clear the lost newer send"
+        );
+        // The next heartbeat sends it again; that send crossed nothing, its ack clears.
+        l.on_fence(ms(50_000), W);
+        l.on_send(3, ms(50_000));
+        assert!(l.on_ack(ms(50_100), W).clears(3));
+        assert_eq!(l.on_ack(ms(50_100), W), Attribution::Unmatched);
+    }
+
+    #[test]
+    fn pushes_acked_one_after_the_other_clear_at_once() {
+        // Nothing crossed: no duplicate on a clean network, however close the pushes.
+        let mut l = SendLedger::new();
+        l.on_send(1, ms(0));
+        assert!(l.on_ack(ms(100), W).clears(1));
+        l.on_send(2, ms(150));
+        assert!(l.on_ack(ms(250), W).clears(2));
+        assert_eq!(l.on_ack(ms(250), W), Attribution::Unmatched);
+    }
+
+    #[test]
+    fn a_crossing_ack_is_trusted_again_after_the_stray_window() {
+        let mut l = SendLedger::new();
+        l.on_send(1, ms(0));
+        l.on_send(2, ms(10));
+        assert_eq!(l.on_ack(ms(1_000), W), Attribution::Older);
+        assert!(
+            !l.on_ack(ms(2_000), W).clears(2),
+            "within 2 s of the crossed send"
+        );
+        l.on_send(2, ms(2_100));
+        assert!(l.on_ack(ms(2_100), W).clears(2), "2.1 s after it");
+    }
+
+    #[test]
+    fn a_fresh_ledger_trusts_its_first_ack_at_any_tick() {
+        // A tick of 0 (the wrap) must not look like a crossed send at tick 0.
+        for base in [0, TICK_MS * 65_536 * 3, TICK_MS * 65_536 * 3 - 100] {
+            let mut l = SendLedger::new();
+            l.on_send(1, Time::from_millis(base));
+            let a = l.on_ack(Time::from_millis(base + 100), W);
+            assert_eq!(a, Attribution::Generation(1), "at {base} ms");
+        }
     }
 
     #[test]
@@ -273,7 +405,7 @@ mod tests {
         l.on_send(4, ms(150));
         l.on_fence(ms(300), W);
         l.on_send(4, ms(300));
-        assert!(l.on_ack().clears(4));
+        assert!(l.on_ack(ms(350), W).clears(4));
     }
 
     #[test]
@@ -283,10 +415,15 @@ mod tests {
         l.on_send(2, ms(10));
         l.on_fence(ms(150), W); // both younger than 200 ms: kept
         l.on_send(2, ms(150));
-        assert_eq!(l.on_ack(), Attribution::Older);
-        assert!(l.on_ack().clears(2));
-        assert!(l.on_ack().clears(2));
-        assert_eq!(l.on_ack(), Attribution::Unmatched);
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Older);
+        // Send 1 was in flight when 2 went out: its duplicate would look like these acks.
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Crossed(2));
+        assert_eq!(l.on_ack(ms(250), W), Attribution::Crossed(2));
+        assert_eq!(l.on_ack(ms(250), W), Attribution::Unmatched);
+        // The next fence settles send 1; the re-send's ack clears.
+        l.on_fence(ms(50_000), W);
+        l.on_send(2, ms(50_000));
+        assert!(l.on_ack(ms(50_100), W).clears(2));
     }
 
     #[test]
@@ -296,20 +433,20 @@ mod tests {
         l.on_send(2, ms(190));
         l.on_fence(ms(300), W); // 1 is 300 ms old: settled; 2 is 110 ms old: kept
         l.on_send(2, ms(300));
-        assert!(l.on_ack().clears(2));
-        assert!(l.on_ack().clears(2));
-        assert_eq!(l.on_ack(), Attribution::Unmatched);
+        assert!(l.on_ack(ms(350), W).clears(2));
+        assert!(l.on_ack(ms(350), W).clears(2));
+        assert_eq!(l.on_ack(ms(350), W), Attribution::Unmatched);
     }
 
     #[test]
     fn forget_and_unmatched() {
         let mut l = SendLedger::new();
-        assert_eq!(l.on_ack(), Attribution::Unmatched);
+        assert_eq!(l.on_ack(ms(0), W), Attribution::Unmatched);
         l.on_send(1, ms(0));
         l.on_send(2, ms(1));
-        l.forget();
+        l.forget(ms(1));
         assert!(l.is_empty());
-        assert_eq!(l.on_ack(), Attribution::Unmatched);
+        assert_eq!(l.on_ack(ms(2), W), Attribution::Unmatched);
     }
 
     #[test]
@@ -320,11 +457,11 @@ mod tests {
         }
         l.on_send(2, ms(400));
         for _ in 0..1000 {
-            assert_eq!(l.on_ack(), Attribution::Older);
+            assert_eq!(l.on_ack(ms(500), W), Attribution::Older);
         }
         l.on_fence(ms(1_000), W);
         l.on_send(2, ms(1_000));
-        assert!(l.on_ack().clears(2));
+        assert!(l.on_ack(ms(1_050), W).clears(2));
     }
 
     #[test]
@@ -334,17 +471,22 @@ mod tests {
         l.on_send(1, ms(10));
         l.supersede();
         l.on_send(1, ms(20)); // the same generation sent again after, e.g., a re-bind
-        assert_eq!(l.on_ack(), Attribution::Older);
-        assert_eq!(l.on_ack(), Attribution::Older);
-        assert!(
-            l.on_ack().clears(1),
-            "only the ack of the send after it clears"
-        );
-        assert_eq!(l.on_ack(), Attribution::Unmatched);
-        // A fence settles superseded sends like any older group.
-        l.on_send(2, ms(30));
-        l.supersede();
+        assert_eq!(l.on_ack(ms(100), W), Attribution::Older);
+        assert_eq!(l.on_ack(ms(100), W), Attribution::Older);
+        // The superseded sends may have been of another generation: the send after them
+        // crossed them, so its ack is not trusted to clear until a fence settles them.
+        assert_eq!(l.on_ack(ms(100), W), Attribution::Crossed(1));
+        assert_eq!(l.on_ack(ms(100), W), Attribution::Unmatched);
         l.on_fence(ms(300), W);
+        l.on_send(1, ms(300));
+        assert!(
+            l.on_ack(ms(350), W).clears(1),
+            "the ack of the send after the fence clears"
+        );
+        // A fence settles superseded sends like any older group.
+        l.on_send(2, ms(400));
+        l.supersede();
+        l.on_fence(ms(700), W);
         assert!(l.is_empty());
     }
 
@@ -355,8 +497,11 @@ mod tests {
         let (a, b) = (1_700_000_000_000u64, 1_700_000_000_150u64);
         l.on_send(a, ms(0));
         l.on_send(b, ms(150));
-        assert!(!l.on_ack().clears(b), "the ack of the older send");
-        let at = l.on_ack();
+        assert!(!l.on_ack(ms(200), W).clears(b), "the ack of the older send");
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Crossed(b));
+        l.on_fence(ms(50_000), W);
+        l.on_send(b, ms(50_000));
+        let at = l.on_ack(ms(50_100), W);
         assert_eq!(at, Attribution::Generation(b));
         assert!(!at.clears(a) && at.clears(b));
         assert_eq!(std::mem::size_of::<SendLedger<u64>>(), 16);

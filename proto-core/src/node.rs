@@ -732,8 +732,9 @@ impl Node {
     }
 
     fn forget_sends(&mut self, slot: u32) {
+        let now = self.now;
         for l in &mut self.reg.rec_mut(slot).ledger {
-            l.forget();
+            l.forget(now);
         }
     }
 
@@ -783,11 +784,14 @@ impl Node {
         let (may_clear, has) = match (kind, ledger_index(kind)) {
             (Kind::Bits, _) | (_, None) => (true, r.mask() & bits != 0),
             (_, Some(i)) => {
-                let a = if on_path {
-                    r.ledger[i].on_ack()
-                } else {
-                    Attribution::Unmatched
+                let a = match via {
+                    _ if !on_path => Attribution::Unmatched,
+                    Via::Udp(_) => r.ledger[i].on_ack(self.now, self.ack_window),
+                    Via::Tcp(_) => r.ledger[i].on_stream_ack(),
                 };
+                if matches!(a, Attribution::Crossed(_)) {
+                    self.stats.acks_crossed += 1;
+                }
                 let has = if i == K_NOTIFY {
                     r.has(flag::NOTIFY)
                 } else {

@@ -212,6 +212,9 @@ pub struct Stats {
     pub acks: u64,
     /// Acks that cleared something.
     pub acks_cleared: u64,
+    /// UDP acks attributed to a send that crossed an older one still in flight, which clear
+    /// nothing (`ack::Attribution::Crossed`; each costs one re-send on the next heartbeat).
+    pub acks_crossed: u64,
     /// Acks from unknown uuids (ignored).
     pub acks_unknown: u64,
     /// Invalid inputs by transport and reason.

@@ -657,6 +657,14 @@ fn a_late_ack_of_a_send_under_an_old_epoch_never_clears() {
     c.device(0, 4000, DeviceMsg::AckPayload); // the late ack of the epoch-1 send
     assert_eq!(pending_payload(&c), Some(Content::from_static(b"p")));
     c.device(0, 4000, DeviceMsg::AckPayload); // the ack of the epoch-3 send
+                                              // The epoch-3 send crossed the superseded epoch-1 send, which may have carried another
+                                              // generation: a duplicate of it would look like this ack (`ack::Attribution::Crossed`), so
+                                              // it clears nothing. The next heartbeat settles the old send; the re-send's ack clears.
+    assert_eq!(pending_payload(&c), Some(Content::from_static(b"p")));
+    c.advance(Duration::from_secs(1));
+    c.device(0, 4000, DeviceMsg::Heartbeat);
+    assert_eq!(c.take_udp(), vec![(0, down_20(1, "p"))]);
+    c.device(0, 4000, DeviceMsg::AckPayload);
     assert_eq!(pending_payload(&c), None);
 }
 

@@ -654,7 +654,7 @@ impl ClusterNode {
                 if e.addr.is_some_and(|o| o != a) && e.tcp.is_none() {
                     // A new socket: sends to the old address can no longer be acked (acks are
                     // only taken from the recorded address, which moves now).
-                    e.ledger.iter_mut().for_each(SendLedger::forget);
+                    e.ledger.iter_mut().for_each(|l| l.forget(self.now));
                 }
                 e.addr = Some(a);
                 e.sa_known = true;
@@ -664,7 +664,7 @@ impl ClusterNode {
                 if e.tcp != Some(c) && e.addr.is_none() {
                     // A new connection: sends on the old one can no longer be acked. With a
                     // UDP address too, keep them (as a single node does).
-                    e.ledger.iter_mut().for_each(SendLedger::forget);
+                    e.ledger.iter_mut().for_each(|l| l.forget(self.now));
                 }
                 e.tcp = Some(c);
                 false
@@ -821,12 +821,10 @@ impl ClusterNode {
             Via::Udp(a) => e.addr == Some(a),
             Via::Tcp(c) => e.tcp == Some(c),
         };
-        let attribution = kind_idx(kind).map(|k| {
-            if on_path {
-                e.ledger[k].on_ack()
-            } else {
-                Attribution::Unmatched
-            }
+        let attribution = kind_idx(kind).map(|k| match via {
+            _ if !on_path => Attribution::Unmatched,
+            Via::Udp(_) => e.ledger[k].on_ack(now, self.ack_window),
+            Via::Tcp(_) => e.ledger[k].on_stream_ack(),
         });
         if e.copy.is_none() {
             self.stats.acks_uncopied += 1;
@@ -1202,7 +1200,7 @@ impl ClusterNode {
                     e.tcp = None;
                     if e.addr.is_none() {
                         // Nothing sent on this connection can be acked any more.
-                        e.ledger.iter_mut().for_each(SendLedger::forget);
+                        e.ledger.iter_mut().for_each(|l| l.forget(self.now));
                     }
                 }
             }
