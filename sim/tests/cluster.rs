@@ -50,6 +50,10 @@ fn push_at_any_node() {
     common(&r);
     assert!(r.pokes > 100, "most pushes land at a non-owner and poke it");
     assert_eq!(r.dups_per_1000, 0.0);
+    // The cut node-to-node link: both ends saw it break (handle_peer_lost), and the pushes
+    // made meanwhile at one end for the other's devices reached them through its drain.
+    assert!(r.peer_lost >= 2, "both ends of the cut link report it: {r}");
+    assert!(r.drained_while_down >= 10, "{r}");
 }
 
 #[test]
@@ -57,6 +61,10 @@ fn kill_one_node_mid_burst() {
     let r = check(Kind::Kill, 2);
     common(&r);
     tcp_rehomed(&r);
+    assert!(
+        r.peer_lost > 0,
+        "the survivors' links to the killed node broke: {r}"
+    );
     assert!(r.rehomed > 10 && r.rehome_ms.is_some(), "{r}");
 }
 

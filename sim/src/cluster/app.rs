@@ -25,6 +25,8 @@ pub struct Planned {
     pub device: usize,
     /// What.
     pub msg: PushMsg,
+    /// The node of the first attempt, if the scenario picks it (retries go to random nodes).
+    pub node: Option<usize>,
 }
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -39,8 +41,12 @@ pub async fn run(w: Rc<World>, plan: Vec<(usize, Planned)>, seed: u64) -> turmoi
     let mut conns: BTreeMap<usize, TcpStream> = BTreeMap::new();
     for (k, p) in plan {
         tokio::time::sleep(Duration::from_millis(p.at.saturating_sub(now_ms()))).await;
-        for _ in 0..TRIES {
-            let node = rng.random_range(0..w.nodes);
+        for t in 0..TRIES {
+            let drawn = rng.random_range(0..w.nodes);
+            let node = match p.node {
+                Some(n) if t == 0 => n,
+                _ => drawn,
+            };
             let sent_at = now_ms();
             let reply = attempt(&w, &mut conns, node, &p).await;
             w.attempts.borrow_mut().push(Attempt {

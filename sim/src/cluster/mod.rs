@@ -6,6 +6,7 @@
 pub mod app;
 pub mod device;
 pub mod node;
+pub mod peer;
 pub mod scenario;
 pub mod store;
 pub mod world;

@@ -2,7 +2,8 @@
 //! driven by the core's [`Driver`] like the single-node host (`crate::server`) and ddpushd.
 //!
 //! It only moves bytes and time in the driver's turn order: read sockets (device UDP and TCP
-//! 9966, push TCP 9999, store replies, peer pokes), call `handle_*`, end the turn with the
+//! 9966, push TCP 9999, store replies, pokes and lost links from the node-to-node links of
+//! [`super::peer`]), call `handle_*` (`handle_peer_lost` when a link broke), end the turn with the
 //! cluster's acceptance step ([`StoreConfirmed`]: a push is `0x00` only once the store
 //! confirmed it), then drain `poll_store` to the store host, `poll_peer` to the other nodes,
 //! `poll_transmit`, `poll_close`, `poll_event`, and sleep until the next input or
@@ -23,15 +24,21 @@ use tokio::sync::mpsc;
 use turmoil::net::tcp::OwnedWriteHalf;
 use turmoil::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::peer::{self, PeerEvent, Peers, PEER_PORT};
 use super::store::{decode, encode, STORE_PORT};
 use super::world::{node_name, Logged, NodeCounts, World};
 use crate::server::{spawn_reader, Input, DEVICE_PORT, PUSH_PORT};
 use crate::world::now_ms;
 
-/// Node-to-node port.
-pub const PEER_PORT: u16 = 7100;
 /// The port a node talks to the store from.
 const STORE_CLIENT_PORT: u16 = 7200;
+
+/// What this incarnation's node-to-node links did.
+#[derive(Default)]
+struct LinkCounts {
+    /// Pokes dropped at a full link queue.
+    dropped: u64,
+}
 
 fn now() -> Time {
     Time::from_millis(now_ms())
@@ -45,31 +52,28 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
         let mut live = w.live.borrow_mut();
         let mut past = w.past.borrow_mut();
         let l = std::mem::take(&mut live[idx]);
-        for k in 0..4 {
-            past[idx].store_ops[k] += l.store_ops[k];
-        }
-        past[idx].heartbeats += l.heartbeats;
-        past[idx].pokes[0] += l.pokes[0];
-        past[idx].pokes[1] += l.pokes[1];
-        past[idx].store_failures += l.store_failures;
-        past[idx].unattributed += l.unattributed;
+        past[idx].add(&l);
     }
     let any = Ipv4Addr::UNSPECIFIED;
     let udp = UdpSocket::bind((any, DEVICE_PORT)).await?;
     let push_l = TcpListener::bind((any, PUSH_PORT)).await?;
     let dev_l = TcpListener::bind((any, DEVICE_PORT)).await?;
-    let peer = UdpSocket::bind((any, PEER_PORT)).await?;
+    let peer_l = TcpListener::bind((any, PEER_PORT)).await?;
     let store = UdpSocket::bind((any, STORE_CLIENT_PORT)).await?;
     let store_addr: SocketAddr = (turmoil::lookup("store"), STORE_PORT).into();
+    let cfg_seed = cfg.hash_seed;
     let mut node = ClusterNode::new(cfg, cc).expect("valid config");
     let mut driver = Driver::new();
+    let (peer_tx, mut peer_rx) = mpsc::unbounded_channel::<PeerEvent>();
+    let mut peers = Peers::new(w.clone(), idx, peer_tx.clone(), cfg_seed);
+    // This incarnation's link counters (the core does not see the links).
+    let mut links = LinkCounts::default();
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     let mut writers: BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)> =
         BTreeMap::new();
     let mut next_conn: ConnId = 1;
     let mut sbuf = vec![0u8; 1 << 16];
-    let mut pbuf = vec![0u8; 1 << 16];
     let mut buf = vec![0u8; 2048];
     loop {
         let wait = node.poll_timeout().map_or(Duration::from_secs(3600), |d| {
@@ -84,11 +88,16 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
                     }
                 }
             }
-            r = peer.recv_from(&mut pbuf) => {
-                if let Ok((n, _)) = r {
-                    if let Some(msg) = decode::<PeerMsg>(&pbuf[..n]) {
-                        node.handle_peer(now(), msg);
-                    }
+            Some(ev) = peer_rx.recv() => match ev {
+                PeerEvent::Msg(msg) => node.handle_peer(now(), msg),
+                PeerEvent::Lost(from) => {
+                    w.peer_lost.borrow_mut().push((now_ms(), idx, from));
+                    node.handle_peer_lost(now());
+                }
+            },
+            r = peer_l.accept() => {
+                if let Ok((s, _)) = r {
+                    tokio::task::spawn_local(peer::accept(s, peer_tx.clone()));
                 }
             }
             r = udp.recv_from(&mut buf) => {
@@ -123,7 +132,8 @@ pub async fn run(w: Rc<World>, idx: usize, cfg: Config, cc: ClusterConfig) -> tu
             &mut node,
             &mut driver,
             &udp,
-            &peer,
+            &mut peers,
+            &mut links,
             &store,
             store_addr,
             &mut writers,
@@ -160,7 +170,8 @@ async fn flush(
     node: &mut ClusterNode,
     driver: &mut Driver,
     udp: &UdpSocket,
-    peer: &UdpSocket,
+    peers: &mut Peers,
+    links: &mut LinkCounts,
     store: &UdpSocket,
     store_addr: SocketAddr,
     writers: &mut BTreeMap<ConnId, (OwnedWriteHalf, tokio::task::JoinHandle<()>)>,
@@ -203,6 +214,7 @@ async fn flush(
             pokes: s.pokes,
             store_failures: s.store_errors + s.store_timeouts,
             unattributed: s.acks_unattributed,
+            pokes_dropped: links.dropped,
         };
     }
     for op in ops {
@@ -210,8 +222,9 @@ async fn flush(
     }
     for (to, msg) in pokes {
         if let Some(i) = (0..w.nodes).find(|&i| node_name(i) == to.0) {
-            let addr: SocketAddr = (turmoil::lookup(node_name(i)), PEER_PORT).into();
-            let _ = peer.send_to(&encode(&msg), addr).await;
+            if !peers.send(i, msg) {
+                links.dropped += 1;
+            }
         }
     }
     for (dest, bytes) in out {

@@ -21,7 +21,8 @@ use crate::world::device_uuid;
 /// The cluster scenarios of docs/CLUSTER.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// Pushes at random nodes, no faults: delivered by the owner with the golden bytes.
+    /// Pushes at random nodes: delivered by the owner with the golden bytes, also while the
+    /// node-to-node link between two nodes is cut (their pokes lost; the owner's drain delivers).
     AnyNode,
     /// kill -9 of one node mid-burst; it restarts 30 s later.
     Kill,
@@ -113,6 +114,13 @@ const PUSHERS: usize = 3;
 /// Pushes in the 6 s around a fault.
 const BURST: usize = 60;
 const DEVICE_HOSTS: usize = 3;
+/// `cluster-anynode`: pushes during the node-to-node link cut, each at one of the two cut nodes
+/// for a device the other one serves.
+const CUT_BURST: usize = 30;
+/// `cluster-anynode`: a push made while its owner's link was down must reach the device from
+/// the owner before the link is back, if it stays down this much longer (the drain runs every
+/// second and at once after a lost link).
+const DRAIN_WITHIN: u64 = 3_000;
 /// `cluster-acks`: the network's faults on device datagrams start here, after a steady window
 /// without them (a lost ack is a lost sign of life too, so it may legitimately take a device
 /// offline and cost a bind).
@@ -175,6 +183,8 @@ enum Fault {
     StoreCut(usize, u64),
     /// Crash the store host and promote its replica; back after the duration.
     StoreFailover(u64),
+    /// Partition two nodes from each other (only their node-to-node link) for the duration.
+    PeerCut(usize, usize, u64),
 }
 
 /// Figures of one run.
@@ -234,6 +244,19 @@ pub struct Report {
     pub rebinds: u64,
     /// Pokes sent.
     pub pokes: u64,
+    /// Pokes dropped at a full link queue.
+    pub pokes_dropped: u64,
+    /// Node-to-node links that came up (dials that succeeded).
+    pub links_up: usize,
+    /// `handle_peer_lost` calls (both ends of every link that went down).
+    pub peer_lost: usize,
+    /// `cluster-anynode`: pushes accepted at a node while its link to the device's owner was
+    /// down; of those, the ones whose link stayed down long enough to tell ([`DRAIN_WITHIN`]),
+    /// all of which reached the device from the owner before the link was back (by its drain,
+    /// not a poke).
+    pub pushes_link_down: usize,
+    /// See `pushes_link_down`.
+    pub drained_while_down: usize,
     /// Accepted pushes whose store write a fail-over dropped.
     pub lost_by_failover: usize,
     /// Store writes a fail-over dropped (applied, not yet replicated).
@@ -250,7 +273,8 @@ impl fmt::Display for Report {
              unanswered={} delivered={} dups/1000={:.1} rehome={} rehomed={} (tcp={} in {}) \
              binds/s={:.1} ops/push={:.2} \
              push+ack-ops/push={:.2} ops/heartbeat(steady)={:.3} ({} hb) acks-not-cleared={} \
-             acks-older={} lost-down={} lost-acks={} rebinds={} pokes={} lost-by-failover={} \
+             acks-older={} lost-down={} lost-acks={} rebinds={} pokes={} (dropped {}) \
+             links-up={} peer-lost={} link-down-pushes={} (drained {}) lost-by-failover={} \
              writes-dropped={} trace={:016x}",
             self.scenario,
             self.seed,
@@ -280,6 +304,11 @@ impl fmt::Display for Report {
             self.lost_acks,
             self.rebinds,
             self.pokes,
+            self.pokes_dropped,
+            self.links_up,
+            self.peer_lost,
+            self.pushes_link_down,
+            self.drained_while_down,
             self.lost_by_failover,
             self.writes_dropped,
             self.trace,
@@ -325,12 +354,14 @@ pub fn run(p: &Params) -> Result<Report, String> {
                 at,
                 device,
                 msg: payload(k, &mut rng),
+                node: None,
             });
             k += 1;
             pushes.push(Planned {
                 at: at + rng.random_range(0..300),
                 device,
                 msg: payload(k, &mut rng),
+                node: None,
             });
             k += 1;
             continue;
@@ -347,7 +378,12 @@ pub fn run(p: &Params) -> Result<Report, String> {
                 } else {
                     payload(k, &mut rng)
                 };
-                pushes.push(Planned { at: t, device, msg });
+                pushes.push(Planned {
+                    at: t,
+                    device,
+                    msg,
+                    node: None,
+                });
                 k += 1;
                 t += rng.random_range(0..200);
             }
@@ -358,7 +394,12 @@ pub fn run(p: &Params) -> Result<Report, String> {
             1 => PushMsg::Bits(1u64 << rng.random_range(0..64)),
             _ => payload(k, &mut rng),
         };
-        pushes.push(Planned { at, device, msg });
+        pushes.push(Planned {
+            at,
+            device,
+            msg,
+            node: None,
+        });
         k += 1;
     }
     if matches!(
@@ -376,15 +417,49 @@ pub fn run(p: &Params) -> Result<Report, String> {
                 at: mid - 3_000 + rng.random_range(0..6_000),
                 device: rng.random_range(0..n),
                 msg,
+                node: None,
             });
         }
     }
+    // cluster-anynode: the link between two nodes is cut for 40-70 s, and a burst of pushes
+    // is made at each of them for devices the other one serves: their pokes cannot go.
+    let peer_cut = if p.kind == Kind::AnyNode {
+        let a = victim;
+        let b = (victim + rng.random_range(1..NODES)) % NODES;
+        let dur = rng.random_range(40_000..70_000);
+        for _ in 0..CUT_BURST {
+            let (x, y) = if rng.random_bool(0.5) { (a, b) } else { (b, a) };
+            let served: Vec<usize> = (0..n).filter(|&d| World::home(NODES, d) == y).collect();
+            let device = served[rng.random_range(0..served.len())];
+            let msg = match rng.random_range(0..3) {
+                0 => PushMsg::Notify,
+                1 => PushMsg::Bits(1u64 << rng.random_range(0..64)),
+                _ => PushMsg::Payload(Content::new(format!("m{k}:cut")).expect("short")),
+            };
+            k += 1;
+            pushes.push(Planned {
+                // After the ends noticed the cut (within peer::SILENCE + a keepalive).
+                at: mid + 8_000 + rng.random_range(0..dur - 16_000),
+                device,
+                msg,
+                node: Some(x),
+            });
+        }
+        Some((a, b, mid, mid + dur))
+    } else {
+        None
+    };
     pushes.sort_by_key(|x| x.at);
 
     // Faults.
     let mut faults: Vec<(u64, Fault)> = Vec::new();
     match p.kind {
-        Kind::AnyNode | Kind::Crossing | Kind::Acks => {}
+        Kind::AnyNode => {
+            if let Some((a, b, from, until)) = peer_cut {
+                faults.push((from, Fault::PeerCut(a, b, until - from)));
+            }
+        }
+        Kind::Crossing | Kind::Acks => {}
         Kind::Kill => faults.push((mid, Fault::Kill(victim, Some(30_000)))),
         Kind::Freeze => faults.push((
             mid,
@@ -508,7 +583,10 @@ pub fn run(p: &Params) -> Result<Report, String> {
         let done = sim.step().map_err(|e| format!("simulation error: {e}"))?;
         let now = sim.elapsed().as_millis() as u64;
         while next < faults.len() && faults[next].0 <= now {
-            steady_end = steady_end.min(faults[next].0);
+            // A cut node-to-node link moves no device: the steady window (no binds) goes on.
+            if !matches!(faults[next].1, Fault::PeerCut(..)) {
+                steady_end = steady_end.min(faults[next].0);
+            }
             match faults[next].1.clone() {
                 Fault::Kill(k, back) => {
                     sim.crash(node_name(k).as_str());
@@ -535,6 +613,10 @@ pub fn run(p: &Params) -> Result<Report, String> {
                     later.push((now + d, Action::RepairStore(k)));
                     store_cut = Some((k, now, now + d));
                 }
+                Fault::PeerCut(a, b, d) => {
+                    sim.partition(node_name(a).as_str(), node_name(b).as_str());
+                    later.push((now + d, Action::RepairPeers(a, b)));
+                }
                 Fault::StoreFailover(d) => {
                     sim.crash("store");
                     w.store.borrow_mut().fail_over(now);
@@ -551,6 +633,9 @@ pub fn run(p: &Params) -> Result<Report, String> {
                 Action::Bounce(k) => sim.bounce(node_name(k).as_str()),
                 Action::BounceStore => sim.bounce("store"),
                 Action::RepairStore(k) => sim.repair(node_name(k).as_str(), "store"),
+                Action::RepairPeers(a, b) => {
+                    sim.repair(node_name(a).as_str(), node_name(b).as_str())
+                }
                 Action::Heal(k) => {
                     for h in hosts.iter().filter(|h| **h != node_name(k)) {
                         sim.repair(node_name(k).as_str(), h.as_str());
@@ -578,6 +663,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
         steady_end,
         lost_at,
         store_cut,
+        peer_cut,
         &mut report,
         &mut errors,
     );
@@ -598,6 +684,7 @@ enum Action {
     Bounce(usize),
     BounceStore,
     RepairStore(usize),
+    RepairPeers(usize, usize),
     Heal(usize),
 }
 
@@ -633,6 +720,7 @@ fn check(
     steady_end: u64,
     lost_at: Option<(u64, usize)>,
     store_cut: Option<(usize, u64, u64)>,
+    peer_cut: Option<(usize, usize, u64, u64)>,
     report: &mut Report,
     errors: &mut Vec<String>,
 ) {
@@ -908,6 +996,35 @@ fn check(
         }
     }
 
+    // Node-to-node links: a lost node's links break at the survivors, and they drain.
+    let silence = super::peer::SILENCE.as_millis() as u64;
+    let lost = w.peer_lost.borrow();
+    report.peer_lost = lost.len();
+    report.links_up = w.links_up.borrow().len();
+    if let (Some((t0, k)), Kind::Kill | Kind::Freeze | Kind::Rolling | Kind::Rehome) =
+        (lost_at, p.kind)
+    {
+        if !lost
+            .iter()
+            .any(|&(t, at, peer)| at != k && peer == k && t >= t0 && t <= t0 + 3 * silence)
+        {
+            errors.push(format!(
+                "no survivor called handle_peer_lost for its links with lost node {k}"
+            ));
+        }
+    }
+    if let Some((a, b, from, until)) = peer_cut {
+        check_peer_cut(
+            w,
+            &attempts,
+            &events,
+            &payload_pos,
+            (a, b, from, until),
+            report,
+            errors,
+        );
+    }
+
     report.writes_dropped = st.log.iter().filter(|a| a.lost).count();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut add = |b: &[u8]| {
@@ -937,6 +1054,7 @@ fn check(
             (c.store_ops[0] + c.store_ops[1]) as f64 / report.accepted as f64;
     }
     report.pokes = c.pokes[0];
+    report.pokes_dropped = c.pokes_dropped;
     report.acks_older = c.unattributed;
     let f = *w.fault_counts.borrow();
     (report.lost_down, report.lost_acks, report.rebinds) = (f.lost_down, f.lost_acks, f.rebinds);
@@ -969,5 +1087,105 @@ fn check(
         errors.push(format!(
             "{binds} binds in the steady window ({hb} heartbeats)"
         ));
+    }
+}
+
+/// `cluster-anynode`'s cut of the link between nodes `a` and `b` (from `from` to `until`):
+/// both ends called `handle_peer_lost`, and every push accepted at one of them while its link
+/// to the device's owner (the other) was down reached the device from the owner before the
+/// link was back: through the store (the owner's drain of its dirty marks), since no poke
+/// could carry it.
+fn check_peer_cut(
+    w: &World,
+    attempts: &[super::world::Attempt],
+    events: &[super::world::Logged],
+    payload_pos: &BTreeMap<Vec<u8>, usize>,
+    (a, b, from, until): (usize, usize, u64, u64),
+    report: &mut Report,
+    errors: &mut Vec<String>,
+) {
+    let silence = super::peer::SILENCE.as_millis() as u64;
+    let lost = w.peer_lost.borrow();
+    for (x, y) in [(a, b), (b, a)] {
+        if !lost
+            .iter()
+            .any(|&(t, at, peer)| at == x && peer == y && t >= from && t <= until + 2 * silence)
+        {
+            errors.push(format!(
+                "node {x} never called handle_peer_lost for its link with node {y} during the cut"
+            ));
+        }
+    }
+    let downs = w.links_down.borrow();
+    let mut checked = 0usize;
+    for att in attempts
+        .iter()
+        .filter(|t| t.reply == Some(0) && (t.node == a || t.node == b))
+    {
+        let (x, y) = if att.node == a { (a, b) } else { (b, a) };
+        let uuid = w.uuids[att.device];
+        let owner = events
+            .iter()
+            .filter(|l| {
+                l.at <= att.sent_at
+                    && matches!(&l.event, ClusterEvent::Bound { uuid: u, .. } if *u == uuid)
+            })
+            .last()
+            .map(|l| l.node);
+        if owner != Some(y) {
+            continue;
+        }
+        let Some(down) = downs.iter().find(|l| {
+            l.from == x
+                && l.to == y
+                && l.since <= att.sent_at
+                && l.until.is_none_or(|u| u > att.sent_at)
+        }) else {
+            continue;
+        };
+        report.pushes_link_down += 1;
+        let back = down.until.unwrap_or(u64::MAX);
+        if back < att.sent_at + DRAIN_WITHIN {
+            continue; // back too soon to tell a drain from a poke queued on the link
+        }
+        checked += 1;
+        let log = w.devices[att.device].borrow();
+        let by_owner =
+            |r: &&super::world::Rx| r.from == Some(y) && r.at >= att.sent_at && r.at < back;
+        let ok = match &att.msg {
+            PushMsg::Notify => log
+                .rx
+                .iter()
+                .filter(by_owner)
+                .any(|r| r.msg == DownMsg::Notify),
+            PushMsg::Bits(bits) => log
+                .rx
+                .iter()
+                .filter(by_owner)
+                .any(|r| matches!(r.msg, DownMsg::Bits(m) if m & bits == *bits)),
+            // This payload, or one stored after it (the last one wins).
+            PushMsg::Payload(want) => {
+                let pos = payload_pos.get(want.as_ref()).copied();
+                log.rx.iter().filter(by_owner).any(|r| match &r.msg {
+                    DownMsg::Payload(got) => {
+                        got.as_ref() == want.as_ref()
+                            || payload_pos.get(got.as_ref()).copied() > pos
+                    }
+                    _ => false,
+                })
+            }
+        };
+        if ok {
+            report.drained_while_down += 1;
+        } else {
+            errors.push(format!(
+                "device {}: {:?} accepted at node {x} at {} ms while its link to the owner {y} \
+                 was down (until {back} ms) did not reach the device from {y} meanwhile",
+                att.device, att.msg, att.sent_at
+            ));
+        }
+    }
+    if checked == 0 {
+        errors.push("no push was accepted while the cut link was down".to_string());
     }
 }

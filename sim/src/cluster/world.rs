@@ -177,6 +177,37 @@ pub struct NodeCounts {
     pub store_failures: u64,
     /// Acks whose send could not be attributed.
     pub unattributed: u64,
+    /// Pokes dropped because their link's queue was full.
+    pub pokes_dropped: u64,
+}
+
+impl NodeCounts {
+    /// Adds `o` to these counters.
+    pub fn add(&mut self, o: &NodeCounts) {
+        for k in 0..4 {
+            self.store_ops[k] += o.store_ops[k];
+        }
+        self.heartbeats += o.heartbeats;
+        self.pokes[0] += o.pokes[0];
+        self.pokes[1] += o.pokes[1];
+        self.store_failures += o.store_failures;
+        self.unattributed += o.unattributed;
+        self.pokes_dropped += o.pokes_dropped;
+    }
+}
+
+/// A stretch of time in which a node's outbound link to a peer was down: from a break (or a
+/// failed dial) until a dial succeeded again.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkDown {
+    /// The node whose link it is.
+    pub from: usize,
+    /// The peer.
+    pub to: usize,
+    /// Down since (ms).
+    pub since: u64,
+    /// Up again at (ms), if it came back.
+    pub until: Option<u64>,
 }
 
 /// Everything shared in one cluster simulation.
@@ -209,6 +240,12 @@ pub struct World {
     pub faults: DeviceFaults,
     /// What they did.
     pub fault_counts: RefCell<FaultCounts>,
+    /// Down stretches of the nodes' outbound node-to-node links.
+    pub links_down: RefCell<Vec<LinkDown>>,
+    /// Node-to-node links that came up: (ms, dialer, listener).
+    pub links_up: RefCell<Vec<(u64, usize, usize)>>,
+    /// Each `handle_peer_lost` call: (ms, node, the peer whose link went down).
+    pub peer_lost: RefCell<Vec<(u64, usize, usize)>>,
 }
 
 impl World {
@@ -239,6 +276,9 @@ impl World {
             node_addrs: RefCell::default(),
             faults,
             fault_counts: RefCell::default(),
+            links_down: RefCell::default(),
+            links_up: RefCell::default(),
+            peer_lost: RefCell::default(),
         })
     }
 
@@ -252,18 +292,18 @@ impl World {
             .max_by_key(|&n| mix(device as u64, n as u64))
     }
 
+    /// The node the load balancer sends `device` to while every node is up.
+    pub fn home(nodes: usize, device: usize) -> usize {
+        (0..nodes)
+            .max_by_key(|&n| mix(device as u64, n as u64))
+            .unwrap_or(0)
+    }
+
     /// Counters summed over every incarnation of every node.
     pub fn counts(&self) -> NodeCounts {
         let mut t = NodeCounts::default();
         for c in self.past.borrow().iter().chain(self.live.borrow().iter()) {
-            for k in 0..4 {
-                t.store_ops[k] += c.store_ops[k];
-            }
-            t.heartbeats += c.heartbeats;
-            t.pokes[0] += c.pokes[0];
-            t.pokes[1] += c.pokes[1];
-            t.store_failures += c.store_failures;
-            t.unattributed += c.unattributed;
+            t.add(c);
         }
         t
     }

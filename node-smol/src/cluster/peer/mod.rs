@@ -5,7 +5,9 @@
 //! the peer registered in the store (`--peer-advertise`); after a failure it is dialed again
 //! with exponential back-off (100 ms doubling to 5 s, with jitter). Inbound links are accepted
 //! on `--peer-listen`. Both sides report a link that went down, so that the core drains its
-//! dirty marks at once. The wire format is in [`wire`].
+//! dirty marks at once; TCP keepalive and `TCP_USER_TIMEOUT` break a link to a peer that
+//! stopped answering within about 5 s. The wire format is in [`wire`]. The simulator's link
+//! (`sim/src/cluster/peer.rs`) behaves the same way.
 
 pub mod wire;
 
@@ -30,6 +32,10 @@ const LINK_QUEUE: usize = 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A link whose peer stopped answering breaks within about this long (keepalive probes after
+/// 2 s idle, every second, 3 of them; unacknowledged data for this long, `TCP_USER_TIMEOUT`).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+const DEAD_PEER: Duration = Duration::from_secs(5);
 
 /// What the links tell the event loop.
 #[derive(Debug)]
@@ -185,6 +191,7 @@ async fn link_out(
     let (stream, session) = within(HANDSHAKE_TIMEOUT, async {
         let stream = Async::<TcpStream>::connect(addr).await?;
         let _ = stream.get_ref().set_nodelay(true);
+        detect_dead_peer(stream.get_ref());
         let session = handshake(&stream, cfg, true, Some(node)).await?.0;
         Ok::<_, LinkError>((stream, session))
     })
@@ -236,6 +243,7 @@ pub async fn listen(
             continue;
         };
         let _ = stream.get_ref().set_nodelay(true);
+        detect_dead_peer(stream.get_ref());
         ex.spawn(link_in(stream, from, cfg.clone(), tx.clone()))
             .detach();
     }
@@ -372,6 +380,21 @@ async fn within<T>(
         Err(LinkError::Timeout)
     })
     .await
+}
+
+/// Lets the kernel break a link whose peer host died, froze or was cut off, within about
+/// [`DEAD_PEER`]. Without it such a link hangs until the kernel gives up retransmitting (about
+/// 15 minutes), and an idle inbound link is never noticed at all: its pokes queue up and are
+/// dropped, and the node never drains at once. A broken link is reported as lost by its
+/// reader at once and by its writer at its next write, and the node drains.
+fn detect_dead_peer(s: &TcpStream) {
+    let s = socket2::SockRef::from(s);
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(2));
+    #[cfg(target_os = "linux")]
+    let ka = ka.with_interval(Duration::from_secs(1)).with_retries(3);
+    let _ = s.set_tcp_keepalive(&ka);
+    #[cfg(target_os = "linux")]
+    let _ = s.set_tcp_user_timeout(Some(DEAD_PEER));
 }
 
 fn nonce() -> [u8; 16] {
