@@ -34,20 +34,23 @@
 //! seed 3660 of the simulator: a payload's ack duplicated by a NAT cleared the next payload,
 //! whose immediate send had been lost). So an ack attributed to the newest generation clears only
 //! if that generation's sends **did not cross** a send of another generation still in flight:
-//! when the newest group was started while sends of an older generation were unmatched, its
-//! UDP acks are [`Attribution::Crossed`] until a fence settles the older sends or the stray window
+//! when the newest group was started while sends of an older generation were unmatched, and
+//! more than a burst gap ([`Window::burst`], a quarter of the in-flight window) after the latest
+//! of them, its UDP acks are [`Attribution::Crossed`] until a fence settles the older sends or the stray window
 //! (ten in-flight windows, [`Window::stray`]) has passed since the latest of them. Such an ack
 //! is consumed as usual and clears nothing; the item goes out again on the next heartbeat, and
 //! the ack of that re-send clears it. The price is one duplicate where an older send's ack
 //! crossed a newer push, which is a duplicate the network's crossing caused, never a loss.
-//! Acks on a TCP connection ([`SendLedger::on_stream_ack`]) are exact: a stream duplicates
+//! Sends closer together than the burst gap (pushes in one turn, or an app server pushing
+//! twice in a row on a fast network) are one burst: their acks are trusted, so a quick pair of
+//! pushes to an online device costs no duplicate. Acks on a TCP connection ([`SendLedger::on_stream_ack`]) are exact: a stream duplicates
 //! nothing.
 //!
-//! The one loss left needs three faults together: an older item acked **before** the newer push
-//! (so nothing crossed), a duplicate of that older item's datagram delivered to the device after
-//! the newer push was sent (a downlink copy held back by more than the gap between the older
-//! ack and the newer push), and the newer push's immediate send lost. Copies of one datagram on
-//! one path arrive close together, so the gap must be shorter than their spread.
+//! The losses left need three faults together: a duplicate of an older send's datagram or ack,
+//! the newer push's immediate send lost, and either the two sends within one burst gap of each
+//! other, or the older item acked **before** the newer push went out (so nothing crossed) with a
+//! downlink copy of it held back past the newer push (copies of one datagram on one path arrive
+//! close together, so that needs a spread longer than the gap between the ack and the push).
 //!
 //! # When the ledger forgets (the only places precision is traded)
 //!
@@ -70,7 +73,8 @@
 //!   clears nothing until the first send after the restart; the first heartbeat's answer is
 //!   then the fence, so a restart does not make acks untrusted for any length of time.
 //!
-//! Counts saturate at 255 and then stick (every further ack is attributed to that group), which
+//! Counts saturate (the newest group's at 255, the older group's at 127: its byte also holds
+//! the crossing bit) and then stick (every further ack is attributed to that group), which
 //! errs toward a duplicate delivery, never toward a loss.
 //!
 //! # Memory
@@ -98,8 +102,15 @@ pub const TICK_MS: u64 = 8;
 /// Largest in-flight window the ledger can represent with margin (see [`TICK_MS`]).
 pub const MAX_WINDOW: Duration = Duration::from_secs(60);
 
-/// Count value that no longer moves.
+/// Count value that no longer moves (the newest group's count).
 const STUCK: u8 = u8::MAX;
+
+/// Count value that no longer moves for the older group, whose byte also holds [`CROSSED`].
+const STUCK_OLDER: u8 = 0x7F;
+
+/// Bit of the older group's byte: the newest group crossed the older sends (see the module
+/// docs), so its UDP acks may be strays of theirs.
+const CROSSED: u8 = 0x80;
 
 /// What an ack answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,19 +148,18 @@ impl Window {
         Window(ms.div_ceil(TICK_MS) as u16)
     }
 
+    /// Sends of two generations closer than this are one burst (see the module docs): a
+    /// quarter of the window (48 ms at the default 200 ms).
+    pub fn burst(self) -> Window {
+        Window(self.0 / 4)
+    }
+
     /// How long a send can still produce a stray ack (a duplicate of its datagram or of its
     /// ack): a round trip plus the spread of the copies. Ten in-flight windows (2 s at the
     /// default 200 ms), at most [`MAX_WINDOW`].
     pub fn stray(self) -> Window {
         Window(self.0.saturating_mul(10).min(Window::new(MAX_WINDOW).0))
     }
-}
-
-/// A tick half the wrap before `now`: the `older_at` of a ledger whose older sends are settled
-/// (no age check within [`MAX_WINDOW`] calls it young until about 4.4 minutes later; every
-/// fence renews it).
-fn settled(now: u16) -> u16 {
-    now.wrapping_sub(0x8000)
 }
 
 fn tick(t: Time) -> u16 {
@@ -168,12 +178,10 @@ pub struct SendLedger<G = Generation> {
     gen: G,
     /// Unmatched sends of `gen`.
     newest: u8,
-    /// Unmatched sends of older generations.
+    /// Unmatched sends of older generations (low 7 bits) and [`CROSSED`].
     older: u8,
-    /// Tick of the latest send of the newest group.
+    /// Tick of the latest send of each group.
     newest_at: u16,
-    /// Tick of the latest send of an older generation that the newest group crossed (sent while
-    /// it was unmatched), or a [`settled`] tick when there is none.
     older_at: u16,
 }
 
@@ -190,20 +198,22 @@ impl SendLedger {
     }
 }
 
-impl<G: Copy + PartialEq + Default> SendLedger<G> {
-    /// A send of generation `gen` left at `now` (to the record's current path).
-    pub fn on_send(&mut self, gen: G, now: Time) {
+impl<G: Copy + PartialEq> SendLedger<G> {
+    /// A send of generation `gen` left at `now` (to the record's current path); `window` is
+    /// the in-flight window.
+    pub fn on_send(&mut self, gen: G, now: Time, window: Window) {
         if gen != self.gen {
             if self.newest > 0 {
-                // The new generation crosses the unmatched sends of the previous one.
-                self.older = add(self.older, self.newest);
+                // The new generation crosses the unmatched sends of the previous one, unless
+                // it follows them within a burst (a crossing marked before stays marked).
+                let apart = tick(now).wrapping_sub(self.newest_at) > window.burst().0;
+                let crossed = self.crossed() || apart;
+                self.set_older(add_older(self.older_count(), self.newest), crossed);
                 self.older_at = self.newest_at;
                 self.newest = 0;
-            } else if self.older == 0 {
-                // Every earlier send was matched or settled (or there was none: a fresh
-                // ledger's generation is the default one, which no push carries): nothing
-                // in flight to cross.
-                self.older_at = settled(tick(now));
+            } else if self.older_count() == 0 {
+                // Every earlier send was matched or settled: nothing in flight to cross.
+                self.set_older(0, false);
             }
         }
         self.gen = gen;
@@ -213,12 +223,13 @@ impl<G: Copy + PartialEq + Default> SendLedger<G> {
 
     /// An ack arrived at `now` over UDP from the record's current address: match it to the
     /// oldest unmatched send. `window` is the in-flight window; an ack of the newest generation
-    /// within its [`Window::stray`] of a crossed older send is [`Attribution::Crossed`], since a
-    /// datagram network may have duplicated that older send or its ack.
+    /// that crossed older sends, within [`Window::stray`] of the latest of them, is
+    /// [`Attribution::Crossed`], since a datagram network may have duplicated one of them or
+    /// its ack.
     pub fn on_ack(&mut self, now: Time, window: Window) -> Attribution<G> {
-        let crossed = tick(now).wrapping_sub(self.older_at) <= window.stray().0;
+        let stray = self.crossed() && tick(now).wrapping_sub(self.older_at) <= window.stray().0;
         match self.consume() {
-            Attribution::Generation(g) if crossed => Attribution::Crossed(g),
+            Attribution::Generation(g) if stray => Attribution::Crossed(g),
             a => a,
         }
     }
@@ -231,8 +242,9 @@ impl<G: Copy + PartialEq + Default> SendLedger<G> {
     }
 
     fn consume(&mut self) -> Attribution<G> {
-        if self.older > 0 {
-            self.older = sub(self.older);
+        let older = self.older_count();
+        if older > 0 {
+            self.set_older(sub_older(older), self.crossed());
             Attribution::Older
         } else if self.newest > 0 {
             self.newest = sub(self.newest);
@@ -251,11 +263,10 @@ impl<G: Copy + PartialEq + Default> SendLedger<G> {
         let old = |at: u16| now.wrapping_sub(at) > window.0;
         if old(self.older_at) {
             // The device sent this heartbeat after acking everything it had of the older
-            // sends: they can no longer make an ack stray.
-            self.older = 0;
-            self.older_at = settled(now);
+            // sends: they are settled, and can no longer make an ack stray.
+            self.set_older(0, false);
         }
-        if self.newest > 0 && self.older == 0 && old(self.newest_at) {
+        if self.newest > 0 && self.older_count() == 0 && old(self.newest_at) {
             self.newest = 0;
         }
     }
@@ -263,18 +274,18 @@ impl<G: Copy + PartialEq + Default> SendLedger<G> {
     /// Every send went to a path that can no longer deliver acks (the node ignores acks from
     /// it): forget them all. Copies of them can only reach that path too, so nothing they
     /// cause can stray onto the new one: later sends cross nothing.
-    pub fn forget(&mut self, now: Time) {
+    pub fn forget(&mut self) {
         self.newest = 0;
-        self.older = 0;
-        self.older_at = settled(tick(now));
+        self.set_older(0, false);
     }
 
     /// The item may have a newer generation than any send made (the owner of this ledger lost
     /// track of it): every unmatched send now counts as older, so its ack is still consumed in
-    /// order but never clears. Later sends start a new newest group as usual.
+    /// order but never clears. Later sends start a new newest group as usual; they count as
+    /// crossing the superseded ones, which may have carried another generation.
     pub fn supersede(&mut self) {
         if self.newest > 0 {
-            self.older = add(self.older, self.newest);
+            self.set_older(add_older(self.older_count(), self.newest), true);
             self.older_at = self.newest_at;
             self.newest = 0;
         }
@@ -282,7 +293,19 @@ impl<G: Copy + PartialEq + Default> SendLedger<G> {
 
     /// No unmatched send.
     pub fn is_empty(&self) -> bool {
-        self.newest == 0 && self.older == 0
+        self.newest == 0 && self.older_count() == 0
+    }
+
+    fn older_count(&self) -> u8 {
+        self.older & !CROSSED
+    }
+
+    fn crossed(&self) -> bool {
+        self.older & CROSSED != 0
+    }
+
+    fn set_older(&mut self, count: u8, crossed: bool) {
+        self.older = count | if crossed { CROSSED } else { 0 };
     }
 }
 
@@ -297,6 +320,23 @@ fn add(a: u8, b: u8) -> u8 {
 fn sub(a: u8) -> u8 {
     if a == STUCK {
         STUCK
+    } else {
+        a - 1
+    }
+}
+
+/// `add` for the older group's 7-bit count (`b` may be a full newest count).
+fn add_older(a: u8, b: u8) -> u8 {
+    if a == STUCK_OLDER || b >= STUCK_OLDER {
+        STUCK_OLDER
+    } else {
+        (a + b).min(STUCK_OLDER)
+    }
+}
+
+fn sub_older(a: u8) -> u8 {
+    if a == STUCK_OLDER {
+        STUCK_OLDER
     } else {
         a - 1
     }
@@ -329,11 +369,11 @@ mod tests {
     #[test]
     fn ack_of_an_older_send_does_not_clear_a_newer_generation() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0)); // heartbeat answer "A"
-        l.on_send(2, ms(150)); // "B" pushed, immediate send lost
+        l.on_send(1, ms(0), W); // heartbeat answer "A"
+        l.on_send(2, ms(150), W); // "B" pushed, immediate send lost
         assert_eq!(l.on_ack(ms(200), W), Attribution::Older); // the ack of "A"
         l.on_fence(ms(50_000), W);
-        l.on_send(2, ms(50_000));
+        l.on_send(2, ms(50_000), W);
         assert!(
             l.on_ack(ms(50_100), W).clears(2),
             "the ack of the re-send clears"
@@ -345,8 +385,8 @@ mod tests {
         // Lossy seed 3660: "m761" sent, "m469" pushed 200 ms later (its send lost); the ack of
         // "m761" is duplicated on the way and both copies arrive together.
         let mut l = SendLedger::new();
-        l.on_send(2, ms(0));
-        l.on_send(3, ms(200));
+        l.on_send(2, ms(0), W);
+        l.on_send(3, ms(200), W);
         assert_eq!(l.on_ack(ms(300), W), Attribution::Older);
         let copy = l.on_ack(ms(300), W);
         assert_eq!(copy, Attribution::Crossed(3));
@@ -356,7 +396,7 @@ mod tests {
         );
         // The next heartbeat sends it again; that send crossed nothing, its ack clears.
         l.on_fence(ms(50_000), W);
-        l.on_send(3, ms(50_000));
+        l.on_send(3, ms(50_000), W);
         assert!(l.on_ack(ms(50_100), W).clears(3));
         assert_eq!(l.on_ack(ms(50_100), W), Attribution::Unmatched);
     }
@@ -365,9 +405,9 @@ mod tests {
     fn pushes_acked_one_after_the_other_clear_at_once() {
         // Nothing crossed: no duplicate on a clean network, however close the pushes.
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0));
+        l.on_send(1, ms(0), W);
         assert!(l.on_ack(ms(100), W).clears(1));
-        l.on_send(2, ms(150));
+        l.on_send(2, ms(150), W);
         assert!(l.on_ack(ms(250), W).clears(2));
         assert_eq!(l.on_ack(ms(250), W), Attribution::Unmatched);
     }
@@ -375,14 +415,14 @@ mod tests {
     #[test]
     fn a_crossing_ack_is_trusted_again_after_the_stray_window() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0));
-        l.on_send(2, ms(10));
+        l.on_send(1, ms(0), W);
+        l.on_send(2, ms(100), W);
         assert_eq!(l.on_ack(ms(1_000), W), Attribution::Older);
         assert!(
             !l.on_ack(ms(2_000), W).clears(2),
             "within 2 s of the crossed send"
         );
-        l.on_send(2, ms(2_100));
+        l.on_send(2, ms(2_100), W);
         assert!(l.on_ack(ms(2_100), W).clears(2), "2.1 s after it");
     }
 
@@ -391,7 +431,7 @@ mod tests {
         // A tick of 0 (the wrap) must not look like a crossed send at tick 0.
         for base in [0, TICK_MS * 65_536 * 3, TICK_MS * 65_536 * 3 - 100] {
             let mut l = SendLedger::new();
-            l.on_send(1, Time::from_millis(base));
+            l.on_send(1, Time::from_millis(base), W);
             let a = l.on_ack(Time::from_millis(base + 100), W);
             assert_eq!(a, Attribution::Generation(1), "at {base} ms");
         }
@@ -401,38 +441,68 @@ mod tests {
     fn a_fence_forgets_unacked_sends_older_than_the_window() {
         // Upstream's sequence: "three" unacked, "four" pushed and re-sent, one ack clears.
         let mut l = SendLedger::new();
-        l.on_send(3, ms(0));
-        l.on_send(4, ms(150));
+        l.on_send(3, ms(0), W);
+        l.on_send(4, ms(150), W);
         l.on_fence(ms(300), W);
-        l.on_send(4, ms(300));
+        l.on_send(4, ms(300), W);
         assert!(l.on_ack(ms(350), W).clears(4));
     }
 
     #[test]
     fn a_fence_keeps_sends_that_may_have_crossed_it() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0));
-        l.on_send(2, ms(10));
+        l.on_send(1, ms(0), W);
+        l.on_send(2, ms(10), W); // within a burst of 1: trusted
         l.on_fence(ms(150), W); // both younger than 200 ms: kept
-        l.on_send(2, ms(150));
+        l.on_send(2, ms(150), W);
         assert_eq!(l.on_ack(ms(200), W), Attribution::Older);
-        // Send 1 was in flight when 2 went out: its duplicate would look like these acks.
+        assert!(l.on_ack(ms(200), W).clears(2));
+        assert!(l.on_ack(ms(250), W).clears(2));
+        assert_eq!(l.on_ack(ms(250), W), Attribution::Unmatched);
+    }
+
+    #[test]
+    fn a_send_apart_from_the_one_it_crossed_is_not_trusted_until_a_fence() {
+        let mut l = SendLedger::new();
+        l.on_send(1, ms(0), W);
+        l.on_send(2, ms(100), W); // 100 ms after 1, which is still unmatched: crossed
+        l.on_fence(ms(150), W); // both younger than 200 ms: kept, still crossed
+        l.on_send(2, ms(150), W);
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Older);
+        // A duplicate of send 1 or of its ack would look like these acks.
         assert_eq!(l.on_ack(ms(200), W), Attribution::Crossed(2));
         assert_eq!(l.on_ack(ms(250), W), Attribution::Crossed(2));
         assert_eq!(l.on_ack(ms(250), W), Attribution::Unmatched);
         // The next fence settles send 1; the re-send's ack clears.
         l.on_fence(ms(50_000), W);
-        l.on_send(2, ms(50_000));
+        l.on_send(2, ms(50_000), W);
         assert!(l.on_ack(ms(50_100), W).clears(2));
+    }
+
+    #[test]
+    fn a_quick_pair_of_pushes_is_one_burst() {
+        // Two pushes 20 ms apart to an online device, both delivered and acked: no duplicate.
+        let mut l = SendLedger::new();
+        l.on_send(1, ms(0), W);
+        l.on_send(2, ms(20), W);
+        assert_eq!(l.on_ack(ms(60), W), Attribution::Older);
+        assert!(l.on_ack(ms(80), W).clears(2));
+        // A crossing marked before a burst stays marked.
+        l.on_send(3, ms(200), W); // nothing unmatched: nothing crossed
+        l.on_send(4, ms(400), W); // crosses 3
+        l.on_send(5, ms(410), W); // a burst after 4, but 3 is still crossed
+        assert_eq!(l.on_ack(ms(500), W), Attribution::Older);
+        assert_eq!(l.on_ack(ms(500), W), Attribution::Older);
+        assert_eq!(l.on_ack(ms(500), W), Attribution::Crossed(5));
     }
 
     #[test]
     fn a_fence_settles_each_group_on_its_own() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0));
-        l.on_send(2, ms(190));
+        l.on_send(1, ms(0), W);
+        l.on_send(2, ms(190), W);
         l.on_fence(ms(300), W); // 1 is 300 ms old: settled; 2 is 110 ms old: kept
-        l.on_send(2, ms(300));
+        l.on_send(2, ms(300), W);
         assert!(l.on_ack(ms(350), W).clears(2));
         assert!(l.on_ack(ms(350), W).clears(2));
         assert_eq!(l.on_ack(ms(350), W), Attribution::Unmatched);
@@ -442,9 +512,9 @@ mod tests {
     fn forget_and_unmatched() {
         let mut l = SendLedger::new();
         assert_eq!(l.on_ack(ms(0), W), Attribution::Unmatched);
-        l.on_send(1, ms(0));
-        l.on_send(2, ms(1));
-        l.forget(ms(1));
+        l.on_send(1, ms(0), W);
+        l.on_send(2, ms(1), W);
+        l.forget();
         assert!(l.is_empty());
         assert_eq!(l.on_ack(ms(2), W), Attribution::Unmatched);
     }
@@ -453,24 +523,24 @@ mod tests {
     fn stuck_counts_never_release_a_newer_generation() {
         let mut l = SendLedger::new();
         for i in 0..300 {
-            l.on_send(1, ms(i));
+            l.on_send(1, ms(i), W);
         }
-        l.on_send(2, ms(400));
+        l.on_send(2, ms(400), W);
         for _ in 0..1000 {
             assert_eq!(l.on_ack(ms(500), W), Attribution::Older);
         }
         l.on_fence(ms(1_000), W);
-        l.on_send(2, ms(1_000));
+        l.on_send(2, ms(1_000), W);
         assert!(l.on_ack(ms(1_050), W).clears(2));
     }
 
     #[test]
     fn superseded_sends_are_consumed_but_never_clear() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0));
-        l.on_send(1, ms(10));
+        l.on_send(1, ms(0), W);
+        l.on_send(1, ms(10), W);
         l.supersede();
-        l.on_send(1, ms(20)); // the same generation sent again after, e.g., a re-bind
+        l.on_send(1, ms(20), W); // the same generation sent again after, e.g., a re-bind
         assert_eq!(l.on_ack(ms(100), W), Attribution::Older);
         assert_eq!(l.on_ack(ms(100), W), Attribution::Older);
         // The superseded sends may have been of another generation: the send after them
@@ -478,13 +548,13 @@ mod tests {
         assert_eq!(l.on_ack(ms(100), W), Attribution::Crossed(1));
         assert_eq!(l.on_ack(ms(100), W), Attribution::Unmatched);
         l.on_fence(ms(300), W);
-        l.on_send(1, ms(300));
+        l.on_send(1, ms(300), W);
         assert!(
             l.on_ack(ms(350), W).clears(1),
             "the ack of the send after the fence clears"
         );
         // A fence settles superseded sends like any older group.
-        l.on_send(2, ms(400));
+        l.on_send(2, ms(400), W);
         l.supersede();
         l.on_fence(ms(700), W);
         assert!(l.is_empty());
@@ -495,12 +565,12 @@ mod tests {
         // A cluster store's generations: clock-based u64s, not a wrapping counter.
         let mut l: SendLedger<u64> = SendLedger::default();
         let (a, b) = (1_700_000_000_000u64, 1_700_000_000_150u64);
-        l.on_send(a, ms(0));
-        l.on_send(b, ms(150));
+        l.on_send(a, ms(0), W);
+        l.on_send(b, ms(150), W);
         assert!(!l.on_ack(ms(200), W).clears(b), "the ack of the older send");
         assert_eq!(l.on_ack(ms(200), W), Attribution::Crossed(b));
         l.on_fence(ms(50_000), W);
-        l.on_send(b, ms(50_000));
+        l.on_send(b, ms(50_000), W);
         let at = l.on_ack(ms(50_100), W);
         assert_eq!(at, Attribution::Generation(b));
         assert!(!at.clears(a) && at.clears(b));
@@ -510,7 +580,7 @@ mod tests {
     #[test]
     fn tick_wrap_only_keeps() {
         let mut l = SendLedger::new();
-        l.on_send(1, ms(0));
+        l.on_send(1, ms(0), W);
         // Exactly one wrap later the send looks 0 ms old: kept (a duplicate at worst).
         l.on_fence(ms(65_536 * TICK_MS), W);
         assert!(!l.is_empty());

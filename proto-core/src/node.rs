@@ -723,18 +723,17 @@ impl Node {
     /// Notes a send of the item's current generation in its ledger (0x11 needs none: its ack
     /// names the bits it clears).
     fn note_send(&mut self, slot: u32, k: Kind) {
-        let now = self.now;
+        let (now, window) = (self.now, self.ack_window);
         let r = self.reg.rec_mut(slot);
         if let Some(i) = ledger_index(k) {
             let g = r.gen[i];
-            r.ledger[i].on_send(g, now);
+            r.ledger[i].on_send(g, now, window);
         }
     }
 
     fn forget_sends(&mut self, slot: u32) {
-        let now = self.now;
         for l in &mut self.reg.rec_mut(slot).ledger {
-            l.forget(now);
+            l.forget();
         }
     }
 

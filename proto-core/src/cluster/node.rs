@@ -654,7 +654,7 @@ impl ClusterNode {
                 if e.addr.is_some_and(|o| o != a) && e.tcp.is_none() {
                     // A new socket: sends to the old address can no longer be acked (acks are
                     // only taken from the recorded address, which moves now).
-                    e.ledger.iter_mut().for_each(|l| l.forget(self.now));
+                    e.ledger.iter_mut().for_each(SendLedger::forget);
                 }
                 e.addr = Some(a);
                 e.sa_known = true;
@@ -664,7 +664,7 @@ impl ClusterNode {
                 if e.tcp != Some(c) && e.addr.is_none() {
                     // A new connection: sends on the old one can no longer be acked. With a
                     // UDP address too, keep them (as a single node does).
-                    e.ledger.iter_mut().for_each(|l| l.forget(self.now));
+                    e.ledger.iter_mut().for_each(SendLedger::forget);
                 }
                 e.tcp = Some(c);
                 false
@@ -785,7 +785,7 @@ impl ClusterNode {
         };
         for (msg, send) in out {
             if let Some((k, gen)) = send {
-                e.ledger[k].on_send(gen, now);
+                e.ledger[k].on_send(gen, now, self.ack_window);
                 self.events.push_back(ClusterEvent::Sent {
                     uuid,
                     kind: if k == 0 { Kind::Notify } else { Kind::Payload },
@@ -1121,7 +1121,7 @@ impl ClusterNode {
         for (msg, send) in out {
             for d in &dests {
                 if let Some((k, gen)) = send {
-                    e.ledger[k].on_send(gen, self.now);
+                    e.ledger[k].on_send(gen, self.now, self.ack_window);
                     self.events.push_back(ClusterEvent::Sent {
                         uuid,
                         kind: if k == 0 { Kind::Notify } else { Kind::Payload },
@@ -1200,7 +1200,7 @@ impl ClusterNode {
                     e.tcp = None;
                     if e.addr.is_none() {
                         // Nothing sent on this connection can be acked any more.
-                        e.ledger.iter_mut().for_each(|l| l.forget(self.now));
+                        e.ledger.iter_mut().for_each(SendLedger::forget);
                     }
                 }
             }
