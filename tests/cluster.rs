@@ -1825,3 +1825,95 @@ fn an_admin_push_follows_the_wait_policy() {
     assert_eq!(s["pushes"]["accepted"], 1, "{s}");
     assert!(s["store"]["wait_short"].as_u64() >= Some(1), "{s}");
 }
+
+/// A Redis node that lost its script cache (what a restarted master has: `SCRIPT FLUSH` here,
+/// on every node) gets the scripts again on `NOSCRIPT`, for every operation: a push through a
+/// lane's pipeline, the ack that clears it, a bind, and the drains; nothing is answered `0xFF`
+/// and the store counts no error.
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn a_redis_that_lost_its_scripts_gets_them_again() {
+    let run = run_id();
+    let a = start_patient(&format!("{run}-a"), &[]);
+    let b = start_patient(&format!("{run}-b"), &[]);
+    let flush = || {
+        for n in seed_addrs() {
+            assert!(
+                redis_cli(&n, &["script", "flush"]).contains("OK"),
+                "SCRIPT FLUSH at {n}"
+            );
+        }
+    };
+    // NOSCRIPT answers so far, over every node: each flush below must cause some.
+    let noscript = || -> u64 {
+        seed_addrs()
+            .iter()
+            .map(|n| {
+                redis_cli(n, &["info", "errorstats"])
+                    .lines()
+                    .find_map(|l| l.strip_prefix("errorstat_NOSCRIPT:count="))
+                    .and_then(|c| c.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let uuid = random_uuid();
+    let dev = device_socket();
+    let before = noscript();
+    flush();
+    assert_eq!(
+        bind_at(&dev, &uuid, a.udp),
+        vec!["0101000000"],
+        "bind after a flush"
+    );
+    let after_bind = noscript();
+    assert!(after_bind > before, "the bind met NOSCRIPT");
+    flush();
+    let mut p = b.pusher();
+    assert_eq!(
+        push_one(&mut p, &push_req(&uuid, 0x20, b"hello")),
+        Some(0x00),
+        "a push after a flush"
+    );
+    assert_eq!(
+        recv_within(&dev, Duration::from_secs(3)),
+        Some(golden_immediate()[2].clone())
+    );
+    let after_push = noscript();
+    assert!(after_push > after_bind, "the push met NOSCRIPT");
+    flush();
+    dev.send_to(&dev_pkt(&uuid, 1, 0x20, &[]), a.udp)
+        .expect("ack");
+    let hex = hex::encode(uuid.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = json_of(&http_get(a.admin, &format!("/clients/{hex}")).1);
+        if r["pending"]["payload_base64"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ack after a flush did not clear: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Drains run every second on both nodes; two more after a flush.
+    flush();
+    let drains = |n: &Node| n.status()["store"]["ops"]["drain"].as_u64().unwrap_or(0);
+    let (da, db) = (drains(&a), drains(&b));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while drains(&a) < da + 2 || drains(&b) < db + 2 {
+        assert!(Instant::now() < deadline, "no drains after a flush");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        noscript() > after_push,
+        "the ack and the drains met NOSCRIPT"
+    );
+    for n in [&a, &b] {
+        let s = n.status();
+        assert_eq!(s["store"]["errors"], 0, "{s}");
+        assert_eq!(s["store"]["timeouts"], 0, "{s}");
+        assert_eq!(s["pushes"]["failed"], 0, "{s}");
+    }
+}
