@@ -1917,3 +1917,121 @@ fn a_redis_that_lost_its_scripts_gets_them_again() {
         assert_eq!(s["pushes"]["failed"], 0, "{s}");
     }
 }
+
+/// A Redis master killed with `-9` and started again at once, well within
+/// `cluster-node-timeout` (no fail-over: it comes back as master of its slots from its AOF),
+/// running `appendfsync always` as docs/CLUSTER.md asks for that case ("A master restarted
+/// before its replica took over"): the nodes recover by themselves (new connections, the
+/// scripts again on NOSCRIPT, WAIT satisfied once the replica resynced) and every push
+/// answered `0x00` is delivered. (The loss this configuration prevents needs a postponed AOF
+/// write or a host crash, which this test cannot cause: it checks the recovery and that
+/// nothing answered `0x00` is lost around it.)
+#[test]
+#[ignore = "needs the Redis Cluster of .ci/redis-cluster.sh"]
+fn a_redis_master_restarted_at_once_with_appendfsync_always_loses_no_accepted_push() {
+    let run = run_id();
+    let a = Node::start(&format!("{run}-a"), &[]);
+    let b = Node::start(&format!("{run}-b"), &[]);
+    let bucket = 0x17;
+    let fleet = Fleet::start(
+        12,
+        vec![a.udp, b.udp],
+        |_| 0,
+        Some(bucket),
+        Duration::from_millis(300),
+        Duration::from_secs(3),
+    );
+    let (_, ok) = fleet.wait_until(Duration::from_secs(10), |_| a.status()["owned"] == 12);
+    assert!(ok, "devices bound at A");
+    let slot = ddpushd::cluster::store::slot(&fleet.uuids[0]);
+    let (addr, pid) = master_of(slot);
+    let replica = replica_of(&addr);
+    for n in [&addr, &replica] {
+        assert!(
+            redis_cli(n, &["config", "set", "appendfsync", "always"]).contains("OK"),
+            "appendfsync always at {n}"
+        );
+    }
+    let dir = std::env::var("DDPUSH_TEST_REDIS_DIR").expect("DDPUSH_TEST_REDIS_DIR");
+    let port = addr.rsplit(':').next().expect("port").to_string();
+    let plan: Vec<(usize, u32)> = plan(12, 64);
+    let mut restarted = false;
+    let t0 = Instant::now();
+    let pushed = push_bits(
+        &fleet.uuids,
+        &plan,
+        &[b.push],
+        |_| 0,
+        |step| {
+            if step == plan.len() / 4 && !restarted {
+                restarted = true;
+                let ok = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                assert!(ok, "kill -9 {pid}");
+                // Started again at once, as a supervisor without a restart delay does. Its
+                // PID goes to the launcher's list, to be stopped.
+                #[allow(clippy::zombie_processes)]
+                let child = std::process::Command::new("redis-server")
+                    .arg(format!("{dir}/{port}/redis.conf"))
+                    .args(["--appendfsync", "always"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("restart redis-server");
+                let mut pids = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(format!("{dir}/pids"))
+                    .expect("pids file");
+                writeln!(pids, "{}", child.id()).expect("record pid");
+            }
+            if restarted {
+                // Pace the rest of the burst so that it spans the restart and the resync.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        },
+    );
+    let ff = pushed.ff.len();
+    let n: u32 = pushed.accepted.iter().map(|a| a.count_ones()).sum();
+    let last_ff = pushed.ff.last().map(|(_, s)| *s).unwrap_or(0);
+    eprintln!(
+        "redis master restarted at once: {n} accepted, {ff} answered 0xFF (last at push {last_ff} of {}), {} broken, {:?} in all",
+        plan.len(),
+        pushed.broken,
+        t0.elapsed()
+    );
+    assert!(
+        last_ff < plan.len() - 20,
+        "pushes were accepted again after the restart"
+    );
+    let (seen, ok) = fleet.wait_until(Duration::from_secs(20), all_delivered(&pushed.accepted));
+    assert!(
+        ok,
+        "accepted but never delivered: {:?}",
+        missing(&pushed.accepted, &seen)
+    );
+    assert_eq!(
+        master_addr(slot).as_deref(),
+        Some(addr.as_str()),
+        "no fail-over: the restarted server is master of its slot again"
+    );
+    let (_, new_pid) = master_of(slot);
+    assert_ne!(new_pid, pid, "a new process serves the slot");
+    // Leave the cluster as it was for the next test: every node ok, the replica synced, and
+    // the suite's fsync policy.
+    let t = Instant::now();
+    while !(cluster_ok_everywhere("")
+        && redis_cli(&replica, &["info", "replication"]).contains("master_link_status:up"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the cluster did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for n in [&addr, &replica] {
+        redis_cli(n, &["config", "set", "appendfsync", "everysec"]);
+    }
+}
