@@ -273,6 +273,49 @@ fn ack_of_an_older_send_does_not_clear_the_newer_push_udp() {
     }
 }
 
+/// Case 3 with a network that duplicates datagrams (lossy seed 3660 of the simulator): A is sent
+/// on a heartbeat, B pushed 150 ms later (its immediate send lost), and the device's one ack of
+/// A reaches the server twice. The copy must not clear B: the next heartbeat still brings B, and
+/// the ack of that re-send clears it. For 0x20 and 0x10.
+#[test]
+fn a_duplicated_ack_of_an_older_send_does_not_clear_the_newer_push_udp() {
+    for notify in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = Server::start(dir.path(), &[]);
+        let mut p = srv.pusher();
+        let d = device_at(&srv);
+        let ack = if notify { ACK_10 } else { ACK_20 };
+        if notify {
+            push_10(&mut p);
+        } else {
+            push_20(&mut p, "A");
+        }
+        send(&d, HB);
+        assert_eq!(recv_n(&d, 1).len(), 1, "A");
+        pause();
+        if notify {
+            push_10(&mut p);
+        } else {
+            push_20(&mut p, "B");
+        }
+        let _lost = recv_n(&d, 1); // "lost": the device does not see or ack it
+        send(&d, ack); // the ack of A...
+        send(&d, ack); // ...and the network's copy of it
+        pause();
+        send(&d, HB);
+        let want = if notify {
+            "0101100000".to_string()
+        } else {
+            down_20(1, "B")
+        };
+        assert_eq!(recv_n(&d, 1), vec![want], "notify={notify}: B delivered");
+        send(&d, ack);
+        pause();
+        send(&d, HB);
+        recv_none(&d, QUIET);
+    }
+}
+
 /// Case 3 over a device TCP connection, for 0x20 and 0x10.
 #[test]
 fn ack_of_an_older_send_does_not_clear_the_newer_push_tcp() {
