@@ -8,14 +8,15 @@
 //!
 //! Parsing is split from verifying: [`SignedFrame::parse`] checks only the shape (the same
 //! strict rules as v1 for the header and content), so the keyring can pick the key by id and
-//! run one HMAC per packet. The tag is compared in constant time by the `hmac` crate.
+//! run one HMAC per packet. The tag is compared in constant time (`subtle`).
 
 use std::fmt;
 
 use bytes::BufMut;
-use hmac::digest::core_api::CoreWrapper;
-use hmac::{Hmac, HmacCore, Mac};
+use hmac::{Hmac, Mac};
+use sha2::digest::generic_array::GenericArray;
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 use crate::codec::{
     DeviceMsg, DevicePacket, DownMsg, DownPacket, UpHeader, DOWN_HEADER_LEN, UP_HEADER_LEN,
@@ -41,23 +42,110 @@ const UP_LABEL: &[u8; 8] = b"ddpush2u";
 /// MAC domain label of server -> device packets.
 const DOWN_LABEL: &[u8; 8] = b"ddpush2d";
 
-/// HMAC-SHA256, as the `hmac` crate computes it.
-pub type HmacSha256 = Hmac<Sha256>;
+/// HMAC-SHA256, as the `hmac` crate computes it: what a [`DeviceKey`] tags with.
+type HmacSha256 = Hmac<Sha256>;
 
-/// HMAC-SHA256 already keyed with a device key: the key's inner and outer pad blocks hashed
-/// once (80 bytes of SHA-256 state), so a tag costs two SHA-256 compressions instead of four.
-/// The keyring keeps one for each uuid's current key; `Debug` shows nothing of it.
+/// SHA-256's initial hash value (FIPS 180-4, 5.3.3).
+const SHA256_H0: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// SHA-256's block size, and HMAC's pad length.
+const BLOCK: usize = 64;
+
+fn compress(state: &mut [u32; 8], block: &[u8; BLOCK]) {
+    // The `sha2` crate's compression function (SHA-NI where the CPU has it).
+    sha2::compress256(state, std::slice::from_ref(GenericArray::from_slice(block)));
+}
+
+fn state_bytes(state: &[u32; 8], out: &mut [u8]) {
+    for (b, w) in out.chunks_exact_mut(4).zip(state) {
+        b.copy_from_slice(&w.to_be_bytes());
+    }
+}
+
+/// HMAC-SHA256 already keyed with a device key: the SHA-256 states after the key's inner and
+/// outer pad blocks (64 bytes), so a tag costs the server two SHA-256 compressions for a
+/// message that fits one block, instead of four. The keyring keeps one for each uuid's
+/// current key; `Debug` shows nothing of it.
+///
+/// The rest of HMAC (RFC 2104) is done here on stack blocks with `sha2`'s compression
+/// function rather than through the `hmac` crate's generic buffers: on a signed heartbeat
+/// those cost about 150 ns per tag, more than the two compressions themselves (profiled,
+/// docs/BENCHMARKS.md). The bytes are the `hmac` crate's: [`DeviceKey`] tags through it, and
+/// the tests compare the two on every message length a packet can have.
 #[derive(Clone)]
-pub struct KeyedMac(HmacCore<Sha256>);
+pub struct KeyedMac {
+    inner: [u32; 8],
+    outer: [u32; 8],
+}
 
 impl KeyedMac {
     /// Keys HMAC-SHA256 with `key`.
     pub fn new(key: &DeviceKey) -> Self {
-        // HMAC takes keys of any length; ours are always 32 bytes.
-        KeyedMac(
-            <HmacCore<Sha256> as hmac::digest::KeyInit>::new_from_slice(key.expose())
-                .expect("HMAC accepts any key"),
-        )
+        // A 32-byte key is shorter than the block: padded with zeros, then XORed with the pads.
+        let keyed = |pad: u8| {
+            let mut block = [pad; BLOCK];
+            for (b, k) in block.iter_mut().zip(key.expose()) {
+                *b ^= k;
+            }
+            let mut state = SHA256_H0;
+            compress(&mut state, &block);
+            state
+        };
+        KeyedMac {
+            inner: keyed(0x36),
+            outer: keyed(0x5c),
+        }
+    }
+
+    /// HMAC-SHA256 of the concatenation of `parts`.
+    fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut state = self.inner;
+        let mut block = [0u8; BLOCK];
+        let mut n = 0;
+        // Bytes hashed so far, the inner pad block included.
+        let mut len = BLOCK as u64;
+        for part in parts {
+            len += part.len() as u64;
+            let mut rest = *part;
+            while !rest.is_empty() {
+                let take = (BLOCK - n).min(rest.len());
+                block[n..n + take].copy_from_slice(&rest[..take]);
+                n += take;
+                rest = &rest[take..];
+                if n == BLOCK {
+                    compress(&mut state, &block);
+                    n = 0;
+                }
+            }
+        }
+        // SHA-256 padding (FIPS 180-4, 5.1.1): 0x80, zeros, the length in bits in 8 bytes.
+        block[n] = 0x80;
+        block[n + 1..].fill(0);
+        if n + 1 > BLOCK - 8 {
+            compress(&mut state, &block);
+            block = [0; BLOCK];
+        }
+        block[BLOCK - 8..].copy_from_slice(&(len * 8).to_be_bytes());
+        compress(&mut state, &block);
+        // The outer hash: the outer pad block (already in `outer`), then the inner digest.
+        let mut block = [0u8; BLOCK];
+        state_bytes(&state, &mut block[..32]);
+        block[32] = 0x80;
+        block[BLOCK - 8..].copy_from_slice(&((BLOCK as u64 + 32) * 8).to_be_bytes());
+        let mut state = self.outer;
+        compress(&mut state, &block);
+        let mut out = [0u8; 32];
+        state_bytes(&state, &mut out);
+        out
     }
 }
 
@@ -73,22 +161,28 @@ mod sealed {
     impl Sealed for super::KeyedMac {}
 }
 
-/// What a tag is computed with: a [`DeviceKey`] (keyed anew for each packet: what a device
-/// holding one key does) or a [`KeyedMac`] (keyed once: what the server keeps).
+/// What a tag is computed with: a [`DeviceKey`] (keyed anew for each packet by the `hmac`
+/// crate: what a device holding one key does) or a [`KeyedMac`] (keyed once: what the server
+/// keeps). Both give the same bytes.
 pub trait MacKey: sealed::Sealed {
-    /// HMAC-SHA256 keyed with this key, ready for a message.
-    fn hmac(&self) -> HmacSha256;
+    /// HMAC-SHA256 under this key of the concatenation of `parts`.
+    fn hmac_sha256(&self, parts: &[&[u8]]) -> [u8; 32];
 }
 
 impl MacKey for DeviceKey {
-    fn hmac(&self) -> HmacSha256 {
-        <HmacSha256 as Mac>::new_from_slice(self.expose()).expect("HMAC accepts any key")
+    fn hmac_sha256(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac =
+            <HmacSha256 as Mac>::new_from_slice(self.expose()).expect("HMAC accepts any key");
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
     }
 }
 
 impl MacKey for KeyedMac {
-    fn hmac(&self) -> HmacSha256 {
-        CoreWrapper::from_core(self.0.clone())
+    fn hmac_sha256(&self, parts: &[&[u8]]) -> [u8; 32] {
+        self.mac(parts)
     }
 }
 
@@ -120,30 +214,19 @@ impl Seal {
     }
 }
 
-fn tag(key: &impl MacKey, label: &[u8; 8], signed: &[u8]) -> [u8; TAG_LEN] {
-    let mut mac = mac(key, label);
-    mac.update(signed);
-    truncate(mac)
-}
-
-fn truncate(mac: HmacSha256) -> [u8; TAG_LEN] {
-    let full = mac.finalize().into_bytes();
+/// The tag: the leftmost 16 bytes of HMAC-SHA256 under `key` of `label` and `parts`.
+fn tag(key: &impl MacKey, label: &[u8; 8], parts: &[&[u8]]) -> [u8; TAG_LEN] {
+    let mut all: [&[u8]; 4] = [label, &[], &[], &[]];
+    all[1..=parts.len()].copy_from_slice(parts);
+    let full = key.hmac_sha256(&all[..=parts.len()]);
     let mut t = [0u8; TAG_LEN];
     t.copy_from_slice(&full[..TAG_LEN]);
     t
 }
 
-fn mac(key: &impl MacKey, label: &[u8; 8]) -> HmacSha256 {
-    let mut mac = key.hmac();
-    mac.update(label);
-    mac
-}
-
-fn verify(key: &impl MacKey, label: &[u8; 8], signed: &[u8], tag: &[u8]) -> bool {
-    let mut mac = mac(key, label);
-    mac.update(signed);
-    // Constant-time comparison of the leftmost 16 bytes (the `hmac` crate uses `subtle`).
-    mac.verify_truncated_left(tag).is_ok()
+fn verify(key: &impl MacKey, label: &[u8; 8], signed: &[u8], tag_got: &[u8]) -> bool {
+    // Constant-time comparison (`subtle`): how many leading bytes matched must not show.
+    tag(key, label, &[signed]).ct_eq(tag_got).into()
 }
 
 /// A signed device packet whose shape is valid and whose tag is not yet checked.
@@ -205,7 +288,7 @@ pub fn encode_device<B: BufMut>(p: &DevicePacket, seal: Seal, key: &impl MacKey,
         seal.write(&mut w);
     }
     let signed = n + TRAILER_LEN - TAG_LEN;
-    let t = tag(key, UP_LABEL, &buf[..signed]);
+    let t = tag(key, UP_LABEL, &[&buf[..signed]]);
     out.put_slice(&buf[..signed]);
     out.put_slice(&t);
 }
@@ -233,7 +316,6 @@ impl SealedDown {
     /// Seals `packet` under `key`. The MAC reads the packet's parts where they are (the
     /// payload from its shared buffer): nothing is allocated or copied for it.
     pub fn new(packet: DownPacket, seal: Seal, key: &impl MacKey) -> Self {
-        let mut mac = mac(key, DOWN_LABEL);
         // Everything before the tag but a 0x20 payload's content fits here.
         let mut head = [0u8; DOWN_HEADER_LEN + 8];
         let mut w = &mut head[..];
@@ -251,12 +333,9 @@ impl SealedDown {
             }
         };
         let n = DOWN_HEADER_LEN + 8 - w.remaining_mut();
-        mac.update(&head[..n]);
-        mac.update(content);
         let mut trailer = [0u8; TRAILER_LEN - TAG_LEN];
         seal.write(&mut &mut trailer[..]);
-        mac.update(&trailer);
-        let tag = truncate(mac);
+        let tag = tag(key, DOWN_LABEL, &[&head[..n], content, &trailer]);
         SealedDown { packet, seal, tag }
     }
 
@@ -402,9 +481,52 @@ mod tests {
             assert_eq!(d, SealedDown::new(packet, seal(), &key()));
             // The tag is over the encoded bytes, as a device checks it.
             let b = d.to_vec();
-            assert_eq!(d.tag, tag(&key(), DOWN_LABEL, &b[..b.len() - TAG_LEN]));
+            assert_eq!(d.tag, tag(&key(), DOWN_LABEL, &[&b[..b.len() - TAG_LEN]]));
             assert_eq!(SealedDown::open(&b, |_| Some(key())), Ok(d));
         }
+    }
+
+    #[test]
+    fn the_keyed_mac_is_the_hmac_crates_at_every_length_around_the_blocks() {
+        // Every message length up to three blocks past a 0x20 packet's longest, so that each
+        // padding case (room for the length, no room, exact block) is hit many times.
+        let msg: Vec<u8> = (0..700u32).map(|i| (i * 31 + 7) as u8).collect();
+        for k in [key(), DeviceKey::new([0xff; 32]), DeviceKey::new([0; 32])] {
+            let keyed = KeyedMac::new(&k);
+            for len in 0..msg.len() {
+                let m = &msg[..len];
+                assert_eq!(keyed.hmac_sha256(&[m]), k.hmac_sha256(&[m]), "len {len}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_keyed_mac_is_the_hmac_crates_however_the_message_is_split(
+            k in proptest::array::uniform32(proptest::num::u8::ANY),
+            msg in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            a in 0usize..600,
+            b in 0usize..600,
+        ) {
+            let k = DeviceKey::new(k);
+            let (a, b) = (a.min(msg.len()), b.min(msg.len()));
+            let (a, b) = (a.min(b), a.max(b));
+            let parts = [&msg[..a], &msg[a..b], &msg[b..]];
+            proptest::prop_assert_eq!(
+                KeyedMac::new(&k).hmac_sha256(&parts),
+                k.hmac_sha256(&[&msg])
+            );
+        }
+    }
+
+    #[test]
+    fn the_keyed_mac_matches_an_independent_hmac_sha256() {
+        // Output of another implementation for a 32-byte key (Python's hmac module:
+        // hmac.new(bytes(range(32)), b"ddpush", "sha256").hexdigest()).
+        let want = "d342a6ce45e3e95a100a035fe15a545617837bc1aa2df6b8511ab10701c7f267";
+        let got = KeyedMac::new(&key()).hmac_sha256(&[b"ddpush"]);
+        let hex: String = got.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, want);
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub mod keys;
 pub mod replay;
 
 pub use codec::{
-    device_len, device_to_vec, encode_device, HmacSha256, KeyedMac, MacKey, Seal, SealedDown,
-    SignedFrame, TAG_LEN, TRAILER_LEN, VERSION,
+    device_len, device_to_vec, encode_device, KeyedMac, MacKey, Seal, SealedDown, SignedFrame,
+    TAG_LEN, TRAILER_LEN, VERSION,
 };
 pub use keyring::{Keyring, Removed, Verified};
 pub use keys::{DeviceKey, KeyError, KeyState, KeyUpdate, PreviousKey};
