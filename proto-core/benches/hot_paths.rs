@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the core's hot paths (divan): `cargo bench -p ddpush-proto`.
 //!
 //! The node holds 100,000 online clients, so hash lookups miss the cache as they do in a
-//! loaded server.
+//! loaded server. `DDPUSH_BENCH_CLIENTS=5000` runs them with the whole-server signed bench's
+//! fleet instead (everything then fits the CPU's L2, as it does there).
 
 use std::net::SocketAddr;
 
@@ -11,7 +12,17 @@ use ddpush_proto::{
 };
 use divan::{black_box, Bencher};
 
-const CLIENTS: u64 = 100_000;
+/// Online clients of the benched node.
+fn clients() -> u64 {
+    static N: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("DDPUSH_BENCH_CLIENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(100_000)
+    })
+}
 
 fn uuid(i: u64) -> Uuid {
     let mut b = [0u8; 16];
@@ -43,7 +54,7 @@ fn node(policy: ReplyPolicy) -> Node {
     cfg.limits.enabled = false;
     let mut n = Node::new(cfg).expect("valid config");
     let now = Time::from_secs(1_000_000);
-    for i in 0..CLIENTS {
+    for i in 0..clients() {
         n.handle_udp(now, addr(i), &hb(i));
     }
     drain(&mut n);
@@ -59,13 +70,14 @@ fn drain(n: &mut Node) {
 fn main() {
     let n = node(ReplyPolicy::Never);
     eprintln!(
-        "record: {RECORD_SIZE} B inline; node heap with {CLIENTS} clients: {:.1} B/client",
-        n.heap_bytes() as f64 / CLIENTS as f64
+        "record: {RECORD_SIZE} B inline; node heap with {} clients: {:.1} B/client",
+        clients(),
+        n.heap_bytes() as f64 / clients() as f64
     );
     let mut k = node(ReplyPolicy::Never);
     let before = k.heap_bytes();
     let now = Time::from_secs(1_000_001);
-    for i in 0..CLIENTS {
+    for i in 0..clients() {
         let _ = k.set_key(
             now,
             uuid(i),
@@ -76,7 +88,7 @@ fn main() {
     }
     eprintln!(
         "keys: {:.1} B per client with a key",
-        (k.heap_bytes() - before) as f64 / CLIENTS as f64
+        (k.heap_bytes() - before) as f64 / clients() as f64
     );
     drop(k);
     divan::main();
@@ -92,12 +104,13 @@ fn decode_heartbeat(b: Bencher) {
 #[divan::bench]
 fn heartbeat_nothing_pending(b: Bencher) {
     let mut n = node(ReplyPolicy::Always);
-    let pkts: Vec<Vec<u8>> = (0..1024).map(|i| hb(i * 97 % CLIENTS)).collect();
+    let c = clients();
+    let pkts: Vec<Vec<u8>> = (0..1024).map(|i| hb(i * 97 % c)).collect();
     let mut i = 0usize;
     let now = Time::from_secs(1_000_001);
     b.bench_local(|| {
         i = (i + 1) & 1023;
-        let k = (i as u64) * 97 % CLIENTS;
+        let k = (i as u64) * 97 % c;
         n.handle_udp(now, addr(k), &pkts[i]);
         while let Some(t) = n.poll_transmit() {
             black_box(t);
@@ -112,8 +125,9 @@ fn push_to_online_client(b: Bencher) {
     let payload = Content::from_static(b"hello, this is a push");
     let mut i = 0u64;
     let now = Time::from_secs(1_000_001);
+    let c = clients();
     b.bench_local(|| {
-        i = (i + 7919) % CLIENTS;
+        i = (i + 7919) % c;
         let r = n.handle_push(
             now,
             PushRequest {
@@ -138,7 +152,7 @@ fn record_size() -> usize {
 fn keyed_node() -> (Node, Time) {
     let mut n = node(ReplyPolicy::Always);
     let now = Time::from_secs(1_000_001);
-    for i in 0..CLIENTS {
+    for i in 0..clients() {
         let _ = n.set_key(now, uuid(i), 1, bench_key(), std::time::Duration::ZERO);
     }
     drain(&mut n);
@@ -173,7 +187,7 @@ fn heartbeat_signed_nothing_pending(b: Bencher) {
     let mut i = 0u64;
     let mut nonce = 0u32;
     b.bench_local(|| {
-        i = (i + 97) % CLIENTS;
+        i = (i + 97) % clients();
         nonce = nonce.wrapping_add(1);
         n.handle_udp(now, addr(i), &signed_hb(i, nonce, now, &key));
         while let Some(t) = n.poll_transmit() {
@@ -192,7 +206,7 @@ fn heartbeat_signed_server_only(b: Bencher) {
     let mut i = 0u64;
     let mut nonce = 0u32;
     b.with_inputs(|| {
-        i = (i + 97) % CLIENTS;
+        i = (i + 97) % clients();
         nonce = nonce.wrapping_add(1);
         (addr(i), signed_hb(i, nonce, now, &keyed))
     })
@@ -212,7 +226,7 @@ fn heartbeat_unsigned_server_only(b: Bencher) {
     let (mut n, now) = (node(ReplyPolicy::Always), Time::from_secs(1_000_001));
     let mut i = 0u64;
     b.with_inputs(|| {
-        i = (i + 97) % CLIENTS;
+        i = (i + 97) % clients();
         (addr(i), hb(i))
     })
     .bench_local_values(|(a, pkt)| {

@@ -41,7 +41,7 @@ impl Node {
     ) -> Result<KeyUpdate, KeyError> {
         self.advance(now);
         let grace = grace.min(MAX_KEY_GRACE);
-        let before = self.keys.get(&uuid).cloned();
+        let before = self.keys.get(&uuid);
         let update = self.keys.update(uuid, key_id, key, self.now + grace)?;
         if update == KeyUpdate::Unchanged {
             return Ok(update);
@@ -54,10 +54,7 @@ impl Node {
             }
         }
         if let Some(keys) = self.keys.get(&uuid) {
-            self.changes.push_back(Change::Keyed {
-                uuid,
-                keys: keys.clone(),
-            });
+            self.changes.push_back(Change::Keyed { uuid, keys });
         }
         Ok(update)
     }
@@ -75,7 +72,7 @@ impl Node {
     }
 
     /// The keys of a signed-only uuid (for snapshots; never log them).
-    pub fn key_state(&self, uuid: &Uuid) -> Option<&KeyState> {
+    pub fn key_state(&self, uuid: &Uuid) -> Option<KeyState> {
         self.keys.get(uuid)
     }
 
@@ -179,7 +176,6 @@ impl Node {
         let Some(keys) = self.keys.get(&uuid) else {
             return;
         };
-        let keys = keys.clone();
         self.stats.ahead_raised += 1;
         self.key_undo.push(KeyUndo::Keys(
             uuid,

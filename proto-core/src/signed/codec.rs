@@ -106,6 +106,11 @@ impl KeyedMac {
         }
     }
 
+    /// A word of the outer state, to fetch its cache line early (see `Keyring::verify`).
+    pub(crate) fn outer_word(&self) -> u32 {
+        self.outer[0]
+    }
+
     /// HMAC-SHA256 of the concatenation of `parts`.
     fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
         let mut state = self.inner;

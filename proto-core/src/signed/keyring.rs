@@ -4,34 +4,56 @@
 //! removed record does not make its uuid v1 again, which would reopen the hole the key
 //! closes). Only an explicit key removal does.
 
+use std::hash::BuildHasher;
 use std::time::Duration;
 
 use foldhash::fast::FixedState;
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashTable};
 
 use crate::codec::{DevicePacket, DownPacket, Uuid};
 use crate::time::{secs32, Time};
 
 use super::codec::{KeyedMac, Seal, SealedDown, SignedFrame};
-use super::keys::{KeyError, KeyState, KeyUpdate};
+use super::keys::{DeviceKey, KeyError, KeyState, KeyUpdate, PreviousKey};
 use super::replay::ReplayWindow;
 use super::SignedDrop;
 
+/// One signed-only uuid, laid out for the hot path. A signed heartbeat reads the uuid, the
+/// key id, the ahead bound, the replay window and both HMAC states: with the entry 64-byte
+/// aligned and those first, that is three whole cache lines and nothing else (the key bytes,
+/// read only to persist or compare them, share the last line). The key of a rotation's grace
+/// period lives out of line in [`Keyring::previous`]: rare, and 8 bytes of pointer here would
+/// cost every uuid a fourth line.
+#[repr(C, align(64))]
 struct Entry {
-    keys: KeyState,
+    uuid: Uuid,
+    /// The ahead bound ([`KeyState::ahead`]).
+    ahead: u32,
+    /// Id of the current key.
+    id: u8,
+    /// The key id of the last verified packet: immediate pushes are sealed under it, because
+    /// that is the key the device is known to hold.
+    last_key_id: u8,
+    /// Whether [`Keyring::previous`] holds a key of this uuid (so the common case looks it up
+    /// never).
+    rotating: bool,
+    replay: ReplayWindow,
     /// The current key, HMAC-keyed once: every packet of a uuid that is not mid-rotation
     /// verifies and is sealed under it (a previous key is keyed per packet, during its grace
     /// period only).
     mac: KeyedMac,
-    replay: ReplayWindow,
-    /// The key id of the last verified packet: immediate pushes are sealed under it, because
-    /// that is the key the device is known to hold.
-    last_key_id: u8,
+    /// The current key's bytes.
+    key: DeviceKey,
 }
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 192, "three cache lines");
 
 /// See the module docs.
 pub struct Keyring {
-    map: HashMap<Uuid, Entry, FixedState>,
+    map: HashTable<Entry>,
+    hasher: FixedState,
+    /// The previous key of each uuid in a rotation's grace period.
+    previous: HashMap<Uuid, PreviousKey, FixedState>,
     window_s: u32,
     /// Downstream nonces: a counter from a seed the adapter draws at start, so that pairs
     /// `(ts, nonce)` do not repeat across restarts within a second.
@@ -47,8 +69,8 @@ pub struct Keyring {
 /// A uuid's whole entry as [`Keyring::take`] removed it: keys, replay memory, the key id it
 /// last used, and what the keyring remembered of an earlier removal.
 pub struct Removed {
-    uuid: Uuid,
-    entry: Entry,
+    entry: Box<Entry>,
+    previous: Option<PreviousKey>,
     gone_was: Option<u32>,
 }
 
@@ -68,12 +90,24 @@ impl Keyring {
     /// An empty keyring accepting timestamps within `window` of the node's clock.
     pub fn new(window: Duration, seed: u64) -> Self {
         Keyring {
-            map: HashMap::with_hasher(FixedState::with_seed(seed ^ 0x5157)),
+            map: HashTable::new(),
+            hasher: FixedState::with_seed(seed ^ 0x5157),
+            previous: HashMap::with_hasher(FixedState::with_seed(seed ^ 0x7e5)),
             window_s: secs32(window),
             next_nonce: (seed >> 32) as u32 ^ seed as u32,
             restart_floor: 0,
             gone: HashMap::with_hasher(FixedState::with_seed(seed ^ 0x90e)),
         }
+    }
+
+    fn find(&self, uuid: &Uuid) -> Option<&Entry> {
+        self.map
+            .find(self.hasher.hash_one(uuid.0), |e| e.uuid == *uuid)
+    }
+
+    fn find_mut(&mut self, uuid: &Uuid) -> Option<&mut Entry> {
+        self.map
+            .find_mut(self.hasher.hash_one(uuid.0), |e| e.uuid == *uuid)
     }
 
     /// Number of signed-only uuids.
@@ -88,24 +122,41 @@ impl Keyring {
 
     /// Whether `uuid` is signed-only.
     pub fn contains(&self, uuid: &Uuid) -> bool {
-        !self.map.is_empty() && self.map.contains_key(uuid)
+        !self.map.is_empty() && self.find(uuid).is_some()
     }
 
-    /// The key state of a uuid.
-    pub fn get(&self, uuid: &Uuid) -> Option<&KeyState> {
-        self.map.get(uuid).map(|e| &e.keys)
+    fn state_of(&self, e: &Entry) -> KeyState {
+        KeyState {
+            id: e.id,
+            key: e.key.clone(),
+            previous: e
+                .rotating
+                .then(|| self.previous.get(&e.uuid).cloned().map(Box::new))
+                .flatten(),
+            ahead: e.ahead,
+        }
+    }
+
+    /// The key state of a uuid (what is persisted).
+    pub fn get(&self, uuid: &Uuid) -> Option<KeyState> {
+        self.find(uuid).map(|e| self.state_of(e))
     }
 
     /// Every uuid with its keys, sorted by uuid (for snapshots: deterministic output).
     pub fn iter_sorted(&self) -> Vec<(Uuid, KeyState)> {
-        let mut v: Vec<_> = self.map.iter().map(|(u, e)| (*u, e.keys.clone())).collect();
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .map(|e| (e.uuid, self.state_of(e)))
+            .collect();
         v.sort_by_key(|(u, _)| *u);
         v
     }
 
     /// Approximate heap bytes, for the memory figures.
     pub fn heap_bytes(&self) -> usize {
-        self.map.capacity() * (std::mem::size_of::<(Uuid, Entry)>() + 1)
+        self.map.capacity() * (std::mem::size_of::<Entry>() + 1)
+            + self.previous.capacity() * (std::mem::size_of::<(Uuid, PreviousKey)>() + 1)
             + self.gone.capacity() * (std::mem::size_of::<(Uuid, u32)>() + 1)
     }
 
@@ -118,8 +169,8 @@ impl Keyring {
             return;
         }
         self.restart_floor = floor;
-        for e in self.map.values_mut() {
-            e.replay = ReplayWindow::refusing_until(floor.saturating_add(e.keys.ahead));
+        for e in self.map.iter_mut() {
+            e.replay = ReplayWindow::refusing_until(floor.saturating_add(e.ahead));
         }
     }
 
@@ -129,55 +180,78 @@ impl Keyring {
         &mut self,
         uuid: Uuid,
         id: u8,
-        key: super::DeviceKey,
+        key: DeviceKey,
         until: Time,
     ) -> Result<KeyUpdate, KeyError> {
-        match self.map.get_mut(&uuid) {
-            Some(e) => {
-                let update = e.keys.rotate(id, key, until)?;
-                if update == KeyUpdate::Rotated {
-                    e.mac = KeyedMac::new(&e.keys.key);
-                }
-                Ok(update)
+        let Some(mut keys) = self.get(&uuid) else {
+            self.set(uuid, KeyState::new(id, key));
+            return Ok(KeyUpdate::Provisioned);
+        };
+        // The rotation rules are `KeyState`'s; the entry takes the result, its replay memory
+        // and ahead bound unchanged.
+        let update = keys.rotate(id, key, until)?;
+        if update == KeyUpdate::Rotated {
+            if let Some(p) = keys.previous.take() {
+                self.previous.insert(uuid, *p);
             }
-            None => {
-                self.set(uuid, KeyState::new(id, key));
-                Ok(KeyUpdate::Provisioned)
+            if let Some(e) = self.find_mut(&uuid) {
+                e.mac = KeyedMac::new(&keys.key);
+                e.key = keys.key;
+                e.id = keys.id;
+                e.rotating = true;
             }
         }
+        Ok(update)
     }
 
-    /// Installs a whole key state (restore, journal replay, a failed turn taken back). The
-    /// replay window refuses what the restart floor and the state's ahead bound say: pairs
-    /// accepted before a restart are not known, and none was stamped later than the restart
-    /// second plus the ahead bound (PROTOCOL.md 9.3).
+    /// Installs a whole key state (restore, journal replay, a rotation, a failed turn taken
+    /// back). A new entry's replay window refuses what the restart floor and the state's
+    /// ahead bound say: pairs accepted before a restart are not known, and none was stamped
+    /// later than the restart second plus the ahead bound (PROTOCOL.md 9.3).
     pub fn set(&mut self, uuid: Uuid, keys: KeyState) {
         let floor = self.restart_floor.saturating_add(keys.ahead);
+        let KeyState {
+            id,
+            key,
+            previous,
+            ahead,
+        } = keys;
+        let rotating = previous.is_some();
+        match previous {
+            Some(p) => self.previous.insert(uuid, *p),
+            None => self.previous.remove(&uuid),
+        };
+        if let Some(e) = self.find_mut(&uuid) {
+            // A rotation, or a journaled raise of the ahead bound replayed after the
+            // snapshot's state: the replay memory stays.
+            e.replay.refuse_until(floor);
+            if e.key != key {
+                e.mac = KeyedMac::new(&key);
+                e.key = key;
+            }
+            e.id = id;
+            e.ahead = ahead;
+            e.rotating = rotating;
+            return;
+        }
         let replay = ReplayWindow::refusing_until(match self.gone.remove(&uuid) {
             Some(until) => floor.max(until),
             None => floor,
         });
-        let mac = KeyedMac::new(&keys.key);
-        match self.map.get_mut(&uuid) {
-            Some(e) => {
-                // A journaled raise of the ahead bound, replayed after the snapshot's state.
-                e.replay.refuse_until(floor);
-                e.keys = keys;
-                e.mac = mac;
-            }
-            None => {
-                let last_key_id = keys.id;
-                self.map.insert(
-                    uuid,
-                    Entry {
-                        keys,
-                        mac,
-                        replay,
-                        last_key_id,
-                    },
-                );
-            }
-        }
+        let entry = Entry {
+            uuid,
+            ahead,
+            id,
+            last_key_id: id,
+            rotating,
+            replay,
+            mac: KeyedMac::new(&key),
+            key,
+        };
+        let hasher = &self.hasher;
+        self.map.insert_unique(hasher.hash_one(uuid.0), entry, |e| {
+            hasher.hash_one(e.uuid.0)
+        });
     }
 
     /// Makes the uuid v1 again, at `now`. Should it get a key again within the window, that
@@ -190,18 +264,18 @@ impl Keyring {
     /// [`Keyring::remove`], keeping what was removed so that [`Keyring::put_back`] can give it
     /// back exactly when the removal's write fails.
     pub fn take(&mut self, uuid: &Uuid, now: Time) -> Option<Removed> {
-        let entry = self.map.remove(uuid)?;
+        let h = self.hasher.hash_one(uuid.0);
+        let (entry, _) = self.map.find_entry(h, |e| e.uuid == *uuid).ok()?.remove();
+        let previous = self.previous.remove(uuid);
         let now_s = now.secs32().max(self.restart_floor);
         let w = self.window_s;
         // Stamps at or below a floor more than a window old are expired anyway.
         self.gone
             .retain(|_, until| until.saturating_add(w) >= now_s);
-        let gone_was = self
-            .gone
-            .insert(*uuid, now_s.saturating_add(entry.keys.ahead));
+        let gone_was = self.gone.insert(*uuid, now_s.saturating_add(entry.ahead));
         Some(Removed {
-            uuid: *uuid,
-            entry,
+            entry: Box::new(entry),
+            previous,
             gone_was,
         })
     }
@@ -210,11 +284,30 @@ impl Keyring {
     /// new window ([`Keyring::set`] would forget the pairs accepted before the removal, or
     /// refuse the device's next ones). False if the uuid had a key again (it is replaced).
     pub fn put_back(&mut self, r: Removed) -> bool {
+        let uuid = r.entry.uuid;
         match r.gone_was {
-            Some(until) => self.gone.insert(r.uuid, until),
-            None => self.gone.remove(&r.uuid),
+            Some(until) => self.gone.insert(uuid, until),
+            None => self.gone.remove(&uuid),
         };
-        self.map.insert(r.uuid, r.entry).is_none()
+        match r.previous {
+            Some(p) => self.previous.insert(uuid, p),
+            None => self.previous.remove(&uuid),
+        };
+        let h = self.hasher.hash_one(uuid.0);
+        let hasher = &self.hasher;
+        match self
+            .map
+            .entry(h, |e| e.uuid == uuid, |e| hasher.hash_one(e.uuid.0))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut o) => {
+                *o.get_mut() = *r.entry;
+                false
+            }
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert(*r.entry);
+                true
+            }
+        }
     }
 
     /// Checks a signed device packet: shape, key id, tag, time, then replay. Only a packet
@@ -224,18 +317,26 @@ impl Keyring {
     /// rising count means a real device's clock is off, not that someone sends garbage.
     pub fn verify(&mut self, now: Time, buf: &[u8]) -> Result<Verified, SignedDrop> {
         let f = SignedFrame::parse(buf)?;
+        let uuid = f.packet.uuid;
+        let h = self.hasher.hash_one(uuid.0);
         let e = self
             .map
-            .get_mut(&f.packet.uuid)
+            .find_mut(h, |e| e.uuid == uuid)
             .ok_or(SignedDrop::UnknownKey)?;
-        let authentic = if f.seal.key_id == e.keys.id {
+        // Everything below reads all three of the entry's cache lines. Reading a word of the
+        // other two now (the values are not needed yet) lets their misses overlap the first
+        // one's instead of each waiting for the one before (profiled: BENCHMARKS.md).
+        std::hint::black_box(u64::from(e.mac.outer_word()) ^ e.replay.last_word());
+        let authentic = if f.seal.key_id == e.id {
             f.verify(&e.mac)
         } else {
             let key = e
-                .keys
-                .key_for(f.seal.key_id, now)
+                .rotating
+                .then(|| self.previous.get(&uuid))
+                .flatten()
+                .filter(|p| p.id == f.seal.key_id && now < p.until)
                 .ok_or(SignedDrop::UnknownKey)?;
-            f.verify(key)
+            f.verify(&key.key)
         };
         if !authentic {
             return Err(SignedDrop::Tag);
@@ -248,9 +349,13 @@ impl Keyring {
             .check(now_s, self.window_s, f.seal.ts, f.seal.nonce)
             .map_err(|_| SignedDrop::Replayed)?;
         e.last_key_id = f.seal.key_id;
-        e.keys.prune(now);
+        if e.rotating && self.previous.get(&uuid).is_none_or(|p| now >= p.until) {
+            // The grace period is over: the previous key is forgotten.
+            self.previous.remove(&uuid);
+            e.rotating = false;
+        }
         let ahead = f.seal.ts.saturating_sub(now_s);
-        let ahead_was = (ahead > e.keys.ahead).then(|| std::mem::replace(&mut e.keys.ahead, ahead));
+        let ahead_was = (ahead > e.ahead).then(|| std::mem::replace(&mut e.ahead, ahead));
         Ok(Verified {
             packet: f.packet,
             key_id: f.seal.key_id,
@@ -269,25 +374,30 @@ impl Keyring {
         now: Time,
         packet: DownPacket,
     ) -> Result<SealedDown, DownPacket> {
-        let Some(e) = self.map.get(uuid) else {
+        let Some(e) = self.find(uuid) else {
             return Err(packet);
         };
         let wanted = key_id.unwrap_or(e.last_key_id);
         let nonce = self.next_nonce;
-        self.next_nonce = self.next_nonce.wrapping_add(1);
         let mut seal = Seal {
-            key_id: e.keys.id,
+            key_id: e.id,
             ts: now.secs32(),
             nonce,
         };
         // The current key is always valid; a previous one only within its grace period.
-        if wanted != e.keys.id {
-            if let Some(k) = e.keys.key_for(wanted, now) {
+        let previous = (wanted != e.id && e.rotating)
+            .then(|| self.previous.get(uuid))
+            .flatten()
+            .filter(|p| p.id == wanted && now < p.until);
+        let sealed = match previous {
+            Some(p) => {
                 seal.key_id = wanted;
-                return Ok(SealedDown::new(packet, seal, k));
+                SealedDown::new(packet, seal, &p.key)
             }
-        }
-        Ok(SealedDown::new(packet, seal, &e.mac))
+            None => SealedDown::new(packet, seal, &e.mac),
+        };
+        self.next_nonce = self.next_nonce.wrapping_add(1);
+        Ok(sealed)
     }
 }
 
@@ -421,7 +531,7 @@ mod tests {
         let captured = hb(1, &key(1), 1024, 2);
         let v = r.verify(Time::from_secs(1004), &captured);
         assert_eq!(v.map(|v| v.ahead_was), Ok(None));
-        let persisted = r.get(&UUID).cloned().unwrap();
+        let persisted = r.get(&UUID).unwrap();
         assert_eq!(persisted.ahead, 20);
         // Restored after a restart at 1005: the copy stamped 1024 is refused, the device's
         // next packet (1026, a second later) is not.
