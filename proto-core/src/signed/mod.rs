@@ -12,9 +12,10 @@
 //! * [`replay`]: the fixed-size replay window of one uuid.
 //! * [`Keyring`]: all signed-only uuids, and the one `verify` every adapter goes through.
 //!
-//! Cost per signed-only uuid, in memory: 16 bytes of uuid, 33 + 40 bytes of keys, 76 bytes of
-//! replay window and a byte of last key id, 221 bytes measured with the hash table (BENCHMARKS.md). A
-//! v1 uuid costs nothing here.
+//! Cost per signed-only uuid, in memory: one 192-byte keyring entry (uuid, key ids, ahead
+//! bound, the 72-byte replay window, the 64 bytes of HMAC pad states, the key) plus the hash
+//! table's control byte and slack, 221 bytes measured (BENCHMARKS.md); a rotation's previous
+//! key costs a side-map entry during its grace period only. A v1 uuid costs nothing here.
 
 pub mod codec;
 pub mod keyring;
