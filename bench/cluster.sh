@@ -109,6 +109,8 @@ used_memory() {
   echo "$total"
 }
 binds_of() { curl -s "http://$1/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["binds"])'; }
+rss_of() { awk '/^VmRSS:/ { print $2 * 1024 }' "/proc/$1/status"; }
+owned_of() { curl -s "http://$1/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["owned"])'; }
 
 # Mass re-home: REHOME_DEVICES (100,000) devices bound at node r1 (first contact: a bind each,
 # a new record each), r1 killed with -9, then every device heartbeats a survivor (half r2,
@@ -123,10 +125,16 @@ for n in r1 r2 r3; do
   start "$n" $(cluster_args "$n") --heartbeat-reply always
 done
 m0="$(used_memory)"
+rss0="$(rss_of "$PID_r1")"
 "$bench" heartbeat --target "$UDP_r1" --clients "$rehome_n" --first 1000000 --register --secs 0.1 >"$work/bind.json"
 b1="$(binds_of "$ADMIN_r1")"
 sleep 1
 m1="$(used_memory)"
+# A node's own memory per client it serves: r1's RSS growth over the devices it now owns.
+rss1="$(rss_of "$PID_r1")"
+o1="$(owned_of "$ADMIN_r1")"
+printf '{"row":"node memory per owned client (RSS growth)","result":{"owned":%s,"rss_before":%s,"rss_after":%s,"bytes_per_client":%s}}\n' \
+  "$o1" "$rss0" "$rss1" "$(python3 -c "print(($rss1 - $rss0) / max($o1, 1))")"
 kill -9 "$PID_r1"
 b2="$(binds_of "$ADMIN_r2")"; b3="$(binds_of "$ADMIN_r3")"
 t0="$(date +%s.%N)"
