@@ -73,6 +73,7 @@ pub struct DeviceBuilder {
     interval: Duration,
     retry_delay: Duration,
     key: Option<(u8, DeviceKey)>,
+    server_ahead: Option<Duration>,
 }
 
 impl DeviceBuilder {
@@ -80,6 +81,16 @@ impl DeviceBuilder {
     /// for its uuid (`PUT /clients/{uuid}/key`): it sends and accepts only version 2.
     pub fn key(mut self, key_id: u8, key: DeviceKey) -> Self {
         self.key = Some((key_id, key));
+        self
+    }
+
+    /// Signed devices: how far ahead of this device's clock the server's may be (default
+    /// 60 s, the replay window; at most that). A signed device hears nothing for about this
+    /// long after it starts: it cannot know which sealed answers it accepted before a restart,
+    /// and refuses every one stamped up to its start plus this bound (PROTOCOL.md 9.4). Set it
+    /// to the skew this device's clock really has.
+    pub fn server_ahead(mut self, d: Duration) -> Self {
+        self.server_ahead = Some(d);
         self
     }
 
@@ -189,6 +200,7 @@ impl Device {
             interval: HEARTBEAT_INTERVAL,
             retry_delay: RETRY_DELAY,
             key: None,
+            server_ahead: None,
         }
     }
 
@@ -380,11 +392,13 @@ impl Worker {
             app_id: self.cfg.app_id,
             heartbeat_interval: self.cfg.interval,
             retry_delay: self.cfg.retry_delay,
-            signing: self
-                .cfg
-                .key
-                .clone()
-                .map(|(id, key)| DeviceSigning::new(id, key, random_u32())),
+            signing: self.cfg.key.clone().map(|(id, key)| {
+                let sg = DeviceSigning::new(id, key, random_u32());
+                match self.cfg.server_ahead {
+                    Some(d) => sg.with_server_ahead(d),
+                    None => sg,
+                }
+            }),
         });
         let mut link: Option<Link> = None;
         let mut buf = vec![0u8; 65_536];

@@ -137,6 +137,11 @@ struct ListenArgs {
     /// `PUT /clients/{uuid}/key`, {"key_id": N, "key": "<64 hex digits>"}
     #[arg(long, value_name = "F")]
     key_file: Option<PathBuf>,
+    /// With --key-file: how far ahead of this machine's clock the server's may be, in
+    /// seconds (at most 60). The device hears nothing for about this long after it starts
+    /// (PROTOCOL.md 9.4): set it to the skew this clock really has
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=60))]
+    server_ahead: u64,
     /// Also report heartbeats on standard error
     #[arg(short, long)]
     verbose: bool,
@@ -460,7 +465,9 @@ fn listen(args: ListenArgs) -> ExitCode {
         };
         warn_if_readable_by_others(path);
         signed = format!(", signed with key id {}", k.key_id);
-        builder = builder.key(k.key_id, k.key);
+        builder = builder
+            .key(k.key_id, k.key)
+            .server_ahead(Duration::from_secs(args.server_ahead));
     }
     let device = match builder.start() {
         Ok(d) => d,

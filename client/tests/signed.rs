@@ -68,7 +68,18 @@ fn signed_listener_gets_the_payload(tcp: bool) {
     } else {
         server.udp.to_string()
     };
-    let mut args = vec!["--server", &addr, "--user", user, "--key-file", &f];
+    // Server and listener share this machine's clock: a start then costs ~2 s (PROTOCOL.md
+    // 9.4), not the default bound's minute.
+    let mut args = vec![
+        "--server",
+        &addr,
+        "--user",
+        user,
+        "--key-file",
+        &f,
+        "--server-ahead",
+        "1",
+    ];
     if tcp {
         args.push("--tcp");
     }

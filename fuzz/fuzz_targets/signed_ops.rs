@@ -30,7 +30,12 @@
 //!    provisioned; an answer to a signed heartbeat goes back to its source under its key id;
 //! 6. the node's effective keys (which id verifies under which key now) equal the model's, and
 //!    restore(snapshot) + replay(journal) gives the same keys and pending state;
-//! 7. nothing is ever sealed for a v1 uuid; and never a panic.
+//! 7. nothing is ever sealed for a v1 uuid; and never a panic;
+//! 8. **the ahead bound** (PROTOCOL.md 9.3): every signed-only uuid's bound is the model's (the
+//!    furthest after the node's clock one of its packets was accepted, 0 for a new key, kept
+//!    by a rotation), a raise is journaled in the turn of the packet that raised it, and after
+//!    a restart that restored keys every stamp up to the restart second plus the bound is
+//!    refused as `replayed` (not merely allowed to be).
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -243,6 +248,13 @@ struct World {
     /// Pairs stamped at or before this second are refused after a restart that restored keys,
     /// until the next restart.
     floor: u32,
+    /// Each signed-only uuid's ahead bound (PROTOCOL.md 9.3): how far after the node's clock
+    /// an accepted packet of it was ever stamped (0 for a new key; kept by a rotation).
+    ahead: BTreeMap<u8, u32>,
+    /// After a restart, the keys it restored refuse stamps up to the restart second plus
+    /// their ahead bound then: this second, per uuid, until the next restart (a key
+    /// provisioned afresh has only `floor`).
+    ahead_floor: BTreeMap<u8, u32>,
     /// Where each signed-only uuid's device proved itself (accepted signed heartbeats).
     allowed: BTreeMap<u8, HashSet<Dest>>,
     nonces: [u32; UUIDS as usize],
@@ -294,6 +306,8 @@ impl World {
             keys: BTreeMap::new(),
             accepted: HashSet::new(),
             floor: 0,
+            ahead: BTreeMap::new(),
+            ahead_floor: BTreeMap::new(),
             allowed: BTreeMap::new(),
             nonces: [0; UUIDS as usize],
             conns: Vec::new(),
@@ -328,7 +342,8 @@ impl World {
         if self.now_s().abs_diff(ts) > self.window_s {
             return Verdict::Drop(SignedDrop::Expired);
         }
-        if self.accepted.contains(&(who, ts, nonce)) || ts <= self.floor {
+        let ahead_floor = self.ahead_floor.get(&who).copied().unwrap_or(0);
+        if self.accepted.contains(&(who, ts, nonce)) || ts <= self.floor || ts <= ahead_floor {
             return Verdict::Drop(SignedDrop::Replayed);
         }
         Verdict::Fresh { who, ts, nonce }
@@ -502,8 +517,7 @@ impl World {
                 (0..IDS)
                     .map(|id| {
                         node.key_state(&uuid(w))
-                            .and_then(|k| k.key_for(id, now))
-                            .map(|k| *k.expose())
+                            .and_then(|k| k.key_for(id, now).map(|k| *k.expose()))
                     })
                     .collect()
             })
@@ -572,6 +586,8 @@ impl World {
                     });
                     if want == Ok(KeyUpdate::Provisioned) {
                         self.accepted.retain(|a| a.0 != w);
+                        self.ahead.insert(w, 0);
+                        self.ahead_floor.remove(&w);
                         self.allowed.insert(w, HashSet::new());
                         if let Some(r) = self.node.record(&uuid(w)) {
                             assert_eq!(r.addr, None, "a first key forgets the v1 address");
@@ -593,6 +609,8 @@ impl World {
                 let (written, _) = self.commit(*f);
                 if had && written {
                     self.keys.remove(&w);
+                    self.ahead.remove(&w);
+                    self.ahead_floor.remove(&w);
                     self.accepted.retain(|a| a.0 != w);
                     self.allowed.remove(&w);
                 }
@@ -737,6 +755,14 @@ impl World {
                 // life's restart said.
                 self.accepted.clear();
                 self.floor = if restored_keys { self.now_s() } else { 0 };
+                // The ahead bound is journaled in the turn that raised it (check 8), so the
+                // restored keys have the model's bounds.
+                self.ahead_floor = self
+                    .ahead
+                    .iter()
+                    .map(|(w, a)| (*w, self.floor.saturating_add(*a)))
+                    .filter(|_| restored_keys)
+                    .collect();
                 for a in self.allowed.values_mut() {
                     a.retain(|d| matches!(d, Dest::Udp(_)));
                 }
@@ -789,6 +815,20 @@ impl World {
                         );
                         if acc == 1 {
                             self.accepted.insert((who, ts, nonce));
+                            // 8. A packet stamped further ahead than the bound raises it, and
+                            // the raise is journaled in this turn, before its answer.
+                            let ahead = ts.saturating_sub(self.now_s());
+                            let bound = self.ahead.entry(who).or_insert(0);
+                            if ahead > *bound {
+                                *bound = ahead;
+                                assert!(
+                                    self.written.iter().any(|c| matches!(c,
+                                        Change::Keyed { uuid: u, keys }
+                                            if *u == uuid(who) && keys.ahead == ahead)),
+                                    "ahead bound raised to {ahead} but not journaled: {:?}",
+                                    self.written
+                                );
+                            }
                             let (m, id) = msg.expect("a fresh packet has a valid shape");
                             if m == DeviceMsg::Heartbeat {
                                 accepted_hb = Some((who, *dest));
@@ -807,6 +847,15 @@ impl World {
         }
         let accepted =
             matches!(&sent, Sent::V2 { .. }) && st.signed_accepted == stats.signed_accepted + 1;
+
+        // 8. The ahead bounds are the model's.
+        for w in 0..UUIDS {
+            assert_eq!(
+                self.node.key_state(&uuid(w)).map(|k| k.ahead),
+                self.ahead.get(&w).copied(),
+                "ahead bound of uuid {w} after {op:?}"
+            );
+        }
 
         // 2. Anything that was not accepted, and is not a v1 packet of a v1 uuid, or a key
         // update, push, time step or restart: nothing changes.

@@ -22,6 +22,11 @@
 //! [`DeviceEvent::Unsigned`]: a forged or replayed `0x20` must not make the device send a
 //! valid signed ack, which would clear the real pending item it never got.
 //!
+//! The replay memory is lost when the device restarts, so a session refuses every answer
+//! stamped up to its first wall clock plus [`DeviceSigning::server_ahead`] (no answer it
+//! accepted in an earlier life was stamped later), and heartbeats again once that floor is
+//! passed (PROTOCOL.md 9.4).
+//!
 //! The core reads no clock: the adapter gives the wall clock with
 //! [`handle_wall_clock`](DeviceSession::handle_wall_clock) (the client from `SystemTime`, the
 //! simulator from simulated time) and picks the first nonce (from its RNG), so that a
@@ -94,6 +99,14 @@ pub struct DeviceSigning {
     /// How far a sealed answer's timestamp may be from the device's clock
     /// ([`REPLAY_WINDOW`], the server's default, 60 s).
     pub window: Duration,
+    /// How far ahead of the device's clock a sealed answer may be stamped (default: `window`;
+    /// never more). It is also what a device start costs: the session does not know which
+    /// answers it accepted before it (re)started, and every one of them was stamped at most
+    /// this far ahead of the device's clock then, so after its first wall clock S it refuses
+    /// every answer stamped at or before S plus this bound (PROTOCOL.md 9.4). A device whose
+    /// clock is on time hears nothing for that long after it starts; set it to the skew the
+    /// devices' clocks really have (network time: a few seconds).
+    pub server_ahead: Duration,
 }
 
 impl DeviceSigning {
@@ -104,6 +117,15 @@ impl DeviceSigning {
             key,
             first_nonce,
             window: REPLAY_WINDOW,
+            server_ahead: REPLAY_WINDOW,
+        }
+    }
+
+    /// The same key with `server_ahead` set (capped at the window).
+    pub fn with_server_ahead(self, server_ahead: Duration) -> Self {
+        DeviceSigning {
+            server_ahead: server_ahead.min(self.window),
+            ..self
         }
     }
 }
@@ -211,6 +233,12 @@ pub struct DeviceSession {
     nonce: u32,
     /// Signed devices: the `(ts, nonce)` pairs of sealed answers already accepted.
     seen: ReplayWindow,
+    /// Signed devices: answers stamped at or before this second are refused (the first wall
+    /// clock plus `server_ahead`; `None` before the first wall clock).
+    start_floor: Option<u32>,
+    /// Signed devices: a heartbeat is due at this time because an answer was refused under
+    /// the start floor (its resend, stamped after the floor, is then asked for at once).
+    floor_heartbeat: Option<Time>,
 }
 
 impl DeviceSession {
@@ -231,6 +259,8 @@ impl DeviceSession {
             wall: None,
             nonce,
             seen: ReplayWindow::new(),
+            start_floor: None,
+            floor_heartbeat: None,
         }
     }
 
@@ -260,8 +290,16 @@ impl DeviceSession {
     /// it sends with the latest value given and checks sealed answers against it, so its
     /// adapter calls this before feeding inputs and draining transmits (a v1 device ignores
     /// it). It may differ from the server's clock by up to the window.
+    ///
+    /// The first value a signed session gets is its start: answers stamped up to it plus
+    /// [`DeviceSigning::server_ahead`] are refused from then on.
     pub fn handle_wall_clock(&mut self, unix_s: u32) {
         self.wall = Some(unix_s);
+        if self.start_floor.is_none() {
+            if let Some(sg) = &self.cfg.signing {
+                self.start_floor = Some(unix_s.saturating_add(secs32(sg.server_ahead)));
+            }
+        }
     }
 
     /// One UDP datagram from the server.
@@ -290,10 +328,14 @@ impl DeviceSession {
         self.advance(now);
         match self.link {
             Link::Up => {
+                let floor_passed = self.floor_heartbeat.is_some_and(|t| now >= t);
                 let due = self
                     .last_sent
                     .is_none_or(|t| now >= t + self.cfg.heartbeat_interval);
-                if due {
+                if floor_passed {
+                    self.floor_heartbeat = None;
+                }
+                if due || floor_passed {
                     self.queue_heartbeat();
                 }
             }
@@ -378,10 +420,12 @@ impl DeviceSession {
             return Some(self.now);
         }
         match self.link {
-            Link::Up => Some(
-                self.last_sent
-                    .map_or(self.now, |t| t + self.cfg.heartbeat_interval),
-            ),
+            Link::Up => {
+                let hb = self
+                    .last_sent
+                    .map_or(self.now, |t| t + self.cfg.heartbeat_interval);
+                Some(self.floor_heartbeat.map_or(hb, |f| f.min(hb)))
+            }
             Link::Down(at) => at,
         }
     }
@@ -452,8 +496,18 @@ impl DeviceSession {
         let now_s = self.wall.unwrap_or(0);
         let window = secs32(sg.window);
         let ts = sealed.seal.ts;
-        if now_s.abs_diff(ts) > window {
+        let ahead = secs32(sg.server_ahead).min(window);
+        if ts < now_s.saturating_sub(window) || ts > now_s.saturating_add(ahead) {
             return Err(DeviceEvent::Refused(SignedDrop::Expired));
+        }
+        // Stamped at or before the start floor: it may be an answer this device accepted
+        // before it restarted, replayed (PROTOCOL.md 9.4). The server re-sends what is
+        // pending on every heartbeat, so one goes out as soon as the floor is passed.
+        if let Some(floor) = self.start_floor.filter(|&f| ts <= f) {
+            let wait = Duration::from_secs(u64::from(floor.saturating_sub(now_s)) + 1);
+            let at = self.now + wait;
+            self.floor_heartbeat = Some(self.floor_heartbeat.map_or(at, |t| t.min(at)));
+            return Err(DeviceEvent::Refused(SignedDrop::Replayed));
         }
         self.seen
             .check(now_s, window, ts, sealed.seal.nonce)
@@ -658,9 +712,98 @@ mod tests {
             ));
             let mut s = DeviceSession::new(cfg);
             assert_eq!(s.poll_event(), Some(DeviceEvent::Connect));
+            // Started more than its start floor (60 s) before the vectors' time.
+            s.handle_wall_clock(TS - 61);
             s.handle_wall_clock(TS);
             s.handle_connected(t(0));
             s
+        }
+
+        fn sealed(msg: DownMsg, ts: u32, nonce: u32) -> Vec<u8> {
+            SealedDown::new(
+                DownPacket { app_id: 1, msg },
+                Seal {
+                    key_id: 1,
+                    ts,
+                    nonce,
+                },
+                &key(),
+            )
+            .to_vec()
+        }
+
+        #[test]
+        fn a_restarted_device_refuses_what_it_may_have_accepted_before_it() {
+            // Before the restart: a sealed 0x20 stamped TS, accepted and acked.
+            let mut before = session(1);
+            let _ = bytes_sent(&mut before, t(0));
+            let captured = vector("server_to_device", "0x20_hello");
+            before.handle_datagram(t(1), &captured);
+            assert_eq!(bytes_sent(&mut before, t(1)).len(), 1, "acked once");
+            // The device restarts 5 s later; an attacker replays the captured packet (inside
+            // the window, a pair the new life has not seen): refused, not acked. (A long
+            // heartbeat interval, so that the floor's heartbeat is the next one.)
+            let cfg = DeviceConfig {
+                heartbeat_interval: Duration::from_secs(300),
+                ..DeviceConfig::new(Uuid::from_hex(VU).unwrap())
+            }
+            .signed(DeviceSigning::new(1, key(), 1_000));
+            let mut s = DeviceSession::new(cfg);
+            assert_eq!(s.poll_event(), Some(DeviceEvent::Connect));
+            s.handle_wall_clock(TS + 5);
+            s.handle_connected(t(10));
+            let _ = bytes_sent(&mut s, t(10));
+            s.handle_datagram(t(10), &captured);
+            assert!(bytes_sent(&mut s, t(10)).is_empty(), "a replay was acked");
+            assert_eq!(
+                s.poll_event(),
+                Some(DeviceEvent::Refused(SignedDrop::Replayed))
+            );
+            // Everything stamped up to the start plus the server-ahead bound (60 s) is refused
+            // the same way, since the device accepted packets up to that far ahead of its clock
+            // before; a heartbeat is asked for as soon as the floor is passed, so what is
+            // pending comes again, stamped after it.
+            s.handle_datagram(t(10), &sealed(DownMsg::Notify, TS + 65, 1));
+            assert_eq!(
+                s.poll_event(),
+                Some(DeviceEvent::Refused(SignedDrop::Replayed))
+            );
+            let passed = t(10) + Duration::from_secs(61);
+            assert_eq!(s.poll_timeout(), Some(passed));
+            s.handle_wall_clock(TS + 66);
+            s.handle_timeout(passed);
+            assert_eq!(bytes_sent(&mut s, passed).len(), 1, "the floor heartbeat");
+            s.handle_datagram(passed, &sealed(DownMsg::Notify, TS + 66, 2));
+            assert!(matches!(s.poll_event(), Some(DeviceEvent::Message(_))));
+            assert_eq!(bytes_sent(&mut s, passed).len(), 1, "acked");
+            // With a tighter bound the floor is lower, and answers stamped further ahead of
+            // the device's clock than the bound are stale.
+            let cfg = DeviceConfig::new(Uuid::from_hex(VU).unwrap()).signed(
+                DeviceSigning::new(1, key(), 2_000).with_server_ahead(Duration::from_secs(2)),
+            );
+            let mut s = DeviceSession::new(cfg);
+            let _ = s.poll_event();
+            s.handle_wall_clock(TS + 5);
+            s.handle_connected(t(0));
+            let _ = bytes_sent(&mut s, t(0));
+            s.handle_datagram(t(0), &captured);
+            assert_eq!(
+                s.poll_event(),
+                Some(DeviceEvent::Refused(SignedDrop::Replayed))
+            );
+            s.handle_datagram(t(0), &sealed(DownMsg::Notify, TS + 8, 3));
+            assert_eq!(
+                s.poll_event(),
+                Some(DeviceEvent::Refused(SignedDrop::Expired))
+            );
+            s.handle_datagram(t(0), &sealed(DownMsg::Notify, TS + 7, 4));
+            assert_eq!(
+                s.poll_event(),
+                Some(DeviceEvent::Refused(SignedDrop::Replayed))
+            );
+            s.handle_wall_clock(TS + 6);
+            s.handle_datagram(t(1), &sealed(DownMsg::Notify, TS + 8, 5));
+            assert!(matches!(s.poll_event(), Some(DeviceEvent::Message(_))));
         }
 
         fn bytes_sent(s: &mut DeviceSession, now: Time) -> Vec<Vec<u8>> {
