@@ -3,7 +3,10 @@
 //! Operations: pushes (direct and framed on port 9999), heartbeats and acks over UDP and TCP
 //! from a small pool of uuids and addresses, raw datagrams and raw TCP bytes, TCP
 //! open/close, time steps (ms to years), operator removal, snapshot, restart from
-//! snapshot + journal, and a restore+replay check that keeps the live node.
+//! snapshot + journal, a restore+replay check that keeps the live node, and network
+//! duplication over UDP: a copy of an ack the device sent (`DupAck`, right after the original
+//! or later) and a copy of a send, which the device acks again (`DupSend`). A stream duplicates
+//! nothing, so TCP acks are never copied.
 //!
 //! Invariants checked after every operation:
 //! 1. **No accepted push is lost unless superseded.** A model built from the reply bytes (and
@@ -14,8 +17,18 @@
 //!    same kind from the same uuid. While every accepted ack of a (uuid, kind) is well-behaved
 //!    (the conditions of `ddpush_proto::ack`, docs/PROTOCOL-NOTES.md: one ack per send, on the
 //!    path the send went to, not after a heartbeat that came more than `ack_window` after the
-//!    send, no address change or restart since the send), a 0x10/0x20 is cleared only if the
-//!    device has acked a send of its current version, i.e. has seen it (PROTOCOL.md 8.2).
+//!    send, no address change or restart since the send) or a network copy that the crossing
+//!    rule covers, a 0x10/0x20 is cleared only if the device has acked a send of its current
+//!    version, i.e. has seen it (PROTOCOL.md 8.2). A copy of send `s` (of its datagram or of
+//!    its ack) is covered when the item's current version is newer than `s`'s and its first
+//!    send **crossed** `s`: it went out while `s` was not yet acked, no heartbeat came more
+//!    than `ack_window` after `s`, and the copy arrives within 10 x `ack_window` of `s` (the
+//!    stray window). Lossy seed 3660 (a NAT's copy of the ack of an older payload cleared a
+//!    newer one whose immediate send was lost) is such a copy. Any other copy taints the
+//!    (uuid, kind) until the next restart, as the rule's documented residual risk allows a
+//!    loss there: `s` acked before the newer version went out (nothing crossed) and a late
+//!    downlink copy of it, or a copy with no newer version sent yet (its extra ack may be
+//!    taken for a later send), or one after a fence or outside the stray window.
 //!    `AckOf` acks any earlier send in any order, so a push between a send and its ack, acks
 //!    reordered among themselves, one ack after several re-sends and sends lost for good are
 //!    all generated; acks from another address than the recorded one must clear nothing.
@@ -111,6 +124,16 @@ enum Op {
     AckOf {
         send: u16,
         tcp: bool,
+    },
+    /// The network duplicates an ack the device sent over UDP: the `back`-th latest UDP ack
+    /// delivered so far arrives again (0: right after the original).
+    DupAck {
+        back: u8,
+    },
+    /// The network duplicates a UDP send: the device receives it twice and acks each copy.
+    /// If its ack was not delivered yet, both acks arrive now; otherwise the late copy's.
+    DupSend {
+        send: u16,
     },
     Udp {
         from: u8,
@@ -223,6 +246,9 @@ struct Send {
     at: Time,
     dest: Dest,
     acked: bool,
+    /// Operation in which the send was made, and in which its first ack arrived.
+    op: u64,
+    acked_op: Option<u64>,
     /// Address changes of the uuid and restarts of the node before the send.
     epoch: u64,
     restarts: u64,
@@ -254,6 +280,10 @@ struct Harness {
     model: BTreeMap<Uuid, Model>,
     versions: BTreeMap<(Uuid, u8), u64>,
     sends: Vec<Send>,
+    /// Sends whose ack was delivered over UDP, in delivery order (what `DupAck` copies).
+    udp_acks: Vec<usize>,
+    /// Operations run so far.
+    ops: u64,
     tainted: HashSet<(Uuid, u8)>,
     /// Latest heartbeat per uuid (any path; counted even if the node then dropped it).
     hb_at: BTreeMap<Uuid, Time>,
@@ -277,8 +307,9 @@ struct Ctx {
     acks: Vec<(Uuid, Kind, u64)>,
     /// Pushes answered 0x00, in order.
     accepted: Vec<(Uuid, PushMsg)>,
-    /// Index of the send a well-behaved ack answers.
-    ack_of: Option<usize>,
+    /// Sends answered in this operation by a well-behaved ack, or by a network copy that the
+    /// crossing rule covers: a `Cleared` of their (uuid, kind) is held to the ack rule.
+    checked: Vec<usize>,
     /// Acks that came from another address than the uuid's recorded one: the node must not
     /// count them, so they do not make later checks unreliable.
     off_path: Vec<(Uuid, Kind)>,
@@ -305,6 +336,8 @@ impl Harness {
             model: BTreeMap::new(),
             versions: BTreeMap::new(),
             sends: Vec::new(),
+            udp_acks: Vec::new(),
+            ops: 0,
             tainted: HashSet::new(),
             hb_at: BTreeMap::new(),
             addrs: BTreeMap::new(),
@@ -381,7 +414,104 @@ impl Harness {
         }
     }
 
+    /// Whether a network copy of send `i`'s datagram (or of its ack) arriving now is covered by
+    /// the crossing rule (docs/PROTOCOL-NOTES.md "The rule"): the record's current version of
+    /// that item is newer than the send's, its first send went out while send `i` was not yet
+    /// acked, no heartbeat came more than `ack_window` after send `i` (`fenced`, checked by the
+    /// caller), and the copy arrives within the stray window (10 x `ack_window`) of send `i`.
+    /// Then the copy is an ack the ledger takes as `Crossed` (or as an older send's), and it
+    /// must not clear the newer version the device has not acked.
+    fn crossed(&self, i: usize) -> bool {
+        let s = &self.sends[i];
+        let v = self
+            .versions
+            .get(&(s.uuid, kidx(s.kind)))
+            .copied()
+            .unwrap_or(0);
+        if v <= s.version || !matches!(s.dest, Dest::Udp(_)) {
+            return false;
+        }
+        let Some(first) = self
+            .sends
+            .iter()
+            .find(|x| x.uuid == s.uuid && x.kind == s.kind && x.version == v)
+        else {
+            return false;
+        };
+        first.op > s.op
+            && s.acked_op.is_none_or(|a| a > first.op)
+            && self.now <= s.at + self.cfg.ack_window * 10
+    }
+
+    /// The device's ack of send `i` arrives now: the first (`copy` false) or a copy made by the
+    /// network (`copy` true; always over UDP).
+    fn ack_send(&mut self, i: usize, tcp: bool, copy: bool, ctx: &mut Ctx) {
+        let s = self.sends[i].clone();
+        // The conditions of the ack rule (docs/PROTOCOL-NOTES.md, B-E; A below).
+        let fenced = self
+            .hb_at
+            .get(&s.uuid)
+            .is_some_and(|&h| h > s.at + self.cfg.ack_window);
+        let moved = self.addrs.get(&s.uuid).map_or(0, |a| a.1) != s.epoch;
+        let tcp_gone = match s.dest {
+            Dest::Tcp(id) => !(tcp && self.conns.iter().any(|c| c.id == id)),
+            Dest::Udp(_) => false,
+        };
+        let kept = !(fenced || moved || s.restarts != self.restarts || tcp_gone);
+        let covered = if copy {
+            kept && self.crossed(i)
+        } else {
+            kept && !s.acked
+        };
+        if covered {
+            ctx.checked.push(i);
+        } else {
+            // Beyond what the node promises to attribute exactly: the device acked twice, a
+            // network copy that crossed no newer send (condition B's residual risk), the ack
+            // came after a heartbeat that settled its send, from an address that may have
+            // changed hands, across a restart, or on another path than its send. Loss is
+            // then possible by design.
+            self.tainted.insert((s.uuid, kidx(s.kind)));
+        }
+        if !self.sends[i].acked {
+            self.sends[i].acked = true;
+            self.sends[i].acked_op = Some(self.ops);
+        }
+        let msg = match s.kind {
+            Kind::Notify => DeviceMsg::AckNotify,
+            Kind::Bits => DeviceMsg::AckBits(s.bits),
+            Kind::Payload => DeviceMsg::AckPayload,
+        };
+        let p = DevicePacket {
+            app_id: 1,
+            uuid: s.uuid,
+            msg,
+        };
+        let mut b = Vec::new();
+        p.encode(&mut b);
+        let via_tcp = match s.dest {
+            Dest::Tcp(id) if tcp && !copy => self
+                .conns
+                .iter()
+                .position(|c| c.id == id && c.pending.is_empty()),
+            _ => None,
+        };
+        match (via_tcp, s.dest) {
+            (Some(ci), _) => self.tcp_bytes(ci, &b, ctx),
+            (None, Dest::Udp(a)) => {
+                self.node.handle_udp(self.now, a, &b);
+                note_device(&p, ctx);
+                self.udp_acks.push(i);
+            }
+            (None, Dest::Tcp(_)) => {
+                self.node.handle_udp(self.now, addr(0), &b);
+                note_device(&p, ctx);
+            }
+        }
+    }
+
     fn run(&mut self, op: &Op) {
+        self.ops += 1;
         let mut ctx = Ctx::default();
         let before: BTreeMap<Uuid, Pending> = self
             .node
@@ -494,57 +624,29 @@ impl Harness {
                     return self.finish(ctx, before, conns_before);
                 }
                 let i = usize::from(*send) % self.sends.len();
-                let s = self.sends[i].clone();
-                // The conditions of the ack rule (docs/PROTOCOL-NOTES.md, B-E; A below).
-                let fenced = self
-                    .hb_at
-                    .get(&s.uuid)
-                    .is_some_and(|&h| h > s.at + self.cfg.ack_window);
-                let moved = self.addrs.get(&s.uuid).map_or(0, |a| a.1) != s.epoch;
-                let tcp_gone = match s.dest {
-                    Dest::Tcp(id) => !(*tcp && self.conns.iter().any(|c| c.id == id)),
-                    Dest::Udp(_) => false,
-                };
-                if s.acked || fenced || moved || s.restarts != self.restarts || tcp_gone {
-                    // Beyond what the node promises to attribute exactly: the device acked
-                    // twice, the ack came after a heartbeat that settled its send, from an
-                    // address that may have changed hands, across a restart, or on another
-                    // path than its send. Loss is then possible by design.
-                    self.tainted.insert((s.uuid, kidx(s.kind)));
-                } else {
-                    ctx.ack_of = Some(i);
+                self.ack_send(i, *tcp, false, &mut ctx);
+            }
+            Op::DupAck { back } => {
+                if self.udp_acks.is_empty() {
+                    return self.finish(ctx, before, conns_before);
                 }
-                self.sends[i].acked = true;
-                let msg = match s.kind {
-                    Kind::Notify => DeviceMsg::AckNotify,
-                    Kind::Bits => DeviceMsg::AckBits(s.bits),
-                    Kind::Payload => DeviceMsg::AckPayload,
-                };
-                let p = DevicePacket {
-                    app_id: 1,
-                    uuid: s.uuid,
-                    msg,
-                };
-                let mut b = Vec::new();
-                p.encode(&mut b);
-                let via_tcp = match s.dest {
-                    Dest::Tcp(id) if *tcp => self
-                        .conns
-                        .iter()
-                        .position(|c| c.id == id && c.pending.is_empty()),
-                    _ => None,
-                };
-                match (via_tcp, s.dest) {
-                    (Some(ci), _) => self.tcp_bytes(ci, &b, &mut ctx),
-                    (None, Dest::Udp(a)) => {
-                        self.node.handle_udp(self.now, a, &b);
-                        note_device(&p, &mut ctx);
-                    }
-                    (None, Dest::Tcp(_)) => {
-                        self.node.handle_udp(self.now, addr(0), &b);
-                        note_device(&p, &mut ctx);
-                    }
+                let n = self.udp_acks.len();
+                let i = self.udp_acks[n - 1 - usize::from(*back) % n];
+                self.ack_send(i, false, true, &mut ctx);
+            }
+            Op::DupSend { send } => {
+                if self.sends.is_empty() {
+                    return self.finish(ctx, before, conns_before);
                 }
+                let i = usize::from(*send) % self.sends.len();
+                if !matches!(self.sends[i].dest, Dest::Udp(_)) {
+                    // A stream duplicates nothing.
+                    return self.finish(ctx, before, conns_before);
+                }
+                if !self.sends[i].acked {
+                    self.ack_send(i, false, false, &mut ctx);
+                }
+                self.ack_send(i, false, true, &mut ctx);
             }
             Op::Udp { from, data } => {
                 self.node.handle_udp(self.now, addr(*from), data);
@@ -740,36 +842,41 @@ impl Harness {
                             e.bits &= !bits;
                         }
                     }
-                    if let Some(i) = ctx.ack_of {
+                    // Records keep u32 seconds: past 2106-02-07 (u32::MAX s of Unix time)
+                    // every time saturates and the ack rule cannot tell sends apart. The node
+                    // must still not panic there; the ordering promise is only checked inside
+                    // the representable range.
+                    let in_range = self.now.secs32() < u32::MAX - 4000;
+                    let held = ctx.checked.iter().any(|&i| {
                         let s = &self.sends[i];
-                        // Records keep u32 seconds: past 2106-02-07 (u32::MAX s of Unix
-                        // time) every time saturates and the ack rule cannot tell sends apart.
-                        // The node must still not panic there; the ordering promise is only
-                        // checked inside the representable range.
-                        let in_range = self.now.secs32() < u32::MAX - 4000;
-                        if in_range
-                            && s.uuid == *uuid
-                            && s.kind == *kind
-                            && *kind != Kind::Bits
-                            && !self.tainted.contains(&(s.uuid, kidx(s.kind)))
-                        {
-                            let v = self
-                                .versions
-                                .get(&(s.uuid, kidx(s.kind)))
-                                .copied()
-                                .unwrap_or(0);
-                            // Acks may be reordered: the ack of an older send may clear the
-                            // newer version once the device has acked a send of it.
-                            let seen = self.sends.iter().any(|x| {
-                                x.acked && x.uuid == s.uuid && x.kind == s.kind && x.version == v
-                            });
-                            assert!(
-                                seen,
-                                "the ack of a send of version {} cleared version {v}, which the \
-                                 device never acked (sent at {:?}, acked at {:?}, window {:?})",
-                                s.version, s.at, self.now, self.cfg.ack_window
-                            );
-                        }
+                        s.uuid == *uuid && s.kind == *kind
+                    });
+                    if in_range
+                        && held
+                        && *kind != Kind::Bits
+                        && !self.tainted.contains(&(*uuid, kidx(*kind)))
+                    {
+                        let v = self
+                            .versions
+                            .get(&(*uuid, kidx(*kind)))
+                            .copied()
+                            .unwrap_or(0);
+                        // Acks may be reordered: the ack of an older send may clear the newer
+                        // version once the device has acked a send of it.
+                        let seen = self.sends.iter().any(|x| {
+                            x.acked && x.uuid == *uuid && x.kind == *kind && x.version == v
+                        });
+                        let answered: Vec<_> = ctx
+                            .checked
+                            .iter()
+                            .map(|&i| (self.sends[i].version, self.sends[i].at))
+                            .collect();
+                        assert!(
+                            seen,
+                            "an ack of a send of version (version, sent at) {answered:?} cleared \
+                             version {v}, which the device never acked (now {:?}, window {:?})",
+                            self.now, self.cfg.ack_window
+                        );
                     }
                 }
                 Change::Removed { uuid } => {
@@ -796,8 +903,9 @@ impl Harness {
         for ev in &events {
             if let Event::Acked { uuid, kind, .. } = ev {
                 let wb = ctx
-                    .ack_of
-                    .is_some_and(|i| self.sends[i].uuid == *uuid && self.sends[i].kind == *kind);
+                    .checked
+                    .iter()
+                    .any(|&i| self.sends[i].uuid == *uuid && self.sends[i].kind == *kind);
                 let off = ctx.off_path.contains(&(*uuid, *kind));
                 if !wb && !off {
                     self.tainted.insert((*uuid, kidx(*kind)));
@@ -938,6 +1046,8 @@ impl Harness {
                                 at: self.now,
                                 dest,
                                 acked: false,
+                                op: self.ops,
+                                acked_op: None,
                                 epoch: self.addrs.get(&u).map_or(0, |a| a.1),
                                 restarts: self.restarts,
                             });
