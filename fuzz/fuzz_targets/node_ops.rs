@@ -21,14 +21,16 @@
 //!    rule covers, a 0x10/0x20 is cleared only if the device has acked a send of its current
 //!    version, i.e. has seen it (PROTOCOL.md 8.2). A copy of send `s` (of its datagram or of
 //!    its ack) is covered when the item's current version is newer than `s`'s and its first
-//!    send **crossed** `s`: it went out while `s` was not yet acked, no heartbeat came more
-//!    than `ack_window` after `s`, and the copy arrives within 10 x `ack_window` of `s` (the
-//!    stray window). Lossy seed 3660 (a NAT's copy of the ack of an older payload cleared a
+//!    send **crossed** `s`: it went out while `s` was not yet acked and more than the burst gap
+//!    (a quarter of `ack_window`) after the send before it, no heartbeat came more than
+//!    `ack_window` after `s`, and the copy arrives within 10 x `ack_window` of `s` (the stray
+//!    window). Lossy seed 3660 (a NAT's copy of the ack of an older payload cleared a
 //!    newer one whose immediate send was lost) is such a copy. Any other copy taints the
 //!    (uuid, kind) until the next restart, as the rule's documented residual risk allows a
 //!    loss there: `s` acked before the newer version went out (nothing crossed) and a late
-//!    downlink copy of it, or a copy with no newer version sent yet (its extra ack may be
-//!    taken for a later send), or one after a fence or outside the stray window.
+//!    downlink copy of it, or the newer send within a burst of the one before it, or a copy
+//!    with no newer version sent yet (its extra ack may be taken for a later send), or one
+//!    after a fence or outside the stray window.
 //!    `AckOf` acks any earlier send in any order, so a push between a send and its ack, acks
 //!    reordered among themselves, one ack after several re-sends and sends lost for good are
 //!    all generated; acks from another address than the recorded one must clear nothing.
@@ -417,8 +419,9 @@ impl Harness {
     /// Whether a network copy of send `i`'s datagram (or of its ack) arriving now is covered by
     /// the crossing rule (docs/PROTOCOL-NOTES.md "The rule"): the record's current version of
     /// that item is newer than the send's, its first send went out while send `i` was not yet
-    /// acked, no heartbeat came more than `ack_window` after send `i` (`fenced`, checked by the
-    /// caller), and the copy arrives within the stray window (10 x `ack_window`) of send `i`.
+    /// acked and more than the burst gap after the send before it, no heartbeat came more than
+    /// `ack_window` after send `i` (`fenced`, checked by the caller), and the copy arrives
+    /// within the stray window (10 x `ack_window`) of send `i`.
     /// Then the copy is an ack the ledger takes as `Crossed` (or as an older send's), and it
     /// must not clear the newer version the device has not acked.
     fn crossed(&self, i: usize) -> bool {
@@ -431,14 +434,26 @@ impl Harness {
         if v <= s.version || !matches!(s.dest, Dest::Udp(_)) {
             return false;
         }
-        let Some(first) = self
+        let Some(fi) = self
             .sends
             .iter()
-            .find(|x| x.uuid == s.uuid && x.kind == s.kind && x.version == v)
+            .position(|x| x.uuid == s.uuid && x.kind == s.kind && x.version == v)
         else {
             return false;
         };
+        let first = &self.sends[fi];
+        // The send just before the newer version's first one: the ledger marks a crossing only
+        // if the newer send leaves more than the burst gap (a quarter of the window, counted
+        // in whole ticks) after it; within a burst the rule trusts the acks and the loss with
+        // a copy is its documented residual risk.
+        let last = self.sends[..fi]
+            .iter()
+            .rfind(|x| x.uuid == s.uuid && x.kind == s.kind);
+        let tick = ddpush_proto::ack::TICK_MS;
+        let burst_ticks = (self.cfg.ack_window.as_millis() as u64).div_ceil(tick) / 4;
+        let apart = Duration::from_millis(tick * (burst_ticks + 1));
         first.op > s.op
+            && last.is_some_and(|l| first.at >= l.at + apart)
             && s.acked_op.is_none_or(|a| a > first.op)
             && self.now <= s.at + self.cfg.ack_window * 10
     }

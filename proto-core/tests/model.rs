@@ -22,7 +22,8 @@
 //!   after its last push (no accepted message is lost, however acks and pushes interleave),
 //!   wherever the ack rule promises it: a copy of send `s` is covered when the item's current
 //!   version is newer than `s`'s and its first send **crossed** `s` (went out while `s` was not
-//!   yet acked, no heartbeat came more than the ack window after `s`) and the copy arrives
+//!   yet acked and more than the burst gap after the send before it, no heartbeat came more
+//!   than the ack window after `s`) and the copy arrives
 //!   within the stray window (10 x the ack window) of `s`. Any other copy is the rule's
 //!   documented residual risk (condition B of docs/PROTOCOL-NOTES.md): the item is exempt
 //!   from this check until a push of it after the next restart;
@@ -104,8 +105,8 @@ enum Op {
     },
     /// Issue 12's race, in one instant: a push that reaches the device (its ack stays in
     /// flight), a newer push whose immediate send is lost, and a heartbeat that crosses the
-    /// first ack (its answer lost if `lose_hb`). With `dup`, the network copies the first ack
-    /// before the heartbeat (lossy seed 3660).
+    /// first ack (its answer lost if `lose_hb`). With `dup`, the newer push comes 150 ms after
+    /// the first and the network copies the first ack before the heartbeat (lossy seed 3660).
     Race {
         dev: u8,
         notify: bool,
@@ -154,6 +155,10 @@ const WINDOW: Duration = Duration::from_millis(200);
 
 /// The stray window: copies of a datagram (or of its ack) arrive within it of the send.
 const STRAY: Duration = Duration::from_millis(10 * 200);
+
+/// Certainly more than the burst gap (a quarter of the window, 6 ticks of 8 ms): a send of a
+/// new version this long after the send before it crosses that one's unmatched sends.
+const APART: Duration = Duration::from_millis(8 * (6 + 1));
 
 /// A 0x10 or 0x20 the node sent towards a device (reached it or not).
 #[derive(Clone, Debug)]
@@ -348,12 +353,19 @@ impl World {
             return false;
         };
         let v = dev.versions[s.item];
-        let first = dev
+        let Some(fi) = dev
             .sends
             .iter()
-            .find(|x| x.item == s.item && x.version == v);
+            .position(|x| x.item == s.item && x.version == v)
+        else {
+            return false;
+        };
+        let f = &dev.sends[fi];
+        let before = dev.sends[..fi].iter().rfind(|x| x.item == s.item);
         let crossed = v > s.version
-            && first.is_some_and(|f| f.step > s.step && s.acked_step.is_none_or(|a| a > f.step));
+            && f.step > s.step
+            && before.is_some_and(|b| f.at >= b.at + APART)
+            && s.acked_step.is_none_or(|a| a > f.step);
         crossed
             && s.restarts == self.restarts
             && dev.port == Some(p)
@@ -539,6 +551,11 @@ impl World {
                     }
                 };
                 self.apply(&push(false));
+                if dup {
+                    // Seed 3660's timing: the newer push comes after a burst gap (within a
+                    // burst a copy is the rule's documented residual risk).
+                    self.apply(&Op::Step { ms: 150 });
+                }
                 self.apply(&push(true));
                 if dup {
                     self.apply(&Op::DupAck { dev, late: false });
