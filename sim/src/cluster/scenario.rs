@@ -251,7 +251,7 @@ pub struct Report {
     /// `handle_peer_lost` calls (both ends of every link that went down).
     pub peer_lost: usize,
     /// `cluster-anynode`: pushes accepted at a node while its link to the device's owner was
-    /// down; of those, the ones whose link stayed down long enough to tell ([`DRAIN_WITHIN`]),
+    /// down; of those, the ones whose link stayed down long enough to tell (3 s more),
     /// all of which reached the device from the owner before the link was back (by its drain,
     /// not a poke).
     pub pushes_link_down: usize,
