@@ -274,7 +274,7 @@ pub fn recover(dir: &Path) -> Result<Vec<Recovered>, PersistError> {
             FileKind::Snapshot => {
                 let s = scan_snapshot(&buf, |_| {});
                 s.header
-                    .map(|_| truncated_snapshot(&buf, s.good_len, s.records, s.keys))
+                    .map(|_| truncated_snapshot(&buf, s.good_len, s.records, s.keys, s.removed))
             }
         };
         let replaced = kept.is_some();

@@ -145,7 +145,9 @@ mod store_tests {
     use ddpush_proto::{Change, Config, Recovery, Time, Uuid};
 
     use crate::persist::snapshot::{read_snapshot_keys, scan_snapshot};
-    use crate::persist::{encode_snapshot, encode_snapshot_keys, write_snapshot_file, Store};
+    use crate::persist::{
+        encode_snapshot, encode_snapshot_keys, encode_snapshot_signed, write_snapshot_file, Store,
+    };
 
     fn keys(n: u8) -> Vec<(Uuid, KeyState)> {
         (0..n)
@@ -191,6 +193,71 @@ mod store_tests {
 
     fn recovery() -> Recovery {
         Recovery::new(Config::default(), Time::from_secs(10_000)).unwrap()
+    }
+
+    #[test]
+    fn a_removal_floor_survives_the_snapshot_and_the_restart() {
+        use ddpush_proto::signed::{device_to_vec, Seal, SignedDrop};
+        use ddpush_proto::{DeviceMsg, DevicePacket};
+        use std::net::SocketAddr;
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (u, key) = (Uuid([7; 16]), DeviceKey::new([7; 32]));
+        let from: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let hb = |ts: u32, nonce: u32| {
+            let p = DevicePacket {
+                app_id: 1,
+                uuid: u,
+                msg: DeviceMsg::Heartbeat,
+            };
+            let seal = Seal {
+                key_id: 1,
+                ts,
+                nonce,
+            };
+            device_to_vec(&p, seal, &key)
+        };
+        let (mut st, _) = Store::open(dir.path(), &mut recovery()).unwrap();
+        let mut node = recovery().finish();
+        let t = Time::from_secs;
+        node.set_key(t(10_000), u, 1, key.clone(), Duration::ZERO)
+            .unwrap();
+        // A device 20 s ahead of the server: accepted, and its ahead bound is 20.
+        let captured = hb(10_020, 1);
+        node.handle_udp(t(10_000), from, &captured);
+        assert_eq!(node.stats().signed_accepted, 1);
+        // The key is removed at 10_001, then a snapshot is taken (its journal goes).
+        assert!(node.remove_key(t(10_001), &u));
+        assert_eq!(node.removal_floors(), vec![(u, 10_021)]);
+        let g = st.rotate().unwrap();
+        let bytes = encode_snapshot_signed(
+            g,
+            0,
+            &node.key_states(),
+            &node.removal_floors(),
+            node.records(),
+        );
+        assert_eq!(scan_snapshot(&bytes, |_| {}).removed, 1);
+        write_snapshot_file(dir.path(), &bytes).unwrap();
+        st.snapshot_done(g);
+        drop(st);
+        // A restart at 10_002; the same key bytes are provisioned again. The captured packet
+        // (stamped 10_020, inside the window, above the restart second) is a replay.
+        let mut r = Recovery::new(Config::default(), t(10_002)).unwrap();
+        let (_st, _) = Store::open(dir.path(), &mut r).unwrap();
+        let mut again = r.finish();
+        again
+            .set_key(t(10_002), u, 1, key.clone(), Duration::ZERO)
+            .unwrap();
+        again.handle_udp(t(10_003), from, &captured);
+        assert_eq!(again.stats().signed_accepted, 0, "a replay was accepted");
+        assert_eq!(again.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+        // Up to the removal second plus the bound (10_021); the device's next one is heard.
+        again.handle_udp(t(10_003), from, &hb(10_021, 2));
+        assert_eq!(again.stats().signed_accepted, 0);
+        again.handle_udp(t(10_003), from, &hb(10_022, 3));
+        assert_eq!(again.stats().signed_accepted, 1);
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub use disk::{Disk, DiskFile, FailingDisk, Faults, OsDisk};
 pub use frame::{Tail, MAX_FRAME};
 pub use journal::{read_journal, scan_journal};
 pub use snapshot::{
-    encode_snapshot, encode_snapshot_keys, read_snapshot, read_snapshot_keys, SnapEnd, SnapHeader,
+    encode_snapshot, encode_snapshot_keys, encode_snapshot_signed, read_snapshot,
+    read_snapshot_keys, read_snapshot_signed, SnapEnd, SnapHeader,
 };
 
 pub(crate) const SNAPSHOT: &str = "snapshot.cbor";
@@ -263,8 +264,8 @@ impl Store {
         let snap_gen = match fs::read(&snap_path) {
             Ok(bytes) => {
                 let name = snap_path.display().to_string();
-                let mut keys = Vec::new();
-                let h = read_snapshot_keys(
+                let (mut keys, mut floors) = (Vec::new(), Vec::new());
+                let h = read_snapshot_signed(
                     &name,
                     &bytes,
                     |r| {
@@ -272,9 +273,13 @@ impl Store {
                         rec.record(r)
                     },
                     |u, k| keys.push((u, k)),
+                    |u, f| floors.push((u, f)),
                 )?;
                 for (u, k) in keys {
                     rec.key(u, k);
+                }
+                for (u, f) in floors {
+                    rec.removal_floor(u, f);
                 }
                 h.gen
             }

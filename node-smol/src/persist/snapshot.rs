@@ -12,6 +12,11 @@
 //!   ([`super::keys`]); the end frame then also counts them. A snapshot with no key is
 //!   byte for byte what the release before wrote; one with keys is refused by that release
 //!   ("not a record chunk"), never half read.
+//! * Removal floors (version 2, since issue 18's restart fix): frames tagged
+//!   [`FLOOR_CHUNK_TAG`], `count u32, (uuid [16], until u32 s)*`, hold the uuids whose key
+//!   was removed less than a replay window before the snapshot, with the second up to which
+//!   a key provisioned for them again refuses stamps (PROTOCOL.md 9.3); the end frame counts
+//!   them as `removed`. None: the bytes are as before.
 //!
 //! Golden files under `node-smol/tests/data/` pin the bytes of both versions.
 
@@ -35,6 +40,8 @@ const CHUNK_TAG: u8 = 0x02;
 const CHUNK: usize = 4096;
 /// First byte of a key chunk (CBOR major type 0 too).
 const KEY_CHUNK_TAG: u8 = 0x03;
+/// First byte of a removal-floor chunk (CBOR major type 0 too).
+const FLOOR_CHUNK_TAG: u8 = 0x04;
 
 /// First frame of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +63,9 @@ pub struct SnapEnd {
     /// Signed-only uuids written before it (absent, so the bytes are unchanged, when 0).
     #[serde(rename = "keys", default, skip_serializing_if = "is_zero")]
     pub keys: u64,
+    /// Removal floors written before it (absent when 0).
+    #[serde(rename = "removed", default, skip_serializing_if = "is_zero")]
+    pub removed: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -75,6 +85,8 @@ pub struct SnapScan {
     pub records: u64,
     /// Signed-only uuids in the key chunks read.
     pub keys: u64,
+    /// Removal floors in the floor chunks read.
+    pub removed: u64,
     /// Byte offset just past the last whole record chunk (or the header frame).
     pub good_len: u64,
     /// `Clean` only with a valid end frame; a snapshot is whole or damaged, never torn.
@@ -90,8 +102,18 @@ pub fn scan_snapshot(buf: &[u8], on_record: impl FnMut(RecordState)) -> SnapScan
 /// [`scan_snapshot`], also handing out every signed-only uuid with its keys.
 pub fn scan_snapshot_keys(
     buf: &[u8],
+    on_record: impl FnMut(RecordState),
+    on_key: impl FnMut(Uuid, KeyState),
+) -> SnapScan {
+    scan_snapshot_signed(buf, on_record, on_key, |_, _| {})
+}
+
+/// [`scan_snapshot_keys`], also handing out every removal floor.
+pub fn scan_snapshot_signed(
+    buf: &[u8],
     mut on_record: impl FnMut(RecordState),
     mut on_key: impl FnMut(Uuid, KeyState),
+    mut on_floor: impl FnMut(Uuid, u32),
 ) -> SnapScan {
     let mut scan = SnapScan {
         version: 0,
@@ -99,6 +121,7 @@ pub fn scan_snapshot_keys(
         frames: 0,
         records: 0,
         keys: 0,
+        removed: 0,
         good_len: 0,
         end: End::Clean,
     };
@@ -117,6 +140,7 @@ pub fn scan_snapshot_keys(
     let mut header: Option<SnapHeader> = None;
     let (mut seen, mut n_frames, mut good) = (0u64, 0u64, 12u64);
     let mut keys = 0u64;
+    let mut removed = 0u64;
     let mut ended = false;
     let r = frames(buf, 12, |off, p| {
         if ended {
@@ -135,11 +159,19 @@ pub fn scan_snapshot_keys(
             if e.keys != keys {
                 return Err(format!("end frame says {} keys, read {keys}", e.keys));
             }
+            if e.removed != removed {
+                return Err(format!(
+                    "end frame says {} removal floors, read {removed}",
+                    e.removed
+                ));
+            }
             ended = true;
             n_frames += 1;
             return Ok(());
         } else if v == SNAP_VERSION && p.first() == Some(&KEY_CHUNK_TAG) {
             keys += get_key_chunk(p, &mut on_key)?;
+        } else if v == SNAP_VERSION && p.first() == Some(&FLOOR_CHUNK_TAG) {
+            removed += get_floor_chunk(p, &mut on_floor)?;
         } else if v == SNAP_VERSION {
             seen += get_chunk(p, &mut on_record)?;
         } else {
@@ -155,6 +187,7 @@ pub fn scan_snapshot_keys(
     scan.frames = n_frames;
     scan.records = seen;
     scan.keys = keys;
+    scan.removed = removed;
     scan.good_len = good;
     scan.end = match r {
         Err((o, w)) => damaged(o, w),
@@ -185,7 +218,18 @@ pub fn read_snapshot_keys(
     on_record: impl FnMut(RecordState),
     on_key: impl FnMut(Uuid, KeyState),
 ) -> Result<SnapHeader, PersistError> {
-    let s = scan_snapshot_keys(buf, on_record, on_key);
+    read_snapshot_signed(name, buf, on_record, on_key, |_, _| {})
+}
+
+/// [`read_snapshot_keys`], also handing out every removal floor (start-up uses this one).
+pub fn read_snapshot_signed(
+    name: &str,
+    buf: &[u8],
+    on_record: impl FnMut(RecordState),
+    on_key: impl FnMut(Uuid, KeyState),
+    on_floor: impl FnMut(Uuid, u32),
+) -> Result<SnapHeader, PersistError> {
+    let s = scan_snapshot_signed(buf, on_record, on_key, on_floor);
     match (s.end, s.header) {
         (End::Clean, Some(h)) => Ok(h),
         (End::Damaged { offset, what }, _) => Err(PersistError::Corrupt {
@@ -203,9 +247,22 @@ pub fn read_snapshot_keys(
 
 /// The bytes of a snapshot that keeps the header and the whole chunks before `good_len` of
 /// `buf`, with a new end frame counting their `records` (for `ddpushd recover`).
-pub(crate) fn truncated_snapshot(buf: &[u8], good_len: u64, records: u64, keys: u64) -> Vec<u8> {
+pub(crate) fn truncated_snapshot(
+    buf: &[u8],
+    good_len: u64,
+    records: u64,
+    keys: u64,
+    removed: u64,
+) -> Vec<u8> {
     let mut out = buf[..good_len as usize].to_vec();
-    frame_into(&mut out, &cbor(&SnapEnd { records, keys }));
+    frame_into(
+        &mut out,
+        &cbor(&SnapEnd {
+            records,
+            keys,
+            removed,
+        }),
+    );
     out
 }
 
@@ -219,11 +276,22 @@ pub fn encode_snapshot(
     encode_snapshot_keys(gen, taken_ms, &[], records)
 }
 
-/// [`encode_snapshot`] with the signed-only uuids and their keys (the server uses this one).
+/// [`encode_snapshot`] with the signed-only uuids and their keys.
 pub fn encode_snapshot_keys(
     gen: u64,
     taken_ms: u64,
     keys: &[(Uuid, KeyState)],
+    records: impl Iterator<Item = RecordState>,
+) -> Vec<u8> {
+    encode_snapshot_signed(gen, taken_ms, keys, &[], records)
+}
+
+/// [`encode_snapshot_keys`] with the removal floors too (the server uses this one).
+pub fn encode_snapshot_signed(
+    gen: u64,
+    taken_ms: u64,
+    keys: &[(Uuid, KeyState)],
+    floors: &[(Uuid, u32)],
     records: impl Iterator<Item = RecordState>,
 ) -> Vec<u8> {
     let (lower, _) = records.size_hint();
@@ -239,6 +307,16 @@ pub fn encode_snapshot_keys(
         for (uuid, k) in chunk {
             payload.extend_from_slice(&uuid.0);
             super::keys::put_key_state(&mut payload, k);
+        }
+        frame_into(&mut out, &payload);
+    }
+    for chunk in floors.chunks(CHUNK) {
+        payload.clear();
+        payload.push(FLOOR_CHUNK_TAG);
+        payload.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
+        for (uuid, until) in chunk {
+            payload.extend_from_slice(&uuid.0);
+            payload.extend_from_slice(&until.to_be_bytes());
         }
         frame_into(&mut out, &payload);
     }
@@ -273,9 +351,29 @@ pub fn encode_snapshot_keys(
         &cbor(&SnapEnd {
             records: n,
             keys: keys.len() as u64,
+            removed: floors.len() as u64,
         }),
     );
     out
+}
+
+/// Decodes a removal-floor chunk; returns its count.
+fn get_floor_chunk(p: &[u8], on_floor: &mut impl FnMut(Uuid, u32)) -> Result<u64, String> {
+    let mut rd = Cursor::new(p, "removal floor truncated inside its chunk");
+    rd.take(1)?;
+    let count = u32::from_be_bytes(rd.arr()?);
+    if rd.remaining() != count as usize * 20 {
+        return Err(format!(
+            "floor chunk claims {count} floors in {} bytes",
+            p.len()
+        ));
+    }
+    let mut floors = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        floors.push((Uuid(rd.arr()?), u32::from_be_bytes(rd.arr()?)));
+    }
+    floors.into_iter().for_each(|(u, f)| on_floor(u, f));
+    Ok(u64::from(count))
 }
 
 /// Decodes a key chunk; returns its count.

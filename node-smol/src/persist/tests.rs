@@ -68,6 +68,7 @@ fn snapshot_v2_keeps_every_field_and_v1_is_still_read() {
         &cbor(&SnapEnd {
             records: 7,
             keys: 0,
+            removed: 0,
         }),
     );
     let mut back = Vec::new();
@@ -474,6 +475,7 @@ fn snapshot_v1_bytes(recs: &[RecordState]) -> Vec<u8> {
         &cbor(&SnapEnd {
             records: recs.len() as u64,
             keys: 0,
+            removed: 0,
         }),
     );
     v1

@@ -316,10 +316,11 @@ impl Loop {
             match self.store.rotate() {
                 Ok(gen) => {
                     let t = Instant::now();
-                    let bytes = persist::encode_snapshot_keys(
+                    let bytes = persist::encode_snapshot_signed(
                         gen,
                         self.clock.now().0,
                         &self.node.key_states(),
+                        &self.node.removal_floors(),
                         self.node.records(),
                     );
                     let dir = self.store.dir().to_path_buf();

@@ -67,8 +67,13 @@ pub(super) fn snapshot_now(
     clock: &Clock,
 ) -> Result<usize, PersistError> {
     let gen = store.rotate()?;
-    let bytes =
-        persist::encode_snapshot_keys(gen, clock.now().0, &node.key_states(), node.records());
+    let bytes = persist::encode_snapshot_signed(
+        gen,
+        clock.now().0,
+        &node.key_states(),
+        &node.removal_floors(),
+        node.records(),
+    );
     persist::write_snapshot_on(store.disk().as_ref(), store.dir(), &bytes)?;
     store.snapshot_done(gen);
     Ok(bytes.len())

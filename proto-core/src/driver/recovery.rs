@@ -41,6 +41,13 @@ impl Recovery {
         self.node.restore_key(self.now, uuid, keys);
     }
 
+    /// One removal floor from the snapshot (after its records, before any change): a key
+    /// provisioned for `uuid` later refuses stamps up to `until` (PROTOCOL.md 9.3).
+    pub fn removal_floor(&mut self, uuid: Uuid, until: u32) {
+        debug_assert_eq!(self.changes, 0, "snapshot floor after a journal change");
+        self.node.restore_removal_floor(self.now, uuid, until);
+    }
+
     /// One journaled change, in journal order.
     pub fn change(&mut self, c: &Change) {
         self.node.apply(c);

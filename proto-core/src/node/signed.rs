@@ -92,6 +92,20 @@ impl Node {
         self.keys.set(uuid, keys);
     }
 
+    /// The removal floors of uuids whose key was removed less than a window ago, sorted by
+    /// uuid, for a snapshot (PROTOCOL.md 9.3: a key provisioned again refuses what the removed
+    /// one may have accepted).
+    pub fn removal_floors(&self) -> Vec<(Uuid, u32)> {
+        self.keys.removal_floors()
+    }
+
+    /// Loads a removal floor from a snapshot.
+    pub fn restore_removal_floor(&mut self, now: Time, uuid: Uuid, until: u32) {
+        self.advance(now);
+        self.keys.restarted(self.now);
+        self.keys.restore_removal_floor(uuid, until);
+    }
+
     /// Ends the turn for key updates: kept once written; taken back, newest first, when the
     /// turn's write failed (the admin API then answers 503 and nothing of them remains).
     pub(super) fn end_key_turn(&mut self, written: bool) {

@@ -153,6 +153,25 @@ impl Keyring {
         v
     }
 
+    /// The removal floors (see [`Keyring::remove`]) of uuids that have no key now, sorted by
+    /// uuid: for snapshots. A snapshot taken after a removal holds neither the key nor its
+    /// journaled removal, so without these a restart would let the same key bytes, provisioned
+    /// again within the window, accept again what they accepted before the removal.
+    pub fn removal_floors(&self) -> Vec<(Uuid, u32)> {
+        let mut v: Vec<_> = self.gone.iter().map(|(u, until)| (*u, *until)).collect();
+        v.sort_by_key(|(u, _)| *u);
+        v
+    }
+
+    /// Restores a removal floor from a snapshot (ignored if the uuid has a key).
+    pub fn restore_removal_floor(&mut self, uuid: Uuid, until: u32) {
+        if self.find(&uuid).is_some() {
+            return;
+        }
+        let f = self.gone.entry(uuid).or_insert(0);
+        *f = (*f).max(until);
+    }
+
     /// Approximate heap bytes, for the memory figures.
     pub fn heap_bytes(&self) -> usize {
         self.map.capacity() * (std::mem::size_of::<Entry>() + 1)
