@@ -36,10 +36,15 @@
 //! if that generation's sends **did not cross** a send of another generation still in flight:
 //! when the newest group was started while sends of an older generation were unmatched, and
 //! more than a burst gap ([`Window::burst`], a quarter of the in-flight window) after the latest
-//! of them, its UDP acks are [`Attribution::Crossed`] until a fence settles the older sends or the stray window
-//! (ten in-flight windows, [`Window::stray`]) has passed since the latest of them. Such an ack
-//! is consumed as usual and clears nothing; the item goes out again on the next heartbeat, and
-//! the ack of that re-send clears it. The price is one duplicate where an older send's ack
+//! of them, the first UDP ack attributed to it is [`Attribution::Crossed`], until a fence
+//! settles the older sends or the stray window (ten in-flight windows, [`Window::stray`]) has
+//! passed since the latest of them. Such an ack is consumed as usual and clears nothing; a
+//! second ack of the same generation clears (with one stray, two acks prove a delivery), and
+//! otherwise the item goes out again on the next heartbeat and the ack of that re-send clears
+//! it. The crossing stays marked until the fence even when the counts say every send was
+//! matched: if the distrusted ack was a stray, the real ack it stood in for is still on its
+//! way, and would be attributed to a newer generation pushed next (fuzz finding 11), whose
+//! first ack is therefore distrusted too. The price is one duplicate where an older send's ack
 //! crossed a newer push, which is a duplicate the network's crossing caused, never a loss.
 //! Sends closer together than the burst gap (pushes in one turn, or an app server pushing
 //! twice in a row on a fast network) are one burst: their acks are trusted, so a quick pair of
@@ -73,8 +78,8 @@
 //!   clears nothing until the first send after the restart; the first heartbeat's answer is
 //!   then the fence, so a restart does not make acks untrusted for any length of time.
 //!
-//! Counts saturate (the newest group's at 255, the older group's at 127: its byte also holds
-//! the crossing bit) and then stick (every further ack is attributed to that group), which
+//! Counts saturate (the newest group's at 255, the older group's at 63: its byte also holds
+//! the crossing bits) and then stick (every further ack is attributed to that group), which
 //! errs toward a duplicate delivery, never toward a loss.
 //!
 //! # Memory
@@ -105,12 +110,20 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(60);
 /// Count value that no longer moves (the newest group's count).
 const STUCK: u8 = u8::MAX;
 
-/// Count value that no longer moves for the older group, whose byte also holds [`CROSSED`].
-const STUCK_OLDER: u8 = 0x7F;
+/// Count value that no longer moves for the older group, whose byte also holds [`CROSSED`]
+/// and [`SPENT`].
+const STUCK_OLDER: u8 = 0x3F;
 
-/// Bit of the older group's byte: the newest group crossed the older sends (see the module
-/// docs), so its UDP acks may be strays of theirs.
+/// Bit of the older group's byte: a send crossed older unmatched sends (see the module docs)
+/// and no fence has settled them since, so one UDP ack may be a stray of theirs, and every
+/// attribution after it may be one send off.
 const CROSSED: u8 = 0x80;
+
+/// Bit of the older group's byte: the newest generation has had its one distrusted ack.
+const SPENT: u8 = 0x40;
+
+/// The older group's count bits.
+const COUNT: u8 = STUCK_OLDER;
 
 /// What an ack answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,7 +191,7 @@ pub struct SendLedger<G = Generation> {
     gen: G,
     /// Unmatched sends of `gen`.
     newest: u8,
-    /// Unmatched sends of older generations (low 7 bits) and [`CROSSED`].
+    /// Unmatched sends of older generations (low 6 bits), [`CROSSED`] and [`SPENT`].
     older: u8,
     /// Tick of the latest send of each group.
     newest_at: u16,
@@ -205,16 +218,18 @@ impl<G: Copy + PartialEq> SendLedger<G> {
         if gen != self.gen {
             if self.newest > 0 {
                 // The new generation crosses the unmatched sends of the previous one, unless
-                // it follows them within a burst (a crossing marked before stays marked).
-                let apart = tick(now).wrapping_sub(self.newest_at) > window.burst().0;
-                let crossed = self.crossed() || apart;
-                self.set_older(add_older(self.older_count(), self.newest), crossed);
+                // it follows them within a burst.
+                if tick(now).wrapping_sub(self.newest_at) > window.burst().0 {
+                    self.older |= CROSSED;
+                }
+                self.set_older_count(add_older(self.older_count(), self.newest));
                 self.older_at = self.newest_at;
                 self.newest = 0;
-            } else if self.older_count() == 0 {
-                // Every earlier send was matched or settled: nothing in flight to cross.
-                self.set_older(0, false);
             }
+            // A crossing marked before stays marked, even when every send looks matched: a
+            // stray may have taken the place of an ack still on its way (fuzz finding 11).
+            // The new generation gets its own distrusted ack.
+            self.older &= !SPENT;
         }
         self.gen = gen;
         self.newest = add(self.newest, 1);
@@ -226,10 +241,17 @@ impl<G: Copy + PartialEq> SendLedger<G> {
     /// that crossed older sends, within [`Window::stray`] of the latest of them, is
     /// [`Attribution::Crossed`], since a datagram network may have duplicated one of them or
     /// its ack.
+    ///
+    /// Only the first such ack of a generation is distrusted: with one stray, a second ack
+    /// attributed to the same generation proves the device saw it.
     pub fn on_ack(&mut self, now: Time, window: Window) -> Attribution<G> {
-        let stray = self.crossed() && tick(now).wrapping_sub(self.older_at) <= window.stray().0;
+        let stray = self.older & (CROSSED | SPENT) == CROSSED
+            && tick(now).wrapping_sub(self.older_at) <= window.stray().0;
         match self.consume() {
-            Attribution::Generation(g) if stray => Attribution::Crossed(g),
+            Attribution::Generation(g) if stray => {
+                self.older |= SPENT;
+                Attribution::Crossed(g)
+            }
             a => a,
         }
     }
@@ -244,7 +266,7 @@ impl<G: Copy + PartialEq> SendLedger<G> {
     fn consume(&mut self) -> Attribution<G> {
         let older = self.older_count();
         if older > 0 {
-            self.set_older(sub_older(older), self.crossed());
+            self.set_older_count(sub_older(older));
             Attribution::Older
         } else if self.newest > 0 {
             self.newest = sub(self.newest);
@@ -264,7 +286,7 @@ impl<G: Copy + PartialEq> SendLedger<G> {
         if old(self.older_at) {
             // The device sent this heartbeat after acking everything it had of the older
             // sends: they are settled, and can no longer make an ack stray.
-            self.set_older(0, false);
+            self.older = 0;
         }
         if self.newest > 0 && self.older_count() == 0 && old(self.newest_at) {
             self.newest = 0;
@@ -276,7 +298,7 @@ impl<G: Copy + PartialEq> SendLedger<G> {
     /// cause can stray onto the new one: later sends cross nothing.
     pub fn forget(&mut self) {
         self.newest = 0;
-        self.set_older(0, false);
+        self.older = 0;
     }
 
     /// The item may have a newer generation than any send made (the owner of this ledger lost
@@ -285,7 +307,9 @@ impl<G: Copy + PartialEq> SendLedger<G> {
     /// crossing the superseded ones, which may have carried another generation.
     pub fn supersede(&mut self) {
         if self.newest > 0 {
-            self.set_older(add_older(self.older_count(), self.newest), true);
+            self.set_older_count(add_older(self.older_count(), self.newest));
+            self.older |= CROSSED;
+            self.older &= !SPENT;
             self.older_at = self.newest_at;
             self.newest = 0;
         }
@@ -297,15 +321,11 @@ impl<G: Copy + PartialEq> SendLedger<G> {
     }
 
     fn older_count(&self) -> u8 {
-        self.older & !CROSSED
+        self.older & COUNT
     }
 
-    fn crossed(&self) -> bool {
-        self.older & CROSSED != 0
-    }
-
-    fn set_older(&mut self, count: u8, crossed: bool) {
-        self.older = count | if crossed { CROSSED } else { 0 };
+    fn set_older_count(&mut self, count: u8) {
+        self.older = (self.older & !COUNT) | count;
     }
 }
 
@@ -414,26 +434,30 @@ mod tests {
 
     #[test]
     fn a_crossing_ack_is_trusted_again_after_the_stray_window() {
-        let mut l = SendLedger::new();
-        l.on_send(1, ms(0), W);
-        l.on_send(2, ms(100), W);
-        assert_eq!(l.on_ack(ms(1_000), W), Attribution::Older);
-        assert!(
-            !l.on_ack(ms(2_000), W).clears(2),
-            "within 2 s of the crossed send"
-        );
-        l.on_send(2, ms(2_100), W);
-        assert!(l.on_ack(ms(2_100), W).clears(2), "2.1 s after it");
+        for (at, trusted) in [(2_000, false), (2_100, true)] {
+            let mut l = SendLedger::new();
+            l.on_send(1, ms(0), W);
+            l.on_send(2, ms(100), W);
+            assert_eq!(l.on_ack(ms(1_000), W), Attribution::Older);
+            assert_eq!(
+                l.on_ack(ms(at), W).clears(2),
+                trusted,
+                "{at} ms after send 1"
+            );
+        }
     }
 
     #[test]
     fn a_fresh_ledger_trusts_its_first_ack_at_any_tick() {
         // A tick of 0 (the wrap) must not look like a crossed send at tick 0.
+        // Generation 0 too: a record restored from a snapshot has it (fuzz finding 12).
         for base in [0, TICK_MS * 65_536 * 3, TICK_MS * 65_536 * 3 - 100] {
-            let mut l = SendLedger::new();
-            l.on_send(1, Time::from_millis(base), W);
-            let a = l.on_ack(Time::from_millis(base + 100), W);
-            assert_eq!(a, Attribution::Generation(1), "at {base} ms");
+            for gen in [0, 1] {
+                let mut l = SendLedger::new();
+                l.on_send(gen, Time::from_millis(base), W);
+                let a = l.on_ack(Time::from_millis(base + 100), W);
+                assert_eq!(a, Attribution::Generation(gen), "at {base} ms");
+            }
         }
     }
 
@@ -469,14 +493,40 @@ mod tests {
         l.on_fence(ms(150), W); // both younger than 200 ms: kept, still crossed
         l.on_send(2, ms(150), W);
         assert_eq!(l.on_ack(ms(200), W), Attribution::Older);
-        // A duplicate of send 1 or of its ack would look like these acks.
+        // A duplicate of send 1 or of its ack would look like this ack...
         assert_eq!(l.on_ack(ms(200), W), Attribution::Crossed(2));
-        assert_eq!(l.on_ack(ms(250), W), Attribution::Crossed(2));
+        // ...but not like two of them: the second proves 2 was delivered.
+        assert!(l.on_ack(ms(250), W).clears(2));
         assert_eq!(l.on_ack(ms(250), W), Attribution::Unmatched);
-        // The next fence settles send 1; the re-send's ack clears.
+        // Only one ack came for 2: the next fence settles send 1; the re-send's ack clears.
+        let mut l = SendLedger::new();
+        l.on_send(1, ms(0), W);
+        l.on_send(2, ms(100), W);
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Older);
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Crossed(2));
         l.on_fence(ms(50_000), W);
         l.on_send(2, ms(50_000), W);
         assert!(l.on_ack(ms(50_100), W).clears(2));
+    }
+
+    #[test]
+    fn a_stray_that_looked_matched_does_not_clear_the_next_push() {
+        // Fuzz finding 11: 1 sent, 2 sent (crossing 1), the ack of 1, a network copy of it
+        // (taken for 2: Crossed), 3 pushed (its send lost), then 2's own slow ack. The counts
+        // said nothing was in flight when 3 went out; the crossing must still hold.
+        let mut l = SendLedger::new();
+        l.on_send(1, ms(0), W);
+        l.on_send(2, ms(100), W);
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Older);
+        assert_eq!(l.on_ack(ms(200), W), Attribution::Crossed(2)); // the copy
+        l.on_send(3, ms(210), W); // lost
+        let late = l.on_ack(ms(300), W); // 2's own ack
+        assert_eq!(late, Attribution::Crossed(3));
+        assert!(!late.clears(3));
+        // The next fence settles the episode: 3's re-send is trusted.
+        l.on_fence(ms(50_000), W);
+        l.on_send(3, ms(50_000), W);
+        assert!(l.on_ack(ms(50_100), W).clears(3));
     }
 
     #[test]

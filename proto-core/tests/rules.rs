@@ -1057,6 +1057,39 @@ fn a_duplicated_ack_of_an_older_payload_never_clears_a_newer_one() {
     assert_eq!(h.node.stats().acks_crossed, 1);
 }
 
+/// Fuzz finding 11 (docs/FUZZING.md) through the node: "one" and "two" pushed 100 ms apart to an
+/// online device, the ack of "one" and a network copy of it arrive, "three" is pushed (its send
+/// lost), then "two"'s own ack arrives. The copy looked like "two"'s ack; "two"'s real ack must
+/// not be taken for "three".
+#[test]
+fn a_stray_ack_taken_for_one_push_does_not_clear_the_next() {
+    let (u, dev) = (uuid(7), addr(1, 5000));
+    let mut h = default_harness();
+    h.heartbeat(dev, 1, u);
+    h.take_transmits();
+    h.push(u, payload(b"one"));
+    h.advance(millis(100));
+    h.push(u, payload(b"two"));
+    h.advance(millis(10));
+    h.ack(dev, 1, u, DeviceMsg::AckPayload); // the ack of "one"
+    h.ack(dev, 1, u, DeviceMsg::AckPayload); // the network's copy of it
+    h.advance(millis(10));
+    h.push(u, payload(b"three"));
+    h.take_transmits(); // its send is lost
+    h.advance(millis(10));
+    h.ack(dev, 1, u, DeviceMsg::AckPayload); // "two"'s own ack
+    assert_eq!(
+        h.node.record(&u).unwrap().payload.as_deref(),
+        Some(&b"three"[..]),
+        "three was cleared unseen"
+    );
+    h.advance(secs(50));
+    h.heartbeat(dev, 1, u);
+    assert_eq!(h.take_udp(dev), vec![down_payload(1, b"three")]);
+    h.ack(dev, 1, u, DeviceMsg::AckPayload);
+    assert!(h.node.record(&u).unwrap().payload.is_none());
+}
+
 /// The same crossing, but the heartbeat comes more than the window after A: A is settled (its
 /// ack would have come before the heartbeat), so the one ack that comes clears B.
 #[test]
