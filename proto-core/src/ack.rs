@@ -44,7 +44,9 @@
 //! it. The crossing stays marked until the fence even when the counts say every send was
 //! matched: if the distrusted ack was a stray, the real ack it stood in for is still on its
 //! way, and would be attributed to a newer generation pushed next (fuzz finding 11), whose
-//! first ack is therefore distrusted too. The price is one duplicate where an older send's ack
+//! first ack is therefore distrusted too. A fence that settles the older sends keeps such a
+//! spent crossing while the newest sends are younger than the in-flight window, since that
+//! real ack may still cross the heartbeat. The price is one duplicate where an older send's ack
 //! crossed a newer push, which is a duplicate the network's crossing caused, never a loss.
 //! Sends closer together than the burst gap (pushes in one turn, or an app server pushing
 //! twice in a row on a fast network) are one burst: their acks are trusted, so a quick pair of
@@ -285,8 +287,17 @@ impl<G: Copy + PartialEq> SendLedger<G> {
         let old = |at: u16| now.wrapping_sub(at) > window.0;
         if old(self.older_at) {
             // The device sent this heartbeat after acking everything it had of the older
-            // sends: they are settled, and can no longer make an ack stray.
-            self.older = 0;
+            // sends: they are settled, and can no longer make an ack stray. But when the
+            // newest generation has had its distrusted ack and its sends are younger than the
+            // window, that ack may have been a stray that took the place of one of theirs,
+            // whose own ack can still cross this heartbeat and would then be counted against
+            // the generation pushed next: the crossing stays marked for that one.
+            let spent = self.older & (CROSSED | SPENT) == CROSSED | SPENT;
+            self.older = if spent && !old(self.newest_at) {
+                CROSSED | SPENT
+            } else {
+                0
+            };
         }
         if self.newest > 0 && self.older_count() == 0 && old(self.newest_at) {
             self.newest = 0;
@@ -527,6 +538,43 @@ mod tests {
         l.on_fence(ms(50_000), W);
         l.on_send(3, ms(50_000), W);
         assert!(l.on_ack(ms(50_100), W).clears(3));
+    }
+
+    #[test]
+    fn a_fence_does_not_settle_a_stray_that_took_a_young_sends_place() {
+        // The model test's case: 2 sent at 0, 3 sent at 150 (crossing 2). At 300 the ack of 2
+        // and a network copy of it arrive (the copy taken for 3: Crossed), then a heartbeat:
+        // 2 is settled, but 3's own ack (sent 150 ms before) may still cross it. The
+        // heartbeat's re-send of 3 and a push of 4 follow in one burst; 4's send is lost.
+        let mut l = SendLedger::new();
+        l.on_send(2, ms(0), W);
+        l.on_send(3, ms(150), W);
+        assert_eq!(l.on_ack(ms(300), W), Attribution::Older);
+        assert_eq!(l.on_ack(ms(300), W), Attribution::Crossed(3)); // the copy
+        l.on_fence(ms(300), W);
+        l.on_send(3, ms(300), W);
+        l.on_send(4, ms(300), W); // lost
+        assert_eq!(l.on_ack(ms(320), W), Attribution::Older); // 3's own slow ack
+        let next = l.on_ack(ms(340), W); // the ack of the re-send of 3
+        assert_eq!(next, Attribution::Crossed(4));
+        assert!(!next.clears(4), "4 never reached the device");
+        // Without a copy, the fence settles the crossing as before (upstream's sequence:
+        // an item re-sent on a heartbeat and acked once is cleared).
+        let mut l = SendLedger::new();
+        l.on_send(2, ms(0), W);
+        l.on_send(3, ms(150), W);
+        l.on_fence(ms(300), W);
+        l.on_send(3, ms(300), W);
+        assert!(l.on_ack(ms(450), W).clears(3));
+        // And once the newest sends are old at a fence, a spent crossing is settled too.
+        let mut l = SendLedger::new();
+        l.on_send(2, ms(0), W);
+        l.on_send(3, ms(150), W);
+        assert_eq!(l.on_ack(ms(300), W), Attribution::Older);
+        assert_eq!(l.on_ack(ms(300), W), Attribution::Crossed(3));
+        l.on_fence(ms(50_000), W);
+        l.on_send(4, ms(50_000), W);
+        assert!(l.on_ack(ms(50_100), W).clears(4));
     }
 
     #[test]
