@@ -16,10 +16,21 @@
 //! `0x10`s; a `0x11`, a `0x20`, a heartbeat reply or any sealed packet would mean it read
 //! content or moved the device's address (the scenario also checks the recorded addresses).
 //!
+//! It also copies every sealed answer leaving the server over UDP ([`tap_down`]). When a
+//! device restarts (the scenario tells it, as a wiretap would see the device fall silent and
+//! come back), it waits for the device's first signed packet from its new address and injects
+//! every answer captured for the device's old addresses in the 70 s before the restart to the
+//! new one, with the server's source address (the NATs pass only the server's datagrams), at
+//! once and four times more within the window. A restarted device has no memory of the pairs
+//! it accepted; its start floor must refuse all of them (PROTOCOL.md 9.4). It is told of
+//! restarts rather than guessing them from new addresses because a NAT rebind also gives a new
+//! address, and there a captured answer the device lost on the way is a late first delivery,
+//! not a replay.
+//!
 //! What it cannot do here: drop the device's own packet and deliver the copy first. That is
 //! what a NAT rebind looks like, and it would move the address (docs/SECURITY.md).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
@@ -43,6 +54,16 @@ pub struct Capture {
     pub udp: Vec<Vec<u8>>,
     /// Captured device-port TCP reads.
     pub tcp: Vec<Vec<u8>>,
+    /// Every address each uuid's signed datagrams came from, and when first (ms).
+    pub addrs: BTreeMap<Uuid, BTreeMap<SocketAddr, u64>>,
+    /// Sealed UDP answers seen leaving the server: (ms, destination, bytes).
+    pub down: Vec<(u64, SocketAddr, Vec<u8>)>,
+    /// Device restarts the scenario tells the attacker of: (uuid, ms).
+    pub restarts: Vec<(Uuid, u64)>,
+    /// Datagrams for the server host to send with its own source address.
+    pub inject: Vec<(SocketAddr, Vec<u8>)>,
+    /// Every captured answer injected to a restarted device (the devices look theirs up).
+    pub injected: BTreeSet<Vec<u8>>,
 }
 
 /// What the attacker did and got.
@@ -73,6 +94,10 @@ pub struct AttackStats {
     /// Times a signed-only uuid's recorded address was found to be the attacker's (set by the
     /// scenario's checks; must stay 0).
     pub moved: u64,
+    /// Restarted devices it found at their new address.
+    pub restarts_found: u64,
+    /// Captured answers injected to restarted devices (every copy counted).
+    pub injected: u64,
 }
 
 /// The attacker's plan.
@@ -99,8 +124,91 @@ pub fn tap(sh: &Shared, from: SocketAddr, tcp: bool, bytes: &[u8]) {
             c.tcp.push(bytes.to_vec());
         } else {
             c.udp.push(bytes.to_vec());
+            if let Ok(f) = signed::SignedFrame::parse(bytes) {
+                let at = now_ms();
+                c.addrs
+                    .entry(f.packet.uuid)
+                    .or_default()
+                    .entry(from)
+                    .or_insert(at);
+            }
         }
     }
+}
+
+/// Copies a sealed answer the server sends to `to` over UDP (called by the server adapter).
+pub fn tap_down(sh: &Shared, to: SocketAddr, bytes: &[u8]) {
+    let mut c = sh.capture.borrow_mut();
+    if c.on.is_some() && bytes.first() == Some(&signed::VERSION) {
+        c.down.push((now_ms(), to, bytes.to_vec()));
+    }
+}
+
+/// How far back before a restart captured answers are replayed to the restarted device (ms):
+/// more than the device's window, so some are too old for it anyway.
+const CAPTURED_BEFORE: u64 = 70_000;
+/// When each captured answer is injected again after the device is found (ms).
+const INJECT_AT: [u64; 5] = [0, 1_000, 5_000, 20_000, 45_000];
+/// A restarted device not found at a new address within this long is given up (ms).
+const FIND_FOR: u64 = 120_000;
+
+/// A restarted device the attacker waits to see at a new address.
+struct Restarted {
+    uuid: Uuid,
+    at: u64,
+    old: BTreeSet<SocketAddr>,
+    captured: Vec<Vec<u8>>,
+}
+
+/// Takes the restarts the scenario told of, looks for their new addresses, and schedules the
+/// injections of their captured answers into `later`.
+fn find_restarted(
+    sh: &Shared,
+    waiting: &mut Vec<Restarted>,
+    later: &mut BTreeMap<u64, Vec<(SocketAddr, Vec<u8>)>>,
+) {
+    let now = now_ms();
+    let mut c = sh.capture.borrow_mut();
+    c.down
+        .retain(|(at, _, _)| *at + CAPTURED_BEFORE + FIND_FOR >= now);
+    for (uuid, at) in std::mem::take(&mut c.restarts) {
+        // Its addresses before the restart (its new one may be seen already).
+        let old: BTreeSet<SocketAddr> = (c.addrs.get(&uuid).into_iter().flatten())
+            .filter(|(_, first)| **first <= at)
+            .map(|(a, _)| *a)
+            .collect();
+        let captured = (c.down.iter())
+            .filter(|(t, to, _)| *t + CAPTURED_BEFORE >= at && *t <= at && old.contains(to))
+            .map(|(_, _, b)| b.clone())
+            .collect();
+        waiting.push(Restarted {
+            uuid,
+            at,
+            old,
+            captured,
+        });
+    }
+    let mut found = 0;
+    waiting.retain(|r| {
+        let new = c.addrs.get(&r.uuid).and_then(|a| {
+            (a.iter().filter(|(a, _)| !r.old.contains(a)))
+                .max_by_key(|(_, first)| **first)
+                .map(|(a, _)| *a)
+        });
+        match new {
+            Some(to) => {
+                found += 1;
+                for d in &INJECT_AT {
+                    let copies = r.captured.iter().map(|b| (to, b.clone()));
+                    later.entry(now + d).or_default().extend(copies);
+                }
+                false
+            }
+            None => now < r.at + FIND_FOR,
+        }
+    });
+    drop(c);
+    sh.attack.borrow_mut().restarts_found += found;
 }
 
 fn classify(st: &mut AttackStats, bytes: &[u8]) {
@@ -159,6 +267,9 @@ pub async fn run(
     }
     // Replays due later: time (ms) -> datagrams.
     let mut later: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    // Restarted devices not yet found, and injections due: time (ms) -> (to, answer).
+    let mut waiting = Vec::new();
+    let mut inject: BTreeMap<u64, Vec<(SocketAddr, Vec<u8>)>> = BTreeMap::new();
     let mut tcp: Option<turmoil::net::tcp::OwnedWriteHalf> = None;
     let mut next_v1 = now_ms();
     let mut next_acks = now_ms() + ACKS_EVERY / 2;
@@ -185,6 +296,21 @@ pub async fn run(
                 let _ = sock.send_to(&f, server_udp).await;
                 sh.attack.borrow_mut().forged += 1;
             }
+        }
+        find_restarted(&sh, &mut waiting, &mut inject);
+        while let Some(e) = inject.first_entry() {
+            if *e.key() > now {
+                break;
+            }
+            let due = e.remove();
+            sh.attack.borrow_mut().injected += due.len() as u64;
+            let mut c = sh.capture.borrow_mut();
+            for (to, b) in due {
+                c.injected.insert(b.clone());
+                c.inject.push((to, b));
+            }
+            drop(c);
+            sh.inject_wake.notify_one();
         }
         while let Some(e) = later.first_entry() {
             if *e.key() > now {

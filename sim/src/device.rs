@@ -9,6 +9,11 @@
 //! seals what it sends and accepts only fresh sealed answers. Its wall clock is simulated time
 //! plus a fixed skew of its own (clocks that drift within the replay window must work), and
 //! its first nonce comes from its seeded RNG.
+//!
+//! A UDP device with a [`Plan::restart`] restarts once, a while after its first payload: it
+//! falls silent, then runs a new session (no memory of what it accepted, a new first nonce)
+//! on a new socket, as the Rust `Device` does after a process restart. Captured answers the
+//! attacker injects to it afterwards are counted as refused or accepted.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
@@ -16,7 +21,7 @@ use std::time::Duration;
 
 use ddpush_proto::session::{DeviceConfig, DeviceEvent, DeviceSession, DeviceSigning};
 use ddpush_proto::signed::DeviceKey;
-use ddpush_proto::{DeviceMsg, DownPacket, Time};
+use ddpush_proto::{DeviceMsg, DownMsg, DownPacket, Time};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,6 +52,9 @@ pub struct Plan {
     pub key: Option<(u8, DeviceKey)>,
     /// Its wall clock minus the server's, in seconds (signed devices stamp packets with it).
     pub skew_s: i64,
+    /// UDP only: restart once, this many ms after its first 0x20 payload, silent for the
+    /// second value (ms) before the new session starts.
+    pub restart: Option<(u64, u64)>,
 }
 
 fn sleep_until_ms(t: u64) -> tokio::time::Sleep {
@@ -62,11 +70,19 @@ struct Dev {
     plan: Plan,
     rng: SmallRng,
     session: DeviceSession,
+    /// 0, then 1 after its restart.
+    life: u64,
+    /// When it restarts (set by its first payload).
+    restart_at: Option<u64>,
+    /// The datagram being handled is one the attacker injected after a restart.
+    injected_in: bool,
 }
 
 impl Dev {
-    fn new(sh: Rc<Shared>, plan: Plan) -> Self {
-        let mut rng = SmallRng::seed_from_u64(plan.seed);
+    /// Life `life` of the device: the first one draws from the plan's seed as it always did,
+    /// a restarted one from a seed of its own (a new first nonce).
+    fn new(sh: Rc<Shared>, plan: Plan, life: u64) -> Self {
+        let mut rng = SmallRng::seed_from_u64(plan.seed ^ life.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut cfg = DeviceConfig {
             app_id: plan.app_id,
             ..DeviceConfig::new(sh.devices[plan.idx].borrow().uuid)
@@ -80,6 +96,9 @@ impl Dev {
             plan,
             rng,
             session,
+            life,
+            restart_at: None,
+            injected_in: false,
         }
     }
 
@@ -123,6 +142,16 @@ impl Dev {
     /// Logs an accepted downstream packet (its ack is already sent or lost).
     fn log_rx(&mut self, p: DownPacket) {
         let at = now_ms();
+        if self.life == 0 && self.restart_at.is_none() && matches!(p.msg, DownMsg::Payload(_)) {
+            self.restart_at = self.plan.restart.map(|(after, _)| at + after);
+        }
+        if self.injected_in {
+            let mut log = self.sh.devices[self.plan.idx].borrow_mut();
+            log.replays_accepted += 1;
+            if matches!(p.msg, DownMsg::Payload(_)) {
+                log.replayed_payloads += 1;
+            }
+        }
         let mut t = p.to_vec();
         t.extend_from_slice(&(self.plan.idx as u64).to_be_bytes());
         self.sh.trace.borrow_mut().add(b'r', at, &t);
@@ -141,11 +170,16 @@ impl Dev {
                 DeviceEvent::Connect => connect = true,
                 // Forged, stale or replayed (a NAT's duplicate of a sealed answer, too).
                 DeviceEvent::Refused(_) | DeviceEvent::Unsigned => {
-                    self.sh.devices[self.plan.idx].borrow_mut().refused += 1;
+                    let mut log = self.sh.devices[self.plan.idx].borrow_mut();
+                    log.refused += 1;
+                    if self.injected_in {
+                        log.replays_refused += 1;
+                    }
                 }
                 _ => {}
             }
         }
+        self.injected_in = false;
         connect
     }
 
@@ -169,8 +203,28 @@ impl Dev {
             .poll_timeout()
             .map_or(u64::MAX, Time::as_millis)
             .min(away.map_or(u64::MAX, |a| a.0))
+            .min(self.restart_at.unwrap_or(u64::MAX))
             .min(end);
         (t, away)
+    }
+
+    /// Restarts the device: silent for the plan's time, then a new session (the next life)
+    /// on a new socket; the attacker is told.
+    async fn restart(self, server: SocketAddr) -> std::io::Result<(Dev, UdpSocket)> {
+        let down = self.plan.restart.map_or(0, |(_, down)| down);
+        sleep_until_ms(now_ms() + down).await;
+        let mut d = Dev::new(self.sh, self.plan, self.life + 1);
+        let _ = d.events(); // the new session's first Connect
+        let sock = bind().await?;
+        {
+            let mut log = d.sh.devices[d.plan.idx].borrow_mut();
+            log.restarts.push(now_ms());
+            let uuid = log.uuid;
+            d.sh.capture.borrow_mut().restarts.push((uuid, now_ms()));
+        }
+        d.session.handle_connected(now());
+        udp_flush(&mut d, &sock, server).await;
+        Ok((d, sock))
     }
 }
 
@@ -190,7 +244,7 @@ async fn udp_flush(d: &mut Dev, sock: &UdpSocket, server: SocketAddr) {
 /// A UDP device, from `plan.start` to `plan.end`.
 pub async fn udp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Result {
     let end = plan.end;
-    let mut d = Dev::new(sh, plan);
+    let mut d = Dev::new(sh, plan, 0);
     sleep_until_ms(d.plan.start).await;
     let _ = d.events(); // the first Connect
     let mut sock = bind().await?;
@@ -207,6 +261,8 @@ pub async fn udp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
                         if d.lost() {
                             continue;
                         }
+                        d.injected_in =
+                            d.life > 0 && d.sh.capture.borrow().injected.contains(&buf[..n]);
                         d.datagram(&buf[..n]);
                     }
                     Err(_) => d.session.handle_link_error(now()),
@@ -216,6 +272,10 @@ pub async fn udp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Res
                 let now_t = now_ms();
                 if now_t >= end {
                     return Ok(());
+                }
+                if d.restart_at.is_some_and(|t| t <= now_t) {
+                    (d, sock) = d.restart(server).await?;
+                    continue;
                 }
                 if let Some((from, until)) = away.filter(|a| a.0 <= now_t) {
                     // Silent: whatever arrives is counted, not acked. Then a new socket.
@@ -267,7 +327,7 @@ async fn tcp_flush(d: &mut Dev, s: &mut TcpStream) -> bool {
 /// A TCP device: one long-lived stream to 9966, heartbeat at once after each connect.
 pub async fn tcp(sh: Rc<Shared>, plan: Plan, server: SocketAddr) -> turmoil::Result {
     let end = plan.end;
-    let mut d = Dev::new(sh, plan);
+    let mut d = Dev::new(sh, plan, 0);
     sleep_until_ms(d.plan.start).await;
     // A pending away record: (last packet sent, lost at).
     let mut lost_at: Option<(u64, u64)> = None;

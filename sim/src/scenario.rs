@@ -119,6 +119,10 @@ pub struct Params {
     /// An attacker host replays captured signed packets and heartbeats every uuid in v1
     /// (`sim/src/attacker.rs`).
     pub attacker: bool,
+    /// Share of loss-free UDP devices without away periods that restart once during the push
+    /// phase (new session, new socket); with an attacker, it injects the answers it captured
+    /// before the restart.
+    pub device_restarts: f64,
 }
 
 /// Clean phase at the end: no loss, no faults; long enough for every record to drain.
@@ -154,6 +158,7 @@ impl Params {
             max_skew_s: 0,
             max_skew_ahead_s: 0,
             attacker: false,
+            device_restarts: 0.0,
         };
         match kind {
             Kind::Lossy => Params {
@@ -219,6 +224,7 @@ impl Params {
                 signed: true,
                 max_skew_s: SIGNED_SKEW_S,
                 attacker: true,
+                device_restarts: 0.3,
                 ..base
             },
         }
@@ -345,6 +351,11 @@ pub struct Report {
     pub device_refused: u64,
     /// Signed scenario: what the attacker did and got.
     pub attack: Option<AttackStats>,
+    /// Devices that restarted (new session, new socket).
+    pub device_restarts: usize,
+    /// Answers captured before a device's restart and injected after it: refused and accepted
+    /// by the restarted device (accepted must be 0).
+    pub restart_replays: (u64, u64),
 }
 
 impl Report {
@@ -401,12 +412,19 @@ impl fmt::Display for Report {
                 s.accepted, s.dropped, s.unsigned, self.device_refused
             )?;
         }
+        if self.device_restarts > 0 {
+            write!(
+                f,
+                " device-restarts={} injected-after-restart: refused={} accepted={}",
+                self.device_restarts, self.restart_replays.0, self.restart_replays.1
+            )?;
+        }
         if let Some(a) = &self.attack {
             write!(
                 f,
                 " attacker: replayed={} tcp-replayed={} forged={} v1-heartbeats={} v1-acks={} \
                  got: bare-0x10={} 0x11={} 0x20={} heartbeat-replies={} sealed={} other={} \
-                 address-moves={}",
+                 address-moves={} restarts-found={} injected={}",
                 a.replayed,
                 a.tcp_replayed,
                 a.forged,
@@ -418,7 +436,9 @@ impl fmt::Display for Report {
                 a.got_reply,
                 a.got_sealed,
                 a.got_other,
-                a.moved
+                a.moved,
+                a.restarts_found,
+                a.injected
             )?;
         }
         Ok(())
@@ -513,7 +533,21 @@ pub fn run(p: &Params) -> Result<Report, String> {
             seed: rng.random(),
             key,
             skew_s,
+            restart: None,
         });
+    }
+    // Device restarts, from an RNG of their own so the draws above stay as they were.
+    if p.device_restarts > 0.0 {
+        let mut rr = SmallRng::seed_from_u64(p.seed ^ 0x5eed_0004);
+        for pl in plans.iter_mut() {
+            if !pl.tcp
+                && roles[host_of[pl.idx]] == Role::Clean
+                && pl.away.is_empty()
+                && rr.random_bool(p.device_restarts)
+            {
+                pl.restart = Some((rr.random_range(2_000..30_000), rr.random_range(500..5_000)));
+            }
+        }
     }
 
     // Pushes at random times to random devices; payloads are unique so receipts can be traced.
@@ -890,6 +924,7 @@ pub fn run(p: &Params) -> Result<Report, String> {
         }
         report.signed = Some(sh.signed.borrow().clone());
     }
+    check_restart_replays(p, &sh, &mut report, &mut errors);
     if p.attacker {
         let a = *sh.attack.borrow();
         check_attack(&a, report.signed.as_ref(), &mut errors);
@@ -904,6 +939,37 @@ pub fn run(p: &Params) -> Result<Report, String> {
             errors.push(format!("... and {more} more"));
         }
         Err(format!("{}\n{report}", errors.join("\n")))
+    }
+}
+
+/// A restarted device accepts none of the answers captured before its restart (its start
+/// floor, PROTOCOL.md 9.4), so no old payload is shown again; and the replay really ran.
+fn check_restart_replays(p: &Params, sh: &Shared, report: &mut Report, errors: &mut Vec<String>) {
+    for (i, d) in sh.devices.iter().enumerate() {
+        let log = d.borrow();
+        if log.restarts.is_empty() {
+            continue;
+        }
+        report.device_restarts += 1;
+        report.restart_replays.0 += log.replays_refused;
+        report.restart_replays.1 += log.replays_accepted;
+        if log.replays_accepted > 0 {
+            errors.push(format!(
+                "device {i} accepted {} captured answers injected after its restart at {:?} ms \
+                 ({} of them 0x20 payloads shown again)",
+                log.replays_accepted, log.restarts, log.replayed_payloads
+            ));
+        }
+    }
+    if p.attacker && p.device_restarts > 0.0 {
+        let found = sh.attack.borrow().restarts_found;
+        if report.device_restarts == 0 || found == 0 || report.restart_replays.0 == 0 {
+            errors.push(format!(
+                "the replay to restarted devices did not run ({} restarts, {found} found, \
+                 {} injected answers refused)",
+                report.device_restarts, report.restart_replays.0
+            ));
+        }
     }
 }
 

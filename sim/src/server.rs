@@ -160,6 +160,15 @@ pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
                     }
                 }
             },
+            _ = sh.inject_wake.notified() => {
+                // The attacker's datagrams, sent with this host's address (sim/src/attacker.rs).
+                let due = std::mem::take(&mut sh.capture.borrow_mut().inject);
+                for (to, bytes) in due {
+                    sh.trace.borrow_mut().add(b'i', now_ms(), &bytes);
+                    let _ = udp.send_to(&bytes, to).await;
+                }
+                continue;
+            }
             _ = tokio::time::sleep(wait) => {
                 with_node(&sh, |node| node.handle_timeout(now()));
             }
@@ -268,6 +277,7 @@ async fn flush(
         sh.trace.borrow_mut().add(b'o', now_ms(), &bytes);
         match dest {
             Dest::Udp(a) => {
+                crate::attacker::tap_down(sh, a, &bytes);
                 let _ = udp.send_to(&bytes, a).await;
             }
             Dest::Tcp(id) => {

@@ -81,6 +81,16 @@ pub struct DeviceLog {
     /// Signed devices: server packets dropped unacked (not sealed under its key, stale, or
     /// a pair seen before, such as a NAT's duplicate).
     pub refused: u64,
+    /// When it restarted (new session, new socket), if it did.
+    pub restarts: Vec<u64>,
+    /// Answers the attacker captured before a restart and injected after it: refused, and
+    /// accepted (must stay 0), and of those accepted the 0x20 payloads.
+    pub replays_refused: u64,
+    /// Captured answers accepted after a restart (must stay 0).
+    pub replays_accepted: u64,
+    /// Captured 0x20 payloads accepted after a restart: an old payload shown again (must
+    /// stay 0).
+    pub replayed_payloads: u64,
 }
 
 /// One period a device was unreachable.
@@ -190,6 +200,8 @@ pub struct Shared {
     pub attack: RefCell<AttackStats>,
     /// The server's signed-device counters, summed over restarts.
     pub signed: RefCell<SignedCounts>,
+    /// Wakes the server host when the attacker queued datagrams for it to inject.
+    pub inject_wake: tokio::sync::Notify,
 }
 
 /// The server's signed-device counters, summed over every run of the node.
@@ -237,6 +249,10 @@ impl Shared {
                         rx_away: Vec::new(),
                         resets: 0,
                         refused: 0,
+                        restarts: Vec::new(),
+                        replays_refused: 0,
+                        replays_accepted: 0,
+                        replayed_payloads: 0,
                     })
                 })
                 .collect(),
@@ -246,6 +262,7 @@ impl Shared {
             capture: RefCell::default(),
             attack: RefCell::default(),
             signed: RefCell::default(),
+            inject_wake: tokio::sync::Notify::new(),
         })
     }
 }

@@ -109,6 +109,17 @@ fn signed_devices_and_a_replaying_attacker() {
     );
     assert!(s.dropped.get(SignedDrop::Tag) > 10, "forgeries: {s:?}");
     assert!(r.crashes >= 2 && r.accepted > 500, "{r}");
+    // Restarted devices got the answers captured before their restart injected and refused
+    // every one (check() fails the run if one accepted any; it does with the start floor off).
+    assert!(
+        r.device_restarts >= 10 && a.restarts_found >= 10,
+        "too few restarts: {r}"
+    );
+    assert!(
+        r.restart_replays.0 > 100 && r.restart_replays.1 == 0,
+        "injected answers refused/accepted: {:?}",
+        r.restart_replays
+    );
 }
 
 #[test]
