@@ -65,9 +65,10 @@ fn now() -> Time {
     Time::from_millis(now_ms())
 }
 
-/// Builds the node from the store: restore the snapshot, then replay the journal.
-fn restore(sh: &Shared, cfg: &Config) -> Node {
-    let mut rec = Recovery::new(cfg.clone(), now()).expect("valid config");
+/// Builds the node from the store at `at`: restore the snapshot (records, keys, removal
+/// floors), then replay the journal.
+fn restore(sh: &Shared, cfg: &Config, at: Time) -> Node {
+    let mut rec = Recovery::new(cfg.clone(), at).expect("valid config");
     let mut store = sh.store.borrow_mut();
     if store.staging.take().is_some() {
         store.torn += 1;
@@ -77,6 +78,9 @@ fn restore(sh: &Shared, cfg: &Config) -> Node {
     }
     for (uuid, keys) in store.keys.iter().cloned() {
         rec.key(uuid, keys);
+    }
+    for &(uuid, until) in &store.floors {
+        rec.removal_floor(uuid, until);
     }
     for c in &store.journal {
         rec.change(c);
@@ -91,7 +95,7 @@ pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
     let dev_l = TcpListener::bind((any, DEVICE_PORT)).await?;
     let push_l = TcpListener::bind((any, PUSH_PORT)).await?;
 
-    let node = restore(&sh, &cfg);
+    let node = restore(&sh, &cfg, now());
     {
         let mut f = sh.faults.borrow_mut();
         if f.want_restored {
@@ -177,13 +181,7 @@ pub async fn run(sh: Rc<Shared>, cfg: Config) -> turmoil::Result {
 
         if now_ms() >= next_snapshot && !snapshot_busy.get() {
             next_snapshot = now_ms() + SNAPSHOT_EVERY.as_millis() as u64;
-            let (records, keys): (Vec<_>, _) = {
-                let node = sh.node.borrow();
-                let node = node.as_ref().expect("node");
-                (node.records().collect(), node.key_states())
-            };
-            let mark = sh.store.borrow().journal.len();
-            sh.store.borrow_mut().staging_keys = keys;
+            let (records, mark) = begin_snapshot(&sh);
             snapshot_busy.set(true);
             tokio::task::spawn_local(write_snapshot(
                 sh.clone(),
@@ -296,6 +294,30 @@ async fn flush(
     }
 }
 
+/// What a snapshot holds, read from the live node: its records (returned, written in chunks),
+/// keys and removal floors (staged at once), and the journal length it covers.
+fn begin_snapshot(sh: &Shared) -> (Vec<ddpush_proto::RecordState>, usize) {
+    let node = sh.node.borrow();
+    let node = node.as_ref().expect("node");
+    let mut store = sh.store.borrow_mut();
+    store.staging_keys = node.key_states();
+    store.staging_floors = node.removal_floors();
+    (node.records().collect(), store.journal.len())
+}
+
+/// The rename: the staged snapshot replaces the old one and the journal prefix it covers goes.
+fn install_snapshot(
+    store: &mut crate::world::Store,
+    staged: Vec<ddpush_proto::RecordState>,
+    mark: usize,
+) {
+    store.snapshot = staged;
+    store.keys = std::mem::take(&mut store.staging_keys);
+    store.floors = std::mem::take(&mut store.staging_floors);
+    store.journal.drain(..mark);
+    store.snapshots += 1;
+}
+
 /// Writes a snapshot aside in chunks (taking sim time), then swaps it in atomically and drops
 /// the journal prefix it covers.
 async fn write_snapshot(
@@ -324,11 +346,80 @@ async fn write_snapshot(
             // The rename never happens: the old snapshot and its journal stay.
             store.failed_writes += 1;
         } else {
-            store.snapshot = s;
-            store.keys = std::mem::take(&mut store.staging_keys);
-            store.journal.drain(..mark);
-            store.snapshots += 1;
+            install_snapshot(&mut store, s, mark);
         }
     }
     busy.set(false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ddpush_proto::signed::{device_to_vec, DeviceKey, Seal, SignedDrop};
+    use ddpush_proto::{DeviceMsg, DevicePacket, Uuid};
+
+    /// The turn's changes into the simulated journal, as the host's `flush` does.
+    fn commit(sh: &Shared, node: &mut Node) {
+        let mut store = sh.store.borrow_mut();
+        let _ = Driver::new().commit(node, |changes| {
+            store.journal.extend_from_slice(changes);
+            Ok::<(), ()>(())
+        });
+    }
+
+    /// The simulated server's snapshot keeps removal floors as ddpushd's does (78d3190): a key
+    /// removed, a snapshot taken (the removal's journal entry goes with it), a restart, the
+    /// same key bytes provisioned again: a packet captured before the removal, stamped above
+    /// the restart second by a device 20 s ahead, is refused as a replay.
+    #[test]
+    fn a_removal_floor_survives_a_simulated_snapshot_and_restart() {
+        let t = Time::from_secs;
+        let cfg = Config::default();
+        let (u, key) = (Uuid([7; 16]), DeviceKey::new([7; 32]));
+        let from: SocketAddr = "192.0.2.1:4000".parse().expect("address");
+        let hb = |ts: u32, nonce: u32| {
+            let p = DevicePacket {
+                app_id: 1,
+                uuid: u,
+                msg: DeviceMsg::Heartbeat,
+            };
+            let seal = Seal {
+                key_id: 1,
+                ts,
+                nonce,
+            };
+            device_to_vec(&p, seal, &key)
+        };
+        let sh = Shared::new(Vec::new());
+        let mut node = restore(&sh, &cfg, t(10_000));
+        node.set_key(t(10_000), u, 1, key.clone(), KEY_GRACE)
+            .expect("key");
+        let captured = hb(10_020, 1);
+        node.handle_udp(t(10_000), from, &captured);
+        assert_eq!(node.stats().signed_accepted, 1);
+        commit(&sh, &mut node);
+        assert!(node.remove_key(t(10_001), &u));
+        commit(&sh, &mut node);
+        assert_eq!(node.removal_floors(), vec![(u, 10_021)]);
+        // A snapshot after the removal: no key, the journal (with the removal) dropped.
+        *sh.node.borrow_mut() = Some(node);
+        let (records, mark) = begin_snapshot(&sh);
+        install_snapshot(&mut sh.store.borrow_mut(), records, mark);
+        assert!(sh.store.borrow().journal.is_empty() && sh.store.borrow().keys.is_empty());
+        assert_eq!(sh.store.borrow().floors, vec![(u, 10_021)]);
+        // The crash and the restart at 10_002; the app server provisions the same key again.
+        *sh.node.borrow_mut() = None;
+        let mut again = restore(&sh, &cfg, t(10_002));
+        again
+            .set_key(t(10_002), u, 1, key.clone(), KEY_GRACE)
+            .expect("key");
+        again.handle_udp(t(10_003), from, &captured);
+        assert_eq!(again.stats().signed_accepted, 0, "a replay was accepted");
+        assert_eq!(again.stats().signed_dropped.get(SignedDrop::Replayed), 1);
+        again.handle_udp(t(10_003), from, &hb(10_021, 2));
+        assert_eq!(again.stats().signed_accepted, 0);
+        // Above the floor: the device is heard again.
+        again.handle_udp(t(10_003), from, &hb(10_022, 3));
+        assert_eq!(again.stats().signed_accepted, 1);
+    }
 }

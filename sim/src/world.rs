@@ -21,12 +21,17 @@ pub struct Store {
     pub snapshot: Vec<RecordState>,
     /// The keys of signed-only uuids in that snapshot.
     pub keys: Vec<(Uuid, KeyState)>,
+    /// The removal floors in that snapshot (uuids whose key was removed less than a window
+    /// before it; `Node::removal_floors`, ddpushd's `removed` chunks).
+    pub floors: Vec<(Uuid, u32)>,
     /// Changes since that snapshot, in order.
     pub journal: Vec<Change>,
     /// A snapshot being written; discarded at restart.
     pub staging: Option<Vec<RecordState>>,
     /// The keys of the snapshot being written.
     pub staging_keys: Vec<(Uuid, KeyState)>,
+    /// The removal floors of the snapshot being written.
+    pub staging_floors: Vec<(Uuid, u32)>,
     /// Snapshots completed.
     pub snapshots: u64,
     /// Snapshots abandoned by a crash.
