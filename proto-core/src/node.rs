@@ -110,8 +110,9 @@ pub struct Node {
     replayed: bool,
     /// Keys of the signed-only uuids (PROTOCOL.md 9).
     keys: Keyring,
-    /// While a verified signed packet is handled: the key id it used, which seals the answers.
-    answer_key: Option<u8>,
+    /// While a verified signed packet is handled: its uuid, the key id it used (which seals
+    /// the answers) and the keyring's slot hint.
+    answering: Option<signed::Answering>,
     /// Key states before this turn's key updates, to take them back if the turn's write fails.
     key_undo: Vec<signed::KeyUndo>,
 }
@@ -149,7 +150,7 @@ impl Node {
             tombstones: HashMap::with_hasher(FixedState::with_seed(seed ^ 9)),
             undo: Vec::new(),
             keys: Keyring::new(cfg.replay_window, seed),
-            answer_key: None,
+            answering: None,
             key_undo: Vec::new(),
             replayed: false,
             cfg,
@@ -605,7 +606,7 @@ impl Node {
 
     fn heartbeat(&mut self, app_id: u8, uuid: Uuid, via: Via) {
         self.stats.heartbeats += 1;
-        let slot = match self.reg.find(&uuid) {
+        let slot = match self.find_answering(&uuid) {
             Some(s) => s,
             None => {
                 if !self.cfg.create_on_heartbeat {

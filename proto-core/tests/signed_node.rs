@@ -672,3 +672,44 @@ fn the_ahead_bound_is_journaled_once_per_raise_and_taken_back_with_a_failed_writ
         .any(|c| matches!(c, Change::Keyed { keys, .. } if keys.ahead == 30)));
     assert_eq!(node.key_state(&alice()).map(|k| k.ahead), Some(30));
 }
+
+/// A signed heartbeat finds its record through the keyring's slot hint; a slot freed and
+/// reused by another uuid must not be taken for it (the hint is checked against the record's
+/// uuid), so the other record keeps its address and its payload goes nowhere else.
+#[test]
+fn a_stale_slot_hint_never_touches_another_record() {
+    let (mut h, mut dev) = keyed_harness();
+    let (a, b, c) = (addr(1, 1), addr(2, 2), addr(3, 3));
+    // The first heartbeat creates alice's record, the second leaves its slot as the hint.
+    for _ in 0..2 {
+        let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+        h.udp(a, &hb);
+        h.advance(millis(1_100));
+    }
+    assert_eq!(h.node.record(&alice()).and_then(|r| r.addr), Some(a));
+    // Alice's record goes; bob's takes its slot (the registry reuses freed slots).
+    let now = h.now();
+    assert!(h.node.remove(now, &alice()));
+    let bob = Uuid::from_user("bob");
+    h.push(bob, payload(b"for bob"));
+    h.heartbeat(b, 1, bob);
+    assert_eq!(h.take_udp(b), vec![down_payload(1, b"for bob")]);
+    h.take_transmits();
+    // Alice heartbeats again from a new address: a record of her own, bob's untouched.
+    h.advance(millis(1_100));
+    let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+    h.udp(c, &hb);
+    assert!(h
+        .take_udp(c)
+        .iter()
+        .all(|x| dev.open(x) == DownMsg::HeartbeatReply));
+    assert_eq!(h.node.record(&bob).and_then(|r| r.addr), Some(b));
+    assert!(h.node.record(&bob).is_some_and(|r| r.payload.is_some()));
+    assert_eq!(h.node.record(&alice()).and_then(|r| r.addr), Some(c));
+    // And the hint is right again: her next heartbeat is answered as before.
+    h.advance(millis(1_100));
+    let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+    h.udp(c, &hb);
+    assert_eq!(h.node.record(&alice()).and_then(|r| r.addr), Some(c));
+    assert_eq!(h.node.stats().signed_accepted, 4);
+}

@@ -21,6 +21,16 @@ pub(super) enum KeyUndo {
     Removed(Removed),
 }
 
+/// The verified signed packet being handled.
+#[derive(Clone, Copy)]
+pub(super) struct Answering {
+    uuid: Uuid,
+    /// The key it verified under: answers are sealed under it.
+    key_id: u8,
+    /// The keyring's hint of the uuid's record slot.
+    slot_hint: Option<u32>,
+}
+
 /// The longest rotation grace period a key update may ask for.
 pub const MAX_KEY_GRACE: Duration = Duration::from_secs(90 * 24 * 3600);
 
@@ -172,12 +182,41 @@ impl Node {
                 if let Some(was) = v.ahead_was {
                     self.ahead_raised(v.packet.uuid, was);
                 }
-                self.answer_key = Some(v.key_id);
+                self.answering = Some(Answering {
+                    uuid: v.packet.uuid,
+                    key_id: v.key_id,
+                    slot_hint: v.slot_hint,
+                });
                 self.dispatch(v.packet, via);
-                self.answer_key = None;
+                self.answering = None;
             }
             Err(e) => self.stats.signed_dropped.incr(e),
         }
+    }
+
+    /// The record slot of `uuid`. For the uuid of the verified packet being handled, the
+    /// keyring's hint when it still names this uuid's live record (slots are reused, so it is
+    /// checked), saving the registry's lookup; otherwise the registry's answer, which becomes
+    /// the hint.
+    pub(super) fn find_answering(&mut self, uuid: &Uuid) -> Option<u32> {
+        let Some(a) = self.answering.filter(|a| a.uuid == *uuid) else {
+            return self.reg.find(uuid);
+        };
+        let hinted = a
+            .slot_hint
+            .filter(|&s| self.reg.get(s).is_some_and(|r| r.uuid == *uuid));
+        if hinted.is_some() {
+            return hinted;
+        }
+        let found = self.reg.find(uuid);
+        if let Some(s) = found {
+            self.keys.set_slot_hint(uuid, s);
+            self.answering = Some(Answering {
+                slot_hint: Some(s),
+                ..a
+            });
+        }
+        found
     }
 
     /// A verified packet was stamped further ahead of the node's clock than its uuid's ahead
@@ -241,15 +280,17 @@ impl Node {
     /// What goes out for `packet` to `uuid`: sealed if the uuid is signed-only (under the key
     /// of the packet being answered, else the key the device last used), plain otherwise.
     pub(super) fn down_payload(&mut self, uuid: &Uuid, packet: DownPacket) -> Payload {
-        match self.keys.seal(uuid, self.answer_key, self.now, packet) {
+        let key_id = self.answering.map(|a| a.key_id);
+        match self.keys.seal(uuid, key_id, self.now, packet) {
             Ok(s) => Payload::Sealed(s),
             Err(plain) => Payload::Down(plain),
         }
     }
 
-    /// Extra bytes per packet sent to `uuid` (the signed trailer, if it is signed-only).
+    /// Extra bytes per packet sent to `uuid` (the signed trailer, if it is signed-only). The
+    /// uuid of the verified packet being answered is signed-only without a lookup.
     pub(super) fn down_extra(&self, uuid: &Uuid) -> usize {
-        if self.keys.contains(uuid) {
+        if self.answering.is_some_and(|a| a.uuid == *uuid) || self.keys.contains(uuid) {
             TRAILER_LEN
         } else {
             0

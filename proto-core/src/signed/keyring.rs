@@ -19,16 +19,18 @@ use super::replay::ReplayWindow;
 use super::SignedDrop;
 
 /// One signed-only uuid, laid out for the hot path. A signed heartbeat reads the uuid, the
-/// key id, the ahead bound, the replay window and both HMAC states: with the entry 64-byte
-/// aligned and those first, that is three whole cache lines and nothing else (the key bytes,
-/// read only to persist or compare them, share the last line). The key of a rotation's grace
-/// period lives out of line in [`Keyring::previous`]: rare, and 8 bytes of pointer here would
-/// cost every uuid a fourth line.
+/// key id, the ahead bound, the slot hint, the replay window and both HMAC states: with the
+/// entry 64-byte aligned and those first, that is three whole cache lines and nothing else
+/// (the key bytes, read only to persist or compare them, share the last line). The key of a
+/// rotation's grace period lives out of line in [`Keyring::previous`]: rare, and 8 bytes of
+/// pointer here would cost every uuid a fourth line.
 #[repr(C, align(64))]
 struct Entry {
     uuid: Uuid,
-    /// The ahead bound ([`KeyState::ahead`]).
-    ahead: u32,
+    /// The ahead bound ([`KeyState::ahead`]) in 16 bits: it is at most the replay window
+    /// (at most an hour, `Config::validate`), so a persisted bound above `u16::MAX` can only
+    /// be damage; it saturates (still refusing over 18 hours after a restart).
+    ahead: u16,
     /// Id of the current key.
     id: u8,
     /// The key id of the last verified packet: immediate pushes are sealed under it, because
@@ -37,6 +39,10 @@ struct Entry {
     /// Whether [`Keyring::previous`] holds a key of this uuid (so the common case looks it up
     /// never).
     rotating: bool,
+    /// The node's record slot of this uuid as it last found it, 24 bits little-endian
+    /// ([`NO_SLOT`] for none): only a hint, checked against the record's uuid before use, so
+    /// a signed heartbeat skips the registry's index (its misses) in the common case.
+    slot: [u8; 3],
     replay: ReplayWindow,
     /// The current key, HMAC-keyed once: every packet of a uuid that is not mid-rotation
     /// verifies and is sealed under it (a previous key is keyed per packet, during its grace
@@ -47,6 +53,13 @@ struct Entry {
 }
 
 const _: () = assert!(std::mem::size_of::<Entry>() == 192, "three cache lines");
+
+/// The slot hint of an entry that has none (slots from 2^24 - 1 up are never hinted).
+const NO_SLOT: [u8; 3] = [0xFF; 3];
+
+fn ahead16(ahead: u32) -> u16 {
+    u16::try_from(ahead).unwrap_or(u16::MAX)
+}
 
 /// See the module docs.
 pub struct Keyring {
@@ -84,6 +97,9 @@ pub struct Verified {
     /// The uuid's ahead bound before this packet raised it, if it did: the node must journal
     /// the new key state in this turn (and take the raise back if the write fails).
     pub ahead_was: Option<u32>,
+    /// Where the node last found the uuid's record ([`Keyring::set_slot_hint`]); a hint to
+    /// check, not an answer.
+    pub slot_hint: Option<u32>,
 }
 
 impl Keyring {
@@ -133,7 +149,7 @@ impl Keyring {
                 .rotating
                 .then(|| self.previous.get(&e.uuid).cloned().map(Box::new))
                 .flatten(),
-            ahead: e.ahead,
+            ahead: u32::from(e.ahead),
         }
     }
 
@@ -189,7 +205,7 @@ impl Keyring {
         }
         self.restart_floor = floor;
         for e in self.map.iter_mut() {
-            e.replay = ReplayWindow::refusing_until(floor.saturating_add(e.ahead));
+            e.replay = ReplayWindow::refusing_until(floor.saturating_add(u32::from(e.ahead)));
         }
     }
 
@@ -249,7 +265,7 @@ impl Keyring {
                 e.key = key;
             }
             e.id = id;
-            e.ahead = ahead;
+            e.ahead = ahead16(ahead);
             e.rotating = rotating;
             return;
         }
@@ -259,10 +275,11 @@ impl Keyring {
         });
         let entry = Entry {
             uuid,
-            ahead,
+            ahead: ahead16(ahead),
             id,
             last_key_id: id,
             rotating,
+            slot: NO_SLOT,
             replay,
             mac: KeyedMac::new(&key),
             key,
@@ -291,7 +308,9 @@ impl Keyring {
         // Stamps at or below a floor more than a window old are expired anyway.
         self.gone
             .retain(|_, until| until.saturating_add(w) >= now_s);
-        let gone_was = self.gone.insert(*uuid, now_s.saturating_add(entry.ahead));
+        let gone_was = self
+            .gone
+            .insert(*uuid, now_s.saturating_add(u32::from(entry.ahead)));
         Some(Removed {
             entry: Box::new(entry),
             previous,
@@ -373,13 +392,29 @@ impl Keyring {
             self.previous.remove(&uuid);
             e.rotating = false;
         }
-        let ahead = f.seal.ts.saturating_sub(now_s);
-        let ahead_was = (ahead > e.ahead).then(|| std::mem::replace(&mut e.ahead, ahead));
+        // At most the window (checked above), so it fits.
+        let ahead = ahead16(f.seal.ts.saturating_sub(now_s));
+        let ahead_was =
+            (ahead > e.ahead).then(|| u32::from(std::mem::replace(&mut e.ahead, ahead)));
+        let slot_hint = (e.slot != NO_SLOT).then(|| {
+            let [a, b, c] = e.slot;
+            u32::from_le_bytes([a, b, c, 0])
+        });
         Ok(Verified {
             packet: f.packet,
             key_id: f.seal.key_id,
             ahead_was,
+            slot_hint,
         })
+    }
+
+    /// Remembers where the node found `uuid`'s record, for [`Verified::slot_hint`]. The node
+    /// calls it only when the hint was missing or wrong (once per record, not per packet).
+    pub fn set_slot_hint(&mut self, uuid: &Uuid, slot: u32) {
+        if let Some(e) = self.find_mut(uuid) {
+            let [a, b, c, d] = slot.to_le_bytes();
+            e.slot = if d == 0 { [a, b, c] } else { NO_SLOT };
+        }
     }
 
     /// Seals a packet for a signed-only uuid under `key_id` (the key its heartbeat used) or,
@@ -456,6 +491,38 @@ mod tests {
             Ok(KeyUpdate::Provisioned)
         );
         r
+    }
+
+    #[test]
+    fn the_slot_hint_is_kept_until_set_again_and_large_slots_are_not_hinted() {
+        let mut r = ring();
+        let now = Time::from_secs(1000);
+        let hint =
+            |r: &mut Keyring, n: u32| r.verify(now, &hb(1, &key(1), 1000, n)).map(|v| v.slot_hint);
+        assert_eq!(hint(&mut r, 1), Ok(None));
+        r.set_slot_hint(&UUID, 0x00AB_CDEF);
+        assert_eq!(hint(&mut r, 2), Ok(Some(0x00AB_CDEF)));
+        // A rotation keeps it; a slot that does not fit 24 bits clears it.
+        r.update(UUID, 2, key(2), Time::from_secs(2000)).unwrap();
+        assert_eq!(hint(&mut r, 3), Ok(Some(0x00AB_CDEF)));
+        r.set_slot_hint(&UUID, 1 << 24);
+        assert_eq!(hint(&mut r, 4), Ok(None));
+        // Removed and provisioned again: a new entry, no hint.
+        r.set_slot_hint(&UUID, 7);
+        assert!(r.remove(&UUID, now));
+        r.update(UUID, 1, key(1), Time::ZERO).unwrap();
+        assert_eq!(hint(&mut r, 5).map(|_| ()), Err(SignedDrop::Replayed));
+        let v = r.verify(Time::from_secs(1062), &hb(1, &key(1), 1062, 6));
+        assert_eq!(v.map(|v| v.slot_hint), Ok(None));
+    }
+
+    #[test]
+    fn an_ahead_bound_beyond_sixteen_bits_saturates() {
+        let mut r = ring();
+        let mut k = r.get(&UUID).unwrap();
+        k.ahead = 70_000;
+        r.set(UUID, k);
+        assert_eq!(r.get(&UUID).map(|k| k.ahead), Some(u32::from(u16::MAX)));
     }
 
     #[test]
