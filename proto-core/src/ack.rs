@@ -71,7 +71,9 @@
 //!   are only accepted from the recorded address or the attached connection (the node checks
 //!   the source), so no ack of the old path's sends can count any more. This assumes a socket
 //!   the device has left does not hand its address to a later socket while its acks are still
-//!   in flight (connection ids are never reused; a new socket gets a new port).
+//!   in flight (connection ids are never reused; a new socket gets a new port). A connection
+//!   that stays open can become the path again, though: its forgotten ledger is kept aside
+//!   ([`Parked`]) and put back in front, as older sends, when it does.
 //! * **Superseded** ([`SendLedger::supersede`]): the item may have moved on without this ledger's
 //!   owner seeing it (a cluster node dropped its copy of the record). The unmatched sends stay
 //!   counted, so their acks are still consumed in order, but none of them can clear any more;
@@ -174,6 +176,50 @@ impl Window {
     /// default 200 ms), at most [`MAX_WINDOW`].
     pub fn stray(self) -> Window {
         Window(self.0.saturating_mul(10).min(Window::new(MAX_WINDOW).0))
+    }
+}
+
+/// Ledgers set aside on a TCP connection that stopped being a record's path while it stayed
+/// open (another connection replaced it). A stream keeps order, so if the connection becomes
+/// the record's path again, acks of what was sent on it before come first on it; restoring
+/// the ledger in front, as older sends, keeps them from being taken for newer sends (fuzz
+/// finding 13). `K` names the record (a uuid).
+#[derive(Clone, Debug)]
+pub struct Parked<K, G = Generation> {
+    items: Vec<(K, [SendLedger<G>; 2])>,
+}
+
+impl<K, G> Default for Parked<K, G> {
+    fn default() -> Self {
+        Parked { items: Vec::new() }
+    }
+}
+
+impl<K: PartialEq, G: Copy + PartialEq> Parked<K, G> {
+    /// Most records parked per connection (a device has one uuid); beyond that the oldest is
+    /// dropped, and its acks are handled as before parking existed.
+    pub const MAX: usize = 4;
+
+    /// The connection stops being `key`'s path, with these unmatched sends.
+    pub fn park(&mut self, key: K, ledgers: [SendLedger<G>; 2]) {
+        self.items.retain(|(k, _)| *k != key);
+        if ledgers.iter().all(SendLedger::is_empty) {
+            return;
+        }
+        if self.items.len() == Self::MAX {
+            self.items.remove(0);
+        }
+        self.items.push((key, ledgers));
+    }
+
+    /// The connection is `key`'s path again: put what was parked in front of `ledgers`.
+    pub fn restore(&mut self, key: &K, ledgers: &mut [SendLedger<G>; 2]) {
+        if let Some(i) = self.items.iter().position(|(k, _)| k == key) {
+            let (_, parked) = self.items.swap_remove(i);
+            for (l, p) in ledgers.iter_mut().zip(parked) {
+                l.absorb_parked(p);
+            }
+        }
     }
 }
 
@@ -324,6 +370,26 @@ impl<G: Copy + PartialEq> SendLedger<G> {
             self.older_at = self.newest_at;
             self.newest = 0;
         }
+    }
+
+    /// Puts the unmatched sends of `parked` (a ledger set aside when its path, a TCP
+    /// connection still open, was replaced) in front of this ledger's, as older sends: the
+    /// path is attached again, and acks of those sends may still come on it, ahead of acks of
+    /// anything sent since (a stream keeps order). Each is consumed in order and clears
+    /// nothing, so none can be taken for a newer send (fuzz finding 13).
+    pub fn absorb_parked(&mut self, parked: Self) {
+        let n = add_older(parked.older_count(), parked.newest.min(STUCK_OLDER));
+        if n == 0 {
+            return;
+        }
+        if self.older_count() == 0 {
+            self.older_at = if parked.newest > 0 {
+                parked.newest_at
+            } else {
+                parked.older_at
+            };
+        }
+        self.set_older_count(add_older(self.older_count(), n));
     }
 
     /// No unmatched send.
@@ -604,6 +670,24 @@ mod tests {
         assert!(l.on_ack(ms(350), W).clears(2));
         assert!(l.on_ack(ms(350), W).clears(2));
         assert_eq!(l.on_ack(ms(350), W), Attribution::Unmatched);
+    }
+
+    #[test]
+    fn parked_sends_are_answered_first_and_never_clear() {
+        // Finding 13's shape: 1 sent on a connection that was then replaced (parked), and
+        // attached again; 2 sent on it after. The ack of 1 comes first on the stream.
+        let mut parked = SendLedger::new();
+        parked.on_send(1, ms(0), W);
+        let mut l = SendLedger::new();
+        l.absorb_parked(parked);
+        l.on_send(2, ms(10), W);
+        assert_eq!(l.on_stream_ack(), Attribution::Older);
+        assert!(l.on_stream_ack().clears(2));
+        // An empty parked ledger changes nothing.
+        let mut l = SendLedger::new();
+        l.on_send(2, ms(10), W);
+        l.absorb_parked(SendLedger::new());
+        assert!(l.on_stream_ack().clears(2));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use foldhash::fast::FixedState;
 use hashbrown::HashMap;
 
-use crate::ack::{Attribution, SendLedger, Window};
+use crate::ack::{Attribution, Parked, SendLedger, Window};
 use crate::codec::{
     check_payload_len, DeviceMsg, DevicePacket, DownMsg, DownPacket, InvalidPacket, Kind, PushMsg,
     PushReject, PushReply, PushRequest, Uuid,
@@ -66,6 +66,9 @@ struct Conn {
     last_active: Time,
     /// Records this connection is attached to (normally one).
     attached: Vec<u32>,
+    /// Ledgers of records whose attachment moved from this connection to another one while
+    /// it stayed open: acks of those sends may still come on it if it is attached again.
+    parked: Parked<Uuid>,
 }
 
 /// How often the expiry sweep runs, and the least records it visits per run.
@@ -234,6 +237,7 @@ impl Node {
                 decoder: Some(decoder),
                 last_active: self.now,
                 attached: Vec::new(),
+                parked: Parked::default(),
             },
         );
         self.stats.conns.incr(port);
@@ -753,6 +757,12 @@ impl Node {
             // the ack window holds the removed record's sends, which may have gone to this very
             // connection (fuzz finding 8); if they went elsewhere, keeping them only makes the
             // next acks count as acks of older sends (a duplicate at worst) until the fence.
+            let r = self.reg.rec(slot);
+            let (uuid, ledger) = (r.uuid, r.ledger);
+            let old = self.reg.tcp.get(&slot).copied();
+            if let Some(oc) = old.and_then(|o| self.conns.get_mut(&o)) {
+                oc.parked.park(uuid, ledger);
+            }
             self.forget_sends(slot);
         }
         let Some(c) = self.conns.get_mut(&conn) else {
@@ -761,6 +771,10 @@ impl Node {
         if !c.attached.contains(&slot) {
             c.attached.push(slot);
         }
+        // This connection may have been the record's before and still carry acks of what was
+        // sent on it then (fuzz finding 13): they come first on the stream.
+        let r = self.reg.rec_mut(slot);
+        c.parked.restore(&r.uuid, &mut r.ledger);
         self.reg.tcp.insert(slot, conn);
         self.reg.rec_mut(slot).set(flag::TCP, true);
     }

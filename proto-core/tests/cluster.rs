@@ -764,3 +764,30 @@ fn polling_a_transmit_before_the_acceptance_step_panics_in_debug_builds() {
     }
     let _ = n.poll_transmit();
 }
+
+/// Fuzz finding 13 on a cluster node (the single node's test is in rules.rs): the ack of a send
+/// made on a connection before another replaced it, arriving after it was attached again, must
+/// not clear the newer 0x10 sent since.
+#[test]
+fn a_connection_attached_again_answers_its_old_sends_first() {
+    let mut c = Cluster::new(1);
+    c.device_tcp(0, 10, DeviceMsg::Heartbeat);
+    assert_eq!(c.push(0, PushMsg::Notify), 0x00); // version 1, sent on 10
+    c.device_tcp(0, 11, DeviceMsg::Heartbeat); // 11 replaces 10: version 1 again, on 11
+    assert_eq!(c.push(0, PushMsg::Notify), 0x00); // version 2, sent on 11
+    c.device_tcp(0, 10, DeviceMsg::Heartbeat); // 10 again: version 2, on 10
+    let sent: Vec<_> = c.take_tcp().into_iter().map(|(_, conn, _)| conn).collect();
+    assert_eq!(sent, vec![10, 11, 11, 10]);
+    c.device_tcp(0, 10, DeviceMsg::AckNotify); // the ack of version 1's send on 10
+    c.device_tcp(0, 10, DeviceMsg::Heartbeat);
+    let again: Vec<_> = c.take_tcp().into_iter().map(|(_, conn, _)| conn).collect();
+    assert_eq!(
+        again,
+        vec![10],
+        "version 2 is still pending: the old send's ack cleared nothing"
+    );
+    c.device_tcp(0, 10, DeviceMsg::AckNotify); // version 2's ack
+    c.device_tcp(0, 10, DeviceMsg::AckNotify); // the re-send's
+    c.device_tcp(0, 10, DeviceMsg::Heartbeat);
+    assert!(c.take_tcp().is_empty(), "acked: nothing more");
+}

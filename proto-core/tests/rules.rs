@@ -1258,3 +1258,30 @@ fn acks_in_flight_across_a_restart_do_not_clear_replayed_records() {
     h2.ack(dev, 1, u, DeviceMsg::AckNotify);
     assert!(!h2.node.record(&u).unwrap().notify);
 }
+
+/// Fuzz finding 13: a device heartbeats on two open TCP connections in turn. The ack of a send
+/// made on the first before it was replaced arrives on it after it was attached again (the
+/// device got that send late); it must not be taken for the newer 0x10 sent on it since.
+#[test]
+fn a_connection_attached_again_answers_its_old_sends_first() {
+    let u = uuid(13);
+    let mut h = default_harness();
+    let a = h.tcp_open(Port::Device, addr(1, 4001)).unwrap();
+    let b = h.tcp_open(Port::Device, addr(1, 4002)).unwrap();
+    h.tcp_data(a, &raw_up(1, 1, 0, u, &[]));
+    h.push(u, PushMsg::Notify); // version 1, sent on a
+    assert_eq!(h.take_tcp(a), down(0, DownMsg::Notify));
+    h.tcp_data(b, &raw_up(1, 1, 0, u, &[])); // b replaces a: version 1 again, on b
+    assert_eq!(h.take_tcp(b), down(1, DownMsg::Notify));
+    h.push(u, PushMsg::Notify); // version 2, sent on b
+    assert_eq!(h.take_tcp(b), down(0, DownMsg::Notify));
+    h.tcp_data(a, &raw_up(1, 1, 0, u, &[])); // a again: version 2, on a
+    assert_eq!(h.take_tcp(a), down(1, DownMsg::Notify));
+    h.tcp_data(a, &raw_up(1, 1, 0x10, u, &[])); // the ack of version 1's send on a
+    assert!(
+        h.node.record(&u).is_some_and(|r| r.notify),
+        "the ack of the send before the replacement cleared version 2"
+    );
+    h.tcp_data(a, &raw_up(1, 1, 0x10, u, &[])); // the ack of version 2's send on a
+    assert!(h.node.record(&u).is_some_and(|r| !r.notify));
+}

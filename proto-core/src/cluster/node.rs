@@ -15,7 +15,7 @@ use crate::stream::{Decoded, StreamDecoder};
 use crate::time::Time;
 use crate::{ConnId, Port};
 
-use crate::ack::{Attribution, SendLedger, Window};
+use crate::ack::{Attribution, Parked, SendLedger, Window};
 use crate::counters::Counters;
 use crate::limits::{Guard, Limited};
 
@@ -288,6 +288,9 @@ struct PushConn {
     /// Replies in request order: `Err(op)` waits for the store.
     replies: VecDeque<Result<PushReply, OpId>>,
     attached: Vec<Uuid>,
+    /// Ledgers of devices whose connection moved from this one to another while this one
+    /// stayed open (as on a single node, `crate::ack::Parked`).
+    parked: Parked<Uuid, Gen>,
 }
 
 /// A DDPush node in a cluster. See [`crate::cluster`] for the call order.
@@ -436,6 +439,7 @@ impl ClusterNode {
                 last_active: self.now,
                 replies: VecDeque::new(),
                 attached: Vec::new(),
+                parked: Parked::default(),
             },
         );
         self.idle
@@ -661,10 +665,19 @@ impl ClusterNode {
                 changed
             }
             Via::Tcp(c) => {
-                if e.tcp != Some(c) && e.addr.is_none() {
-                    // A new connection: sends on the old one can no longer be acked. With a
-                    // UDP address too, keep them (as a single node does).
-                    e.ledger.iter_mut().for_each(SendLedger::forget);
+                if e.tcp != Some(c) {
+                    if e.addr.is_none() {
+                        // A new connection: sends on the old one can no longer be acked. With a
+                        // UDP address too, keep them (as a single node does). If the old one
+                        // stays open and comes back, what was sent on it is answered first.
+                        if let Some(old) = e.tcp.and_then(|o| self.conns.get_mut(&o)) {
+                            old.parked.park(uuid, e.ledger);
+                        }
+                        e.ledger.iter_mut().for_each(SendLedger::forget);
+                    }
+                    if let Some(conn) = self.conns.get_mut(&c) {
+                        conn.parked.restore(&uuid, &mut e.ledger);
+                    }
                 }
                 e.tcp = Some(c);
                 false
