@@ -20,8 +20,10 @@ cargo fuzz build --sanitizer none || { echo "smoke: build failed" >&2; exit 1; }
 failed=()
 for t in "${targets[@]}"; do
   # Saved crash inputs first: a fixed bug must stay fixed.
-  if [ -d "regressions/$t" ] && [ -n "$(ls -A "regressions/$t")" ]; then
-    if ! cargo fuzz run --sanitizer none "$t" regressions/"$t"/* >"/tmp/fuzz-smoke-$t-regr.log" 2>&1; then
+  # (`<name>.ops` files are the readable operation lists the inputs are built from.)
+  mapfile -t saved < <(find "regressions/$t" -type f ! -name '*.ops' 2>/dev/null | sort)
+  if [ ${#saved[@]} -gt 0 ]; then
+    if ! cargo fuzz run --sanitizer none "$t" "${saved[@]}" >"/tmp/fuzz-smoke-$t-regr.log" 2>&1; then
       echo "smoke: $t: a saved regression input fails again" >&2
       tail -n 30 "/tmp/fuzz-smoke-$t-regr.log" >&2
       failed+=("$t(regression)")

@@ -19,18 +19,28 @@
 //!    path the send went to, not after a heartbeat that came more than `ack_window` after the
 //!    send, no address change or restart since the send) or a network copy that the crossing
 //!    rule covers, a 0x10/0x20 is cleared only if the device has acked a send of its current
-//!    version, i.e. has seen it (PROTOCOL.md 8.2). A copy of send `s` (of its datagram or of
-//!    its ack) is covered when the item's current version is newer than `s`'s and its first
-//!    send **crossed** `s`: it went out while `s` was not yet acked and more than the burst gap
-//!    (a quarter of `ack_window`) after the send before it, no heartbeat came more than
-//!    `ack_window` after `s`, and the copy arrives within 10 x `ack_window` of `s` (the stray
-//!    window). Lossy seed 3660 (a NAT's copy of the ack of an older payload cleared a
-//!    newer one whose immediate send was lost) is such a copy. Any other copy taints the
-//!    (uuid, kind) until the next restart, as the rule's documented residual risk allows a
-//!    loss there: `s` acked before the newer version went out (nothing crossed) and a late
-//!    downlink copy of it, or the newer send within a burst of the one before it, or a copy
-//!    with no newer version sent yet (its extra ack may be taken for a later send), or one
-//!    after a fence or outside the stray window.
+//!    version, i.e. has seen it (PROTOCOL.md 8.2). The promise is the one
+//!    proto-core/tests/model.rs holds the node to, in this target's operations:
+//!    * a copy of send `s` (of its datagram or of its ack; a second `AckOf` of a UDP send is
+//!      one too) is covered when the item's current version is newer than `s`'s and its first
+//!      send **crossed** `s`: it went out in a later operation, while `s` was not yet acked,
+//!      and more than the burst gap (a quarter of `ack_window`) after the send before it; no
+//!      heartbeat came more than `ack_window` after `s` (a fence), the address did not change
+//!      and the node did not restart since `s`; the copy arrives within the stray window
+//!      (10 x `ack_window`) of `s`; and it is the first copy of an ack of that (uuid, kind)
+//!      within the stray window (the rule distrusts one ack per generation after a crossing:
+//!      one stray per crossing, not two). Lossy seed 3660 (a NAT's copy of the ack of an older
+//!      payload cleared a newer one whose immediate send was lost) and finding 11 (that copy
+//!      taking the place of the newer send's own, slower ack) are such copies;
+//!    * a first ack more than the stray window after its send is outside the promise when a
+//!      copy of an ack of that item arrived after its send or within the stray window before
+//!      it (a copy shifts every later attribution by one send, and the rule bounds the shifted
+//!      acks by the stray window);
+//!    * anything else outside the promise (the rule's documented residual risk, condition B
+//!      of docs/PROTOCOL-NOTES.md: `s` acked before the newer version went out and a late
+//!      downlink copy of it, the newer send within a burst of the one before it, a copy with
+//!      no newer version sent yet, a second copy, one after a fence or outside the stray
+//!      window) taints the (uuid, kind) until the next restart, which empties the ledgers.
 //!    `AckOf` acks any earlier send in any order, so a push between a send and its ack, acks
 //!    reordered among themselves, one ack after several re-sends and sends lost for good are
 //!    all generated; acks from another address than the recorded one must clear nothing.
@@ -123,8 +133,10 @@ enum Op {
         from: u8,
         kind: AckKind,
     },
+    /// The device's ack of the `back`-th latest send (0: the latest), on the connection the
+    /// send went to if `tcp` (else over UDP).
     AckOf {
-        send: u16,
+        back: u16,
         tcp: bool,
     },
     /// The network duplicates an ack the device sent over UDP: the `back`-th latest UDP ack
@@ -135,7 +147,7 @@ enum Op {
     /// The network duplicates a UDP send: the device receives it twice and acks each copy.
     /// If its ack was not delivered yet, both acks arrive now; otherwise the late copy's.
     DupSend {
-        send: u16,
+        back: u16,
     },
     Udp {
         from: u8,
@@ -167,6 +179,24 @@ enum Op {
     Snapshot,
     Restart,
     CheckReplay,
+    /// Issue 12's races on one uuid, in one operation: a push (its immediate send reaches the
+    /// device), `gap` x 8 ms later a newer push of the same item (its immediate send lost, or
+    /// only slow to be acked), then the device's ack of the first send (`ack`) and a network
+    /// copy of that ack right behind it (`copy`, lossy seed 3660), a heartbeat from the uuid's
+    /// address (`hb`: a fence, whose answer re-sends the newer version), a third push of the
+    /// item right after it (`again`, its send lost) and the newer push's own ack, late
+    /// (`late`). Later operations may ack any of these sends (`AckOf` counts from the
+    /// latest), copy them, push again or restart.
+    Race {
+        who: u8,
+        notify: bool,
+        gap: u8,
+        ack: bool,
+        copy: bool,
+        hb: bool,
+        again: bool,
+        late: bool,
+    },
 }
 
 fn uuid(who: u8) -> Uuid {
@@ -289,6 +319,8 @@ struct Harness {
     tainted: HashSet<(Uuid, u8)>,
     /// Latest heartbeat per uuid (any path; counted even if the node then dropped it).
     hb_at: BTreeMap<Uuid, Time>,
+    /// Per (uuid, kind): when the latest network copy of an ack of it reached the node.
+    copy_at: BTreeMap<(Uuid, u8), Time>,
     /// Recorded UDP address per uuid, and how often it changed.
     addrs: BTreeMap<Uuid, (Option<SocketAddr>, u64)>,
     restarts: u64,
@@ -342,6 +374,7 @@ impl Harness {
             ops: 0,
             tainted: HashSet::new(),
             hb_at: BTreeMap::new(),
+            copy_at: BTreeMap::new(),
             addrs: BTreeMap::new(),
             restarts: 0,
         }
@@ -416,22 +449,29 @@ impl Harness {
         }
     }
 
-    /// Whether a network copy of send `i`'s datagram (or of its ack) arriving now is covered by
-    /// the crossing rule (docs/PROTOCOL-NOTES.md "The rule"): the record's current version of
-    /// that item is newer than the send's, its first send went out while send `i` was not yet
-    /// acked and more than the burst gap after the send before it, no heartbeat came more than
-    /// `ack_window` after send `i` (`fenced`, checked by the caller), and the copy arrives
-    /// within the stray window (10 x `ack_window`) of send `i`.
+    /// Whether the ack rule promises that a network copy of send `i`'s datagram (or of its
+    /// ack), arriving now, clears nothing the device has not seen (docs/PROTOCOL-NOTES.md "The
+    /// rule"; the same conditions as `covered` in proto-core/tests/model.rs):
+    /// * the record's current version of that item is newer than the send's, and its first
+    ///   send **crossed** send `i`: it went out in a later operation, while send `i` was not yet
+    ///   acked, and more than the burst gap (a quarter of `ack_window`, in whole ledger ticks)
+    ///   after the send of that item before it (within a burst the rule trusts the acks, and a
+    ///   copy there is its documented residual risk);
+    /// * no other copy of an ack of that (uuid, kind) arrived within the stray window before
+    ///   this one: the rule distrusts one ack per generation after a crossing, so it covers one
+    ///   stray per crossing, not two;
+    /// * the copy arrives within the stray window (10 x `ack_window`) of send `i`;
+    /// * and, as for every ack (`keeps`): send `i` went over UDP, no heartbeat came more than
+    ///   `ack_window` after it, the uuid's address has not changed and the node has not
+    ///   restarted since.
+    ///
     /// Then the copy is an ack the ledger takes as `Crossed` (or as an older send's), and it
     /// must not clear the newer version the device has not acked.
-    fn crossed(&self, i: usize) -> bool {
+    fn covered(&self, i: usize) -> bool {
         let s = &self.sends[i];
-        let v = self
-            .versions
-            .get(&(s.uuid, kidx(s.kind)))
-            .copied()
-            .unwrap_or(0);
-        if v <= s.version || !matches!(s.dest, Dest::Udp(_)) {
+        let key = (s.uuid, kidx(s.kind));
+        let v = self.versions.get(&key).copied().unwrap_or(0);
+        if v <= s.version || !matches!(s.dest, Dest::Udp(_)) || !self.keeps(s) {
             return false;
         }
         let Some(fi) = self
@@ -442,51 +482,81 @@ impl Harness {
             return false;
         };
         let first = &self.sends[fi];
-        // The send just before the newer version's first one: the ledger marks a crossing only
-        // if the newer send leaves more than the burst gap (a quarter of the window, counted
-        // in whole ticks) after it; within a burst the rule trusts the acks and the loss with
-        // a copy is its documented residual risk.
         let last = self.sends[..fi]
             .iter()
             .rfind(|x| x.uuid == s.uuid && x.kind == s.kind);
         let tick = ddpush_proto::ack::TICK_MS;
         let burst_ticks = (self.cfg.ack_window.as_millis() as u64).div_ceil(tick) / 4;
         let apart = Duration::from_millis(tick * (burst_ticks + 1));
+        let stray = self.stray();
+        let first_copy = self.copy_at.get(&key).is_none_or(|&t| self.now > t + stray);
         first.op > s.op
             && last.is_some_and(|l| first.at >= l.at + apart)
             && s.acked_op.is_none_or(|a| a > first.op)
-            && self.now <= s.at + self.cfg.ack_window * 10
+            && first_copy
+            && self.now <= s.at + stray
     }
 
-    /// The device's ack of send `i` arrives now: the first (`copy` false) or a copy made by the
-    /// network (`copy` true; always over UDP).
-    fn ack_send(&mut self, i: usize, tcp: bool, copy: bool, ctx: &mut Ctx) {
-        let s = self.sends[i].clone();
-        // The conditions of the ack rule (docs/PROTOCOL-NOTES.md, B-E; A below).
+    /// The stray window: copies of a datagram (or of its ack) arrive within it of the send.
+    fn stray(&self) -> Duration {
+        self.cfg.ack_window * 10
+    }
+
+    /// The conditions every ack of send `s` arriving now must meet to be held to the rule
+    /// (docs/PROTOCOL-NOTES.md, C-E): no heartbeat came more than `ack_window` after the send
+    /// (the fence settled it), the uuid's UDP address has not changed since (an address that
+    /// changes hands may carry acks of another socket), and the node has not restarted since.
+    fn keeps(&self, s: &Send) -> bool {
         let fenced = self
             .hb_at
             .get(&s.uuid)
             .is_some_and(|&h| h > s.at + self.cfg.ack_window);
         let moved = self.addrs.get(&s.uuid).map_or(0, |a| a.1) != s.epoch;
+        !(fenced || moved || s.restarts != self.restarts)
+    }
+
+    /// The device's ack of send `i` arrives now: its first (`copy` false) or a copy made by the
+    /// network (`copy` true; always over UDP). A further `AckOf` of a UDP send already acked
+    /// is such a copy too.
+    fn ack_send(&mut self, i: usize, tcp: bool, copy: bool, ctx: &mut Ctx) {
+        let s = self.sends[i].clone();
+        let key = (s.uuid, kidx(s.kind));
+        let udp = matches!(s.dest, Dest::Udp(_));
+        let copy = copy || (s.acked && udp);
         let tcp_gone = match s.dest {
             Dest::Tcp(id) => !(tcp && self.conns.iter().any(|c| c.id == id)),
             Dest::Udp(_) => false,
         };
-        let kept = !(fenced || moved || s.restarts != self.restarts || tcp_gone);
         let covered = if copy {
-            kept && self.crossed(i)
+            self.covered(i)
         } else {
-            kept && !s.acked
+            // A copy takes the place of an ack still on its way, and every later ack is
+            // counted one send further on. The rule distrusts the shifted acks only within the
+            // stray window of their sends (its bound on a round trip plus the copies' spread),
+            // so an ack more than that late is outside the promise when a copy of that item
+            // arrived while it was in flight (after its send) or within the stray window
+            // before it.
+            let stray = self.stray();
+            let late_after_copy = self.now > s.at + stray
+                && self
+                    .copy_at
+                    .get(&key)
+                    .is_some_and(|&t| t >= s.at || self.now <= t + stray);
+            self.keeps(&s) && !tcp_gone && !s.acked && !late_after_copy
         };
         if covered {
             ctx.checked.push(i);
         } else {
-            // Beyond what the node promises to attribute exactly: the device acked twice, a
-            // network copy that crossed no newer send (condition B's residual risk), the ack
-            // came after a heartbeat that settled its send, from an address that may have
-            // changed hands, across a restart, or on another path than its send. Loss is
-            // then possible by design.
-            self.tainted.insert((s.uuid, kidx(s.kind)));
+            // Beyond what the node promises to attribute exactly: the device acked twice on a
+            // stream, a network copy that crossed no newer send or came second within the
+            // stray window (condition B's residual risk), an ack shifted by a copy and later
+            // than the stray window, the ack came after a heartbeat that settled its send,
+            // from an address that may have changed hands, across a restart, or on another
+            // path than its send. Loss is then possible by design.
+            self.tainted.insert(key);
+        }
+        if copy {
+            self.copy_at.insert(key, self.now);
         }
         if !self.sends[i].acked {
             self.sends[i].acked = true;
@@ -522,6 +592,62 @@ impl Harness {
                 self.node.handle_udp(self.now, addr(0), &b);
                 note_device(&p, ctx);
             }
+        }
+    }
+
+    /// Index of the `back`-th latest send (0: the latest), counting round the list.
+    fn latest(&self, back: u16) -> Option<usize> {
+        let n = self.sends.len();
+        (n > 0).then(|| n - 1 - usize::from(back) % n)
+    }
+
+    /// `Op::Race`: runs its steps as operations of their own, each checked as usual.
+    fn race(&mut self, who: u8, notify: bool, gap: u8, flags: [bool; 5]) {
+        let [ack, copy, hb, again, late] = flags;
+        let u = uuid(who);
+        let kind = if notify { Kind::Notify } else { Kind::Payload };
+        let push = |ops: u64| Op::Push {
+            who,
+            app_id: 0,
+            msg: if notify {
+                Msg::Notify
+            } else {
+                // One byte fits every `max_content`; the content tells the versions apart.
+                Msg::Payload(vec![b'a' + (ops % 26) as u8])
+            },
+        };
+        // The immediate send of a push (none if the uuid was offline).
+        let sent_by = |h: &mut Self, op: Op| {
+            let n = h.sends.len();
+            h.run(&op);
+            (n..h.sends.len()).find(|&i| h.sends[i].uuid == u && h.sends[i].kind == kind)
+        };
+        let first = sent_by(self, push(self.ops));
+        self.run(&Op::Step {
+            ms: u16::from(gap) * 8,
+        });
+        let second = sent_by(self, push(self.ops));
+        if let Some(i) = first.filter(|_| ack || copy) {
+            let back = (self.sends.len() - 1 - i) as u16;
+            self.run(&Op::AckOf { back, tcp: true });
+            if copy && matches!(self.sends[i].dest, Dest::Udp(_)) {
+                self.run(&Op::DupAck { back: 0 });
+            }
+        }
+        let recorded = self.node.record(&u).and_then(|r| r.addr);
+        if let Some(from) = (0..6).find(|&f| hb && recorded == Some(addr(f))) {
+            self.run(&Op::Heartbeat {
+                who,
+                from,
+                app_id: 1,
+            });
+        }
+        if again {
+            self.run(&push(self.ops));
+        }
+        if let Some(i) = second.filter(|_| late) {
+            let back = (self.sends.len() - 1 - i) as u16;
+            self.run(&Op::AckOf { back, tcp: true });
         }
     }
 
@@ -634,11 +760,10 @@ impl Harness {
                 self.node.handle_udp(self.now, addr(*from), &b);
                 note_device(&p, &mut ctx);
             }
-            Op::AckOf { send, tcp } => {
-                if self.sends.is_empty() {
+            Op::AckOf { back, tcp } => {
+                let Some(i) = self.latest(*back) else {
                     return self.finish(ctx, before, conns_before);
-                }
-                let i = usize::from(*send) % self.sends.len();
+                };
                 self.ack_send(i, *tcp, false, &mut ctx);
             }
             Op::DupAck { back } => {
@@ -649,11 +774,10 @@ impl Harness {
                 let i = self.udp_acks[n - 1 - usize::from(*back) % n];
                 self.ack_send(i, false, true, &mut ctx);
             }
-            Op::DupSend { send } => {
-                if self.sends.is_empty() {
+            Op::DupSend { back } => {
+                let Some(i) = self.latest(*back) else {
                     return self.finish(ctx, before, conns_before);
-                }
-                let i = usize::from(*send) % self.sends.len();
+                };
                 if !matches!(self.sends[i].dest, Dest::Udp(_)) {
                     // A stream duplicates nothing.
                     return self.finish(ctx, before, conns_before);
@@ -719,6 +843,19 @@ impl Harness {
             Op::Snapshot => {
                 self.snapshot = self.node.records().collect();
                 self.journal.clear();
+            }
+            Op::Race {
+                who,
+                notify,
+                gap,
+                ack,
+                copy,
+                hb,
+                again,
+                late,
+            } => {
+                // Its steps are operations of their own, each finished and checked.
+                return self.race(*who, *notify, *gap, [*ack, *copy, *hb, *again, *late]);
             }
             Op::Restart | Op::CheckReplay => {
                 // The core's own recovery, as every adapter runs it.
