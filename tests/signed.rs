@@ -8,8 +8,9 @@ mod server;
 use std::net::UdpSocket;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ddpush_proto::signed::{device_to_vec, DeviceKey, Seal, SealedDown};
-use ddpush_proto::{DeviceMsg, DevicePacket, DownMsg, Uuid};
+use ddpush_proto::signed::{DeviceKey, SealedDown};
+use ddpush_proto::testing::signed_packet;
+use ddpush_proto::{DeviceMsg, DownMsg, Uuid};
 use server::*;
 
 const TOKEN: &str = "s3cret-token";
@@ -50,17 +51,7 @@ impl Signed {
     }
     fn packet(&mut self, msg: DeviceMsg) -> Vec<u8> {
         self.nonce += 1;
-        let p = DevicePacket {
-            app_id: 1,
-            uuid: self.uuid,
-            msg,
-        };
-        let seal = Seal {
-            key_id: 1,
-            ts: now_s(),
-            nonce: self.nonce,
-        };
-        device_to_vec(&p, seal, &self.key)
+        signed_packet(self.uuid, msg, &self.key, 1, now_s(), self.nonce)
     }
     fn recv(&self, n: usize) -> Vec<DownMsg> {
         self.sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();

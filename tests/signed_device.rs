@@ -223,8 +223,7 @@ fn replayed_drops(srv: &Server) -> u64 {
 /// within a second of the restart.
 #[test]
 fn a_replay_after_kill_9_of_a_packet_stamped_by_a_fast_clock_is_refused() {
-    use ddpush_proto::signed::{device_to_vec, Seal};
-    use ddpush_proto::{DeviceMsg, DevicePacket};
+    use ddpush_proto::testing::signed_heartbeat;
     let dir = tempfile::tempdir().unwrap();
     let srv = start(dir.path());
     let u = Uuid::from_user("alice-fast-clock");
@@ -233,17 +232,7 @@ fn a_replay_after_kill_9_of_a_packet_stamped_by_a_fast_clock_is_refused() {
     let mut nonce = 0u32;
     let mut heartbeat = || {
         nonce += 1;
-        let p = DevicePacket {
-            app_id: 1,
-            uuid: u,
-            msg: DeviceMsg::Heartbeat,
-        };
-        let seal = Seal {
-            key_id: 3,
-            ts: wall_s() + 20,
-            nonce,
-        };
-        device_to_vec(&p, seal, &key)
+        signed_heartbeat(u, &key, 3, wall_s() + 20, nonce)
     };
     let dev = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dev_addr = dev.local_addr().unwrap().to_string();

@@ -164,17 +164,7 @@ fn bench_key() -> ddpush_proto::signed::DeviceKey {
 }
 
 fn signed_hb(i: u64, nonce: u32, now: Time, key: &impl ddpush_proto::signed::MacKey) -> Vec<u8> {
-    let p = DevicePacket {
-        app_id: 1,
-        uuid: uuid(i),
-        msg: DeviceMsg::Heartbeat,
-    };
-    let seal = ddpush_proto::signed::Seal {
-        key_id: 1,
-        ts: now.secs32(),
-        nonce,
-    };
-    ddpush_proto::signed::device_to_vec(&p, seal, key)
+    ddpush_proto::testing::signed_heartbeat(uuid(i), key, 1, now.secs32(), nonce)
 }
 
 /// Signed devices (PROTOCOL.md 9): every client keyed, nothing pending, policy `always`, so

@@ -9,6 +9,10 @@
 //! adapter sleeping on that deadline would.
 //!
 //! No I/O, no randomness: the same calls always give the same outputs.
+//!
+//! Test support only (no adapter's production path calls anything here): besides the
+//! harness, [`signed_heartbeat`] and [`signed_packet`] build the signed device packets the
+//! tests of every crate send, so that each test says only which key, time and nonce.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,9 +22,34 @@ use crate::config::{Config, ConfigError};
 use crate::driver::{Commit, Driver};
 use crate::node::{Node, Port};
 use crate::output::{Dest, Event, Transmit};
+use crate::signed::{device_to_vec, MacKey, Seal};
 use crate::state::Change;
 use crate::time::Time;
 use crate::ConnId;
+
+/// A signed device packet (PROTOCOL.md 9) of app id 1 carrying `msg` from `uuid`, sealed
+/// with `(key_id, ts, nonce)` under `key`: the bytes a signed device sends.
+pub fn signed_packet(
+    uuid: Uuid,
+    msg: DeviceMsg,
+    key: &impl MacKey,
+    key_id: u8,
+    ts: u32,
+    nonce: u32,
+) -> Vec<u8> {
+    let p = DevicePacket {
+        app_id: 1,
+        uuid,
+        msg,
+    };
+    device_to_vec(&p, Seal { key_id, ts, nonce }, key)
+}
+
+/// A signed heartbeat of app id 1 from `uuid` ([`signed_packet`] with
+/// [`DeviceMsg::Heartbeat`]).
+pub fn signed_heartbeat(uuid: Uuid, key: &impl MacKey, key_id: u8, ts: u32, nonce: u32) -> Vec<u8> {
+    signed_packet(uuid, DeviceMsg::Heartbeat, key, key_id, ts, nonce)
+}
 
 /// One output of the node, in the order it was drained (see [`Harness::trace`]).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,13 +3,9 @@
 mod common;
 
 use common::*;
-use ddpush_proto::signed::{
-    device_to_vec, DeviceKey, KeyError, KeyUpdate, Seal, SealedDown, SignedDrop, Unsigned,
-};
-use ddpush_proto::testing::Harness;
-use ddpush_proto::{
-    Change, Config, DeviceMsg, DevicePacket, DownMsg, Node, Payload, Port, PushMsg, Time, Uuid,
-};
+use ddpush_proto::signed::{DeviceKey, KeyError, KeyUpdate, SealedDown, SignedDrop, Unsigned};
+use ddpush_proto::testing::{signed_packet, Harness};
+use ddpush_proto::{Change, Config, DeviceMsg, DownMsg, Node, Payload, Port, PushMsg, Time, Uuid};
 
 const ALICE: &str = "alice";
 
@@ -41,17 +37,14 @@ impl Signed {
 
     fn packet(&mut self, now: Time, msg: DeviceMsg) -> Vec<u8> {
         self.nonce += 1;
-        let p = DevicePacket {
-            app_id: 1,
-            uuid: self.uuid,
+        signed_packet(
+            self.uuid,
             msg,
-        };
-        let seal = Seal {
-            key_id: self.key_id,
-            ts: now.secs32(),
-            nonce: self.nonce,
-        };
-        device_to_vec(&p, seal, &self.key)
+            &self.key,
+            self.key_id,
+            now.secs32(),
+            self.nonce,
+        )
     }
 
     fn open(&self, b: &[u8]) -> DownMsg {

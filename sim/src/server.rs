@@ -355,8 +355,9 @@ async fn write_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ddpush_proto::signed::{device_to_vec, DeviceKey, Seal, SignedDrop};
-    use ddpush_proto::{DeviceMsg, DevicePacket, Uuid};
+    use ddpush_proto::signed::{DeviceKey, SignedDrop};
+    use ddpush_proto::testing::signed_heartbeat;
+    use ddpush_proto::Uuid;
 
     /// The turn's changes into the simulated journal, as the host's `flush` does.
     fn commit(sh: &Shared, node: &mut Node) {
@@ -377,19 +378,7 @@ mod tests {
         let cfg = Config::default();
         let (u, key) = (Uuid([7; 16]), DeviceKey::new([7; 32]));
         let from: SocketAddr = "192.0.2.1:4000".parse().expect("address");
-        let hb = |ts: u32, nonce: u32| {
-            let p = DevicePacket {
-                app_id: 1,
-                uuid: u,
-                msg: DeviceMsg::Heartbeat,
-            };
-            let seal = Seal {
-                key_id: 1,
-                ts,
-                nonce,
-            };
-            device_to_vec(&p, seal, &key)
-        };
+        let hb = |ts: u32, nonce: u32| signed_heartbeat(u, &key, 1, ts, nonce);
         let sh = Shared::new(Vec::new());
         let mut node = restore(&sh, &cfg, t(10_000));
         node.set_key(t(10_000), u, 1, key.clone(), KEY_GRACE)

@@ -197,27 +197,15 @@ mod store_tests {
 
     #[test]
     fn a_removal_floor_survives_the_snapshot_and_the_restart() {
-        use ddpush_proto::signed::{device_to_vec, Seal, SignedDrop};
-        use ddpush_proto::{DeviceMsg, DevicePacket};
+        use ddpush_proto::signed::SignedDrop;
+        use ddpush_proto::testing::signed_heartbeat;
         use std::net::SocketAddr;
         use std::time::Duration;
 
         let dir = tempfile::tempdir().unwrap();
         let (u, key) = (Uuid([7; 16]), DeviceKey::new([7; 32]));
         let from: SocketAddr = "192.0.2.1:4000".parse().unwrap();
-        let hb = |ts: u32, nonce: u32| {
-            let p = DevicePacket {
-                app_id: 1,
-                uuid: u,
-                msg: DeviceMsg::Heartbeat,
-            };
-            let seal = Seal {
-                key_id: 1,
-                ts,
-                nonce,
-            };
-            device_to_vec(&p, seal, &key)
-        };
+        let hb = |ts: u32, nonce: u32| signed_heartbeat(u, &key, 1, ts, nonce);
         let (mut st, _) = Store::open(dir.path(), &mut recovery()).unwrap();
         let mut node = recovery().finish();
         let t = Time::from_secs;

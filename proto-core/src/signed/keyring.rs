@@ -458,8 +458,7 @@ impl Keyring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::DeviceMsg;
-    use crate::signed::{device_to_vec, DeviceKey};
+    use crate::signed::DeviceKey;
 
     const UUID: Uuid = Uuid([4; 16]);
 
@@ -468,20 +467,7 @@ mod tests {
     }
 
     fn hb(id: u8, k: &DeviceKey, ts: u32, nonce: u32) -> Vec<u8> {
-        let p = DevicePacket {
-            app_id: 1,
-            uuid: UUID,
-            msg: DeviceMsg::Heartbeat,
-        };
-        device_to_vec(
-            &p,
-            Seal {
-                key_id: id,
-                ts,
-                nonce,
-            },
-            k,
-        )
+        crate::testing::signed_heartbeat(UUID, k, id, ts, nonce)
     }
 
     fn ring() -> Keyring {
