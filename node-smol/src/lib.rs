@@ -10,6 +10,7 @@
 mod admin;
 pub mod cluster;
 mod console;
+pub mod log;
 pub mod metrics;
 pub mod persist;
 pub mod probe;

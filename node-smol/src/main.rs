@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use ddpushd::log;
 use ddpushd::settings::{Cli, Command, LogFormat, Settings};
 
 fn main() -> ExitCode {
@@ -18,20 +19,24 @@ fn main() -> ExitCode {
             // One line naming the problem; the full usage is one --help away.
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{first} (see ddpushd --help)");
+            let format = log::format_in_args(std::env::args().skip(1));
+            log::fatal(format, &format!("{first} (see ddpushd --help)"));
             return ExitCode::from(2);
         }
     };
+    let flag_format = cli.settings.log_format;
     let file = match &cli.config {
         Some(p) => match Settings::from_file(p) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("error: {e}");
+                let format = flag_format.or_else(|| log::format_in_file(p));
+                log::fatal(format.unwrap_or(LogFormat::Text), &format!("error: {e}"));
                 return ExitCode::from(2);
             }
         },
         None => Settings::default(),
     };
+    let format = flag_format.or(file.log_format).unwrap_or(LogFormat::Text);
     let mut settings = cli.settings;
     if let Some(Command::ImportDdpush {
         cluster_redis: Some(r),
@@ -45,7 +50,7 @@ fn main() -> ExitCode {
     let cfg = match settings.resolve(file) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            log::fatal(format, &format!("error: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -56,14 +61,14 @@ fn main() -> ExitCode {
         // A probe prints its answer, not the server's log lines.
         Some(Command::Probe { path, timeout }) => return probe(&cfg, &path, timeout),
         None => {
-            init_logging(cfg.log_format);
+            log::init(cfg.log_format);
             match cfg.cluster.clone() {
                 Some(c) => ddpushd::cluster::run(cfg, c),
                 None => ddpushd::server::run(cfg),
             }
         }
         Some(Command::ImportDdpush { file, .. }) => {
-            init_logging(cfg.log_format);
+            log::init(cfg.log_format);
             match cfg.cluster.clone() {
                 Some(c) => ddpushd::cluster::import(&cfg, &c, &file).map(|i| {
                     println!(
@@ -88,31 +93,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            log::fatal(format, &format!("error: {e}"));
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs go to stderr (the service manager or container runtime collects them); `RUST_LOG`
-/// filters them, `info` by default. Both formats carry the same fields on every line.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-    }
-    tracing::info!(
-        version = env!("DDPUSH_VERSION"),
-        pid = std::process::id(),
-        "ddpushd starting"
-    );
 }
 
 /// `ddpushd probe`: exit 0 and print the answer when the server says it is ready.

@@ -134,6 +134,9 @@ pub struct Store {
     pub unsynced: bool,
 }
 
+/// Bytes of a [`Store::probe_write`]: about one turn's frame of a few 0x20 pushes.
+const PROBE_LEN: usize = 4096;
+
 pub(crate) fn journal_name(gen: u64) -> String {
     format!("journal-{gen:016x}.log")
 }
@@ -404,6 +407,27 @@ impl Store {
         self.unsynced = !sync;
         self.len += self.buf.len() as u64;
         Ok(())
+    }
+
+    /// Whether an append to the journal succeeds now, appending nothing: writes [`PROBE_LEN`]
+    /// bytes at the journal's end as a frame whose length runs past them (what a crash in
+    /// the middle of an append leaves, dropped at start as a torn last frame), forces them
+    /// to stable storage, and cuts them off again (before the next append, if the cut fails).
+    /// While degraded the loop calls this once a second, so the server finds out by itself
+    /// that space is back, with no push or ack needed to try.
+    pub fn probe_write(&mut self) -> Result<(), PersistError> {
+        self.roll_back()?;
+        let path = self.journal_path();
+        let mut probe = [0u8; PROBE_LEN];
+        probe[..4].copy_from_slice(&(2 * PROBE_LEN as u32).to_be_bytes());
+        let j = self.journal()?;
+        let r = j
+            .write_all(&probe)
+            .and_then(|()| j.sync())
+            .map_err(io_err(&path));
+        self.dirty = true;
+        let cut = self.roll_back();
+        r.and(cut)
     }
 
     /// Forces the journal to stable storage.

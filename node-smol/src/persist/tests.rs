@@ -218,6 +218,41 @@ fn a_full_disk_fails_every_write_and_recovers_without_reopening() {
 }
 
 #[test]
+fn a_probe_write_says_whether_appends_succeed_and_leaves_the_journal_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut st, faults) = failing_store(dir.path());
+    st.commit(&[pushed(1)], true).unwrap();
+    let path = journal_path(&st);
+    let before = fs::read(&path).unwrap();
+    st.probe_write().unwrap();
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        before,
+        "the probe is cut off again"
+    );
+    faults.set_full(true);
+    assert!(st.probe_write().is_err());
+    assert!(st.commit(&[pushed(2)], true).is_err());
+    faults.set_full(false);
+    st.probe_write().unwrap();
+    assert_eq!(fs::read(&path).unwrap(), before);
+    st.commit(&[pushed(3)], true).unwrap();
+    assert_eq!(read_all(&path), (vec![pushed(1), pushed(3)], Tail::Clean));
+    // A crash between the probe's write and its cut leaves a torn last frame, which start-up
+    // drops like any append cut short: the probe's bytes as they land, then a start.
+    let whole = fs::read(&path).unwrap();
+    let mut torn = whole.clone();
+    let mut probe = vec![0u8; 4096];
+    probe[..4].copy_from_slice(&8192u32.to_be_bytes());
+    torn.extend_from_slice(&probe);
+    drop(st);
+    fs::write(&path, &torn).unwrap();
+    let (back, tail) = read_all(&path);
+    assert_eq!(back, vec![pushed(1), pushed(3)]);
+    assert_eq!(tail, Tail::Torn(whole.len() as u64));
+}
+
+#[test]
 fn a_start_on_a_full_disk_loads_the_state_and_creates_the_journal_once_space_is_back() {
     let dir = tempfile::tempdir().unwrap();
     {

@@ -309,6 +309,14 @@ impl Loop {
                 }
                 self.metrics.fsync_done(t.elapsed());
             }
+            // Degraded and maybe idle (an unready node gets no pushes from a balancer): try
+            // the journal, so readiness comes back when space does.
+            if !self.driver.storage_ok() && self.store.probe_write().is_ok() {
+                if self.driver.write_succeeded() {
+                    info!("storage recovered: a probe write to the journal succeeds; pushes are accepted");
+                }
+                self.metrics.journal_state(false);
+            }
         }
         if now >= self.next_snapshot && !self.snapshot_in_flight {
             self.next_snapshot = now + self.cfg.snapshot_interval;
