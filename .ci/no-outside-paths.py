@@ -8,6 +8,10 @@ has nothing beside it. Three kinds of reference are refused:
   * relative paths whose `../` steps climb above the repository root from the file's folder
     (Markdown links and scripts resolve against the file's folder).
 Prints every offending line as FILE:LINE: TEXT and exits 1 if there is any.
+
+`--self-test` checks the checker: it builds a throwaway repository with references it must
+refuse and ones it must let pass, runs itself there, and fails unless it reports exactly the
+bad ones (.ci/run runs it before the real check).
 """
 import os
 import re
@@ -58,5 +62,49 @@ def main() -> int:
     return 0
 
 
+# (path, text, refused?) for --self-test.
+SELF_TEST_FILES = [
+    ("proto-core/tests/vectors.rs", 'read("../../shared/golden-vectors.json")', True),
+    ("docs/ARCHITECTURE.md", "the contract: ../shared/PROTOCOL.md", True),
+    ("README.md", "style: shared/STYLE.md", True),
+    ("docs/notes.md", "built in /work/i13/target", True),
+    ("sim/run.sh", "cd /home/ci/ddpush-rs && cargo test", True),
+    ("tests/deep/x.rs", 'include_str!("../../../outside.txt")', True),
+    ("docs/ok.md", "see [the README](../README.md) and ../proto-core/src/lib.rs", False),
+    ("tests/deep/ok.rs", 'include_str!("../../docs/ok.md")', False),
+    ("docs/url.md", "https://example.org/work/x and ~/.cargo/bin", False),
+]
+
+
+def self_test() -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        for path, text, _ in SELF_TEST_FILES:
+            full = os.path.join(root, path)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "w", encoding="utf-8") as fh:
+                fh.write(f"first line\n{text}\n")
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+        subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+        run = subprocess.run(
+            [sys.executable, os.path.abspath(__file__)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    reported = {line.strip().split(":")[0] for line in run.stderr.splitlines()[1:]}
+    want = {path for path, _, bad in SELF_TEST_FILES if bad}
+    if run.returncode != 1 or reported != want:
+        print(
+            f"self-test failed: exit {run.returncode}, reported {sorted(reported)}, "
+            f"expected {sorted(want)}\n{run.stdout}{run.stderr}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"self-test: all {len(want)} outside references refused, the rest passed")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(self_test() if sys.argv[1:] == ["--self-test"] else main())
