@@ -148,7 +148,10 @@ fn console_overview_push_lookup_remove_and_cluster_in_chromium() {
         (pts.as_str()?.split(' ').filter(|p| !p.is_empty()).count() >= 2).then_some(())
     });
     assert_eq!(b.wait_text("#ov-storage", |t| !t.is_empty()), "OK");
-    assert_eq!(b.text(&b.el("#ov-version")), env!("CARGO_PKG_VERSION"));
+    // The version as `ddpushd --version` names it: crate version and commit.
+    let version = b.text(&b.el("#ov-version"));
+    assert_eq!(version, env!("DDPUSH_VERSION"));
+    assert!(version.starts_with(env!("CARGO_PKG_VERSION")), "{version}");
     assert_eq!(b.text(&b.el("#ov-p50")), "no acks");
 
     // A push from the form reaches the device at once.
@@ -210,6 +213,19 @@ fn console_overview_push_lookup_remove_and_cluster_in_chromium() {
     b.click("#nav-overview");
     b.wait_text("#ov-clients", |t| t == "2");
 
+    // A user name goes to the server exactly as typed, UTF-8: the uuid is MD5 of its bytes
+    // (computed independently: python3 -c 'import hashlib; print(hashlib.md5("zoë 7".encode()).hexdigest())').
+    b.click("#nav-push");
+    b.click("#push-to-user");
+    b.script("document.getElementById('push-type').value = 'notify'; document.getElementById('push-type').dispatchEvent(new Event('change'))");
+    b.fill("#push-target", "zoë 7");
+    b.click("#push-submit");
+    let result = b.wait_text("#push-result", |t| t.starts_with("Accepted: 0x10"));
+    assert!(
+        result.contains("2dd87ee67920d39decd4219cacf7eefb"),
+        "{result}"
+    );
+
     b.click("#nav-cluster");
     assert_eq!(
         b.wait_text("#cluster-mode", |t| !t.is_empty()),
@@ -219,18 +235,33 @@ fn console_overview_push_lookup_remove_and_cluster_in_chromium() {
 
     // The overview again, with the pushes and the ack in it.
     b.click("#nav-overview");
-    let totals = b.wait_text("#ov-totals", |t| t.contains("2 pushes accepted"));
+    let totals = b.wait_text("#ov-totals", |t| t.contains("3 pushes accepted"));
     assert!(totals.contains("1 acks"), "{totals}");
     b.screenshot(&dir.join("overview.png"));
 
     // A phone-sized window: the same overview, one chart per row.
-    b.window(412, 915);
+    b.window(390, 844);
     b.click("#nav-overview");
-    b.wait_text("#ov-clients", |t| t == "2");
+    b.wait_text("#ov-clients", |t| t == "3");
     std::thread::sleep(Duration::from_millis(300));
     b.screenshot(&dir.join("overview-phone.png"));
     let width = b.script("return document.documentElement.scrollWidth <= window.innerWidth");
     assert_eq!(width, true, "no horizontal scrolling on a phone");
+    // Every other view fits the phone too (the lookup with its long uuid included).
+    b.click("#nav-clients");
+    b.fill("#lookup-q", "zoë 7");
+    b.click("#lookup-submit");
+    b.wait_text("#lookup-facts", |t| {
+        t.contains("2dd87ee67920d39decd4219cacf7eefb")
+    });
+    for view in ["clients", "push", "cluster"] {
+        b.click(&format!("#nav-{view}"));
+        assert!(b.displayed(&format!("#view-{view}")));
+        let width = b.script("return document.documentElement.scrollWidth <= window.innerWidth");
+        assert_eq!(width, true, "{view}: no horizontal scrolling on a phone");
+    }
+    b.click("#nav-clients");
+    b.screenshot(&dir.join("clients-phone.png"));
 
     // The one 4xx: the lookup after the removal.
     assert_clean_log(

@@ -284,7 +284,7 @@ fn console_data_has_the_overview_rates_latency_storage_and_cluster() {
             .is_some_and(|c| c.iter().any(|x| x.as_f64() > Some(0.0)))
             && v["latency"]["samples"] == 1
     });
-    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["version"], env!("DDPUSH_VERSION"));
     assert_eq!(v["clients"], 2);
     assert_eq!(v["online"], 1);
     assert_eq!(v["pending"]["0x10"], 1);

@@ -138,14 +138,8 @@ impl Metrics {
     /// Offers the core's counters to the console's history; the loop calls this about once a
     /// second and the history keeps a sample every two.
     pub fn sample_history(&self, now: Time, s: &Stats) {
-        let mut h = lock(&self.history);
-        if h.is_empty() {
-            // The core's counters start at zero with the process (a restore sets only gauges),
-            // so the first point covers what happened before the first sample too.
-            let uptime = u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX);
-            h.sample(Time(now.0.saturating_sub(uptime)), &Stats::default());
-        }
-        h.sample(now, s);
+        let uptime = self.uptime();
+        lock(&self.history).offer(now, uptime, crate::console::history::counters(s));
     }
 
     /// Time since the server started.

@@ -24,7 +24,7 @@ use async_channel::{Receiver, Sender};
 use async_io::{Async, Timer};
 use ddpush_proto::cluster::{ClusterConfig, ClusterEvent, ClusterNode, OpId, StoreError, StoreOp};
 use ddpush_proto::driver::StoreConfirmed;
-use ddpush_proto::{ConnId, Driver, Port, Time, Transmit};
+use ddpush_proto::{ConnId, Driver, Port, Time, Transmit, Uuid};
 use futures_lite::{future, StreamExt};
 use tracing::{debug, info, warn};
 
@@ -198,6 +198,7 @@ pub fn run(cfg: ServerConfig, opts: ClusterOptions) -> Result<(), ServerError> {
         dispatched: 0,
         stats,
         next_second: Instant::now(),
+        started: Instant::now(),
     };
     lp.stats.store_connected = lp.store.is_some();
     lp.stats.inflight_limit = lp.limit.get();
@@ -235,8 +236,11 @@ struct Loop {
     dispatched: usize,
     peers: Peers,
     stats: AdapterStats,
-    /// When the once-a-second socket upkeep (lingering closes) is next due.
+    /// When the once-a-second socket upkeep (lingering closes, the console's history) is
+    /// next due.
     next_second: Instant,
+    /// When the loop started (the console's uptime).
+    started: Instant,
 }
 
 /// The inputs the socket layer needs from a node; the cluster core applies the single node's
@@ -436,6 +440,10 @@ impl Loop {
             if Instant::now() >= self.next_second {
                 self.next_second = Instant::now() + Duration::from_secs(1);
                 self.sockets.expire_lingering();
+                let counters = crate::console::history::cluster_counters(self.node.stats());
+                self.stats
+                    .history
+                    .offer(now, self.started.elapsed(), counters);
             }
             self.flush();
         }
@@ -476,7 +484,11 @@ impl Loop {
             .store
             .as_ref()
             .map_or(0, RedisStore::drain_records_read);
-        match cluster_admin::route(&req, &self.node, &self.stats) {
+        let view = cluster_admin::View {
+            now: self.clock.now(),
+            uptime: self.started.elapsed(),
+        };
+        match cluster_admin::route(&req, &self.node, &self.stats, view) {
             Route::Now(resp) => {
                 let _ = req.reply.try_send(resp);
             }
@@ -495,34 +507,48 @@ impl Loop {
                     }
                 }
             }
-            Route::Record(uuid) => {
-                let owned = self.node.copy(&uuid).is_some();
-                let online = self.node.is_online(&uuid);
-                let Some(store) = self.store.clone() else {
-                    let _ = req.reply.try_send(admin::Response::error(
-                        503,
-                        "the store is not connected (degraded start): the record cannot be read",
-                    ));
-                    return;
-                };
-                self.ex
-                    .spawn(async move {
-                        let resp = match store.read_record(&uuid).await {
-                            Ok(Some(r)) => admin::Response::json(
-                                200,
-                                cluster_admin::record_json(&uuid, &r, owned, online),
-                            ),
-                            Ok(None) => admin::Response::error(404, "unknown uuid"),
-                            Err(e) => admin::Response::error(
-                                503,
-                                &format!("the store did not answer the read: {e}"),
-                            ),
-                        };
-                        let _ = req.reply.send(resp).await;
-                    })
-                    .detach();
-            }
+            Route::Record(uuid) => self.read_record(req, uuid, None),
+            Route::Lookup(uuid, user) => self.read_record(req, uuid, Some(user)),
         }
+    }
+
+    /// `GET /clients/{uuid}` (`lookup` None) or the console's lookup (the user name it was
+    /// given, if any): one read of the store, answered when it returns.
+    fn read_record(
+        &mut self,
+        req: admin::AdminRequest,
+        uuid: Uuid,
+        lookup: Option<Option<String>>,
+    ) {
+        let now = self.clock.now();
+        let owned = self.node.copy(&uuid).is_some();
+        let online = self.node.is_online(&uuid);
+        let Some(store) = self.store.clone() else {
+            let _ = req.reply.try_send(admin::Response::error(
+                503,
+                "the store is not connected (degraded start): the record cannot be read",
+            ));
+            return;
+        };
+        self.ex
+            .spawn(async move {
+                let resp = match (store.read_record(&uuid).await, lookup) {
+                    (Ok(r), Some(user)) => {
+                        cluster_admin::lookup_json(&uuid, user, r.as_ref(), owned, online, now)
+                    }
+                    (Ok(Some(r)), None) => admin::Response::json(
+                        200,
+                        cluster_admin::record_json(&uuid, &r, owned, online),
+                    ),
+                    (Ok(None), None) => admin::Response::error(404, "unknown uuid"),
+                    (Err(e), _) => admin::Response::error(
+                        503,
+                        &format!("the store did not answer the read: {e}"),
+                    ),
+                };
+                let _ = req.reply.send(resp).await;
+            })
+            .detach();
     }
 
     fn on_ctl(&mut self, c: Ctl) {
@@ -557,11 +583,9 @@ impl Loop {
         let now = self.clock.now();
         match p {
             PeerEvent::Msg(m) => self.node.handle_peer(now, m),
-            PeerEvent::Up(n) => {
-                self.stats.peers_up.insert(n);
-            }
+            PeerEvent::Up(n) => self.stats.peer_link(n, true, Instant::now()),
             PeerEvent::Lost(n) => {
-                self.stats.peers_up.remove(&n);
+                self.stats.peer_link(n, false, Instant::now());
                 self.node.handle_peer_lost(now);
             }
             PeerEvent::Refused => self.stats.peer_refused += 1,

@@ -2,10 +2,10 @@
 //! view (peers up, store latency histogram, store errors, binds, pokes, dirty drains, owned
 //! clients). The admin routes are in [`super::admin`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ddpush_proto::cluster::{ClusterNode, NodeId};
 use ddpush_proto::Limited;
@@ -47,6 +47,50 @@ pub struct AdapterStats {
     pub drain_records_read: u64,
     /// The socket layer's counters (the same as a single node's).
     pub sockets: Arc<SocketStats>,
+    /// Every peer a link (either direction) came up or went down with since start: the web
+    /// console's cluster view.
+    pub peers: BTreeMap<NodeId, PeerLink>,
+    /// The web console's chart history (the single node's rings, fed the cluster counters).
+    pub(crate) history: crate::console::history::History,
+}
+
+/// What this node saw of its links with one peer.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerLink {
+    /// A link is up now.
+    pub up: bool,
+    /// When it last changed between up and down.
+    pub since: Instant,
+    /// Times a link came up.
+    pub ups: u64,
+    /// Times a link went down (or could not be dialed).
+    pub losses: u64,
+}
+
+impl AdapterStats {
+    /// A link with `peer` came up (`up`) or went down; `peers_up` follows, as before.
+    pub fn peer_link(&mut self, peer: NodeId, up: bool, now: Instant) {
+        if up {
+            self.peers_up.insert(peer.clone());
+        } else {
+            self.peers_up.remove(&peer);
+        }
+        let l = self.peers.entry(peer).or_insert(PeerLink {
+            up: !up,
+            since: now,
+            ups: 0,
+            losses: 0,
+        });
+        if l.up != up {
+            l.since = now;
+        }
+        l.up = up;
+        if up {
+            l.ups += 1;
+        } else {
+            l.losses += 1;
+        }
+    }
 }
 
 impl AdapterStats {
@@ -62,7 +106,7 @@ impl AdapterStats {
     }
 
     /// The latency below which fraction `q` of operations completed (bucket upper bound, ms).
-    fn quantile_ms(&self, q: f64) -> Option<f64> {
+    pub(super) fn quantile_ms(&self, q: f64) -> Option<f64> {
         let total: u64 = self.latency.iter().sum();
         if total == 0 {
             return None;

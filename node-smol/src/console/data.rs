@@ -8,39 +8,64 @@ use ddpush_proto::{Kind, Node, Port, Time, Uuid};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::history::SERIES;
+use super::history::{Rates, SERIES};
 use crate::admin::{record_json, Response};
 use crate::metrics::Metrics;
 
 /// `GET /console/data?since=N`: everything the overview shows. `since` is the newest chart
 /// point the poller already has, so a poll every two seconds carries one or two new points,
 /// not the whole 15 minutes.
-pub(crate) fn overview(node: &Node, now: Time, m: &Metrics, query: &str) -> Response {
-    let since = query
+/// The `since=N` of a `/console/data` query (0 if absent).
+pub(crate) fn since(query: &str) -> Result<u64, Response> {
+    match query
         .split('&')
         .find_map(|kv| kv.strip_prefix("since="))
-        .map(str::parse::<u64>);
-    let since = match since {
-        None => 0,
-        Some(Ok(n)) => n,
-        Some(Err(_)) => return Response::error(400, "since must be a number"),
-    };
-    let s = node.stats();
-    let (rates, latency) = m.console_history(since, Instant::now());
+        .map(str::parse::<u64>)
+    {
+        None => Ok(0),
+        Some(Ok(n)) => Ok(n),
+        Some(Err(_)) => Err(Response::error(400, "since must be a number")),
+    }
+}
+
+/// The chart points of `/console/data` (`rates`), the same for a single and a cluster node.
+pub(crate) fn rates_json(rates: Rates) -> Value {
     let mut series = Map::new();
     for (name, col) in SERIES.iter().zip(rates.series) {
         series.insert((*name).to_string(), json!(col));
     }
+    json!({
+        "interval_ms": super::history::INTERVAL.as_millis() as u64,
+        "window_s": super::history::WINDOW.as_secs(),
+        "seq": rates.seq,
+        "t_ms": rates.t_ms,
+        "series": series,
+    })
+}
+
+/// The counters behind the charts, since start, by [`SERIES`] name.
+pub(crate) fn totals_json(counters: [u64; SERIES.len()]) -> Value {
     let totals: Map<String, Value> = SERIES
         .iter()
-        .zip(super::history::counters(s))
+        .zip(counters)
         .map(|(n, v)| ((*n).to_string(), json!(v)))
         .collect();
+    Value::Object(totals)
+}
+
+pub(crate) fn overview(node: &Node, now: Time, m: &Metrics, query: &str) -> Response {
+    let since = match since(query) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let s = node.stats();
+    let (rates, latency) = m.console_history(since, Instant::now());
+    let totals = totals_json(super::history::counters(s));
     let storage = m.storage();
     Response::json(
         200,
         json!({
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": env!("DDPUSH_VERSION"),
             "uptime_s": m.uptime().as_secs(),
             "now_ms": now.as_millis(),
             "clients": s.clients,
@@ -72,14 +97,8 @@ pub(crate) fn overview(node: &Node, now: Time, m: &Metrics, query: &str) -> Resp
                 "p50_ms": latency.p50_ms,
                 "p99_ms": latency.p99_ms,
             },
-            "rates": {
-                "interval_ms": super::history::INTERVAL.as_millis() as u64,
-                "window_s": super::history::WINDOW.as_secs(),
-                "seq": rates.seq,
-                "t_ms": rates.t_ms,
-                "series": series,
-            },
-            // Cluster mode does not exist yet; the console says so instead of an empty list.
+            "rates": rates_json(rates),
+            // A single node has no peers; the console says so instead of an empty list.
             "cluster": { "mode": "single node", "peers": [] },
         }),
     )

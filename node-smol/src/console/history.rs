@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use ddpush_proto::cluster::ClusterStats;
 use ddpush_proto::{Stats, Time};
 
 /// Target time between two samples.
@@ -44,6 +45,20 @@ pub(crate) fn counters(s: &Stats) -> [u64; SERIES.len()] {
         s.deliveries,
         s.resends,
         s.invalid.total(),
+        s.limited.total(),
+    ]
+}
+
+/// The same series from a cluster node's counters (its pushes are `[0x00, 0x01, 0xFF]`; a
+/// push the store did not confirm counts as neither accepted nor rejected).
+pub(crate) fn cluster_counters(s: &ClusterStats) -> [u64; SERIES.len()] {
+    [
+        s.heartbeats,
+        s.pushes[0],
+        s.pushes[1],
+        s.deliveries,
+        s.resends,
+        s.invalid,
         s.limited.total(),
     ]
 }
@@ -92,8 +107,26 @@ impl History {
         self.samples.is_empty()
     }
 
+    /// What the loop calls about once a second: the counters now, and how long the process
+    /// has run. The counters start at zero with the process (a restore sets only gauges), so
+    /// the very first sample is preceded by a zero point at the start, and the first chart
+    /// point covers what happened before it.
+    pub(crate) fn offer(&mut self, now: Time, uptime: Duration, counters: [u64; SERIES.len()]) {
+        if self.is_empty() {
+            let up = u64::try_from(uptime.as_millis()).unwrap_or(u64::MAX);
+            self.sample_counters(Time(now.0.saturating_sub(up)), [0; SERIES.len()]);
+        }
+        self.sample_counters(now, counters);
+    }
+
     /// Takes a sample if enough time has passed since the last one; returns whether it did.
+    #[cfg(test)]
     pub(crate) fn sample(&mut self, now: Time, stats: &Stats) -> bool {
+        self.sample_counters(now, counters(stats))
+    }
+
+    /// [`History::sample`] of counters already mapped onto [`SERIES`].
+    fn sample_counters(&mut self, now: Time, counters: [u64; SERIES.len()]) -> bool {
         if let Some(last) = self.samples.back() {
             if now.since(last.at) < MIN_GAP {
                 return false;
@@ -103,7 +136,7 @@ impl History {
         self.samples.push_back(Sample {
             seq: self.next_seq,
             at: now,
-            counters: counters(stats),
+            counters,
         });
         // One sample more than the points in the window: a rate needs two ends.
         while self.samples.len() > MAX_SAMPLES

@@ -250,31 +250,48 @@
   }
 
   function render(d) {
+    // A cluster node: its own clients and counters, the store in place of the journal, and
+    // null for what only the store knows (docs/CLUSTER.md).
+    const cluster = d.cluster.mode === "cluster";
+    $("ov-clients-label").textContent = cluster ? "Clients here" : "Clients";
+    $("ov-journal-label").textContent = cluster ? "Store" : "Journal";
     $("ov-clients").textContent = fmtInt(d.clients);
     $("ov-online").textContent = fmtInt(d.online);
     $("ov-p10").textContent = fmtInt(d.pending["0x10"]);
     $("ov-p11").textContent = fmtInt(d.pending["0x11"]);
     $("ov-p20").textContent = fmtInt(d.pending["0x20"]);
-    $("ov-p50").textContent = fmtMs(d.latency.p50_ms);
-    $("ov-p99").textContent = fmtMs(d.latency.p99_ms);
+    const measured = d.latency.samples !== null;
+    $("ov-p50").textContent = measured ? fmtMs(d.latency.p50_ms) : "n/a";
+    $("ov-p99").textContent = measured ? fmtMs(d.latency.p99_ms) : "n/a";
     $("ov-storage").textContent = d.storage.journal === "ok" ? "OK" : "DEGRADED";
     $("ov-uptime").textContent = fmtDuration(d.uptime_s);
     $("ov-version").textContent = d.version;
-    $("ov-latency").textContent =
-      `p50 ${fmtMs(d.latency.p50_ms)}, p99 ${fmtMs(d.latency.p99_ms)} over ${fmtInt(d.latency.samples)} ` +
-      `acks in the last ${d.latency.window_s / 60} minutes (1 s resolution)`;
-    $("ov-journal").textContent =
-      (d.storage.journal === "ok"
-        ? "writing normally"
-        : "DEGRADED: a write to the data directory failed; pushes are refused (0xFF / HTTP 503) until one succeeds") +
-      `; ${fmtInt(d.storage.journal_writes)} writes`;
-    $("ov-snapshot").textContent =
-      d.storage.last_snapshot_age_s === null
+    $("ov-latency").textContent = measured
+      ? `p50 ${fmtMs(d.latency.p50_ms)}, p99 ${fmtMs(d.latency.p99_ms)} over ${fmtInt(d.latency.samples)} ` +
+        `acks in the last ${d.latency.window_s / 60} minutes (1 s resolution)`
+      : "not measured on a cluster node";
+    const st = d.storage.store;
+    $("ov-journal").textContent = cluster
+      ? (st.connected
+          ? "Redis Cluster connected"
+          : "UNREACHABLE: pushes are answered 0xFF (HTTP 503) until the store is back") +
+        `; operations p50 ${st.latency_ms.p50 === null ? "–" : "≤ " + st.latency_ms.p50 + " ms"}, ` +
+        `p99 ${st.latency_ms.p99 === null ? "–" : "≤ " + st.latency_ms.p99 + " ms"} (histogram bounds); ` +
+        `${fmtInt(st.errors)} errors, ${fmtInt(st.timeouts)} time-outs`
+      : (d.storage.journal === "ok"
+          ? "writing normally"
+          : "DEGRADED: a write to the data directory failed; pushes are refused (0xFF / HTTP 503) until one succeeds") +
+        `; ${fmtInt(d.storage.journal_writes)} writes`;
+    $("ov-snapshot").textContent = cluster
+      ? "none: a cluster node keeps its state in the store"
+      : d.storage.last_snapshot_age_s === null
         ? `none since start (${fmtInt(d.storage.snapshots)} written)`
         : `${fmtDuration(d.storage.last_snapshot_age_s)} ago, ${fmtBytes(d.storage.last_snapshot_bytes)} ` +
           `in ${d.storage.last_snapshot_ms} ms (${fmtInt(d.storage.snapshots)} since start)`;
-    $("ov-conns").textContent = `${fmtInt(d.tcp_connections.device)} device, ${fmtInt(d.tcp_connections.push)} push`;
-    $("ov-memory").textContent = fmtBytes(d.memory_bytes);
+    $("ov-conns").textContent = cluster
+      ? "not counted on a cluster node"
+      : `${fmtInt(d.tcp_connections.device)} device, ${fmtInt(d.tcp_connections.push)} push`;
+    $("ov-memory").textContent = cluster ? "not measured on a cluster node" : fmtBytes(d.memory_bytes);
     const t = d.totals;
     $("ov-totals").textContent =
       `${fmtInt(t.heartbeats)} heartbeats, ${fmtInt(t.pushes_accepted)} pushes accepted, ` +
@@ -286,13 +303,33 @@
   }
 
   function renderCluster(c) {
-    $("cluster-mode").textContent = c.mode;
+    const cluster = c.mode === "cluster";
+    $("cluster-mode").textContent = cluster ? `cluster node ${c.node_id}` : c.mode;
+    $("cluster-store").hidden = !cluster;
+    if (cluster) {
+      $("cluster-store").textContent =
+        `Store: ${c.store_connected ? "Redis Cluster connected" : "UNREACHABLE"}; pokes ` +
+        `${fmtInt(c.pokes.sent)} sent, ${fmtInt(c.pokes.received)} received, ${fmtInt(c.pokes.dropped)} dropped; ` +
+        `${fmtInt(c.peer_refused)} peer connections refused`;
+    }
     const peers = c.peers || [];
     $("cluster-peers").hidden = peers.length === 0;
-    $("cluster-note").textContent =
-      peers.length === 0 ? "This server runs alone: there are no peers to show. Peers and their state appear here in cluster mode." : "";
+    $("cluster-note").textContent = !cluster
+      ? "This server runs alone: there are no peers to show. Peers and their state appear here in cluster mode."
+      : peers.length === 0
+        ? "No link with another node yet: links open with the first poke between nodes (a push for a device another node serves)."
+        : "Every node this one had a link with since it started. Links open with the first poke between nodes and carry pokes one way, so a link to a node that stopped shows down at the next poke to it.";
     $("cluster-rows").replaceChildren(
-      ...peers.map((p) => el("tr", {}, el("td", { class: "mono" }, String(p.id || p.addr || "")), el("td", {}, String(p.state || ""))))
+      ...peers.map((p) =>
+        el(
+          "tr",
+          {},
+          el("td", { class: "mono" }, String(p.id)),
+          el("td", {}, p.state === "up" ? "UP" : "down"),
+          el("td", {}, `${fmtDuration(p.since_s)} ago`),
+          el("td", {}, `${fmtInt(p.links_up)} / ${fmtInt(p.links_lost)}`)
+        )
+      )
     );
   }
 
@@ -340,14 +377,17 @@
   // --- client lookup and removal ---
   async function onLookup(ev) {
     ev.preventDefault();
-    const q = $("lookup-q").value.trim();
+    // A user name is hashed exactly as typed (the SDKs take MD5 of the name's UTF-8 bytes,
+    // spaces included); only a uuid is trimmed.
+    const raw = $("lookup-q").value;
+    const q = raw.trim();
     let kind = $("lookup-kind").value;
     if (kind === "auto") kind = /^[0-9a-fA-F]{32}$/.test(q) ? "uuid" : "user";
     $("lookup-error").textContent = "";
     $("remove-result").textContent = "";
     $("remove-confirm").hidden = true;
     try {
-      const r = await api("POST", "/console/lookup", kind === "uuid" ? { uuid: q } : { user: q });
+      const r = await api("POST", "/console/lookup", kind === "uuid" ? { uuid: q } : { user: raw });
       if (r.status === 404) {
         $("lookup-result").hidden = true;
         $("lookup-error").textContent =
@@ -366,17 +406,39 @@
     const row = (k, v, cls) => el("tr", {}, el("th", { scope: "row" }, k), el("td", cls ? { class: cls } : {}, v));
     const hb =
       d.last_heartbeat_ms === null ? "never" : `${fmtTime(d.last_heartbeat_ms)} (${fmtDuration(d.last_heartbeat_age_s)} ago)`;
+    // A cluster node answers with the store's record: its owner, no address or heartbeat
+    // (those are the owner's), and each pending item's own age.
+    const cluster = d.owner !== undefined;
     const rows = [row("uuid", d.uuid, "mono")];
     if (d.user !== null) rows.push(row("user name", `${d.user} (uuid = MD5 of the name)`));
-    rows.push(
-      row("state", d.online ? "ONLINE (heartbeat within 60 s)" : "offline"),
-      row("address", d.addr || "none yet"),
-      row("last heartbeat", hb),
-      row("last push", fmtTime(d.last_push_ms))
-    );
+    if (cluster) {
+      rows.push(
+        row("owner node", d.owner === null ? "none (no heartbeat bound it yet)" : d.owner, "mono"),
+        row("epoch", String(d.epoch)),
+        row(
+          "state",
+          d.owned_here ? (d.online ? "ONLINE here" : "offline here") : "served by its owner (only the owner knows whether it is online)"
+        ),
+        row("last push", fmtTime(d.last_push_ms))
+      );
+    } else {
+      rows.push(
+        row("state", d.online ? "ONLINE (heartbeat within 60 s)" : "offline"),
+        row("address", d.addr || "none yet"),
+        row("last heartbeat", hb),
+        row("last push", fmtTime(d.last_push_ms))
+      );
+    }
     $("lookup-facts").replaceChildren(...rows);
     const items = d.pending_items.map((it) => {
-      const age = it.min_age_s === null ? "unknown" : `at least ${fmtDuration(it.min_age_s)}`;
+      const age =
+        it.age_s !== undefined
+          ? it.age_s === null
+            ? "unknown"
+            : fmtDuration(it.age_s)
+          : it.min_age_s === null
+            ? "unknown"
+            : `at least ${fmtDuration(it.min_age_s)}`;
       let what, content;
       if (it.type === "0x10") {
         what = "0x10 notification";
@@ -395,6 +457,10 @@
     });
     if (items.length === 0) items.push(el("tr", {}, el("td", { colspan: "3" }, "nothing pending")));
     $("lookup-pending").replaceChildren(...items);
+    $("lookup-age-note").textContent = cluster
+      ? "Age: since the newest push of that type (the store keeps one time per type). Records are shared by every node: removing one is not available in cluster mode."
+      : "Age: the record keeps only its newest push time (whole seconds), so each pending item is at least this old.";
+    $("remove-row").hidden = cluster;
     $("lookup-result").hidden = false;
   }
 
@@ -440,7 +506,8 @@
   async function onPush(ev) {
     ev.preventDefault();
     const to = document.querySelector('input[name="to"]:checked').value;
-    const target = $("push-target").value.trim();
+    // As in the lookup: a user name exactly as typed, a uuid trimmed.
+    const target = to === "uuid" ? $("push-target").value.trim() : $("push-target").value;
     const type = $("push-type").value;
     // The body is written by hand so a 64-bit mask keeps every bit (JSON.stringify would go
     // through a double).
