@@ -266,10 +266,12 @@
     $("ov-storage").textContent = d.storage.journal === "ok" ? "OK" : "DEGRADED";
     $("ov-uptime").textContent = fmtDuration(d.uptime_s);
     $("ov-version").textContent = d.version;
-    $("ov-latency").textContent = measured
-      ? `p50 ${fmtMs(d.latency.p50_ms)}, p99 ${fmtMs(d.latency.p99_ms)} over ${fmtInt(d.latency.samples)} ` +
-        `acks in the last ${d.latency.window_s / 60} minutes (1 s resolution)`
-      : "not measured on a cluster node";
+    $("ov-latency").textContent = !measured
+      ? "not measured on a cluster node"
+      : d.latency.samples === 0
+        ? `no acks in the last ${d.latency.window_s / 60} minutes`
+        : `p50 ${fmtMs(d.latency.p50_ms)}, p99 ${fmtMs(d.latency.p99_ms)} over ${fmtInt(d.latency.samples)} ` +
+          `acks in the last ${d.latency.window_s / 60} minutes (1 s resolution)`;
     const st = d.storage.store;
     $("ov-journal").textContent = cluster
       ? (st.connected
