@@ -14,7 +14,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::journal::{self, End, HEADER_LEN};
 use super::snapshot::{scan_snapshot, truncated_snapshot};
-use super::{io_err, journal_gens, journal_name, scan_journal, PersistError, SNAPSHOT};
+use super::{
+    io_err, journal_gens, journal_name, lock_dir, scan_journal, PersistError, SNAPSHOT,
+};
 
 /// Which kind of file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,15 +107,20 @@ fn meaning(kind: FileKind, offset: u64, len: u64) -> String {
     }
 }
 
+fn is_dir(dir: &Path) -> Result<(), PersistError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(PersistError::Unusable(format!(
+        "data directory {} does not exist or is not a directory",
+        dir.display()
+    )))
+}
+
 /// Reads every snapshot and journal file of `dir`. Read-only; safe while a server runs (a
 /// journal being appended may show a torn last frame).
 pub fn check(dir: &Path) -> Result<Vec<FileReport>, PersistError> {
-    if !dir.is_dir() {
-        return Err(PersistError::Unusable(format!(
-            "data directory {} does not exist or is not a directory",
-            dir.display()
-        )));
-    }
+    is_dir(dir)?;
     let mut out = Vec::new();
     let snap = dir.join(SNAPSHOT);
     if snap.exists() {
@@ -242,21 +249,10 @@ fn set_aside(dir: &Path, path: &Path, kept: Option<&[u8]>) -> Result<PathBuf, Pe
 /// Rewrites every damaged file of `dir` with what precedes its damage; see the module docs.
 /// Takes the data directory's lock: refuses while a server runs on it.
 pub fn recover(dir: &Path) -> Result<Vec<Recovered>, PersistError> {
+    is_dir(dir)?;
+    // Locked before reading, so what is checked is what is rewritten.
+    let _lock = lock_dir(dir)?;
     let reports = check(dir)?;
-    let lock_path = dir.join("ddpushd.lock");
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => {
-            return Err(PersistError::Locked(dir.display().to_string()))
-        }
-        Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
-    }
     let mut out = Vec::new();
     for r in reports.iter().filter(|r| r.damaged()) {
         let buf = fs::read(&r.path).map_err(io_err(&r.path))?;

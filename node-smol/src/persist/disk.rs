@@ -75,6 +75,9 @@ pub struct Faults {
     pub fail_write: AtomicU64,
     /// While set, every write and sync fails, as on a full disk.
     pub full: AtomicBool,
+    /// While set, every sync fails and writes succeed: a filesystem that takes the bytes but
+    /// cannot write them back (thin provisioning, a failing device).
+    pub sync_fails: AtomicBool,
     /// Writes that failed.
     pub failed: AtomicU64,
 }
@@ -89,6 +92,11 @@ impl Faults {
     /// Makes the disk full (every write fails) or gives the space back.
     pub fn set_full(&self, full: bool) {
         self.full.store(full, Ordering::SeqCst);
+    }
+
+    /// Makes every sync fail (writes still succeed), or work again.
+    pub fn set_sync_fails(&self, fails: bool) {
+        self.sync_fails.store(fails, Ordering::SeqCst);
     }
 }
 
@@ -127,6 +135,9 @@ impl DiskFile for FailingFile {
     fn sync(&mut self) -> io::Result<()> {
         if self.faults.full.load(Ordering::SeqCst) {
             return Err(enospc());
+        }
+        if self.faults.sync_fails.load(Ordering::SeqCst) {
+            return Err(io::Error::other("Input/output error (injected fsync failure)"));
         }
         self.inner.sync()
     }

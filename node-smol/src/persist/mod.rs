@@ -112,6 +112,24 @@ pub struct LoadReport {
     /// This run's journal could not be created for want of space: the state was read, and the
     /// store retries the journal before every append (see [`out_of_space`]).
     pub journal_error: Option<PersistError>,
+    /// Bytes of a `snapshot.tmp` left by a run that died while writing a snapshot, removed.
+    pub stale_tmp: Option<u64>,
+}
+
+/// Takes the data directory's lock (`ddpushd.lock`, an advisory lock held for the life of the
+/// returned file): one ddpushd, or one `ddpushd recover`, per directory at a time.
+pub(crate) fn lock_dir(dir: &Path) -> Result<File, PersistError> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))
+        .map_err(|e| unusable(dir, &e))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(PersistError::Locked(dir.display().to_string())),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(&dir.join(LOCK))(e)),
+    }
 }
 
 /// The data directory: lock, snapshot, journals.
@@ -132,6 +150,8 @@ pub struct Store {
     payload: Vec<u8>,
     /// Bytes written since the last fsync.
     pub unsynced: bool,
+    /// The last fsync failed: appends wait for one that succeeds (see [`Store::commit`]).
+    sync_failed: bool,
 }
 
 /// Bytes of a [`Store::probe_write`]: about one turn's frame of a few 0x20 pushes.
@@ -185,7 +205,11 @@ pub fn preflight(dir: &Path) -> Result<(), PersistError> {
             )));
         }
     }
-    let mut names = vec![SNAPSHOT.to_string(), LOCK.to_string()];
+    let mut names = vec![
+        SNAPSHOT.to_string(),
+        SNAPSHOT_TMP.to_string(),
+        LOCK.to_string(),
+    ];
     names.extend(journal_gens(dir)?.into_iter().map(journal_name));
     for n in names {
         let p = dir.join(&n);
@@ -248,21 +272,16 @@ impl Store {
     ) -> Result<(Store, LoadReport), PersistError> {
         preflight(dir)?;
         fs::create_dir_all(dir).map_err(|e| unusable(dir, &e))?;
-        let lock_path = dir.join(LOCK);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| unusable(dir, &e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(PersistError::Locked(dir.display().to_string()))
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
-        }
+        let lock = lock_dir(dir)?;
         let mut report = LoadReport::default();
+        // A snapshot being written when the last run died: never read, and on a full disk
+        // its bytes are the space this run's journal needs.
+        let tmp = dir.join(SNAPSHOT_TMP);
+        if let Ok(m) = fs::symlink_metadata(&tmp) {
+            if m.is_file() && fs::remove_file(&tmp).is_ok() {
+                report.stale_tmp = Some(m.len());
+            }
+        }
         let snap_path = dir.join(SNAPSHOT);
         let snap_gen = match fs::read(&snap_path) {
             Ok(bytes) => {
@@ -335,6 +354,7 @@ impl Store {
                 buf: Vec::new(),
                 payload: Vec::new(),
                 unsynced: false,
+                sync_failed: false,
             },
             report,
         ))
@@ -379,11 +399,18 @@ impl Store {
     /// `sync`. Survives `kill -9` once this returns `Ok`. On an error nothing of the frame
     /// stays: the file is cut back to its last whole frame now, or, if that fails too, before
     /// the next append (which fails until it succeeds).
+    ///
+    /// After a failed fsync (the periodic one of `--fsync interval`), every append first
+    /// retries the fsync and fails if it fails: bytes the filesystem took but could not write
+    /// back are no base for accepting more.
     pub fn commit(&mut self, changes: &[Change], sync: bool) -> Result<(), PersistError> {
         if changes.is_empty() {
             return Ok(());
         }
         self.roll_back()?;
+        if self.sync_failed {
+            self.sync()?;
+        }
         journal::encode_turn(&mut self.payload, changes);
         self.buf.clear();
         frame::frame_into(&mut self.buf, &self.payload);
@@ -426,15 +453,23 @@ impl Store {
             .and_then(|()| j.sync())
             .map_err(io_err(&path));
         self.dirty = true;
+        if r.is_ok() {
+            // The fsync covered every byte before the probe too.
+            self.unsynced = false;
+            self.sync_failed = false;
+        }
         let cut = self.roll_back();
         r.and(cut)
     }
 
-    /// Forces the journal to stable storage.
+    /// Forces the journal to stable storage. Until one succeeds after a failure, appends
+    /// fail too ([`Store::commit`]).
     pub fn sync(&mut self) -> Result<(), PersistError> {
         if self.unsynced {
             let path = self.journal_path();
-            self.journal()?.sync().map_err(io_err(&path))?;
+            let r = self.journal()?.sync().map_err(io_err(&path));
+            self.sync_failed = r.is_err();
+            r?;
             self.unsynced = false;
         }
         Ok(())

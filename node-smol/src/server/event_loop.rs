@@ -306,6 +306,10 @@ impl Loop {
                         error!(error = %e, "storage degraded: journal fsync failed; pushes are refused (0xFF / HTTP 503) until a write succeeds");
                     }
                     self.metrics.journal_state(true);
+                    // What the failed write-back held may be gone from the disk's view even
+                    // though it was answered: a snapshot of memory, retried until the storage
+                    // works again, writes all of it again.
+                    self.next_snapshot = self.next_snapshot.min(now + SNAPSHOT_RETRY);
                 }
                 self.metrics.fsync_done(t.elapsed());
             }

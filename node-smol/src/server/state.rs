@@ -29,6 +29,12 @@ pub(crate) fn load(
             "dropped a torn last record left by a crash or a failed write"
         );
     }
+    if let Some(bytes) = report.stale_tmp {
+        warn!(
+            bytes,
+            "removed snapshot.tmp, a snapshot left half-written by a crash (never read)"
+        );
+    }
     if let Some(e) = &report.journal_error {
         error!(error = %e, "storage degraded at start: no space for this run's journal; the state was loaded, devices are served, pushes are refused (0xFF / HTTP 503) until a write succeeds");
     }
