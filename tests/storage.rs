@@ -383,3 +383,61 @@ fn disk_fills_during_a_snapshot_which_is_retried_and_journals_kept() {
     let srv = InProc::start(dir.path(), Arc::new(OsDisk), &[]);
     led.check(&srv);
 }
+
+#[test]
+fn a_failing_fsync_refuses_pushes_until_one_succeeds_then_a_snapshot_rewrites_memory() {
+    // `--fsync interval`: writes succeed, the periodic fsync fails (a device that takes bytes
+    // it cannot write back). Pushes written since the last good fsync are no base for more.
+    let dir = tempfile::tempdir().unwrap();
+    let disk = FailingDisk::default();
+    let faults = disk.faults.clone();
+    let srv = InProc::start(dir.path(), Arc::new(disk), &["--fsync", "interval"]);
+    let mut p = srv.pusher();
+    let mut led = Ledger::default();
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(15), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let u = uuid(700);
+    assert_eq!(push9999(&mut p, &u, b"before"), 0);
+    led.note(u, "before", true);
+    faults.set_sync_fails(true);
+    // Written, not yet synced: the next periodic fsync fails.
+    let u = uuid(701);
+    assert_eq!(push9999(&mut p, &u, b"unsynced"), 0);
+    led.note(u, "unsynced", true);
+    wait("the periodic fsync to fail", &|| degraded(&srv));
+    assert_eq!(metric(&srv, "ddpush_storage_ok"), 0.0);
+    for i in 0..3u32 {
+        let u = uuid(710 + i);
+        assert_eq!(
+            push9999(&mut p, &u, b"refused"),
+            0xFF,
+            "push {i} accepted while fsync fails"
+        );
+        led.note(u, "refused", false);
+        let u = uuid(720 + i);
+        let (status, body) = push_admin(&srv, &u, "refused");
+        assert_eq!(status, 503, "{body}");
+        led.note(u, "refused", false);
+        // Still degraded after more failed periodic fsyncs: no flapping to "recovered".
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(degraded(&srv), "recovered while fsync still fails");
+    }
+    let snaps = metric(&srv, "ddpush_snapshots_total");
+    faults.set_sync_fails(false);
+    let u = uuid(730);
+    assert_eq!(push9999(&mut p, &u, b"after"), 0, "fsync works again");
+    led.note(u, "after", true);
+    assert!(!degraded(&srv));
+    // The default snapshot interval is 60 s: this one follows the failed fsync.
+    wait("a snapshot after the failed fsync", &|| {
+        metric(&srv, "ddpush_snapshots_total") > snaps
+    });
+    srv.stop(Stop::Crash);
+    let srv = InProc::start(dir.path(), Arc::new(OsDisk), &[]);
+    led.check(&srv);
+}
