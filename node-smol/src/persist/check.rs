@@ -14,9 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::journal::{self, End, HEADER_LEN};
 use super::snapshot::{scan_snapshot, truncated_snapshot};
-use super::{
-    io_err, journal_gens, journal_name, lock_dir, scan_journal, PersistError, SNAPSHOT,
-};
+use super::{io_err, journal_gens, journal_name, lock_dir, scan_journal, PersistError, SNAPSHOT};
 
 /// Which kind of file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -137,7 +137,9 @@ impl DiskFile for FailingFile {
             return Err(enospc());
         }
         if self.faults.sync_fails.load(Ordering::SeqCst) {
-            return Err(io::Error::other("Input/output error (injected fsync failure)"));
+            return Err(io::Error::other(
+                "Input/output error (injected fsync failure)",
+            ));
         }
         self.inner.sync()
     }

@@ -165,6 +165,52 @@ fn reopen_replays_and_snapshot_retires_old_journals() {
 }
 
 #[test]
+fn a_stale_snapshot_tmp_is_removed_at_start_and_never_read() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut st, _) = Store::open(dir.path(), &mut recovery()).unwrap();
+        st.commit(&[pushed(1)], true).unwrap();
+    }
+    // What a kill -9 in the middle of a snapshot leaves: part of a newer snapshot.
+    let half = encode_snapshot(9, 0, (0..50).map(rec));
+    fs::write(dir.path().join(SNAPSHOT_TMP), &half[..half.len() / 2]).unwrap();
+    let mut r = recovery();
+    let (_st, rep) = Store::open(dir.path(), &mut r).unwrap();
+    assert_eq!(rep.stale_tmp, Some((half.len() / 2) as u64));
+    assert!(!dir.path().join(SNAPSHOT_TMP).exists());
+    assert_eq!((rep.snapshot_records, rep.replayed), (0, 1));
+}
+
+#[test]
+fn recover_refuses_while_a_server_holds_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_running, _) = Store::open(dir.path(), &mut recovery()).unwrap();
+    // A damaged journal beside the running server's: recover must not touch it under it.
+    let bad = dir.path().join(journal_name(0x99));
+    let mut b = journal::header(0x99).to_vec();
+    b.extend_from_slice(&[0, 0, 0, 4, 1, 2, 3, 4, 0, 0, 0, 0, 9]);
+    fs::write(&bad, &b).unwrap();
+    assert!(check::check(dir.path())
+        .unwrap()
+        .iter()
+        .any(|r| r.damaged()));
+    let before: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    match check::recover(dir.path()) {
+        Err(PersistError::Locked(_)) => {}
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    let after: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(fs::read(&bad).unwrap(), b);
+}
+
+#[test]
 fn second_open_of_a_locked_dir_fails() {
     let dir = tempfile::tempdir().unwrap();
     let (_a, _) = Store::open(dir.path(), &mut recovery()).unwrap();
@@ -370,6 +416,20 @@ fn unusable_data_directories_are_refused_in_one_line_touching_nothing() {
         .to_string();
     assert!(e.contains("not writable"), "{e}");
     assert!(!e.contains('\n'));
+
+    let dir = base.path().join("d5");
+    fs::create_dir(&dir).unwrap();
+    fs::create_dir(dir.join(SNAPSHOT_TMP)).unwrap();
+    let e = Store::open(&dir, &mut recovery())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("snapshot.tmp is a directory"), "{e}");
+    assert_eq!(
+        fs::read_dir(&dir).unwrap().count(),
+        1,
+        "something was created"
+    );
 
     #[cfg(unix)]
     if nix::unistd::geteuid().is_root() {
