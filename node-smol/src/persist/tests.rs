@@ -728,6 +728,29 @@ fn check_and_recover_at_every_offset_class_of_a_journal() {
             |b, o| b[o[1]..o[1] + 4].copy_from_slice(&u32::MAX.to_be_bytes()),
             Expect::Recovers(1),
         ),
+        (
+            "frame length past the end, mid-file",
+            |b, o| {
+                let past = (b.len() - o[1]) as u32;
+                b[o[1]..o[1] + 4].copy_from_slice(&past.to_be_bytes())
+            },
+            Expect::Recovers(1),
+        ),
+        (
+            "frame length past the end, mid-file, last frame cut",
+            |b, o| {
+                let past = (b.len() - o[1]) as u32;
+                b[o[1]..o[1] + 4].copy_from_slice(&past.to_be_bytes());
+                let n = b.len() - 3;
+                b.truncate(n)
+            },
+            Expect::Recovers(1),
+        ),
+        (
+            "frame length past the end of the last frame",
+            |b, o| b[o[3]..o[3] + 4].copy_from_slice(&1000u32.to_be_bytes()),
+            Expect::Loads(3),
+        ),
         ("crc", |b, o| b[o[1] + 5] ^= 1, Expect::Recovers(1)),
         ("payload", |b, o| b[o[2] + 12] ^= 0x40, Expect::Recovers(2)),
         (
@@ -817,6 +840,27 @@ fn check_and_recover_at_every_offset_class_of_a_journal() {
             turns[..kept].concat().len(),
             "{what}"
         );
+    }
+}
+
+#[test]
+fn a_journal_cut_at_any_byte_loads_as_a_torn_tail_never_as_damage() {
+    // What a crash can leave: every prefix. The check for whole frames after a length that
+    // runs past the end must never take our own bytes for such frames.
+    let (_dir, path, offs, turns) = four_turns();
+    let buf = fs::read(&path).unwrap();
+    for cut in 0..buf.len() {
+        let s = journal::scan_journal(&buf[..cut], |_| {});
+        let whole = offs.iter().skip(1).filter(|&&o| o <= cut).count();
+        let whole = if cut == buf.len() { turns.len() } else { whole };
+        match s.end {
+            journal::End::Clean | journal::End::Torn(_) => {
+                assert_eq!(s.frames as usize, whole, "cut at {cut}")
+            }
+            journal::End::Damaged { offset, what } => {
+                panic!("cut at {cut}: damage at {offset}: {what}")
+            }
+        }
     }
 }
 
