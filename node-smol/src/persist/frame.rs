@@ -2,7 +2,8 @@
 //!
 //! A last frame that runs past the end of its file, or fails its CRC where the file ends, is a
 //! write torn by a crash (or by a failed write the server could not roll back before it died):
-//! [`Tail::Torn`]. Anything else that does not check out is damage, reported with its offset.
+//! [`Tail::Torn`], unless whole frames follow inside the length it claims (then the length is
+//! damaged). Anything else that does not check out is damage, reported with its offset.
 
 use serde::{Deserialize, Serialize};
 

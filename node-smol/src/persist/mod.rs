@@ -213,11 +213,27 @@ pub fn preflight(dir: &Path) -> Result<(), PersistError> {
     names.extend(journal_gens(dir)?.into_iter().map(journal_name));
     for n in names {
         let p = dir.join(&n);
-        if p.is_dir() {
+        let Ok(m) = fs::metadata(&p) else { continue };
+        if m.is_dir() {
             return Err(PersistError::Unusable(format!(
                 "{} is a directory where ddpushd keeps a file: move it away",
                 p.display()
             )));
+        }
+        // A directory first used by another user (often `sudo ddpushd` once) keeps files
+        // this user may not be able to replace or delete later: say so now, not mid-run.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let me = nix::unistd::geteuid().as_raw();
+            if m.uid() != me {
+                return Err(PersistError::Unusable(format!(
+                    "{} is owned by uid {}, not by this user (uid {me}): chown the data \
+                     directory and its files to the user that runs ddpushd",
+                    p.display(),
+                    m.uid()
+                )));
+            }
         }
     }
     if meta.permissions().readonly() {

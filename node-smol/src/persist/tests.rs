@@ -447,6 +447,25 @@ fn unusable_data_directories_are_refused_in_one_line_touching_nothing() {
             0,
             "something was created"
         );
+        // Our directory, with a journal another user left in it.
+        let dir = base.path().join("d6");
+        fs::create_dir(&dir).unwrap();
+        let j = dir.join(journal_name(2));
+        fs::write(&j, journal::header(2)).unwrap();
+        chown(&j, Some(65534), Some(65534)).unwrap();
+        let e = Store::open(&dir, &mut recovery())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("journal-0000000000000002.log is owned by uid 65534"),
+            "{e}"
+        );
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "something was created"
+        );
     }
 }
 

@@ -251,10 +251,10 @@ impl Loop {
             } => self
                 .sockets
                 .open(&mut self.node, now, conn, port, peer, stream),
-            Msg::SnapshotDone { gen, result } => {
+            Msg::SnapshotDone { gen, size, result } => {
                 self.snapshot_in_flight = false;
                 match result {
-                    Ok((took, size)) => {
+                    Ok(took) => {
                         self.store.snapshot_done(gen);
                         self.metrics.snapshot_done(took, size);
                         if std::mem::take(&mut self.snapshot_failing) {
@@ -267,7 +267,7 @@ impl Loop {
                             "snapshot written"
                         );
                     }
-                    Err(e) => self.snapshot_failed(&e),
+                    Err(e) => self.snapshot_failed(&e, Some(size)),
                 }
             }
             Msg::Admin(req) => {
@@ -279,12 +279,14 @@ impl Loop {
 
     /// A failed snapshot leaves the previous one and every journal since in place; it is
     /// retried soon (not only at the next interval), and logged once until one succeeds.
-    fn snapshot_failed(&mut self, e: &crate::persist::PersistError) {
+    /// `size` is the snapshot's (a new one needs that much free beside the old one and its
+    /// journals, which are deleted only once it is written).
+    fn snapshot_failed(&mut self, e: &crate::persist::PersistError, size: Option<usize>) {
         self.metrics
             .storage_failed_writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !std::mem::replace(&mut self.snapshot_failing, true) {
-            error!(error = %e, "snapshot failed; the previous snapshot and its journals are kept, retrying every {}s", SNAPSHOT_RETRY.as_secs());
+            error!(error = %e, snapshot_bytes = size, "snapshot failed; the previous snapshot and its journals are kept, retrying every {}s (a snapshot needs snapshot_bytes free beside them)", SNAPSHOT_RETRY.as_secs());
         }
         self.next_snapshot = self.next_snapshot.min(Instant::now() + SNAPSHOT_RETRY);
     }
@@ -345,11 +347,11 @@ impl Loop {
                             persist::write_snapshot_on(disk.as_ref(), &dir, &bytes)
                         })
                         .await
-                        .map(|()| (t.elapsed(), size));
-                        let _ = tx.send(Msg::SnapshotDone { gen, result }).await;
+                        .map(|()| t.elapsed());
+                        let _ = tx.send(Msg::SnapshotDone { gen, size, result }).await;
                     });
                 }
-                Err(e) => self.snapshot_failed(&e),
+                Err(e) => self.snapshot_failed(&e, None),
             }
         }
     }

@@ -78,7 +78,9 @@ pub(crate) enum Msg {
     },
     SnapshotDone {
         gen: u64,
-        result: Result<(Duration, usize), PersistError>,
+        /// Bytes of the snapshot (what a failed one needed free).
+        size: usize,
+        result: Result<Duration, PersistError>,
     },
     Admin(AdminRequest),
 }
