@@ -25,7 +25,18 @@ fn admin_api_push_status_clients_metrics_and_clear() {
     let a = srv.admin.unwrap();
     let d = srv.device();
     d.send(&heartbeat(1)).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Online once the loop took the heartbeat (a fixed sleep raced on a loaded machine: the
+    // push then went out on a later heartbeat, with its appId).
+    let t = std::time::Instant::now();
+    loop {
+        let (_, body) = http(a, "GET", "/status", None, "");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["online"] == 1 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "never online: {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     let (st, body) = http(
         a,
