@@ -10,6 +10,7 @@
 //! ddpush-bench tcp --server PATH/ddpushd [--smoke] [--steps 10000,50000,100000]
 //! ddpush-bench suite --server PATH/ddpushd [--smoke] [--work-dir DIR] [--out FILE]
 //! ddpush-bench signed --server PATH/ddpushd [--clients N] [--rounds K] [--secs T]
+//!                     [--warmup K] [--server-cpu C] [--client-cpu C]
 //! ddpush-bench report --in FILE --doc docs/BENCHMARKS.md --charts docs/bench
 //! ```
 //!

@@ -122,6 +122,86 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks / hz.max(1.0))
 }
 
+/// CPU time `pid` spent on a CPU, all its threads, in nanoseconds: the first field of each
+/// `/proc/PID/task/*/schedstat` (the scheduler's run time, nanosecond resolution), so a short
+/// round is not rounded to the 10 ms ticks of [`cpu_secs`]. Threads that exited during the
+/// round are missed; ddpushd's threads live as long as it does.
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let s = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+        total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// This process's own CPU time (user + system, all threads), in nanoseconds.
+pub fn self_cpu_ns() -> u64 {
+    cpu_ns(std::process::id()).unwrap_or(0)
+}
+
+/// The whole machine's steal time so far (the hypervisor running someone else while this VM
+/// wanted its CPUs), in clock ticks summed over CPUs: the `cpu` line of /proc/stat, field 8.
+pub fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().next()?.to_string();
+            l.split_whitespace().nth(8)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The 1-minute load average.
+pub fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn cpu_set(cpu: usize) -> Result<libc::cpu_set_t, String> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(format!("cpu {cpu} is out of range"));
+    }
+    // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    Ok(set)
+}
+
+/// Pins the calling thread (and the threads and processes it starts from now on) to `cpu`.
+pub fn pin_self(cpu: usize) -> Result<(), String> {
+    let set = cpu_set(cpu)?;
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if r != 0 {
+        return Err(format!(
+            "sched_setaffinity(cpu {cpu}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Makes `cmd` start pinned to `cpu` (every thread it starts inherits it).
+pub fn pin_command(cmd: &mut Command, cpu: usize) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let set = cpu_set(cpu)?;
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // sched_setaffinity(2), which is async-signal-safe, on a set built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Datagrams the kernel dropped at the UDP socket bound to `port` (receive buffer full),
 /// from /proc/net/udp{,6}.
 pub fn udp_drops(port: u16) -> u64 {

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! ddpush-bench signed --server PATH/ddpushd [--clients N] [--rounds K] [--secs T]
+//!                     [--warmup K] [--server-cpu C] [--client-cpu C]
 //!                     [--window W] [--rate R] [--sockets S] [--work-dir DIR]
 //! ```
 //!
@@ -134,29 +135,114 @@ pub fn provision(admin: SocketAddr, lo: u64, hi: u64) -> Result<f64, String> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+fn median(v: Vec<f64>) -> f64 {
+    quantile(v, 0.5)
 }
 
+/// The `q` quantile of `v` (linear between the two nearest ranks), NaN if empty.
+fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let at = q * (v.len() - 1) as f64;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (at - lo as f64)
+}
+
+/// Median, interquartile range and extremes: the spread of one kind of figure over rounds.
 fn spread(v: &[f64]) -> Value {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    json!({ "min": min, "max": max, "median": median(v.to_vec()) })
+    json!({
+        "min": min,
+        "q1": quantile(v.to_vec(), 0.25),
+        "median": median(v.to_vec()),
+        "q3": quantile(v.to_vec(), 0.75),
+        "max": max,
+        "n": v.len(),
+    })
+}
+
+/// What one timed run of one fleet measured.
+struct Sample {
+    /// Answered heartbeats per second (wall clock).
+    per_s: f64,
+    /// Server CPU (all threads, nanosecond scheduler time) per answered heartbeat, in us.
+    server_us: f64,
+    /// Share of one CPU the server used over the run (1.0: one core busy throughout).
+    server_util: f64,
+    /// The generator's own CPU per sent heartbeat, in us.
+    client_us: f64,
+}
+
+/// Runs one fleet for one timed run and measures it.
+fn measure(
+    fleet: &Fleet,
+    drive: &Drive<'_>,
+    pid: u32,
+    runs: &mut Vec<Value>,
+) -> Result<Sample, String> {
+    let (s0, g0, st0) = (
+        proc::cpu_ns(pid).ok_or("server gone")?,
+        proc::self_cpu_ns(),
+        proc::steal_ticks(),
+    );
+    let r = devices::drive(fleet, drive, &mut || {});
+    let (s1, g1, st1) = (
+        proc::cpu_ns(pid).ok_or("server gone")?,
+        proc::self_cpu_ns(),
+        proc::steal_ticks(),
+    );
+    let server_s = (s1 - s0) as f64 / 1e9;
+    let sample = Sample {
+        per_s: r.answered as f64 / r.secs.max(1e-9),
+        server_us: server_s / (r.answered.max(1) as f64) * 1e6,
+        server_util: server_s / r.secs.max(1e-9),
+        client_us: (g1 - g0) as f64 / 1e3 / (r.sent.max(1) as f64),
+    };
+    runs.push(json!({
+        "label": drive.label,
+        "signed": drive.signer.is_some(),
+        "run": r.json(),
+        "server_cpu_s": server_s,
+        "server_cpu_us_per_answered": sample.server_us,
+        "server_util": sample.server_util,
+        "client_cpu_us_per_sent": sample.client_us,
+        "steal_ticks": st1 - st0,
+        "load1": proc::load1(),
+    }));
+    Ok(sample)
 }
 
 /// The `signed` mode.
+///
+/// Rounds alternate their order (unsigned then signed, then signed then unsigned), so drift
+/// over the run and whatever the first run of a pair pays (caches, the other fleet's records)
+/// fall on both fleets alike; `--warmup K` rounds are run first and not counted. Each round
+/// gives a pair, and the ratios are taken within the pair, then summarised (median and
+/// interquartile range over rounds): a neighbour's burst then moves one pair, not one side of
+/// the comparison. Two ratios are reported: heartbeats/s (the issue's figure, which on a
+/// shared 2-core machine also follows the generator's and the neighbours' CPU use) and
+/// heartbeats per server CPU second (the server's own cost, from its threads' scheduler run
+/// time in nanoseconds). `--server-cpu C` / `--client-cpu C` pin the server and this
+/// generator to different CPUs, so they do not take turns on one.
 pub fn run(a: &Args) -> Result<Value, String> {
     let bin: PathBuf = a.need("server")?;
     let n: u64 = a.get("clients", 10_000)?;
     let rounds: usize = a.get("rounds", 5)?;
+    let warmup: usize = a.get("warmup", 1)?;
     let secs: f64 = a.get("secs", 3.0)?;
     let window: usize = a.get("window", 256)?;
     let rate: f64 = a.get("rate", 0.0)?;
+    let cpu_flag = |k: &str| -> Result<Option<usize>, String> {
+        if a.has(k) {
+            a.need(k).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let (server_cpu, client_cpu) = (cpu_flag("server-cpu")?, cpu_flag("client-cpu")?);
     let pace = if rate > 0.0 {
         Pace::Rate(rate)
     } else {
@@ -169,16 +255,20 @@ pub fn run(a: &Args) -> Result<Value, String> {
     let dir = work.join("signed");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let srv = proc::spawn(
-        proc::ddpushd_cmd(
-            &bin,
-            &dir,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            &["--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN],
-        ),
-        Duration::from_secs(120),
-    )?;
+    if let Some(c) = client_cpu {
+        proc::pin_self(c)?;
+    }
+    let mut cmd = proc::ddpushd_cmd(
+        &bin,
+        &dir,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN],
+    );
+    if let Some(c) = server_cpu {
+        proc::pin_command(&mut cmd, c)?;
+    }
+    let srv = proc::spawn(cmd, Duration::from_secs(120))?;
     let admin = srv.admin.ok_or("ddpushd printed no admin address")?;
     let pid = srv.pid();
     let fleet = Fleet::new(srv.udp, a.get("sockets", 4)?).map_err(|e| e.to_string())?;
@@ -204,54 +294,79 @@ pub fn run(a: &Args) -> Result<Value, String> {
     );
     let rss3 = proc::rss(pid).unwrap_or(0);
     let keys = proc::metric(admin, "ddpush_keys");
+    let load_start = proc::load1();
 
     let mut runs = Vec::new();
-    let mut hb = (Vec::new(), Vec::new());
-    let mut cpu = (Vec::new(), Vec::new());
-    for round in 0..rounds {
-        for signed in [false, true] {
-            let label = format!("{}#{round}", if signed { "signed" } else { "unsigned" });
-            let c0 = proc::cpu_secs(pid).unwrap_or(0.0);
-            let r = devices::drive(
-                &fleet,
-                &Drive {
-                    label: &label,
-                    range: if signed { (n, 2 * n) } else { (0, n) },
-                    once: false,
-                    duration: Duration::from_secs_f64(secs),
-                    pace,
-                    signer: signed.then_some(&signer),
-                },
-                &mut || {},
+    let mut side: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..warmup + rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        let mut pair: [Option<Sample>; 2] = [None, None];
+        for signed in order {
+            let label = format!(
+                "{}{}#{round}",
+                if round < warmup { "warmup-" } else { "" },
+                if signed { "signed" } else { "unsigned" }
             );
-            let c1 = proc::cpu_secs(pid).unwrap_or(0.0);
-            let per_s = r.answered as f64 / r.secs.max(1e-9);
-            let us = (c1 - c0) / (r.answered.max(1) as f64) * 1e6;
-            let (h, c) = if signed {
-                (&mut hb.1, &mut cpu.1)
-            } else {
-                (&mut hb.0, &mut cpu.0)
+            let d = Drive {
+                label: &label,
+                range: if signed { (n, 2 * n) } else { (0, n) },
+                once: false,
+                duration: Duration::from_secs_f64(secs),
+                pace,
+                signer: signed.then_some(&signer),
             };
-            h.push(per_s);
-            c.push(us);
-            runs.push(json!({
-                "label": label,
-                "signed": signed,
-                "run": r.json(),
-                "server_cpu_s": c1 - c0,
-                "server_cpu_us_per_answered": us,
-            }));
+            pair[usize::from(signed)] = Some(measure(&fleet, &d, pid, &mut runs)?);
+        }
+        if round >= warmup {
+            let [Some(u), Some(s)] = pair else {
+                unreachable!("both fleets ran")
+            };
+            side[0].push(u);
+            side[1].push(s);
         }
     }
+    let load_end = proc::load1();
     srv.terminate(Duration::from_secs(30))?;
     let per = |a: u64, b: u64| (b as f64 - a as f64) / n.max(1) as f64;
+    let of = |k: usize, f: fn(&Sample) -> f64| side[k].iter().map(f).collect::<Vec<f64>>();
+    let paired = |f: fn(&Sample, &Sample) -> f64| {
+        side[0]
+            .iter()
+            .zip(&side[1])
+            .map(|(u, s)| f(u, s))
+            .collect::<Vec<f64>>()
+    };
+    let thr = paired(|u, s| s.per_s / u.per_s);
+    let cpu = paired(|u, s| u.server_us / s.server_us);
+    let extra = paired(|u, s| s.server_us - u.server_us);
+    let (q, m) = (|v: &[f64], x| quantile(v.to_vec(), x), median);
+    eprintln!(
+        "signed/unsigned over {rounds} rounds: heartbeats/s {:.3} (IQR {:.3}-{:.3}), \
+         heartbeats per server CPU second {:.3} (IQR {:.3}-{:.3}), extra server CPU {:.3} us \
+         per signed heartbeat; load {load_start:.2} -> {load_end:.2}",
+        m(thr.clone()),
+        q(&thr, 0.25),
+        q(&thr, 0.75),
+        m(cpu.clone()),
+        q(&cpu, 0.25),
+        q(&cpu, 0.75),
+        m(extra.clone()),
+    );
     Ok(json!({
         "mode": "signed",
         "clients_per_fleet": n,
         "rounds": rounds,
+        "warmup": warmup,
         "secs": secs,
         "window": window,
         "rate": rate,
+        "server_cpu": server_cpu,
+        "client_cpu": client_cpu,
+        "load1": { "start": load_start, "end": load_end },
         "register_v1": reg_v1.json(),
         "provision_s": prov_s,
         "register_signed": reg_signed.json(),
@@ -265,9 +380,23 @@ pub fn run(a: &Args) -> Result<Value, String> {
             "bytes_per_key": per(rss1, rss2),
             "bytes_per_signed_client": per(rss1, rss3),
         },
-        "heartbeats_per_s": { "unsigned": spread(&hb.0), "signed": spread(&hb.1) },
-        "signed_over_unsigned": median(hb.1.clone()) / median(hb.0.clone()),
-        "server_cpu_us_per_heartbeat": { "unsigned": spread(&cpu.0), "signed": spread(&cpu.1) },
+        "heartbeats_per_s": { "unsigned": spread(&of(0, |s| s.per_s)), "signed": spread(&of(1, |s| s.per_s)) },
+        "server_cpu_us_per_heartbeat": {
+            "unsigned": spread(&of(0, |s| s.server_us)),
+            "signed": spread(&of(1, |s| s.server_us)),
+        },
+        "server_util": { "unsigned": spread(&of(0, |s| s.server_util)), "signed": spread(&of(1, |s| s.server_util)) },
+        "client_cpu_us_per_sent": {
+            "unsigned": spread(&of(0, |s| s.client_us)),
+            "signed": spread(&of(1, |s| s.client_us)),
+        },
+        // Within each round's pair, then over rounds.
+        "paired": {
+            "heartbeats_per_s_signed_over_unsigned": spread(&thr),
+            "per_server_cpu_s_signed_over_unsigned": spread(&cpu),
+            "extra_server_cpu_us_per_signed_heartbeat": spread(&extra),
+        },
+        "signed_over_unsigned": m(thr),
         "runs": runs,
     }))
 }
