@@ -77,30 +77,43 @@ impl ReplayWindow {
         nonce: u32,
     ) -> Result<(), Replayed> {
         let p = pair(ts, nonce);
-        // `p` is above the floor, so above `FREE`: free slots never match it.
-        if p <= self.floor || self.seen.contains(&p) {
+        if p <= self.floor {
             return Err(Replayed);
         }
-        let slot = match self.seen.iter().position(|&s| s == FREE) {
+        // One pass over the slots finds a repeat, the first free slot and the smallest pair
+        // (the eviction's candidate). `p` is above the floor, so above `FREE`: free slots
+        // never match it.
+        let mut repeat = false;
+        let mut free = None;
+        let mut min_at = 0;
+        for (i, &s) in self.seen.iter().enumerate() {
+            repeat |= s == p;
+            if s == FREE && free.is_none() {
+                free = Some(i);
+            }
+            if s < self.seen[min_at] {
+                min_at = i;
+            }
+        }
+        if repeat {
+            return Err(Replayed);
+        }
+        let slot = match free {
             Some(i) => i,
             None => {
                 // Full: pairs out of the time window go first (the caller's time check refuses
                 // them from now on), and only if none did does the smallest rise into the floor.
                 let oldest = pair(now_s.saturating_sub(window_s), 0);
-                for s in &mut self.seen {
+                let mut first = None;
+                for (i, s) in self.seen.iter_mut().enumerate() {
                     if *s < oldest {
                         *s = FREE;
+                        first.get_or_insert(i);
                     }
                 }
-                match self.seen.iter().position(|&s| s == FREE) {
+                match first {
                     Some(i) => i,
                     None => {
-                        let mut min_at = 0;
-                        for i in 1..SLOTS {
-                            if self.seen[i] < self.seen[min_at] {
-                                min_at = i;
-                            }
-                        }
                         self.floor = self.floor.max(self.seen[min_at]);
                         min_at
                     }
@@ -143,6 +156,58 @@ mod tests {
         assert_eq!(w.check(500, 60, 500, u32::MAX), Err(Replayed));
         assert_eq!(w.check(500, 60, 490, 3), Err(Replayed));
         assert_eq!(w.check(501, 60, 501, 0), Ok(()));
+    }
+
+    /// The rule as first written, one scan per step (contains, free slot, prune, free slot,
+    /// smallest): `check`'s single pass must leave the same window and give the same answer.
+    fn check_by_steps(w: &mut ReplayWindow, now_s: u32, window_s: u32, p: u64) -> bool {
+        if p <= w.floor || w.seen.contains(&p) {
+            return false;
+        }
+        let slot = match w.seen.iter().position(|&s| s == FREE) {
+            Some(i) => i,
+            None => {
+                let oldest = pair(now_s.saturating_sub(window_s), 0);
+                for s in &mut w.seen {
+                    if *s < oldest {
+                        *s = FREE;
+                    }
+                }
+                match w.seen.iter().position(|&s| s == FREE) {
+                    Some(i) => i,
+                    None => {
+                        let mut min_at = 0;
+                        for i in 1..SLOTS {
+                            if w.seen[i] < w.seen[min_at] {
+                                min_at = i;
+                            }
+                        }
+                        w.floor = w.floor.max(w.seen[min_at]);
+                        min_at
+                    }
+                }
+            }
+        };
+        w.seen[slot] = p;
+        true
+    }
+
+    proptest::proptest! {
+        /// Whatever the arrivals (clocks going back included, as a device's may).
+        #[test]
+        fn the_single_pass_is_the_rule_step_by_step(
+            start in proptest::option::of(0u32..50),
+            steps in proptest::collection::vec((0u32..100, 0u32..60, 0u32..4), 0..300),
+        ) {
+            let mut a = start.map_or_else(ReplayWindow::new, ReplayWindow::refusing_until);
+            let mut b = a.clone();
+            for (now, ts, nonce) in steps {
+                let got = a.check(now, 20, ts, nonce).is_ok();
+                let want = check_by_steps(&mut b, now, 20, pair(ts, nonce));
+                proptest::prop_assert_eq!(got, want);
+                proptest::prop_assert_eq!(&a, &b);
+            }
+        }
     }
 
     #[test]
