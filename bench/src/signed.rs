@@ -356,6 +356,14 @@ pub fn run(a: &Args) -> Result<Value, String> {
         q(&cpu, 0.75),
         m(extra.clone()),
     );
+    let util = m(side.iter().flatten().map(|s| s.server_util).collect());
+    if util < 0.9 {
+        eprintln!(
+            "note: ddpushd used {util:.2} of a CPU (median over runs): it was not the \
+             bottleneck, so heartbeats/s follow the scheduling of the pair and its neighbours; \
+             read the per-server-CPU-second ratio"
+        );
+    }
     Ok(json!({
         "mode": "signed",
         "clients_per_fleet": n,
