@@ -3,7 +3,8 @@
 //! A last frame that runs past the end of its file, or fails its CRC where the file ends, is a
 //! write torn by a crash (or by a failed write the server could not roll back before it died):
 //! [`Tail::Torn`], unless whole frames follow inside the length it claims (then the length is
-//! damaged). Anything else that does not check out is damage, reported with its offset.
+//! damaged), or is all zeros to the end (space allocated before a power loss). Anything else
+//! that does not check out is damage, reported with its offset.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +33,12 @@ pub(crate) fn frames(
     while off < buf.len() {
         let rest = &buf[off..];
         if rest.len() < 8 {
+            return Ok(Tail::Torn(off as u64));
+        }
+        // Nothing but zeros to the end: a file grown before its data reached the disk (a
+        // power loss on a filesystem that extends the size first). We never write an empty
+        // frame, so this is never data.
+        if rest.iter().all(|&b| b == 0) {
             return Ok(Tail::Torn(off as u64));
         }
         let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;

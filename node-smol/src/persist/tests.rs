@@ -770,6 +770,24 @@ fn check_and_recover_at_every_offset_class_of_a_journal() {
             |b, o| b[o[3]..o[3] + 4].copy_from_slice(&1000u32.to_be_bytes()),
             Expect::Loads(3),
         ),
+        (
+            "zeros after the last frame (power loss)",
+            |b, _| b.resize(b.len() + 4096, 0),
+            Expect::Loads(4),
+        ),
+        (
+            "zeros in place of the last frame",
+            |b, o| {
+                let n = b.len();
+                b[o[3]..n].fill(0)
+            },
+            Expect::Loads(3),
+        ),
+        (
+            "zeros mid-file",
+            |b, o| b[o[1]..o[2]].fill(0),
+            Expect::Recovers(1),
+        ),
         ("crc", |b, o| b[o[1] + 5] ^= 1, Expect::Recovers(1)),
         ("payload", |b, o| b[o[2] + 12] ^= 0x40, Expect::Recovers(2)),
         (
