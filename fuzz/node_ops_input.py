@@ -11,7 +11,16 @@ enums and structs from fuzz_targets/node_ops.rs, so it encodes what that file de
 OPS_FILE: `cfg key=value ...` (missing keys are 0), `start_ms N`, then one operation per line,
 `Variant field=value ...` in the target's Debug spelling (`Push who=0 app_id=0 msg=Notify`,
 `AckOf back=2 tcp=false`, `Race who=0 notify=true gap=8 ack=true copy=true hb=false`); `#`
-starts a comment. Only fixed-size fields are supported (no Payload/Udp/TcpData bytes).
+starts a comment. Byte fields (`Vec<u8>`: `Udp`/`TcpData` data, `Msg::Payload`) are spelled in
+hex: `TcpData conn=0 data=hex:0201...`, `Push who=0 app_id=0 msg=Payload:hex:61`.
+
+Encoding, as `arbitrary` 1.5.0 (fuzz/Cargo.lock) decodes it: integers little-endian in their
+size, bool one byte (low bit), an enum variant a u32 tag (see `enc_tag`) then its fields. A
+`Vec` is not given a length: `Vec<T>::arbitrary` reads a bool before each element (1: another
+one follows) and stops at a 0 (`Unstructured::arbitrary_iter`), so a `Vec<u8>` in any position
+is `01 b1 01 b2 ... 00`; the top-level `ops` list (the last field, `arbitrary_take_rest`) is
+read the same way. (Lengths taken from the end of the data, `arbitrary_len`, are what `&[u8]`
+and `String` use, not `Vec`.)
 """
 import pathlib
 import re
@@ -51,6 +60,10 @@ def enc_value(text, ty, v):
         return enc_int(ty, v)
     if ty == "bool":
         return bytes([1 if v in ("true", "1") else 0])
+    if ty == "Vec<u8>":
+        if not v.startswith("hex:"):
+            sys.exit("byte field %r: spell it hex:0102..." % v)
+        return b"".join(b"\x01" + bytes([b]) for b in bytes.fromhex(v[4:])) + b"\x00"
     variants = declarations(text, "enum", ty)
     name, _, arg = v.partition(":")
     names = [n for n, _ in variants]
