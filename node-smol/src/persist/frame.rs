@@ -50,18 +50,6 @@ pub(crate) fn frames(
             ));
         }
         let Some(payload) = rest.get(8..8 + len) else {
-            // A write cut short, unless whole frames follow inside what this length claims:
-            // then the length itself was damaged, and dropping the frames after it as a
-            // "torn tail" would lose them.
-            if let Some(at) = frames_follow(buf, off + 1) {
-                return Err((
-                    off as u64,
-                    format!(
-                        "frame length {len} runs past the end of the file, but a whole frame \
-                         starts at byte offset {at}: the length is damaged, not a torn write"
-                    ),
-                ));
-            }
             return Ok(Tail::Torn(off as u64));
         };
         if crc32fast::hash(payload) != crc {
@@ -74,55 +62,6 @@ pub(crate) fn frames(
         off += 8 + len;
     }
     Ok(Tail::Clean)
-}
-
-/// Bytes of payload [`frames_follow`] checksums at most: a start-up meets it only on a tail
-/// that looks torn, and gives up (keeping the torn reading) rather than run long.
-const FOLLOW_BUDGET: usize = 64 << 20;
-
-/// The first offset from `from` where a chain of at least one whole, checksummed frame runs to
-/// the end of `buf` (or to a last frame cut short). A torn write leaves a prefix of one frame
-/// and nothing after it: a checksummed chain in there (a 2^-32 chance per candidate for bytes
-/// we wrote ourselves) means the frame before it had a damaged length.
-fn frames_follow(buf: &[u8], from: usize) -> Option<usize> {
-    let mut budget = FOLLOW_BUDGET;
-    let end = buf.len();
-    let whole_at = |o: usize, budget: &mut usize| -> Option<usize> {
-        let h = buf.get(o..o + FRAME_HEAD)?;
-        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
-        let crc = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-        let p = buf.get(o + FRAME_HEAD..(o + FRAME_HEAD).checked_add(len)?)?;
-        *budget = budget.checked_sub(len)?;
-        (len > 0 && crc32fast::hash(p) == crc).then_some(o + FRAME_HEAD + len)
-    };
-    for start in from..end.saturating_sub(FRAME_HEAD) {
-        let Some(mut next) = whole_at(start, &mut budget) else {
-            if budget == 0 {
-                return None;
-            }
-            continue;
-        };
-        // The rest must be whole frames up to the end, or end in one cut short.
-        loop {
-            if next == end {
-                return Some(start);
-            }
-            match whole_at(next, &mut budget) {
-                Some(n) => next = n,
-                None => {
-                    let rest = &buf[next..];
-                    let cut = rest.len() < FRAME_HEAD
-                        || u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize
-                            > rest.len() - FRAME_HEAD;
-                    if cut {
-                        return Some(start);
-                    }
-                    break;
-                }
-            }
-        }
-    }
-    None
 }
 
 /// Appends one frame holding `payload`.
