@@ -109,15 +109,11 @@ pub(super) fn lookup_json(
         }));
     }
     if let Some((_, p)) = &rec.payload {
-        let b = p.bytes();
-        items.push(json!({
-            "type": "0x20",
-            "len": b.len(),
-            "text": std::str::from_utf8(b).ok(),
-            "hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>(),
-            "base64": base64::engine::general_purpose::STANDARD.encode(b),
-            "age_s": age(2),
-        }));
+        items.push(crate::console::data::payload_item(
+            p.bytes(),
+            "age_s",
+            json!(age(2)),
+        ));
     }
     let mut v = record_json(uuid, rec, owned, online);
     if let Value::Object(o) = &mut v {

@@ -114,6 +114,21 @@ struct Lookup {
 
 /// `POST /console/lookup`: the record of a uuid (hex) or of a user name (MD5 of the name, as
 /// the device SDKs derive it), with its pending items spelled out for display.
+/// A pending 0x20 item as the console shows it (text when it is UTF-8, hex and base64 always),
+/// with its age under `age_key`: the single node knows a lower bound (`min_age_s`), the
+/// cluster store each item's own age (`age_s`).
+pub(crate) fn payload_item(p: &[u8], age_key: &str, age: Value) -> Value {
+    let mut item = json!({
+        "type": "0x20",
+        "len": p.len(),
+        "text": std::str::from_utf8(p).ok(),
+        "hex": p.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "base64": base64::engine::general_purpose::STANDARD.encode(p),
+    });
+    item[age_key] = age;
+    item
+}
+
 pub(crate) fn lookup(node: &Node, now: Time, body: &[u8]) -> Response {
     let q: Lookup = match serde_json::from_slice(body) {
         Ok(q) => q,
@@ -145,14 +160,7 @@ pub(crate) fn lookup(node: &Node, now: Time, body: &[u8]) -> Response {
         items.push(json!({ "type": "0x11", "bits": r.bits, "bits_hex": format!("{:#018x}", r.bits), "min_age_s": age }));
     }
     if let Some(p) = &r.payload {
-        items.push(json!({
-            "type": "0x20",
-            "len": p.len(),
-            "text": std::str::from_utf8(p).ok(),
-            "hex": p.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-            "base64": base64::engine::general_purpose::STANDARD.encode(p),
-            "min_age_s": age,
-        }));
+        items.push(payload_item(p, "min_age_s", json!(age)));
     }
     if let Value::Object(o) = &mut v {
         o.insert("user".into(), json!(q.user));
