@@ -105,8 +105,8 @@ pub struct Node {
     /// the ack window, so a record re-created by the heartbeat that follows inherits them
     /// (see `remove_slot`); dropped at the time given. Pruned by the sweep.
     tombstones: HashMap<Uuid, Tombstone, FixedState>,
-    /// What each push of the current turn changed, so a turn whose write fails can take its
-    /// pushes back (see [`crate::driver`]). Emptied once the turn's changes are drained.
+    /// What each push and operator removal of the current turn changed, so a turn whose
+    /// write fails can take them back (see [`crate::driver`]). Emptied once the turn's changes are drained.
     undo: Vec<turn::Undo>,
     /// Set by [`Node::apply`] before the node knows the time: the first input then tells the
     /// signed-key replay window that a restart happened.
@@ -483,11 +483,13 @@ impl Node {
         }
     }
 
-    /// Removes a record (operator action); journaled like an expiry.
+    /// Removes a record (operator action); journaled like an expiry, and taken back (the
+    /// record as it was) if the turn's write fails.
     pub fn remove(&mut self, now: Time, uuid: &Uuid) -> bool {
         self.advance(now);
         match self.reg.find(uuid) {
             Some(slot) => {
+                self.note_removal(slot);
                 self.remove_slot(slot);
                 self.changes.push_back(Change::Removed { uuid: *uuid });
                 true

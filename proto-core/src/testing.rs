@@ -193,6 +193,15 @@ impl Harness {
         reply
     }
 
+    /// An operator's removal ([`Node::remove`], the admin API's `POST /clients/{uuid}/clear`)
+    /// as its own turn; returns whether it removed a record and its turn's write succeeded.
+    pub fn remove(&mut self, uuid: Uuid) -> bool {
+        let removed = self.node.remove(self.now, &uuid);
+        let failed = self.failed_turns;
+        self.drain();
+        removed && self.failed_turns == failed
+    }
+
     /// Opens a TCP connection with a fresh id; `None` if the node refused it.
     pub fn tcp_open(&mut self, port: Port, peer: SocketAddr) -> Option<ConnId> {
         let conn = self.next_conn;

@@ -171,6 +171,151 @@ fn a_transmit_before_the_commit_is_caught() {
     let _ = node.poll_transmit();
 }
 
+/// A node's turn ended by hand, with the commit's write failing.
+fn fail_turn(node: &mut Node, d: &mut Driver) {
+    let c = d.commit(node, |_| Err::<(), _>("disk full"));
+    assert!(matches!(c, Commit::Failed { .. }), "{c:?}");
+}
+
+fn hb_bytes(u: ddpush_proto::Uuid) -> Vec<u8> {
+    let mut b = Vec::new();
+    ddpush_proto::DevicePacket {
+        app_id: 1,
+        uuid: u,
+        msg: DeviceMsg::Heartbeat,
+    }
+    .encode(&mut b);
+    b
+}
+
+#[test]
+fn a_removal_whose_write_failed_comes_back_as_it_was() {
+    let cfg = unlimited();
+    let mut h = harness(cfg.clone());
+    let (u, a) = (uuid(7), addr(7, 4000));
+    h.heartbeat(a, 1, u);
+    h.push(u, PushMsg::Notify);
+    h.push(u, PushMsg::Bits(0b110));
+    h.push(u, payload(b"kept"));
+    h.take_transmits();
+    let before = h.node.record(&u).unwrap();
+    let stats = |h: &Harness| {
+        let s = h.node.stats();
+        (s.clients, s.online, s.pending.total())
+    };
+    let counts = stats(&h);
+    assert_eq!(counts, (1, 1, 3));
+
+    h.fail_writes = true;
+    assert!(
+        !h.remove(u),
+        "a removal whose write failed was reported done"
+    );
+    let back = h.node.record(&u).expect("the record is back");
+    assert_eq!(format!("{back:?}"), format!("{before:?}"));
+    assert!(h.node.is_online(&u));
+    assert_eq!(stats(&h), counts);
+    // Still served from memory: the next heartbeat re-sends all three items.
+    h.advance(secs(1));
+    h.heartbeat(a, 1, u);
+    let mut got = downs(&mut h);
+    got.sort_by_key(|m| format!("{m:?}"));
+    assert_eq!(got.len(), 3, "{got:?}");
+    // Nothing of the removal reached the journal: a restart has the record too.
+    let replayed = replay(&cfg, &h.take_changes(), h.now());
+    assert_eq!(replayed.pending(), h.node.pending());
+
+    // Space is back: the removal is written, and a restart agrees.
+    h.fail_writes = false;
+    assert!(h.remove(u));
+    assert!(h.node.record(&u).is_none());
+    assert_eq!(stats(&h), (0, 0, 0));
+    let changes = h.take_changes();
+    assert!(changes.contains(&Change::Removed { uuid: u }));
+    let mut all = Vec::new();
+    all.extend(changes);
+    let replayed = replay(&cfg, &all, h.now());
+    assert!(replayed.record(&u).is_none());
+}
+
+#[test]
+fn a_failed_turn_takes_back_a_removal_and_the_pushes_around_it_in_order() {
+    let now = Time::from_secs(1_000);
+    let mut node = Node::new(unlimited()).unwrap();
+    let mut d = Driver::new();
+    let (u, a) = (uuid(8), addr(8, 4000));
+    node.handle_udp(now, a, &hb_bytes(u));
+    d.handle_push(
+        &mut node,
+        now,
+        PushRequest {
+            app_id: 1,
+            uuid: u,
+            msg: PushMsg::Bits(1),
+        },
+    );
+    let _ = d.commit(&mut node, |_| Ok::<(), ()>(()));
+    while node.poll_transmit().is_some() {}
+    let before = format!("{:?}", node.record(&u).unwrap());
+
+    // A push, the removal, then a push that creates the record again: all in one turn.
+    d.handle_push(
+        &mut node,
+        now,
+        PushRequest {
+            app_id: 1,
+            uuid: u,
+            msg: PushMsg::Bits(2),
+        },
+    );
+    assert!(node.remove(now, &u));
+    d.handle_push(
+        &mut node,
+        now,
+        PushRequest {
+            app_id: 1,
+            uuid: u,
+            msg: payload(b"new"),
+        },
+    );
+    assert!(node.record(&u).unwrap().payload.is_some());
+    fail_turn(&mut node, &mut d);
+    assert_eq!(format!("{:?}", node.record(&u).unwrap()), before);
+    assert_eq!(node.stats().clients, 1);
+    assert_eq!(node.stats().online, 1);
+    assert_eq!(node.stats().pending.total(), 1);
+    assert_eq!(node.stats().pushes_failed, 2);
+    while node.poll_transmit().is_some() {}
+
+    // The removal, then a heartbeat that creates the record again in the same turn: the
+    // removed record's items come back into it.
+    let later = now + secs(2);
+    assert!(node.remove(later, &u));
+    node.handle_udp(later, a, &hb_bytes(u));
+    fail_turn(&mut node, &mut d);
+    let r = node.record(&u).unwrap();
+    assert_eq!(r.bits, 1);
+    assert_eq!(r.last_heartbeat, Some(later));
+    assert_eq!(node.stats().clients, 1);
+    assert_eq!(node.stats().online, 1);
+    assert_eq!(node.stats().pending.total(), 1);
+}
+
+#[test]
+fn a_removal_taken_back_keeps_its_tcp_connection() {
+    let mut h = harness(unlimited());
+    let u = uuid(9);
+    let c = h.tcp_open(Port::Device, addr(9, 4000)).unwrap();
+    h.tcp_data(c, &hb_bytes(u));
+    h.take_tcp(c);
+    h.fail_writes = true;
+    assert!(!h.remove(u));
+    h.fail_writes = false;
+    // A push goes out on the connection at once, as before the failed removal.
+    assert_eq!(h.push(u, PushMsg::Notify), PushReply::Accepted);
+    assert_eq!(h.take_tcp(c), down(0, DownMsg::Notify));
+}
+
 /// One step of the property test.
 #[derive(Clone, Debug)]
 enum Op {
@@ -189,6 +334,10 @@ enum Op {
     Step,
     /// Toggle whether writes fail.
     Disk,
+    /// The operator removes the device's record.
+    Remove {
+        dev: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -198,12 +347,14 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..3).prop_map(|dev| Op::Ack { dev }),
         1 => Just(Op::Step),
         2 => Just(Op::Disk),
+        1 => (0u8..3).prop_map(|dev| Op::Remove { dev }),
     ]
 }
 
 proptest! {
     /// With writes failing at random turns: the live mask is exactly the accepted bits not
-    /// acked; a restart from the written journal holds every one of them (acks that were
+    /// acked (and not removed by a removal that was written; one whose write failed removes
+    /// nothing); a restart from the written journal holds every one of them (acks that were
     /// not written may come back, nothing else); no refused bit or payload is ever pending,
     /// live or after the restart, and none reaches a device.
     #[test]
@@ -248,6 +399,19 @@ proptest! {
                 }
                 Op::Step => h.advance(secs(20)),
                 Op::Disk => h.fail_writes = !h.fail_writes,
+                Op::Remove { dev: d } => {
+                    let (u, _) = dev(d);
+                    let existed = h.node.record(&u).is_some();
+                    let removed = h.remove(u);
+                    prop_assert_eq!(removed, existed && !h.fail_writes);
+                    prop_assert_eq!(h.node.record(&u).is_some(), existed && !removed);
+                    if removed {
+                        // Gone with everything pending: what was accepted before is no
+                        // longer owed, live or after a restart.
+                        accepted[d as usize] = 0;
+                        acked[d as usize] = 0;
+                    }
+                }
             }
             for t in h.take_transmits() {
                 if let Payload::Down(p) = &t.payload {

@@ -6,21 +6,42 @@
 //! calls [`Node::end_turn`] with `written = false`: every push of the turn is undone from the
 //! undo log kept here, its deliveries are dropped before they leave, its `0x00` replies become
 //! `0xFF`, and its `PushAccepted` events become `PushFailed`. A refused push therefore leaves no
-//! trace a device or a later start could see. The turn's other effects (acks, heartbeat
+//! trace a device or a later start could see. An operator's removal ([`Node::remove`]) is
+//! taken back too: the admin API answers it only after the write, so a failed write must leave
+//! the record in memory as it stays on disk. The turn's other effects (acks, heartbeat
 //! creations, expiry) stay in memory: losing them from the journal costs at most one duplicate
 //! delivery after a crash, never an item.
+
+use std::net::SocketAddr;
 
 use crate::codec::Content;
 
 use super::Node;
 use crate::codec::{DownMsg, DownPacket, Kind, PushMsg, PushReply, Uuid};
 use crate::output::{Dest, Event, Payload};
-use crate::record::flag;
+use crate::record::{flag, Record};
 use crate::signed::SealedDown;
 use crate::state::Change;
+use crate::ConnId;
+
+/// What one input of the turn changed that a failed write must take back, in turn order.
+pub(super) enum Undo {
+    /// A push.
+    Push(PushUndo),
+    /// An operator's removal: the whole record as it was.
+    Removed(Box<RemovedRecord>),
+}
+
+/// A record removed by [`Node::remove`], with its side-table parts.
+pub(super) struct RemovedRecord {
+    rec: Record,
+    payload: Option<Content>,
+    addr: Option<SocketAddr>,
+    tcp: Option<ConnId>,
+}
 
 /// What one push changed in its record.
-pub(super) struct Undo {
+pub(super) struct PushUndo {
     uuid: Uuid,
     kind: Kind,
     /// The push created the record.
@@ -39,7 +60,7 @@ impl Node {
     /// Notes what a push is about to change in `slot` (called before `store`).
     pub(super) fn note_undo(&mut self, slot: u32, created: bool, msg: &PushMsg) {
         let r = self.reg.rec(slot);
-        self.undo.push(Undo {
+        self.undo.push(Undo::Push(PushUndo {
             uuid: r.uuid,
             kind: msg.kind(),
             created,
@@ -54,7 +75,79 @@ impl Node {
                 _ => None,
             },
             last_push_was: r.last_push,
-        });
+        }));
+    }
+
+    /// Notes the record in `slot` before an operator's removal (called before `remove_slot`).
+    pub(super) fn note_removal(&mut self, slot: u32) {
+        self.undo.push(Undo::Removed(Box::new(RemovedRecord {
+            rec: *self.reg.rec(slot),
+            payload: self.reg.payloads.get(&slot).cloned(),
+            addr: self.reg.addr(slot),
+            tcp: self.reg.tcp.get(&slot).copied(),
+        })));
+    }
+
+    /// Takes back a removal whose write failed. If the uuid came back in the same turn (a
+    /// heartbeat re-created it; a re-creating push was taken back before this), the removed
+    /// record's items go back into that record, which keeps the newer heartbeat.
+    fn undo_removal(&mut self, removed: RemovedRecord) {
+        let RemovedRecord {
+            rec,
+            payload,
+            addr,
+            tcp,
+        } = removed;
+        // The record comes back with its own ledgers: what the removal left for a
+        // re-creation is not needed.
+        self.tombstones.remove(&rec.uuid);
+        if let Some(slot) = self.reg.find(&rec.uuid) {
+            self.count_pending(slot, -1);
+            let r = self.reg.rec_mut(slot);
+            r.set(flag::NOTIFY, r.has(flag::NOTIFY) || rec.has(flag::NOTIFY));
+            r.set_mask(r.mask() | rec.mask());
+            r.last_push = r.last_push.max(rec.last_push);
+            if let Some(p) = payload.filter(|_| !r.has(flag::PAYLOAD)) {
+                r.set(flag::PAYLOAD, true);
+                self.reg.payloads.insert(slot, p);
+            }
+            self.count_pending(slot, 1);
+            return;
+        }
+        let now_s = self.now.secs32();
+        let due = rec.last_hb.saturating_add(self.window_s).saturating_add(1);
+        let mut back = rec;
+        let online = rec.has(flag::ONLINE) && due > now_s;
+        back.set(flag::ONLINE, online);
+        back.set(flag::TCP, false);
+        let slot = self.reg.insert(back);
+        if let Some(p) = payload {
+            self.reg.payloads.insert(slot, p);
+        }
+        if let Some(a) = addr {
+            self.reg.set_addr(slot, a);
+        }
+        match tcp.and_then(|c| self.conns.get_mut(&c).map(|conn| (c, conn))) {
+            Some((c, conn)) => {
+                if !conn.attached.contains(&slot) {
+                    conn.attached.push(slot);
+                }
+                self.reg.tcp.insert(slot, c);
+                self.reg.rec_mut(slot).set(flag::TCP, true);
+            }
+            // Its connection closed in this turn: as when a connection closes, nothing sent
+            // on it can be acked any more.
+            None if tcp.is_some() && addr.is_none() => self.forget_sends(slot),
+            None => {}
+        }
+        self.stats.clients += 1;
+        self.count_pending(slot, 1);
+        if online {
+            self.stats.online += 1;
+            self.wheel.schedule(slot, due);
+        } else if rec.has(flag::ONLINE) {
+            self.events.push_back(Event::Offline { uuid: rec.uuid });
+        }
     }
 
     /// The changes of the turn so far, in order, for the adapter to write as one batch.
@@ -73,9 +166,19 @@ impl Node {
             self.undo.clear();
             return 0;
         }
+        let mut undo = undo;
         // Destinations and kinds whose packets this turn must not send.
         let mut silenced: Vec<(Dest, Kind)> = Vec::new();
-        for u in undo.iter().rev() {
+        let mut refused = 0u64;
+        for u in undo.drain(..).rev() {
+            let u = match u {
+                Undo::Push(u) => u,
+                Undo::Removed(r) => {
+                    self.undo_removal(*r);
+                    continue;
+                }
+            };
+            refused += 1;
             let Some(slot) = self.reg.find(&u.uuid) else {
                 continue;
             };
@@ -116,7 +219,6 @@ impl Node {
                 self.stats.created -= 1;
             }
         }
-        let refused = undo.len() as u64;
         self.stats.pushes_accepted -= refused;
         self.stats.pushes_failed += refused;
         self.transmits.retain_mut(|t| match &mut t.payload {
