@@ -405,3 +405,75 @@ fn a_start_while_the_disk_is_full_serves_devices_refuses_pushes_and_recovers() {
     let s = Proc::start(dir.path(), None, &[]);
     led.check(&s);
 }
+
+/// `POST /clients/{uuid}/clear` on a full disk: answered only after its journal write, so a
+/// removal the disk did not take is answered 503 and the record is kept, live and after a
+/// `kill -9`; every removal answered 200 stays removed.
+#[test]
+fn a_clear_on_a_full_disk_is_refused_and_the_record_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Proc::start(
+        dir.path(),
+        Some(48 * 1024),
+        &["--fsync", "always", "--snapshot-interval", "1h"],
+    );
+    let mut p = s.pusher();
+    let mut led = Ledger::default();
+    fill(&s, &mut p, &mut led, 0);
+    // A removal's frame is smaller than a push's, so a few may still fit: clear accepted
+    // records until the disk refuses one.
+    let mut removed = Vec::new();
+    let mut kept = None;
+    for &i in &led.accepted {
+        let (status, text) = s.http("POST", &format!("/clients/{}/clear", hex(&uuid(i))), "");
+        match status {
+            200 => removed.push(i),
+            503 => {
+                assert!(text.contains("removal was not written"), "{text}");
+                kept = Some(i);
+                break;
+            }
+            other => panic!("clear answered {other}: {text}"),
+        }
+    }
+    let kept = kept.expect("no clear was refused on the full disk");
+    assert!(removed.len() < 30, "{} clears fit", removed.len());
+    // Memory matches the disk: the record is still there, with its payload.
+    assert_eq!(s.pending(&uuid(kept)), Some(body(kept)));
+    assert_eq!(s.status()["degraded"], true);
+    s.wait_for_line("storage degraded");
+    s.kill9();
+
+    let s = Proc::start(dir.path(), None, &[]);
+    assert_eq!(
+        s.pending(&uuid(kept)),
+        Some(body(kept)),
+        "refused clear took effect"
+    );
+    for &i in &removed {
+        assert_eq!(s.pending(&uuid(i)), None, "cleared record {i} came back");
+    }
+    led.accepted.retain(|i| !removed.contains(i));
+    led.check(&s);
+    assert!(s.heartbeat_answer(kept).ends_with(&body(kept)));
+}
+
+/// With space, a clear answers 200 once written: after `kill -9` and a restart the record is
+/// gone and the others are not.
+#[test]
+fn a_clear_with_space_survives_kill9() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Proc::start(dir.path(), None, &["--fsync", "always"]);
+    assert_eq!(push_admin(&s, 1), 200);
+    assert_eq!(push_admin(&s, 2), 200);
+    let (status, text) = s.http("POST", &format!("/clients/{}/clear", hex(&uuid(1))), "");
+    assert_eq!((status, text.as_str()), (200, r#"{"removed":true}"#));
+    assert_eq!(s.pending(&uuid(1)), None);
+    s.kill9();
+    let s = Proc::start(dir.path(), None, &[]);
+    let (status, _) = s.http("GET", &format!("/clients/{}", hex(&uuid(1))), "");
+    assert_eq!(status, 404, "the cleared record came back");
+    assert_eq!(s.pending(&uuid(2)), Some(body(2)));
+    let (status, _) = s.http("POST", &format!("/clients/{}/clear", hex(&uuid(1))), "");
+    assert_eq!(status, 404);
+}

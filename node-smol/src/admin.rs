@@ -326,8 +326,27 @@ pub(crate) enum Answer {
     Now(Response),
     /// A `POST /push` whose results depend on the turn's write (see [`Driver::commit`]).
     AfterCommit(HeldPush),
-    /// A key update, in effect only if the turn's write succeeds.
-    AfterKeyCommit(keys::HeldKey),
+    /// A change other than a push (a key update, a removal), in effect only if the turn's
+    /// write succeeds.
+    AfterWrite(HeldWrite),
+}
+
+/// A 200 answer that holds only if its turn's journal write succeeds; otherwise 503 with
+/// `not_written` (the core took the change back with the turn).
+pub(crate) struct HeldWrite {
+    pub(crate) body: Value,
+    pub(crate) not_written: &'static str,
+}
+
+impl HeldWrite {
+    /// The response once the turn's write succeeded (`written`) or failed.
+    pub(crate) fn finish(self, written: bool) -> Response {
+        if written {
+            Response::json(200, self.body)
+        } else {
+            Response::error(503, self.not_written)
+        }
+    }
 }
 
 /// What a single node's failed item says: its turn's journal write failed.
@@ -448,9 +467,17 @@ pub(crate) fn handle(
                 None => Response::error(404, "unknown uuid"),
             },
         },
+        // Answered after the turn's write, like a push: "removed" means a restart does not
+        // bring the record back; a failed write takes the removal back and answers 503.
         ("POST", ["clients", hex, "clear"]) => match Uuid::from_hex(hex) {
             None => Response::error(400, "uuid must be 32 hex digits"),
-            Some(u) if node.remove(now, &u) => Response::json(200, json!({ "removed": true })),
+            Some(u) if node.remove(now, &u) => {
+                return Answer::AfterWrite(HeldWrite {
+                    body: json!({ "removed": true }),
+                    not_written:
+                        "storage unavailable: the removal was not written; the record is kept",
+                })
+            }
             Some(_) => Response::error(404, "unknown uuid"),
         },
         ("GET", ["clients", hex, "key"]) => match Uuid::from_hex(hex) {
@@ -468,7 +495,7 @@ pub(crate) fn handle(
             };
             return match a {
                 keys::KeyAnswer::Now(r) => Answer::Now(r),
-                keys::KeyAnswer::AfterCommit(h) => Answer::AfterKeyCommit(h),
+                keys::KeyAnswer::AfterCommit(h) => Answer::AfterWrite(h),
             };
         }
         ("POST", ["push"]) => {

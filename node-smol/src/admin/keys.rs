@@ -15,7 +15,7 @@ use ddpush_proto::{Node, Time, Uuid};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::Response;
+use super::{HeldWrite, Response};
 
 /// The default rotation grace period: how long the previous key stays valid.
 pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -28,30 +28,22 @@ struct KeyBody {
     grace_s: Option<u64>,
 }
 
-/// A key update waiting for its turn's commit.
-pub(crate) struct HeldKey {
-    status: u16,
-    body: Value,
-}
+/// What a key update says when its turn's write failed.
+const NOT_WRITTEN: &str =
+    "storage unavailable: the key change was not written and is not in effect";
 
-impl HeldKey {
-    /// The response once the turn's write succeeded (`written`) or failed.
-    pub(crate) fn finish(self, written: bool) -> Response {
-        if written {
-            Response::json(self.status, self.body)
-        } else {
-            Response::error(
-                503,
-                "storage unavailable: the key change was not written and is not in effect",
-            )
-        }
+/// A key update waiting for its turn's commit.
+fn held(body: Value) -> HeldWrite {
+    HeldWrite {
+        body,
+        not_written: NOT_WRITTEN,
     }
 }
 
 /// What the loop answers to a key request: now, or after the turn's commit.
 pub(crate) enum KeyAnswer {
     Now(Response),
-    AfterCommit(HeldKey),
+    AfterCommit(HeldWrite),
 }
 
 fn info(node: &Node, uuid: &Uuid) -> Value {
@@ -100,7 +92,7 @@ pub(crate) fn put(node: &mut Node, now: Time, uuid: Uuid, body: &[u8]) -> KeyAns
             };
             let mut body = info(node, &uuid);
             body["result"] = json!(result);
-            KeyAnswer::AfterCommit(HeldKey { status: 200, body })
+            KeyAnswer::AfterCommit(held(body))
         }
     }
 }
@@ -108,10 +100,7 @@ pub(crate) fn put(node: &mut Node, now: Time, uuid: Uuid, body: &[u8]) -> KeyAns
 /// `DELETE /clients/{uuid}/key`: the uuid speaks v1 again.
 pub(crate) fn delete(node: &mut Node, now: Time, uuid: &Uuid) -> KeyAnswer {
     if node.remove_key(now, uuid) {
-        KeyAnswer::AfterCommit(HeldKey {
-            status: 200,
-            body: json!({ "uuid": uuid.to_hex(), "removed": true }),
-        })
+        KeyAnswer::AfterCommit(held(json!({ "uuid": uuid.to_hex(), "removed": true })))
     } else {
         KeyAnswer::Now(Response::error(404, "the uuid has no key"))
     }

@@ -68,7 +68,7 @@ impl Loop {
             let resp = match ans {
                 admin::Answer::Now(r) => r,
                 admin::Answer::AfterCommit(held) => held.finish(&replies),
-                admin::Answer::AfterKeyCommit(held) => held.finish(written),
+                admin::Answer::AfterWrite(held) => held.finish(written),
             };
             let _ = tx.try_send(resp);
         }
