@@ -441,3 +441,67 @@ fn a_failing_fsync_refuses_pushes_until_one_succeeds_then_a_snapshot_rewrites_me
     let srv = InProc::start(dir.path(), Arc::new(OsDisk), &[]);
     led.check(&srv);
 }
+
+/// `GET /status` on `admin`: how long the answer took, or `None` if none came within `limit`.
+fn status_within(admin: SocketAddr, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    let req = format!("GET /status HTTP/1.1\r\nhost: {admin}\r\ncontent-length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    out.starts_with(b"HTTP/1.1 200").then(|| t.elapsed())
+}
+
+/// Slow turns one after another (every `--fsync always` turn takes 20 ms, as on a struggling
+/// disk, with 16 pushers keeping the loop busy) must not starve the admin port: its
+/// connection tasks share the loop's thread and run only when the loop lets them. Each
+/// `/status` must come back within a bound far above the few turns it needs (a starved port
+/// answers never: the request's own time-out is a task that does not run either).
+#[test]
+fn the_admin_port_answers_while_slow_turns_follow_each_other() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let disk = FailingDisk::default();
+    disk.faults.set_sync_delay_ms(20);
+    let srv = InProc::start(dir.path(), Arc::new(disk), &["--fsync", "always"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let pushed = Arc::new(AtomicU64::new(0));
+    let pushers: Vec<_> = (0..16u32)
+        .map(|k| {
+            let mut p = srv.pusher();
+            let (stop, pushed) = (stop.clone(), pushed.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    assert_eq!(push9999(&mut p, &uuid(k * 1000 + i % 100), b"x"), 0x00);
+                    pushed.fetch_add(1, Ordering::SeqCst);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // A few turns would do; the bound is far above that, and a starved port misses it.
+    let bound = Duration::from_secs(2);
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        let a = status_within(srv.admin(), bound).filter(|&t| t < bound);
+        answers.push(a);
+        if a.is_none() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for p in pushers {
+        p.join().unwrap();
+    }
+    let pushed = pushed.load(Ordering::SeqCst);
+    eprintln!("/status answered in {answers:?} while {pushed} pushes were accepted");
+    assert!(pushed >= 20, "the pushers were not busy: {pushed} pushes");
+    assert!(
+        answers.iter().all(Option::is_some),
+        "the admin port starved behind slow turns (no answer within {bound:?}): {answers:?}"
+    );
+}

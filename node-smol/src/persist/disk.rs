@@ -2,7 +2,8 @@
 //!
 //! [`OsDisk`] is the real thing. [`FailingDisk`] wraps it for fault-injection tests of the real
 //! server loop: it fails the N-th write, or every write while "full", each time after writing
-//! only half of the bytes, which is what a disk filling up mid-write does.
+//! only half of the bytes, which is what a disk filling up mid-write does; or it makes every
+//! sync slow, so each `--fsync always` turn takes as long as on a struggling disk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
@@ -78,6 +79,9 @@ pub struct Faults {
     /// While set, every sync fails and writes succeed: a filesystem that takes the bytes but
     /// cannot write them back (thin provisioning, a failing device).
     pub sync_fails: AtomicBool,
+    /// Every sync takes this many milliseconds more (it still succeeds): a slow device, as a
+    /// loaded or nearly full disk is under `--fsync always`.
+    pub sync_delay_ms: AtomicU64,
     /// Writes that failed.
     pub failed: AtomicU64,
 }
@@ -92,6 +96,11 @@ impl Faults {
     /// Makes the disk full (every write fails) or gives the space back.
     pub fn set_full(&self, full: bool) {
         self.full.store(full, Ordering::SeqCst);
+    }
+
+    /// Makes every sync take `ms` milliseconds more (0: as fast as the real disk).
+    pub fn set_sync_delay_ms(&self, ms: u64) {
+        self.sync_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Makes every sync fail (writes still succeed), or work again.
@@ -133,6 +142,10 @@ impl DiskFile for FailingFile {
         self.inner.write_all(buf)
     }
     fn sync(&mut self) -> io::Result<()> {
+        let delay = self.faults.sync_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
         if self.faults.full.load(Ordering::SeqCst) {
             return Err(enospc());
         }

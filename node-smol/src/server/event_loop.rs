@@ -4,6 +4,11 @@
 //! drain the UDP socket until it would block and the message queue; then journal the turn's
 //! changes (fsync under `--fsync always`) *before* sending its transmits, so a `0x00` reply
 //! always follows the write that makes its push survive a crash.
+//!
+//! The loop shares its thread with the admin connection tasks, the accept tasks and the
+//! snapshot's completion; they run only while the loop waits. A loop that has not waited for
+//! [`FAIR_SLICE`] yields once after its turn, so they are served between turns however busy
+//! or slow the turns are.
 
 use std::io;
 use std::sync::Arc;
@@ -33,6 +38,10 @@ const MSG_BATCH: usize = 4096;
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
 /// How long the loop keeps polling after a turn with connection traffic before it sleeps.
 const SPIN: Duration = Duration::from_micros(50);
+/// The longest the loop runs turns without letting the executor's other tasks run (admin
+/// connections, accepts, the snapshot's completion). They run only while the loop waits, and
+/// under load it may never wait: see `Loop::run`.
+const FAIR_SLICE: Duration = Duration::from_millis(5);
 
 enum Wake {
     Udp,
@@ -129,6 +138,8 @@ impl Loop {
         stop: Option<Receiver<super::Stop>>,
     ) -> super::Stop {
         let mut spin_until = Instant::now();
+        // When the other tasks of the executor last had their chance to run.
+        let mut others_ran = Instant::now();
         loop {
             let deadline = self.deadline();
             let race = future::or(
@@ -182,11 +193,23 @@ impl Loop {
                     Some(w) => w,
                     None => {
                         future::yield_now().await;
+                        others_ran = Instant::now();
                         continue;
                     }
                 }
             } else {
-                race.await
+                let mut race = std::pin::pin!(race);
+                let mut waited = false;
+                let w = future::poll_fn(|cx| {
+                    let p = std::future::Future::poll(race.as_mut(), cx);
+                    waited |= p.is_pending();
+                    p
+                })
+                .await;
+                if waited {
+                    others_ran = Instant::now();
+                }
+                w
             };
             let mut tcp_turn = matches!(wake, Wake::Msg(_) | Wake::Conns);
             match wake {
@@ -215,10 +238,23 @@ impl Loop {
             self.node.handle_timeout(now);
             self.maintenance();
             self.flush();
+            let end = Instant::now();
             // Only connection traffic (pushers waiting for their reply byte) earns the spin;
             // heartbeats are fire-and-forget, so a UDP-only load sleeps between turns as before.
             if tcp_turn {
-                spin_until = Instant::now() + SPIN;
+                spin_until = end + SPIN;
+            }
+            // The executor runs its other tasks only while this future is pending. Under load
+            // it may not be: while a turn runs, async-io's helper thread polls the sockets,
+            // so the next turn finds a connection ready at once, and slow turns (an fsync per
+            // turn on a struggling disk) follow each other without a wait. Admin requests,
+            // accepts and the snapshot's completion would starve, so after FAIR_SLICE without
+            // a wait the loop yields once. A loop that waits between short turns (the usual
+            // case, heartbeats included) never yields here; a busy one yields once per slice,
+            // and a slow turn once after it.
+            if end.duration_since(others_ran) >= FAIR_SLICE {
+                future::yield_now().await;
+                others_ran = Instant::now();
             }
         }
     }
