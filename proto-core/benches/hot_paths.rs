@@ -208,6 +208,77 @@ fn heartbeat_signed_server_only(b: Bencher) {
     });
 }
 
+/// Datagrams per receive batch in the `*_batch64` benches (the server's `recvmmsg` batch).
+const BATCH: u64 = 64;
+
+/// Hands `BATCH` heartbeats per iteration to the node, made by `make(i)` outside the timed
+/// part, either as one batch ([`Node::handle_udp_batch`], as the server does) or one by one.
+/// Before each batch (untimed) 4 MiB are read, twice this CPU's L2: in the server the
+/// kernel's receive and send paths run between two batches and leave little of the node's
+/// memory in the core's caches (docs/BENCHMARKS.md, the server's profile).
+fn batch64(b: Bencher, mut n: Node, batched: bool, mut make: impl FnMut(u64) -> Vec<u8>) {
+    let now = Time::from_secs(1_000_001);
+    let mut i = 0u64;
+    let evict: Vec<u8> = (0..4u32 << 20).map(|x| x as u8).collect();
+    b.counter(divan::counter::ItemsCount::new(BATCH))
+        .with_inputs(|| {
+            black_box(evict.chunks(64).map(|l| l[0]).fold(0u8, u8::wrapping_add));
+            (0..BATCH)
+                .map(|_| {
+                    i = (i + 97) % clients();
+                    (addr(i), make(i))
+                })
+                .collect::<Vec<_>>()
+        })
+        .bench_local_values(|pkts| {
+            let batch: Vec<(SocketAddr, &[u8])> =
+                pkts.iter().map(|(a, p)| (*a, p.as_slice())).collect();
+            if batched {
+                n.handle_udp_batch(now, &batch);
+            } else {
+                for &(a, p) in &batch {
+                    n.handle_udp(now, a, p);
+                }
+            }
+            while let Some(t) = n.poll_transmit() {
+                black_box(t);
+            }
+        });
+}
+
+/// 64 signed heartbeats as one receive batch: the keyring entries of the batch are loaded
+/// together before the first is checked, so their misses overlap. Compare with
+/// `heartbeat_signed_one_by_one_batch64` (the same packets through `handle_udp`) and
+/// `heartbeat_unsigned_batch64`; per heartbeat is the time divided by 64.
+#[divan::bench]
+fn heartbeat_signed_batch64(b: Bencher) {
+    let (n, now) = keyed_node();
+    let keyed = ddpush_proto::signed::KeyedMac::new(&bench_key());
+    let mut nonce = 0u32;
+    batch64(b, n, true, |i| {
+        nonce = nonce.wrapping_add(1);
+        signed_hb(i, nonce, now, &keyed)
+    });
+}
+
+/// `heartbeat_signed_batch64`'s packets, each through `handle_udp` (no batch).
+#[divan::bench]
+fn heartbeat_signed_one_by_one_batch64(b: Bencher) {
+    let (n, now) = keyed_node();
+    let keyed = ddpush_proto::signed::KeyedMac::new(&bench_key());
+    let mut nonce = 0u32;
+    batch64(b, n, false, |i| {
+        nonce = nonce.wrapping_add(1);
+        signed_hb(i, nonce, now, &keyed)
+    });
+}
+
+/// 64 v1 heartbeats as one receive batch (nothing is loaded ahead for v1 packets).
+#[divan::bench]
+fn heartbeat_unsigned_batch64(b: Bencher) {
+    batch64(b, node(ReplyPolicy::Always), true, hb);
+}
+
 /// `heartbeat_nothing_pending` measured as `heartbeat_signed_server_only` is: the same walk
 /// over all 100,000 clients (so the same cache misses) and packets made outside the timed
 /// part. The signed bench minus this one is what signing adds in the core.

@@ -205,6 +205,25 @@ impl Node {
         }
     }
 
+    /// Datagrams that arrived together on the device UDP port (one `recvmmsg`), in order:
+    /// the same as [`Node::handle_udp`] for each in turn. First, every signed one's keyring
+    /// entry is loaded, all of them at once, so that their cache misses overlap each other
+    /// instead of each one stalling its own packet's check (with the kernel's UDP path between
+    /// two heartbeats of a uuid, its entry is rarely still cached; profiled,
+    /// docs/BENCHMARKS.md).
+    pub fn handle_udp_batch(&mut self, now: Time, batch: &[(SocketAddr, &[u8])]) {
+        if batch.len() > 1 {
+            for (_, data) in batch {
+                if data.first() == Some(&SIGNED_VERSION) {
+                    self.keys.prefetch(data);
+                }
+            }
+        }
+        for &(from, data) in batch {
+            self.handle_udp(now, from, data);
+        }
+    }
+
     /// A TCP connection was accepted. Returns false if it is refused (too many in all or from
     /// its IP); the adapter then closes it without calling [`Node::handle_tcp_close`].
     ///

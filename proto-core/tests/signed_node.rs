@@ -706,3 +706,71 @@ fn a_stale_slot_hint_never_touches_another_record() {
     assert_eq!(h.node.record(&alice()).and_then(|r| r.addr), Some(c));
     assert_eq!(h.node.stats().signed_accepted, 4);
 }
+
+#[test]
+fn a_receive_batch_is_handled_as_its_datagrams_one_by_one() {
+    let (mut batched, mut dev) = keyed_harness();
+    let (mut plain, _) = keyed_harness();
+    let (a, m) = (addr(1, 40_000), addr(2, 40_000));
+    let mut mallory = Signed::new(Uuid::from_user("mallory"), 1, key(7));
+    let mut v1 = Vec::new();
+    ddpush_proto::DevicePacket {
+        app_id: 1,
+        uuid: alice(),
+        msg: DeviceMsg::Heartbeat,
+    }
+    .encode(&mut v1);
+    push_all(&mut batched, alice());
+    push_all(&mut plain, alice());
+    for round in 0..3 {
+        let now = batched.now();
+        let hb = dev.packet(now, DeviceMsg::Heartbeat);
+        // Around alice's heartbeat: every prefix of it (short and torn ones), a copy (a
+        // replay), a v1 packet naming her, a signed packet of a uuid with no key, garbage that
+        // starts like a signed packet, nothing.
+        let mut batch: Vec<(std::net::SocketAddr, Vec<u8>)> =
+            (0..hb.len()).map(|n| (m, hb[..n].to_vec())).collect();
+        batch.push((a, hb.clone()));
+        batch.push((m, hb.clone()));
+        batch.push((m, v1.clone()));
+        batch.push((m, mallory.packet(now, DeviceMsg::Heartbeat)));
+        batch.push((m, vec![0x02; 700]));
+        batch.push((m, Vec::new()));
+        let refs: Vec<(std::net::SocketAddr, &[u8])> =
+            batch.iter().map(|(f, d)| (*f, d.as_slice())).collect();
+        batched.node.handle_udp_batch(now, &refs);
+        for (f, d) in &batch {
+            plain.udp(*f, d);
+        }
+        batched.drain();
+        let got = batched.take_udp(a);
+        assert_eq!(
+            got,
+            plain.take_udp(a),
+            "round {round}: the same answers, byte for byte"
+        );
+        let opened: Vec<DownMsg> = got.iter().map(|b| dev.open(b)).collect();
+        assert_eq!(
+            opened.len(),
+            3,
+            "every pending item resent, sealed: {opened:?}"
+        );
+        assert_eq!(batched.take_udp(m), plain.take_udp(m));
+        assert_eq!(batched.take_changes(), plain.take_changes());
+        batched.advance(millis(300));
+        plain.advance(millis(300));
+    }
+    let (x, y) = (batched.node.stats(), plain.node.stats());
+    assert_eq!(x.signed_accepted, 3);
+    assert_eq!(x.signed_accepted, y.signed_accepted);
+    for e in [
+        SignedDrop::Length,
+        SignedDrop::UnknownKey,
+        SignedDrop::Replayed,
+    ] {
+        assert!(x.signed_dropped.get(e) > 0, "{e:?} counted");
+        assert_eq!(x.signed_dropped.get(e), y.signed_dropped.get(e), "{e:?}");
+    }
+    assert_eq!(batched.node.pending(), plain.node.pending());
+    assert_eq!(batched.node.record(&alice()), plain.node.record(&alice()));
+}

@@ -39,6 +39,12 @@ const UDP_BATCH: usize = 4096;
 pub(crate) trait SocketCore {
     /// A datagram on the device UDP port.
     fn handle_udp(&mut self, now: Time, from: SocketAddr, data: &[u8]);
+    /// Datagrams read together, in order ([`Node::handle_udp_batch`]).
+    fn handle_udp_batch(&mut self, now: Time, batch: &[(SocketAddr, &[u8])]) {
+        for &(from, data) in batch {
+            self.handle_udp(now, from, data);
+        }
+    }
     /// A TCP connection was accepted; false refuses it (the layer closes it without telling
     /// the core again).
     fn handle_tcp_open(&mut self, now: Time, conn: ConnId, port: Port, peer: SocketAddr) -> bool;
@@ -55,6 +61,10 @@ pub(crate) trait SocketCore {
 impl SocketCore for Node {
     fn handle_udp(&mut self, now: Time, from: SocketAddr, data: &[u8]) {
         Node::handle_udp(self, now, from, data);
+    }
+
+    fn handle_udp_batch(&mut self, now: Time, batch: &[(SocketAddr, &[u8])]) {
+        Node::handle_udp_batch(self, now, batch);
     }
 
     fn handle_tcp_open(&mut self, now: Time, conn: ConnId, port: Port, peer: SocketAddr) -> bool {
@@ -200,8 +210,8 @@ impl Sockets {
         let mut read = 0;
         while read < UDP_BATCH && more(core) {
             let now = clock.now();
-            match self.udp_batch.recv(self.udp.get_ref(), |from, data| {
-                core.handle_udp(now, from, data)
+            match self.udp_batch.recv(self.udp.get_ref(), |batch| {
+                core.handle_udp_batch(now, batch)
             }) {
                 Ok(0) => break,
                 Ok(n) => {

@@ -10,6 +10,11 @@ use std::net::{SocketAddr, UdpSocket};
 
 /// Datagrams per batch (one `recvmmsg`/`sendmmsg` call).
 pub(super) const MMSG: usize = 64;
+/// Fills the unused part of a receive batch.
+const NO_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    0,
+));
 /// Receive buffer per datagram: larger than any valid device packet, so an oversized one is
 /// still seen whole enough to be refused for what it is.
 const MMSG_BUF: usize = 2048;
@@ -44,12 +49,14 @@ impl UdpBatch {
         self.tx_end.len() >= MMSG
     }
 
-    /// Reads up to [`MMSG`] datagrams without blocking; calls `f` with each. Returns how many
-    /// were read, or the error (`WouldBlock` when none was waiting).
+    /// Reads up to [`MMSG`] datagrams without blocking; calls `f` once with all of them and
+    /// their sources, in order (the core looks up their keys together:
+    /// `Node::handle_udp_batch`). Returns how many were read, or the error (`WouldBlock` when
+    /// none was waiting).
     pub(super) fn recv(
         &mut self,
         sock: &UdpSocket,
-        f: impl FnMut(SocketAddr, &[u8]),
+        f: impl FnOnce(&[(SocketAddr, &[u8])]),
     ) -> io::Result<usize> {
         imp::recv(&mut self.sys, &mut self.rx, sock, f)
     }
@@ -117,7 +124,7 @@ mod mmsg {
 
     use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 
-    use super::{MMSG, MMSG_BUF};
+    use super::{MMSG, MMSG_BUF, NO_ADDR};
 
     /// The `mmsghdr` arrays, allocated once, and the destination addresses of one send.
     pub(super) struct Headers {
@@ -140,7 +147,7 @@ mod mmsg {
         h: &mut Headers,
         bufs: &mut [[u8; MMSG_BUF]],
         sock: &UdpSocket,
-        mut f: impl FnMut(SocketAddr, &[u8]),
+        f: impl FnOnce(&[(SocketAddr, &[u8])]),
     ) -> io::Result<usize> {
         let mut it = bufs.iter_mut();
         let mut iov: [[IoSliceMut<'_>; 1]; MMSG] =
@@ -153,6 +160,8 @@ mod mmsg {
             None,
         )?;
         let mut n = 0;
+        let mut batch = [(NO_ADDR, &[][..]); MMSG];
+        let mut kept = 0;
         for m in got {
             n += 1;
             let from = m.address.and_then(|a| {
@@ -161,10 +170,12 @@ mod mmsg {
                     .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into())))
             });
             let data = m.iovs().next().unwrap_or(&[]);
-            if let Some(from) = from {
-                f(from, &data[..m.bytes.min(data.len())]);
+            if let (Some(from), Some(slot)) = (from, batch.get_mut(kept)) {
+                *slot = (from, &data[..m.bytes.min(data.len())]);
+                kept += 1;
             }
         }
+        f(&batch[..kept]);
         Ok(n)
     }
 
@@ -220,7 +231,7 @@ mod portable {
     use std::io;
     use std::net::{SocketAddr, UdpSocket};
 
-    use super::{MMSG, MMSG_BUF};
+    use super::{MMSG, MMSG_BUF, NO_ADDR};
 
     /// Nothing to keep between calls without `mmsghdr`s.
     pub(super) struct Headers;
@@ -236,20 +247,25 @@ mod portable {
         _: &mut Headers,
         bufs: &mut [[u8; MMSG_BUF]],
         sock: &UdpSocket,
-        mut f: impl FnMut(SocketAddr, &[u8]),
+        f: impl FnOnce(&[(SocketAddr, &[u8])]),
     ) -> io::Result<usize> {
-        let buf = &mut bufs[0];
+        let mut got = [(NO_ADDR, 0); MMSG];
         let mut n = 0;
-        while n < MMSG {
+        for (buf, g) in bufs.iter_mut().zip(&mut got) {
             match sock.recv_from(buf) {
                 Ok((len, from)) => {
                     n += 1;
-                    f(from, &buf[..len]);
+                    *g = (from, len);
                 }
                 Err(e) if n == 0 => return Err(e),
                 Err(_) => break,
             }
         }
+        let mut batch = [(NO_ADDR, &[][..]); MMSG];
+        for ((b, buf), &(from, len)) in batch.iter_mut().zip(bufs.iter()).zip(&got[..n]) {
+            *b = (from, &buf[..len]);
+        }
+        f(&batch[..n]);
         Ok(n)
     }
 
@@ -340,12 +356,14 @@ mod tests {
         let mut batch = UdpBatch::new();
         let mut got = Vec::new();
         let n = batch
-            .recv(&b, |from, d| got.push((from, d.to_vec())))
+            .recv(&b, |all| {
+                got.extend(all.iter().map(|(from, d)| (*from, d.to_vec())));
+            })
             .expect("recv");
         assert_eq!(n, 5);
         let src = a.local_addr().expect("addr");
         assert_eq!(got, (0..5u8).map(|i| (src, vec![i; 3])).collect::<Vec<_>>());
-        let e = batch.recv(&b, |_, _| {}).expect_err("empty");
+        let e = batch.recv(&b, |_| {}).expect_err("empty");
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 
@@ -363,13 +381,18 @@ mod tests {
         b.set_nonblocking(true).expect("nonblocking");
         a.send_to(&[9, 9], to).expect("send");
         std::thread::sleep(Duration::from_millis(50));
-        let mut bufs = vec![[0u8; MMSG_BUF]; 1];
+        a.send_to(&[8], to).expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+        let mut bufs = vec![[0u8; MMSG_BUF]; 3];
         let mut got = Vec::new();
-        let n =
-            portable::recv(&mut h, &mut bufs, &b, |f, d| got.push((f, d.to_vec()))).expect("recv");
-        assert_eq!(n, 1);
-        assert_eq!(got, vec![(a.local_addr().expect("addr"), vec![9, 9])]);
-        let e = portable::recv(&mut h, &mut bufs, &b, |_, _| {}).expect_err("empty");
+        let n = portable::recv(&mut h, &mut bufs, &b, |all| {
+            got.extend(all.iter().map(|(f, d)| (*f, d.to_vec())));
+        })
+        .expect("recv");
+        assert_eq!(n, 2);
+        let src = a.local_addr().expect("addr");
+        assert_eq!(got, vec![(src, vec![9, 9]), (src, vec![8])]);
+        let e = portable::recv(&mut h, &mut bufs, &b, |_| {}).expect_err("empty");
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 }

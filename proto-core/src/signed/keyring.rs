@@ -10,7 +10,7 @@ use std::time::Duration;
 use foldhash::fast::FixedState;
 use hashbrown::{HashMap, HashTable};
 
-use crate::codec::{DevicePacket, DownPacket, Uuid};
+use crate::codec::{DevicePacket, DownPacket, UpHeader, Uuid};
 use crate::time::{secs32, Time};
 
 use super::codec::{KeyedMac, Seal, SealedDown, SignedFrame};
@@ -406,6 +406,30 @@ impl Keyring {
             ahead_was,
             slot_hint,
         })
+    }
+
+    /// Loads the entry that the signed packet in `buf` will be checked against, ahead of
+    /// [`Keyring::verify`], which otherwise waits for it at the uuid compare: called for every
+    /// packet of a receive batch first, the batch's misses overlap
+    /// ([`crate::Node::handle_udp_batch`]). Reads only, whatever `buf` holds.
+    pub fn prefetch(&self, buf: &[u8]) {
+        if self.map.is_empty() {
+            return;
+        }
+        let Some(h) = UpHeader::parse(buf) else {
+            return;
+        };
+        // The first entry whose hash tag matches: the uuid's own but for a rare collision,
+        // which costs one wasted load and nothing else.
+        if let Some(e) = self.map.iter_hash(self.hasher.hash_one(h.uuid.0)).next() {
+            // One word of each of the entry's three lines. Plain loads, not a prefetch
+            // instruction (none is stable and safe at the crate's minimum Rust, and the crate
+            // forbids `unsafe`): no load depends on another entry's, so the CPU has the
+            // misses of several packets in flight at once.
+            std::hint::black_box(
+                u64::from(e.uuid.0[0]) ^ e.replay.last_word() ^ u64::from(e.mac.outer_word()),
+            );
+        }
     }
 
     /// Remembers where the node found `uuid`'s record, for [`Verified::slot_hint`]. The node
