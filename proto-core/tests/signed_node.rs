@@ -774,3 +774,48 @@ fn a_receive_batch_is_handled_as_its_datagrams_one_by_one() {
     assert_eq!(batched.node.pending(), plain.node.pending());
     assert_eq!(batched.node.record(&alice()), plain.node.record(&alice()));
 }
+
+#[test]
+fn mid_rotation_each_answer_is_sealed_under_the_key_its_packet_used() {
+    let (mut h, mut old) = keyed_harness();
+    let a = addr(1, 40_000);
+    let now = h.now();
+    assert_eq!(
+        h.node.set_key(now, alice(), 2, key(9), secs(60)),
+        Ok(KeyUpdate::Rotated)
+    );
+    h.drain();
+    let mut new = Signed::new(alice(), 2, key(9));
+    h.push(alice(), PushMsg::Notify);
+    h.take_transmits();
+    for round in 0..4 {
+        // The new key, the old one, the new one again, the old one again.
+        let (dev, other) = if round % 2 == 0 {
+            (&mut new, &old)
+        } else {
+            (&mut old, &new)
+        };
+        let hb = dev.packet(h.now(), DeviceMsg::Heartbeat);
+        h.udp(a, &hb);
+        let got = h.take_udp(a);
+        // The notification, and from the second round on the mask pushed after the last.
+        assert_eq!(got.len(), 1 + usize::from(round > 0), "round {round}");
+        assert_eq!(dev.open(&got[0]), DownMsg::Notify, "round {round}");
+        let k = other.key.clone();
+        let id = other.key_id;
+        for b in &got {
+            dev.open(b);
+            assert!(
+                SealedDown::open(b, |i| (i == id).then(|| k.clone())).is_err(),
+                "round {round}: not under the other key"
+            );
+        }
+        // An immediate push afterwards goes under the key the device used last.
+        h.advance(millis(1_100));
+        assert_eq!(h.push(alice(), PushMsg::Bits(1 << round)).byte(), 0x00);
+        let pushed = h.take_udp(a);
+        assert_eq!(pushed.len(), 1, "round {round}");
+        assert!(matches!(dev.open(&pushed[0]), DownMsg::Bits(_)));
+        h.advance(millis(1_100));
+    }
+}

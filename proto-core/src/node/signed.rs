@@ -6,7 +6,9 @@ use std::time::Duration;
 use crate::codec::{DeviceMsg, DevicePacket, DownMsg, DownPacket, Uuid};
 use crate::output::{Dest, Payload, Transmit};
 use crate::record::flag;
-use crate::signed::{DeviceKey, KeyError, KeyState, KeyUpdate, Removed, Unsigned, TRAILER_LEN};
+use crate::signed::{
+    DeviceKey, KeyError, KeyState, KeyUpdate, KeyedMac, Removed, Unsigned, TRAILER_LEN,
+};
 use crate::state::Change;
 use crate::time::Time;
 
@@ -22,11 +24,13 @@ pub(super) enum KeyUndo {
 }
 
 /// The verified signed packet being handled.
-#[derive(Clone, Copy)]
 pub(super) struct Answering {
     uuid: Uuid,
     /// The key it verified under: answers are sealed under it.
     key_id: u8,
+    /// That key HMAC-keyed, when it is the uuid's current key (`None` for a rotation's
+    /// previous key): answers are sealed with it without a second keyring lookup.
+    mac: Option<KeyedMac>,
     /// The keyring's hint of the uuid's record slot.
     slot_hint: Option<u32>,
 }
@@ -176,8 +180,8 @@ impl Node {
 
     /// A version-2 packet on the device port (UDP datagram or delimited TCP frame).
     pub(super) fn on_signed(&mut self, data: &[u8], via: Via) {
-        match self.keys.verify(self.now, data) {
-            Ok(v) => {
+        match self.keys.verify_keyed(self.now, data) {
+            Ok((v, mac)) => {
                 self.stats.signed_accepted += 1;
                 if let Some(was) = v.ahead_was {
                     self.ahead_raised(v.packet.uuid, was);
@@ -185,6 +189,7 @@ impl Node {
                 self.answering = Some(Answering {
                     uuid: v.packet.uuid,
                     key_id: v.key_id,
+                    mac,
                     slot_hint: v.slot_hint,
                 });
                 self.dispatch(v.packet, via);
@@ -199,7 +204,7 @@ impl Node {
     /// checked), saving the registry's lookup; otherwise the registry's answer, which becomes
     /// the hint.
     pub(super) fn find_answering(&mut self, uuid: &Uuid) -> Option<u32> {
-        let Some(a) = self.answering.filter(|a| a.uuid == *uuid) else {
+        let Some(a) = self.answering.as_mut().filter(|a| a.uuid == *uuid) else {
             return self.reg.find(uuid);
         };
         let hinted = a
@@ -210,11 +215,8 @@ impl Node {
         }
         let found = self.reg.find(uuid);
         if let Some(s) = found {
+            a.slot_hint = Some(s);
             self.keys.set_slot_hint(uuid, s);
-            self.answering = Some(Answering {
-                slot_hint: Some(s),
-                ..a
-            });
         }
         found
     }
@@ -280,7 +282,14 @@ impl Node {
     /// What goes out for `packet` to `uuid`: sealed if the uuid is signed-only (under the key
     /// of the packet being answered, else the key the device last used), plain otherwise.
     pub(super) fn down_payload(&mut self, uuid: &Uuid, packet: DownPacket) -> Payload {
-        let key_id = self.answering.map(|a| a.key_id);
+        let answering = self.answering.as_ref();
+        if let Some((a, mac)) = answering
+            .filter(|a| a.uuid == *uuid)
+            .and_then(|a| Some((a, a.mac.as_ref()?)))
+        {
+            return Payload::Sealed(self.keys.seal_under(mac, a.key_id, self.now, packet));
+        }
+        let key_id = answering.map(|a| a.key_id);
         match self.keys.seal(uuid, key_id, self.now, packet) {
             Ok(s) => Payload::Sealed(s),
             Err(plain) => Payload::Down(plain),
@@ -290,7 +299,7 @@ impl Node {
     /// Extra bytes per packet sent to `uuid` (the signed trailer, if it is signed-only). The
     /// uuid of the verified packet being answered is signed-only without a lookup.
     pub(super) fn down_extra(&self, uuid: &Uuid) -> usize {
-        if self.answering.is_some_and(|a| a.uuid == *uuid) || self.keys.contains(uuid) {
+        if self.answering.as_ref().is_some_and(|a| a.uuid == *uuid) || self.keys.contains(uuid) {
             TRAILER_LEN
         } else {
             0

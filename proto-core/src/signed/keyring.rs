@@ -354,6 +354,19 @@ impl Keyring {
     /// The tag is checked before the time so that `Expired` counts only authentic packets: a
     /// rising count means a real device's clock is off, not that someone sends garbage.
     pub fn verify(&mut self, now: Time, buf: &[u8]) -> Result<Verified, SignedDrop> {
+        self.verify_keyed(now, buf).map(|(v, _)| v)
+    }
+
+    /// [`Keyring::verify`], also giving the uuid's current key HMAC-keyed when the packet
+    /// verified under it (`None` under a previous key): the node seals the packet's answers
+    /// with it ([`Keyring::seal_under`]) instead of looking the uuid up again. Nothing
+    /// changes a key while one packet is handled, so it is the key [`Keyring::seal`] would
+    /// find.
+    pub(crate) fn verify_keyed(
+        &mut self,
+        now: Time,
+        buf: &[u8],
+    ) -> Result<(Verified, Option<KeyedMac>), SignedDrop> {
         let f = SignedFrame::parse(buf)?;
         let uuid = f.packet.uuid;
         let h = self.hasher.hash_one(uuid.0);
@@ -400,12 +413,14 @@ impl Keyring {
             let [a, b, c] = e.slot;
             u32::from_le_bytes([a, b, c, 0])
         });
-        Ok(Verified {
+        let current = (f.seal.key_id == e.id).then(|| e.mac.clone());
+        let v = Verified {
             packet: f.packet,
             key_id: f.seal.key_id,
             ahead_was,
             slot_hint,
-        })
+        };
+        Ok((v, current))
     }
 
     /// Loads the entry that the signed packet in `buf` will be checked against, ahead of
@@ -456,11 +471,10 @@ impl Keyring {
             return Err(packet);
         };
         let wanted = key_id.unwrap_or(e.last_key_id);
-        let nonce = self.next_nonce;
         let mut seal = Seal {
             key_id: e.id,
             ts: now.secs32(),
-            nonce,
+            nonce: self.next_nonce,
         };
         // The current key is always valid; a previous one only within its grace period.
         let previous = (wanted != e.id && e.rotating)
@@ -476,6 +490,25 @@ impl Keyring {
         };
         self.next_nonce = self.next_nonce.wrapping_add(1);
         Ok(sealed)
+    }
+
+    /// Seals a packet under `mac`, the current key (id `key_id`) that
+    /// [`Keyring::verify_keyed`] gave for the packet being answered: [`Keyring::seal`] without
+    /// the lookup.
+    pub(crate) fn seal_under(
+        &mut self,
+        mac: &KeyedMac,
+        key_id: u8,
+        now: Time,
+        packet: DownPacket,
+    ) -> SealedDown {
+        let seal = Seal {
+            key_id,
+            ts: now.secs32(),
+            nonce: self.next_nonce,
+        };
+        self.next_nonce = self.next_nonce.wrapping_add(1);
+        SealedDown::new(packet, seal, mac)
     }
 }
 
@@ -616,6 +649,32 @@ mod tests {
             .get(&UUID)
             .and_then(|k| k.key_for(id, Time::from_secs(2000)).cloned()))
         .is_ok());
+    }
+
+    #[test]
+    fn verify_keyed_hands_out_only_the_current_key_and_seals_as_seal_does() {
+        let mut r = ring();
+        r.update(UUID, 2, key(2), Time::from_secs(2000)).unwrap();
+        let t = Time::from_secs(1000);
+        let (v, mac) = r.verify_keyed(t, &hb(1, &key(1), 1000, 1)).unwrap();
+        assert_eq!(v.key_id, 1);
+        assert!(mac.is_none(), "a previous key is sealed through the lookup");
+        let (v, mac) = r.verify_keyed(t, &hb(2, &key(2), 1000, 2)).unwrap();
+        let mac = mac.expect("the current key");
+        let p = DownPacket {
+            app_id: 0,
+            msg: crate::codec::DownMsg::Notify,
+        };
+        let a = r.seal_under(&mac, v.key_id, t, p.clone());
+        let b = r.seal(&UUID, Some(v.key_id), t, p).unwrap();
+        assert_eq!((a.seal.key_id, a.seal.ts), (b.seal.key_id, b.seal.ts));
+        assert_ne!(a.seal.nonce, b.seal.nonce, "one nonce counter for both");
+        let open = |s: &SealedDown, k: u8| {
+            SealedDown::open(&s.to_vec(), |id| (id == 2).then(|| key(k))).map(|o| o.packet)
+        };
+        assert_eq!(open(&a, 2), open(&b, 2));
+        assert!(open(&a, 2).is_ok());
+        assert_eq!(open(&a, 1).map(|_| ()), Err(SignedDrop::Tag));
     }
 
     #[test]
