@@ -159,8 +159,17 @@ impl KeyedMac {
         let mut block = [0u8; BLOCK];
         let mut n = 0;
         for part in parts {
-            block[n..n + part.len()].copy_from_slice(part);
-            n += part.len();
+            // In words of 8 then bytes: fixed-size copies stay inline, where a copy of a
+            // run-time length calls `memcpy` (profiled: a few per cent of a signed heartbeat).
+            let mut words = part.chunks_exact(8);
+            for w in &mut words {
+                block[n..n + 8].copy_from_slice(w);
+                n += 8;
+            }
+            for &b in words.remainder() {
+                block[n] = b;
+                n += 1;
+            }
         }
         block[n] = 0x80;
         block[BLOCK - 8..].copy_from_slice(&(((BLOCK + n) as u64) * 8).to_be_bytes());
