@@ -207,17 +207,13 @@ impl Node {
 
     /// Datagrams that arrived together on the device UDP port (one `recvmmsg`), in order:
     /// the same as [`Node::handle_udp`] for each in turn. First, every signed one's keyring
-    /// entry is loaded, all of them at once, so that their cache misses overlap each other
-    /// instead of each one stalling its own packet's check (with the kernel's UDP path between
-    /// two heartbeats of a uuid, its entry is rarely still cached; profiled,
-    /// docs/BENCHMARKS.md).
+    /// entry is loaded, all of them at once, then the records their slot hints name, so that
+    /// their cache misses overlap each other instead of each one stalling its own packet
+    /// (with the kernel's UDP path between two heartbeats of a uuid, neither is still
+    /// cached; profiled, docs/BENCHMARKS.md).
     pub fn handle_udp_batch(&mut self, now: Time, batch: &[(SocketAddr, &[u8])]) {
         if batch.len() > 1 {
-            for (_, data) in batch {
-                if data.first() == Some(&SIGNED_VERSION) {
-                    self.keys.prefetch(data);
-                }
-            }
+            self.load_ahead(batch);
         }
         for &(from, data) in batch {
             self.handle_udp(now, from, data);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::codec::{DeviceMsg, DevicePacket, DownMsg, DownPacket, Uuid};
 use crate::output::{Dest, Payload, Transmit};
 use crate::record::flag;
+use crate::signed::keyring::Ahead;
 use crate::signed::{
     DeviceKey, KeyError, KeyState, KeyUpdate, KeyedMac, Removed, Unsigned, TRAILER_LEN,
 };
@@ -34,6 +35,10 @@ pub(super) struct Answering {
     /// The keyring's hint of the uuid's record slot.
     slot_hint: Option<u32>,
 }
+
+/// Datagrams whose memory [`Node::load_ahead`] loads at a time (the server's `recvmmsg`
+/// batch).
+const LOAD_AHEAD: usize = 64;
 
 /// The longest rotation grace period a key update may ask for.
 pub const MAX_KEY_GRACE: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -175,6 +180,25 @@ impl Node {
             }
             Change::Unkeyed { uuid } if self.keys.remove(uuid, self.now) => self.stats.keys -= 1,
             _ => {}
+        }
+    }
+
+    /// Loads what the signed datagrams of a receive batch will read, without waiting for any
+    /// of it: every keyring entry first, then the record each entry's slot hint names (by then
+    /// the entries have arrived). Reads only; see [`Node::handle_udp_batch`].
+    pub(super) fn load_ahead(&self, batch: &[(std::net::SocketAddr, &[u8])]) {
+        for chunk in batch.chunks(LOAD_AHEAD) {
+            let mut ahead: [Option<Ahead<'_>>; LOAD_AHEAD] = std::array::from_fn(|_| None);
+            for (a, (_, data)) in ahead.iter_mut().zip(chunk) {
+                if data.first() == Some(&crate::signed::VERSION) {
+                    *a = self.keys.prefetch(data);
+                }
+            }
+            for slot in ahead.iter().flatten().filter_map(Ahead::slot_hint) {
+                // Possibly another uuid's record (the hint is checked when it is used): only
+                // loaded here.
+                std::hint::black_box(self.reg.get(slot).map(|r| r.uuid.0[0]));
+            }
         }
     }
 

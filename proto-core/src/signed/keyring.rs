@@ -87,6 +87,18 @@ pub struct Removed {
     gone_was: Option<u32>,
 }
 
+/// An entry loaded ahead of its packet's check ([`Keyring::prefetch`]).
+pub(crate) struct Ahead<'a>(&'a Entry);
+
+impl Ahead<'_> {
+    /// The entry's record slot hint (see [`Verified::slot_hint`]): possibly another uuid's
+    /// record, so only to load, never to use.
+    pub(crate) fn slot_hint(&self) -> Option<u32> {
+        let [a, b, c] = self.0.slot;
+        (self.0.slot != NO_SLOT).then(|| u32::from_le_bytes([a, b, c, 0]))
+    }
+}
+
 /// A packet that passed every check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -426,25 +438,24 @@ impl Keyring {
     /// Loads the entry that the signed packet in `buf` will be checked against, ahead of
     /// [`Keyring::verify`], which otherwise waits for it at the uuid compare: called for every
     /// packet of a receive batch first, the batch's misses overlap
-    /// ([`crate::Node::handle_udp_batch`]). Reads only, whatever `buf` holds.
-    pub fn prefetch(&self, buf: &[u8]) {
+    /// ([`crate::Node::handle_udp_batch`]). Reads only, whatever `buf` holds. The entry is
+    /// given back, for its slot hint once it has arrived ([`Ahead::slot_hint`]).
+    pub(crate) fn prefetch(&self, buf: &[u8]) -> Option<Ahead<'_>> {
         if self.map.is_empty() {
-            return;
+            return None;
         }
-        let Some(h) = UpHeader::parse(buf) else {
-            return;
-        };
+        let h = UpHeader::parse(buf)?;
         // The first entry whose hash tag matches: the uuid's own but for a rare collision,
-        // which costs one wasted load and nothing else.
-        if let Some(e) = self.map.iter_hash(self.hasher.hash_one(h.uuid.0)).next() {
-            // One word of each of the entry's three lines. Plain loads, not a prefetch
-            // instruction (none is stable and safe at the crate's minimum Rust, and the crate
-            // forbids `unsafe`): no load depends on another entry's, so the CPU has the
-            // misses of several packets in flight at once.
-            std::hint::black_box(
-                u64::from(e.uuid.0[0]) ^ e.replay.last_word() ^ u64::from(e.mac.outer_word()),
-            );
-        }
+        // which costs wasted loads and nothing else.
+        let e = self.map.iter_hash(self.hasher.hash_one(h.uuid.0)).next()?;
+        // One word of each of the entry's three lines. Plain loads, not a prefetch
+        // instruction (none is stable and safe at the crate's minimum Rust, and the crate
+        // forbids `unsafe`): no load depends on another entry's, so the CPU has the misses
+        // of several packets in flight at once.
+        std::hint::black_box(
+            u64::from(e.uuid.0[0]) ^ e.replay.last_word() ^ u64::from(e.mac.outer_word()),
+        );
+        Some(Ahead(e))
     }
 
     /// Remembers where the node found `uuid`'s record, for [`Verified::slot_hint`]. The node
