@@ -138,9 +138,12 @@ impl Loop {
         stop: Option<Receiver<super::Stop>>,
     ) -> super::Stop {
         let mut spin_until = Instant::now();
-        // When the other tasks of the executor last had their chance to run.
+        // When the other tasks of the executor last had their chance to run (or, after a
+        // wait, the end of the turn it woke for: the next slice starts there).
         let mut others_ran = Instant::now();
         loop {
+            // Whether this turn's race had to wait (the executor ran its other tasks then).
+            let mut waited = false;
             let deadline = self.deadline();
             let race = future::or(
                 future::or(
@@ -199,17 +202,12 @@ impl Loop {
                 }
             } else {
                 let mut race = std::pin::pin!(race);
-                let mut waited = false;
-                let w = future::poll_fn(|cx| {
+                future::poll_fn(|cx| {
                     let p = std::future::Future::poll(race.as_mut(), cx);
                     waited |= p.is_pending();
                     p
                 })
-                .await;
-                if waited {
-                    others_ran = Instant::now();
-                }
-                w
+                .await
             };
             let mut tcp_turn = matches!(wake, Wake::Msg(_) | Wake::Conns);
             match wake {
@@ -249,10 +247,12 @@ impl Loop {
             // so the next turn finds a connection ready at once, and slow turns (an fsync per
             // turn on a struggling disk) follow each other without a wait. Admin requests,
             // accepts and the snapshot's completion would starve, so after FAIR_SLICE without
-            // a wait the loop yields once. A loop that waits between short turns (the usual
-            // case, heartbeats included) never yields here; a busy one yields once per slice,
-            // and a slow turn once after it.
-            if end.duration_since(others_ran) >= FAIR_SLICE {
+            // a wait the loop yields once. A loop that waits between turns (the usual case,
+            // heartbeats included) never yields here and pays one clock read per turn; a busy
+            // one yields once per slice, and slow turns in a row once after each.
+            if waited {
+                others_ran = end;
+            } else if end.duration_since(others_ran) >= FAIR_SLICE {
                 future::yield_now().await;
                 others_ran = Instant::now();
             }
