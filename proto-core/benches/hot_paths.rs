@@ -246,31 +246,30 @@ fn batch64(b: Bencher, mut n: Node, batched: bool, mut make: impl FnMut(u64) -> 
         });
 }
 
+/// Every client keyed, each heartbeat signed with the next nonce, handed in by [`batch64`].
+fn signed_batch64(b: Bencher, batched: bool) {
+    let (n, now) = keyed_node();
+    let keyed = ddpush_proto::signed::KeyedMac::new(&bench_key());
+    let mut nonce = 0u32;
+    batch64(b, n, batched, |i| {
+        nonce = nonce.wrapping_add(1);
+        signed_hb(i, nonce, now, &keyed)
+    });
+}
+
 /// 64 signed heartbeats as one receive batch: the keyring entries of the batch are loaded
 /// together before the first is checked, so their misses overlap. Compare with
 /// `heartbeat_signed_one_by_one_batch64` (the same packets through `handle_udp`) and
 /// `heartbeat_unsigned_batch64`; per heartbeat is the time divided by 64.
 #[divan::bench]
 fn heartbeat_signed_batch64(b: Bencher) {
-    let (n, now) = keyed_node();
-    let keyed = ddpush_proto::signed::KeyedMac::new(&bench_key());
-    let mut nonce = 0u32;
-    batch64(b, n, true, |i| {
-        nonce = nonce.wrapping_add(1);
-        signed_hb(i, nonce, now, &keyed)
-    });
+    signed_batch64(b, true);
 }
 
 /// `heartbeat_signed_batch64`'s packets, each through `handle_udp` (no batch).
 #[divan::bench]
 fn heartbeat_signed_one_by_one_batch64(b: Bencher) {
-    let (n, now) = keyed_node();
-    let keyed = ddpush_proto::signed::KeyedMac::new(&bench_key());
-    let mut nonce = 0u32;
-    batch64(b, n, false, |i| {
-        nonce = nonce.wrapping_add(1);
-        signed_hb(i, nonce, now, &keyed)
-    });
+    signed_batch64(b, false);
 }
 
 /// 64 v1 heartbeats as one receive batch (nothing is loaded ahead for v1 packets).

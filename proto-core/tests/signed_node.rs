@@ -778,14 +778,13 @@ fn a_receive_batch_is_handled_as_its_datagrams_one_by_one() {
 #[test]
 fn mid_rotation_each_answer_is_sealed_under_the_key_its_packet_used() {
     let (mut h, mut old) = keyed_harness();
-    let a = addr(1, 40_000);
-    let now = h.now();
-    assert_eq!(
-        h.node.set_key(now, alice(), 2, key(9), secs(60)),
-        Ok(KeyUpdate::Rotated)
-    );
-    h.drain();
     let mut new = Signed::new(alice(), 2, key(9));
+    let update = h
+        .node
+        .set_key(h.now(), alice(), new.key_id, new.key.clone(), secs(60));
+    assert_eq!(update, Ok(KeyUpdate::Rotated));
+    h.drain();
+    let a = addr(1, 40_000);
     h.push(alice(), PushMsg::Notify);
     h.take_transmits();
     for round in 0..4 {
