@@ -12,7 +12,8 @@
 //! fuzz targets, [`testing::Harness`]) follows it through a [`Driver`]:
 //!
 //! 1. Rebuild the node with [`Recovery`]: every snapshot record, then every journaled change.
-//! 2. Feed every input with the current [`Time`]: [`Node::handle_udp`] for datagrams,
+//! 2. Feed every input with the current [`Time`]: [`Node::handle_udp`] for datagrams (or
+//!    [`Node::handle_udp_batch`] for those read together, which loads their keys ahead),
 //!    [`Node::handle_tcp_open`] / [`Node::handle_tcp_data`] / [`Node::handle_tcp_close`] for
 //!    both TCP ports, [`Driver::handle_push`] for pushes from other front ends, and
 //!    [`Node::handle_timeout`] when the deadline from [`Node::poll_timeout`] passes.
