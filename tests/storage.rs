@@ -442,6 +442,45 @@ fn a_failing_fsync_refuses_pushes_until_one_succeeds_then_a_snapshot_rewrites_me
     led.check(&srv);
 }
 
+fn clear(srv: &InProc, u: &[u8; 16]) -> (u16, String) {
+    let path = format!("/clients/{}/clear", hex(u));
+    server::http(srv.admin(), "POST", &path, None, "")
+}
+
+/// A removal whose write lands only half: answered 503 and the record stays, live and after
+/// a crash. Space comes back: the next clear is answered 200 without a restart, and a crash
+/// after it does not bring that record back (nor does the half frame stop the start).
+#[test]
+fn a_clear_whose_write_fails_keeps_the_record_and_the_next_one_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = FailingDisk::default();
+    let faults: Arc<Faults> = disk.faults.clone();
+    let srv = InProc::start(dir.path(), Arc::new(disk), &["--fsync", "always"]);
+    let mut p = srv.pusher();
+    let (a, b, c) = (uuid(71), uuid(72), uuid(73));
+    for (u, body) in [(&a, "kept a"), (&b, "gone b"), (&c, "kept c")] {
+        assert_eq!(push9999(&mut p, u, body.as_bytes()), 0x00);
+    }
+
+    faults.set_full(true);
+    let (status, body) = clear(&srv, &a);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("removal was not written"), "{body}");
+    assert_eq!(pending_payload(&srv, &a).as_deref(), Some("kept a"));
+    assert!(degraded(&srv));
+
+    faults.set_full(false);
+    let (status, body) = clear(&srv, &b);
+    assert_eq!((status, body.as_str()), (200, r#"{"removed":true}"#));
+    assert!(!degraded(&srv));
+    srv.stop(Stop::Crash);
+
+    let srv = InProc::start(dir.path(), Arc::new(OsDisk), &[]);
+    assert_eq!(pending_payload(&srv, &a).as_deref(), Some("kept a"));
+    assert_eq!(clear(&srv, &b).0, 404, "a written removal came undone");
+    assert_eq!(pending_payload(&srv, &c).as_deref(), Some("kept c"));
+}
+
 /// `GET /status` on `admin`: how long the answer took, or `None` if none came within `limit`.
 fn status_within(admin: SocketAddr, limit: Duration) -> Option<Duration> {
     let t = Instant::now();
