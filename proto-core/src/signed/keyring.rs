@@ -13,7 +13,7 @@ use hashbrown::{HashMap, HashTable};
 use crate::codec::{DevicePacket, DownPacket, UpHeader, Uuid};
 use crate::time::{secs32, Time};
 
-use super::codec::{KeyedMac, Seal, SealedDown, SignedFrame};
+use super::codec::{KeyedMac, MacKey, Seal, SealedDown, SignedFrame};
 use super::keys::{DeviceKey, KeyError, KeyState, KeyUpdate, PreviousKey};
 use super::replay::ReplayWindow;
 use super::SignedDrop;
@@ -482,33 +482,30 @@ impl Keyring {
             return Err(packet);
         };
         let wanted = key_id.unwrap_or(e.last_key_id);
-        let mut seal = Seal {
-            key_id: e.id,
-            ts: now.secs32(),
-            nonce: self.next_nonce,
-        };
         // The current key is always valid; a previous one only within its grace period.
         let previous = (wanted != e.id && e.rotating)
             .then(|| self.previous.get(uuid))
             .flatten()
             .filter(|p| p.id == wanted && now < p.until);
-        let sealed = match previous {
+        Ok(match previous {
             Some(p) => {
-                seal.key_id = wanted;
-                SealedDown::new(packet, seal, &p.key)
+                let key = p.key.clone();
+                self.seal_under(&key, wanted, now, packet)
             }
-            None => SealedDown::new(packet, seal, &e.mac),
-        };
-        self.next_nonce = self.next_nonce.wrapping_add(1);
-        Ok(sealed)
+            None => {
+                let (mac, id) = (e.mac.clone(), e.id);
+                self.seal_under(&mac, id, now, packet)
+            }
+        })
     }
 
-    /// Seals a packet under `mac`, the current key (id `key_id`) that
-    /// [`Keyring::verify_keyed`] gave for the packet being answered: [`Keyring::seal`] without
-    /// the lookup.
+    /// Seals a packet under `key` (id `key_id`) with the next downstream nonce: what
+    /// [`Keyring::seal`] does once it found the key, and what the node does with the current
+    /// key that [`Keyring::verify_keyed`] gave for the packet being answered, without the
+    /// lookup.
     pub(crate) fn seal_under(
         &mut self,
-        mac: &KeyedMac,
+        key: &impl MacKey,
         key_id: u8,
         now: Time,
         packet: DownPacket,
@@ -519,7 +516,7 @@ impl Keyring {
             nonce: self.next_nonce,
         };
         self.next_nonce = self.next_nonce.wrapping_add(1);
-        SealedDown::new(packet, seal, mac)
+        SealedDown::new(packet, seal, key)
     }
 }
 
